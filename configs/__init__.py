@@ -1,0 +1,1 @@
+"""Configs shipped with synthct (installed as ``synthct.configs``): demo, smoke."""

@@ -1,0 +1,1 @@
+"""Reference models, metrics, gate, downstream, report (installed as ``synthct.eval``)."""

@@ -1,0 +1,1 @@
+"""Flower apps (installed as ``synthct.fed``)."""

@@ -1,0 +1,104 @@
+"""The ``synthct`` command line. Heavy imports (torch, MONAI, Flower) happen inside commands."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections import Counter
+
+from synthct import __version__
+
+EXIT_OK, EXIT_ERROR, EXIT_BAD_INPUT, EXIT_GATE_FAILED = 0, 1, 2, 3
+
+logger = logging.getLogger("synthct")
+
+
+def _config(path: str | None):
+    from synthct.config import load_config, packaged_config_path
+
+    return load_config(path or packaged_config_path("demo"))
+
+
+def cmd_phantoms(args: argparse.Namespace) -> int:
+    from synthct.data.phantoms import write_phantom_sites
+    from synthct.progress import progress_bar
+
+    config = _config(args.config)
+    with progress_bar("phantoms") as update:
+        manifest = write_phantom_sites(config, args.out, seed=args.seed, progress=update)
+    print(f"wrote {manifest}")
+    return EXIT_OK
+
+
+def cmd_data_check(args: argparse.Namespace) -> int:
+    from synthct.data.manifest import check_manifest, read_manifest
+
+    config = _config(args.config) if args.config else None
+    problems = check_manifest(args.manifest, config)
+    if problems:
+        print(f"{args.manifest}: {len(problems)} problem(s)")
+        for p in problems:
+            print(f"  - {p}")
+        return EXIT_BAD_INPUT
+    rows = read_manifest(args.manifest)
+    counts = Counter((r.site, r.split) for r in rows)
+    print(f"{args.manifest}: OK, {len(rows)} volumes")
+    for (site, split), n in sorted(counts.items()):
+        print(f"  {site:>12} {split:>8}: {n}")
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from synthct.demo import run_demo
+
+    return run_demo(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="synthct", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"synthct {__version__}")
+    parser.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING (default)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="end-to-end demo on the embedded phantom sites")
+    p.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
+    p.add_argument("--config", help="config YAML (default: packaged demo.yaml)")
+    p.add_argument("--seed", type=int, default=None)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("phantoms", help="write multi-site chest-CT phantoms + manifest.csv")
+    p.add_argument("--config", help="config YAML (default: packaged demo.yaml)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--seed", type=int, default=None, help="default: the config's seed")
+    p.set_defaults(func=cmd_phantoms)
+
+    p = sub.add_parser("data", help="data utilities")
+    data_sub = p.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
+    q = data_sub.add_parser("check", help="validate a manifest, reporting every problem at once")
+    q.add_argument("manifest")
+    q.add_argument("--config", help="config whose vocabulary and label maps apply")
+    q.set_defaults(func=cmd_data_check)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from synthct.config import ConfigError
+    from synthct.data.manifest import ManifestError
+    from synthct.data.volume_io import VolumeError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args))
+    except (ConfigError, ManifestError, VolumeError) as exc:
+        print(f"synthct: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("synthct: interrupted; completed work is kept on disk", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,264 @@
+"""Typed, validated run configuration (YAML -> pydantic).
+
+One config object is passed whole through the data path (nanoGPT style). Every section forbids
+unknown keys, so a typo fails before any work starts, with the file, the key path
+(``data.sites[2].noise_hu``) and the bad value in one message.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from importlib.resources import files
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+__all__ = [
+    "ConfigError",
+    "LabelConfig",
+    "SiteProfile",
+    "SplitFractions",
+    "DataConfig",
+    "SynthctConfig",
+    "load_config",
+    "packaged_config_path",
+]
+
+PositiveFloat = Annotated[float, Field(gt=0)]
+
+
+class ConfigError(ValueError):
+    """A configuration file failed validation; the message names file, key path and value."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LabelConfig(_Strict):
+    """The label vocabulary: ordered class names. Index ``len(classes)`` is the null class."""
+
+    classes: list[str] = Field(min_length=2)
+    rare: list[str] = Field(default_factory=list, description="classes reported first")
+
+    @field_validator("classes")
+    @classmethod
+    def _unique(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"class names must be unique, got {v}")
+        for name in v:
+            if not name or not name.replace("_", "").isalnum():
+                raise ValueError(f"class name {name!r} must be alphanumeric/underscore")
+        return v
+
+    @model_validator(mode="after")
+    def _rare_known(self) -> LabelConfig:
+        unknown = [r for r in self.rare if r not in self.classes]
+        if unknown:
+            raise ValueError(f"rare classes {unknown} are not in classes {self.classes}")
+        return self
+
+    @property
+    def vocabulary_hash(self) -> str:
+        """Stable hash of the ordered vocabulary; models and plugins must agree on it."""
+        blob = json.dumps(self.classes, separators=(",", ":")).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def index(self, name: str) -> int:
+        try:
+            return self.classes.index(name)
+        except ValueError:
+            raise KeyError(f"unknown class {name!r}; vocabulary is {self.classes}") from None
+
+
+class SiteProfile(_Strict):
+    """One hospital: how its scanner images and which cases it has (phantom generation).
+
+    ``label_map`` maps the site's own label names to vocabulary classes; a real-data site needs
+    only ``name`` and, if its labels differ, ``label_map``.
+    """
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_\-]+$")
+    counts: dict[str, Annotated[int, Field(ge=0)]] = Field(default_factory=dict)
+    noise_hu: float = Field(default=15.0, ge=0, le=200)
+    hu_offset: float = Field(default=0.0, ge=-200, le=200)
+    blur_mm: float = Field(default=0.0, ge=0, le=30)
+    slice_mm: PositiveFloat = 10.0
+    fov_mm: float = Field(default=360.0, ge=150, le=700)
+    orientation: Literal["RAS", "LPS"] = "RAS"
+    label_map: dict[str, str] = Field(default_factory=dict)
+
+
+class SplitFractions(_Strict):
+    """The one split contract: train (learn), holdout (gate compares), test (downstream)."""
+
+    train: float = Field(default=0.6, gt=0, lt=1)
+    holdout: float = Field(default=0.2, gt=0, lt=1)
+    test: float = Field(default=0.2, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _sums_to_one(self) -> SplitFractions:
+        total = self.train + self.holdout + self.test
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"split fractions must sum to 1, got {total:.4f}")
+        return self
+
+
+class DataConfig(_Strict):
+    """Geometry of model input and the sites. Spatial axes are RAS voxel order (x, y, z)."""
+
+    shape: tuple[int, int, int] = (32, 32, 32)
+    spacing_mm: tuple[PositiveFloat, PositiveFloat, PositiveFloat] = (11.0, 11.0, 10.0)
+    hu_window: tuple[float, float] = (-1024.0, 1024.0)
+    roi: Literal["none", "lung"] = "none"
+    splits: SplitFractions = SplitFractions()
+    sites: list[SiteProfile] = Field(min_length=1)
+
+    @field_validator("shape")
+    @classmethod
+    def _shape_ok(cls, v: tuple[int, int, int]) -> tuple[int, int, int]:
+        for s in v:
+            if s < 16 or s % 8:
+                raise ValueError(f"each size must be >= 16 and a multiple of 8, got {list(v)}")
+        return v
+
+    @field_validator("hu_window")
+    @classmethod
+    def _window_ok(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if v[0] >= v[1]:
+            raise ValueError(f"hu_window must be (low, high) with low < high, got {list(v)}")
+        return v
+
+    @model_validator(mode="after")
+    def _unique_sites(self) -> DataConfig:
+        names = [s.name for s in self.sites]
+        if len(set(names)) != len(names):
+            raise ValueError(f"site names must be unique, got {names}")
+        return self
+
+
+class SynthctConfig(_Strict):
+    """A whole run: labels, data and the later stages' sections."""
+
+    seed: int = Field(default=0, ge=0)
+    labels: LabelConfig
+    data: DataConfig
+
+    @model_validator(mode="after")
+    def _labels_known(self) -> SynthctConfig:
+        classes = set(self.labels.classes)
+        for i, site in enumerate(self.data.sites):
+            for name in site.counts:
+                if name not in classes:
+                    raise _LocatedError(
+                        ("data", "sites", i, "counts", name),
+                        name,
+                        f"unknown class {name!r} (vocabulary: {self.labels.classes})",
+                    )
+            for local, target in site.label_map.items():
+                if target not in classes:
+                    raise _LocatedError(
+                        ("data", "sites", i, "label_map", local),
+                        target,
+                        f"maps to unknown class {target!r} (vocabulary: {self.labels.classes})",
+                    )
+        return self
+
+    def site(self, name: str) -> SiteProfile:
+        for s in self.data.sites:
+            if s.name == name:
+                return s
+        raise KeyError(f"unknown site {name!r}; configured sites: {self.site_names}")
+
+    @property
+    def site_names(self) -> list[str]:
+        return [s.name for s in self.data.sites]
+
+    def resolve_label(self, site: str, raw: str) -> str:
+        """Map a site's own label to a vocabulary class; an unmapped label is an error."""
+        profile = next((s for s in self.data.sites if s.name == site), None)
+        if profile is not None and raw in profile.label_map:
+            return profile.label_map[raw]
+        if raw in self.labels.classes:
+            return raw
+        raise KeyError(
+            f"site {site!r}: label {raw!r} is neither a class {self.labels.classes} "
+            f"nor mapped in data.sites[{site}].label_map"
+        )
+
+
+class _LocatedError(ValueError):
+    """Raised inside validators to report a precise key path."""
+
+    def __init__(self, loc: tuple[Any, ...], value: Any, message: str) -> None:
+        super().__init__(message)
+        self.loc, self.value, self.message = loc, value, message
+
+
+def _format_loc(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "<root>"
+
+
+def _lookup(document: Any, loc: tuple[Any, ...]) -> Any:
+    node = document
+    for part in loc:
+        try:
+            node = node[part]
+        except (KeyError, IndexError, TypeError):
+            return "<missing>"
+    return node
+
+
+def load_config(path: str | Path) -> SynthctConfig:
+    """Read and validate a YAML config; raise :class:`ConfigError` naming file, key and value."""
+    path = Path(path)
+    try:
+        document = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(document, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(document).__name__}")
+    return config_from_dict(document, source=str(path))
+
+
+def config_from_dict(document: dict[str, Any], *, source: str = "<dict>") -> SynthctConfig:
+    try:
+        return SynthctConfig.model_validate(document)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            ctx_error = (err.get("ctx") or {}).get("error")
+            if isinstance(ctx_error, _LocatedError):
+                loc, value, msg = ctx_error.loc, ctx_error.value, ctx_error.message
+            else:
+                loc = tuple(p for p in err["loc"] if p not in ("function-after",))
+                value = _lookup(document, loc) if err["type"] != "missing" else "<missing>"
+                msg = err["msg"].removeprefix("Value error, ")
+                if err["type"] == "extra_forbidden":
+                    msg = "unknown key"
+            problems.append(f"{_format_loc(loc)} = {value!r}: {msg}")
+        raise ConfigError(f"{source}: invalid config:\n  " + "\n  ".join(problems)) from None
+
+
+def packaged_config_path(name: str) -> Path:
+    """Path of a config shipped inside the package (``demo``, ``smoke``)."""
+    resource = files("synthct.configs") / f"{name}.yaml"
+    path = Path(str(resource))
+    if not path.is_file():
+        raise ConfigError(f"no packaged config named {name!r} ({path})")
+    return path

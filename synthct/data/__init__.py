@@ -1,0 +1,1 @@
+"""Data: phantoms, volume IO, manifests, preprocessing, datasets."""

@@ -1,0 +1,1 @@
+"""Models: autoencoder, diffusion UNet, schedulers, plugins."""

@@ -1,0 +1,40 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from synthct.artifacts import (
+    FORMAT_VERSION,
+    atomic_path,
+    read_json,
+    sha256_bytes,
+    sha256_file,
+    write_json,
+)
+
+
+def test_json_artifact_carries_format_and_versions(tmp_path):
+    write_json(tmp_path / "a.json", {"x": 1}, kind="test")
+    doc = read_json(tmp_path / "a.json")
+    assert doc["format_version"] == FORMAT_VERSION
+    assert doc["kind"] == "test"
+    for lib in ("synthct", "torch", "monai", "diffusers", "peft", "flwr"):
+        assert doc["versions"][lib] not in ("", "not-installed")
+    assert doc["x"] == 1
+
+
+def test_failed_atomic_write_keeps_old_file(tmp_path):
+    target = tmp_path / "keep.json"
+    target.write_text(json.dumps({"old": True}))
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("crash mid-write")
+    assert json.loads(target.read_text()) == {"old": True}
+    assert [p.name for p in tmp_path.iterdir()] == ["keep.json"]
+
+
+def test_sha256_file_matches_bytes(tmp_path):
+    (tmp_path / "f").write_bytes(b"abc")
+    assert sha256_file(tmp_path / "f") == sha256_bytes(b"abc")

@@ -1,0 +1,96 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from synthct.config import ConfigError, load_config, packaged_config_path
+
+
+def _write(tmp_path: Path, doc: dict) -> Path:
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def _demo_doc() -> dict:
+    return yaml.safe_load(packaged_config_path("demo").read_text())
+
+
+def test_packaged_configs_validate():
+    demo = load_config(packaged_config_path("demo"))
+    smoke = load_config(packaged_config_path("smoke"))
+    assert demo.data.shape == (32, 32, 32)
+    assert smoke.data.shape == (16, 16, 16)
+    assert demo.labels.classes[-1] == "consolidation"
+
+
+def test_demo_rare_class_share_and_a_site_without_it(demo_config):
+    total = sum(sum(s.counts.values()) for s in demo_config.data.sites)
+    rare = sum(s.counts.get("consolidation", 0) for s in demo_config.data.sites)
+    assert rare / total <= 0.05
+    assert any(s.counts.get("consolidation", 0) == 0 for s in demo_config.data.sites)
+    assert len(demo_config.data.sites) >= 4
+
+
+@pytest.mark.parametrize(
+    ("mutate", "expected"),
+    [
+        (
+            lambda d: d["data"]["sites"][2].__setitem__("noise_hu", -5),
+            "data.sites[2].noise_hu = -5",
+        ),
+        (
+            lambda d: d["data"]["sites"][1].__setitem__("noise_hu", "loud"),
+            "data.sites[1].noise_hu = 'loud'",
+        ),
+        (lambda d: d["data"].__setitem__("shpe", [32, 32, 32]), "data.shpe"),
+        (lambda d: d["data"].__setitem__("shape", [30, 32, 32]), "data.shape"),
+        (lambda d: d["data"]["splits"].__setitem__("test", 0.5), "data.splits"),
+        (
+            lambda d: d["data"]["sites"][0]["counts"].__setitem__("tumour", 3),
+            "data.sites[0].counts.tumour",
+        ),
+        (
+            lambda d: d["data"]["sites"][1]["label_map"].__setitem__("x", "tumour"),
+            "data.sites[1].label_map.x",
+        ),
+        (lambda d: d["labels"].__setitem__("rare", ["tumour"]), "labels"),
+        (lambda d: d.__delitem__("labels"), "labels = '<missing>'"),
+    ],
+)
+def test_bad_config_names_file_key_and_value(tmp_path, mutate, expected):
+    doc = _demo_doc()
+    mutate(doc)
+    path = _write(tmp_path, doc)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert str(path) in message
+    assert expected in message
+
+
+def test_not_yaml_and_missing_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_vocabulary_hash_depends_on_order(demo_config):
+    from synthct.config import LabelConfig
+
+    a = LabelConfig(classes=["a", "b"])
+    b = LabelConfig(classes=["b", "a"])
+    assert a.vocabulary_hash != b.vocabulary_hash
+    assert len(demo_config.labels.vocabulary_hash) == 16
+
+
+def test_label_mapping_and_unmapped_label(demo_config):
+    assert demo_config.resolve_label("site_b", "GGO") == "ground_glass"
+    assert demo_config.resolve_label("site_a", "nodule") == "nodule"
+    with pytest.raises(KeyError, match="site 'site_a': label 'GGO'"):
+        demo_config.resolve_label("site_a", "GGO")
