@@ -1,6 +1,6 @@
 """Bench: wall time to write the demo phantom sites (target: 200 volumes at 32^3 < 20 s, 2 cores).
 
-    python bench/phantoms.py [--config C] [--out DIR]
+python bench/phantoms.py [--config C] [--out DIR]
 """
 
 from __future__ import annotations
@@ -26,7 +26,9 @@ def main() -> None:
     elapsed = time.perf_counter() - start
     n = sum(1 for _ in open(manifest)) - 1
     print(f"device=cpu cores={os.cpu_count()} volumes={n} shape={config.data.shape}")
-    print(f"wall={elapsed:.1f}s per_volume={elapsed / n * 1000:.0f}ms per_200={elapsed / n * 200:.1f}s")
+    print(
+        f"wall={elapsed:.1f}s per_volume={elapsed / n * 1000:.0f}ms per_200={elapsed / n * 200:.1f}s"
+    )
 
 
 if __name__ == "__main__":
