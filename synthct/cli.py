@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 from collections import Counter
+from pathlib import Path
 
 from synthct import __version__
 
@@ -49,6 +50,76 @@ def cmd_data_check(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from synthct.progress import progress_bar
+    from synthct.trainer import train_central
+
+    config = _config(args.config)
+    if args.device:
+        config = config.model_copy(
+            update={"train": config.train.model_copy(update={"device": args.device})}
+        )
+    if not args.central:
+        print(
+            "synthct: federated training (Flower) is not available yet; use --central",
+            file=sys.stderr,
+        )
+        return EXIT_BAD_INPUT
+    manifest = Path(args.data) if args.data else None
+    run = Path(args.out)
+    run.mkdir(parents=True, exist_ok=True)
+    if manifest is None:
+        from synthct.data.phantoms import write_phantom_sites
+
+        manifest = run / "data" / "manifest.csv"
+        if not manifest.is_file():
+            write_phantom_sites(config, run / "data")
+    with progress_bar("train") as update:
+        train_central(
+            config,
+            manifest,
+            run,
+            resume=args.resume,
+            budget_min=args.budget_min,
+            progress=lambda phase, done, total, **m: update(done, total, phase=phase, **m),
+        )
+    print(f"generator: {run / 'generator'}")
+    return EXIT_OK
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    import torch
+
+    from synthct.checkpoint import load_generator
+    from synthct.data.volume_io import write_nifti
+    from synthct.sampling import labels_to_indices, sample_volumes
+    from synthct.training import resolve_device
+
+    device = resolve_device(args.device)
+    gen = load_generator(Path(args.run) / "generator", device)
+    try:
+        labels = labels_to_indices(gen, [args.label] * args.n)
+    except ValueError as exc:
+        print(f"synthct: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    volumes = sample_volumes(
+        gen,
+        labels,
+        sampler=args.sampler,
+        steps=args.steps,
+        guidance=args.guidance,
+        generator=torch.Generator().manual_seed(args.seed),
+        device=device,
+    )
+    out = Path(args.out)
+    for i, vol in enumerate(volumes):
+        write_nifti(
+            out / f"{args.label}_{i:04d}.nii.gz", vol[0].numpy(), gen.config.data.spacing_mm
+        )
+    print(f"wrote {len(volumes)} volumes to {out}")
+    return EXIT_OK
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from synthct.demo import run_demo
 
@@ -67,6 +138,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.set_defaults(func=cmd_demo)
 
+    p = sub.add_parser("train", help="train reference models and the generator")
+    p.add_argument("--config", help="config YAML (default: packaged demo.yaml)")
+    p.add_argument(
+        "--data", help="manifest CSV (default: make the config's phantom sites in OUT/data)"
+    )
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--central", action="store_true", help="pool all sites' train split")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    p.add_argument("--budget-min", type=float, default=None, help="wall-time budget in minutes")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sample", help="sample class-conditional volumes from a trained run")
+    p.add_argument("--run", required=True)
+    p.add_argument("--label", required=True, help="class name from the vocabulary")
+    p.add_argument("--n", type=int, default=8)
+    p.add_argument("--out", required=True)
+    p.add_argument("--sampler", choices=["dpmpp", "unipc", "ddim", "ddpm"], default=None)
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--guidance", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.set_defaults(func=cmd_sample)
+
     p = sub.add_parser("phantoms", help="write multi-site chest-CT phantoms + manifest.csv")
     p.add_argument("--config", help="config YAML (default: packaged demo.yaml)")
     p.add_argument("--out", required=True, help="output folder")
@@ -83,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from synthct.checkpoint import CheckpointError
     from synthct.config import ConfigError
     from synthct.data.manifest import ManifestError
     from synthct.data.volume_io import VolumeError
@@ -92,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args))
-    except (ConfigError, ManifestError, VolumeError) as exc:
+    except (ConfigError, ManifestError, VolumeError, CheckpointError) as exc:
         print(f"synthct: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:

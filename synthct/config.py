@@ -22,6 +22,11 @@ __all__ = [
     "SiteProfile",
     "SplitFractions",
     "DataConfig",
+    "AutoencoderConfig",
+    "UNetConfig",
+    "DiffusionConfig",
+    "SamplingConfig",
+    "TrainConfig",
     "SynthctConfig",
     "load_config",
     "packaged_config_path",
@@ -144,12 +149,109 @@ class DataConfig(_Strict):
         return self
 
 
+class AutoencoderConfig(_Strict):
+    """MONAI ``AutoencoderKL`` (3D). ``len(channels) - 1`` halvings per axis (3 levels = 4x)."""
+
+    channels: tuple[int, ...] = (16, 32, 32)
+    num_res_blocks: int = Field(default=1, ge=1, le=4)
+    latent_channels: int = Field(default=4, ge=1, le=16)
+    norm_num_groups: int = Field(default=8, ge=1)
+    attention: bool = False
+    kl_weight: float = Field(default=1e-6, ge=0)
+    edge_weight: float = Field(default=0.5, ge=0, description="gradient-difference loss weight")
+    perceptual_weight: float = Field(
+        default=0.0, ge=0, description="feature loss through the frozen reference encoder"
+    )
+
+    @model_validator(mode="after")
+    def _groups_divide(self) -> AutoencoderConfig:
+        for c in self.channels:
+            if c % self.norm_num_groups:
+                raise ValueError(
+                    f"channels {list(self.channels)} must be multiples of norm_num_groups"
+                )
+        return self
+
+    @property
+    def downsample(self) -> int:
+        return 2 ** (len(self.channels) - 1)
+
+
+class UNetConfig(_Strict):
+    """MONAI ``DiffusionModelUNet`` on latents, conditioned through class embeddings."""
+
+    channels: tuple[int, ...] = (32, 64, 64)
+    attention_levels: tuple[bool, ...] = (False, True, True)
+    num_res_blocks: int = Field(default=1, ge=1, le=4)
+    num_head_channels: int = Field(default=16, ge=1)
+    norm_num_groups: int = Field(default=8, ge=1)
+    spare_class_slots: int = Field(
+        default=1, ge=0, description="embeddings reserved for new classes"
+    )
+
+    @model_validator(mode="after")
+    def _levels_match(self) -> UNetConfig:
+        if len(self.attention_levels) != len(self.channels):
+            raise ValueError("attention_levels must have one entry per channels level")
+        return self
+
+
+class DiffusionConfig(_Strict):
+    """Noise schedule (diffusers names) and conditioning used in training and sampling."""
+
+    num_train_timesteps: int = Field(default=1000, ge=10)
+    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "scaled_linear"
+    beta_start: float = Field(default=0.0015, gt=0, lt=1)
+    beta_end: float = Field(default=0.0195, gt=0, lt=1)
+    prediction_type: Literal["epsilon", "v_prediction"] = "v_prediction"
+    p_uncond: float = Field(default=0.15, ge=0, lt=1, description="label dropout for CFG")
+    ema_decay: float = Field(default=0.999, ge=0, lt=1)
+
+
+class SamplingConfig(_Strict):
+    sampler: Literal["dpmpp", "unipc", "ddim", "ddpm"] = "dpmpp"
+    steps: int = Field(default=15, ge=1, le=1000)
+    guidance: float = Field(default=3.0, ge=0)
+    batch_size: int = Field(default=8, ge=1)
+    decode_patch: int | None = Field(
+        default=None, ge=4, description="latent patch size for sliding-window decoding"
+    )
+
+
+class TrainConfig(_Strict):
+    """Centralised training schedule (federated runs split these steps over rounds)."""
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    batch_size: int = Field(default=4, ge=1)
+    ae_steps: int = Field(default=1500, ge=0)
+    ae_lr: float = Field(default=3e-4, gt=0)
+    diffusion_steps: int = Field(default=3000, ge=0)
+    diffusion_lr: float = Field(default=3e-4, gt=0)
+    balanced: bool = Field(
+        default=True, description="sample classes uniformly so rare ones are seen"
+    )
+    checkpoint_every: int = Field(default=250, ge=1)
+    budget_min: float | None = Field(default=None, gt=0, description="stop a phase after this")
+    reference_epochs: int = Field(default=40, ge=1)
+
+
 class SynthctConfig(_Strict):
     """A whole run: labels, data and the later stages' sections."""
 
     seed: int = Field(default=0, ge=0)
     labels: LabelConfig
     data: DataConfig
+    autoencoder: AutoencoderConfig = AutoencoderConfig()
+    unet: UNetConfig = UNetConfig()
+    diffusion: DiffusionConfig = DiffusionConfig()
+    sampling: SamplingConfig = SamplingConfig()
+    train: TrainConfig = TrainConfig()
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int, int]:
+        """C×X×Y×Z of the latent grid."""
+        f = self.autoencoder.downsample
+        return (self.autoencoder.latent_channels, *(s // f for s in self.data.shape))
 
     @model_validator(mode="after")
     def _labels_known(self) -> SynthctConfig:

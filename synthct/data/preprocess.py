@@ -90,6 +90,8 @@ def prepare_volume(volume: Volume, data: DataConfig) -> PreparedVolume:
             array = SpatialCrop(roi_center=centre, roi_size=data.shape)(array)
             array = torch.as_tensor(array)
     array = ResizeWithPadOrCrop(spatial_size=data.shape, mode="constant", value=0.0)(array)
+    if isinstance(array, MetaTensor):  # plain tensors downstream: no metadata overhead
+        array = array.as_tensor()
     hu = torch.as_tensor(array).float() - AIR_SHIFT
     return PreparedVolume(
         image=hu_to_model(hu, data.hu_window),

@@ -1,0 +1,56 @@
+"""Noise schedules from diffusers: one DDPM schedule for training, fast solvers for sampling.
+
+All schedulers share the training betas, so a model trained once can be sampled with any of
+them. ``clip_sample``/``thresholding`` are off: latents are not bounded to [-1, 1].
+"""
+
+from __future__ import annotations
+
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    UniPCMultistepScheduler,
+)
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+
+from synthct.config import DiffusionConfig
+
+__all__ = ["SAMPLERS", "training_scheduler", "sampling_scheduler"]
+
+SAMPLERS = ("dpmpp", "unipc", "ddim", "ddpm")
+
+
+def _common(cfg: DiffusionConfig) -> dict:
+    return {
+        "num_train_timesteps": cfg.num_train_timesteps,
+        "beta_start": cfg.beta_start,
+        "beta_end": cfg.beta_end,
+        "beta_schedule": cfg.beta_schedule,
+        "prediction_type": cfg.prediction_type,
+    }
+
+
+def training_scheduler(cfg: DiffusionConfig) -> DDPMScheduler:
+    """The forward process q(z_t | z_0) used by the training step (``add_noise``)."""
+    return DDPMScheduler(**_common(cfg), clip_sample=False)
+
+
+def sampling_scheduler(cfg: DiffusionConfig, sampler: str) -> SchedulerMixin:
+    """A reverse-process solver: ``dpmpp`` (DPM-Solver++ 2M), ``unipc``, ``ddim`` or ``ddpm``."""
+    common = _common(cfg)
+    if sampler == "dpmpp":
+        return DPMSolverMultistepScheduler(
+            **common,
+            algorithm_type="dpmsolver++",
+            solver_order=2,
+            thresholding=False,
+            lower_order_final=True,
+        )
+    if sampler == "unipc":
+        return UniPCMultistepScheduler(**common, solver_order=2, thresholding=False)
+    if sampler == "ddim":
+        return DDIMScheduler(**common, clip_sample=False, set_alpha_to_one=False)
+    if sampler == "ddpm":
+        return DDPMScheduler(**common, clip_sample=False)
+    raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")

@@ -1,0 +1,220 @@
+"""Centralised generator training (all sites' ``train`` pooled): the baseline federated
+training is judged against.
+
+Phases: reference model -> autoencoder -> latent scale factor -> latent diffusion (EMA).
+Every ``checkpoint_every`` steps the generator and the training state (optimiser moments, step,
+RNG) are written atomically, so Ctrl-C or a crash leaves a usable checkpoint and ``resume``
+continues exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from synthct.artifacts import append_jsonl, read_json, write_json
+from synthct.checkpoint import (
+    Generator,
+    build_generator,
+    load_generator,
+    load_tensors,
+    save_generator,
+    save_tensors,
+)
+from synthct.config import SynthctConfig
+from synthct.data.dataset import CaseSet, load_cases
+from synthct.models.schedulers import training_scheduler
+from synthct.training import (
+    EMA,
+    BalancedSampler,
+    autoencoder_step,
+    diffusion_step,
+    encode_latents,
+    latent_scale_factor,
+    resolve_device,
+)
+
+__all__ = ["train_central", "optimizer_tensors", "load_optimizer_tensors"]
+
+logger = logging.getLogger(__name__)
+
+Progress = Callable[..., None]
+
+
+def optimizer_tensors(
+    optimizer: torch.optim.Optimizer,
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Flatten an optimiser state into safetensors-compatible tensors + JSON metadata."""
+    sd = optimizer.state_dict()
+    tensors = {}
+    for pid, state in sd["state"].items():
+        for key, value in state.items():
+            tensors[f"state.{pid}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
+    return tensors, {"param_groups": sd["param_groups"]}
+
+
+def load_optimizer_tensors(
+    optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]
+) -> None:
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for name, value in tensors.items():
+        if name.startswith("state."):
+            _, pid, key = name.split(".", 2)
+            state.setdefault(int(pid), {})[key] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+class _State:
+    """Where a training run is: phase, step, RNG, optimisers; saved next to the generator."""
+
+    def __init__(self, run: Path) -> None:
+        self.dir = run / "train_state"
+        self.phase, self.step = "autoencoder", 0
+
+    def save(
+        self,
+        gen: Generator,
+        optimizers: dict[str, torch.optim.Optimizer],
+        generator: torch.Generator,
+        run: Path,
+    ) -> None:
+        save_generator(
+            gen, run / "generator", extra={"trained": {"phase": self.phase, "step": self.step}}
+        )
+        tensors: dict[str, torch.Tensor] = {"rng": generator.get_state()}
+        meta: dict[str, Any] = {"phase": self.phase, "step": self.step, "optimizers": {}}
+        for name, opt in optimizers.items():
+            t, m = optimizer_tensors(opt)
+            tensors.update({f"{name}.{k}": v for k, v in t.items()})
+            meta["optimizers"][name] = m
+        record = save_tensors(self.dir / "state.safetensors", tensors)
+        write_json(self.dir / "state.json", {**meta, "tensors": record}, kind="train-state")
+
+    def load(
+        self, optimizers: dict[str, torch.optim.Optimizer], generator: torch.Generator
+    ) -> None:
+        meta = read_json(self.dir / "state.json")
+        rec = meta["tensors"]
+        tensors = load_tensors(self.dir / rec["file"], sha256=rec["sha256"], size=rec["bytes"])
+        generator.set_state(tensors["rng"])
+        for name, opt in optimizers.items():
+            prefix = f"{name}."
+            sub = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+            if sub:
+                load_optimizer_tensors(opt, sub, meta["optimizers"][name])
+        self.phase, self.step = meta["phase"], int(meta["step"])
+
+
+def _train_reference(
+    config: SynthctConfig, train: CaseSet, holdout: CaseSet, run: Path, progress: Progress | None
+) -> None:
+    from synthct.eval.reference import save_reference, train_reference
+
+    if (run / "reference" / "reference.json").is_file():
+        return
+    model = train_reference(
+        train,
+        classes=config.labels.classes,
+        vocabulary_hash=config.labels.vocabulary_hash,
+        epochs=config.train.reference_epochs,
+        seed=config.seed,
+        holdout=holdout,
+        progress=(lambda d, t, **f: progress("reference", d, t, **f)) if progress else None,
+    )
+    save_reference(model, run / "reference")
+
+
+def train_central(
+    config: SynthctConfig,
+    manifest: str | Path,
+    run: str | Path,
+    *,
+    resume: bool = False,
+    budget_min: float | None = None,
+    progress: Progress | None = None,
+) -> Generator:
+    """Train reference models and the generator on the pooled ``train`` split.
+
+    ``progress(phase, step, total, **metrics)`` is called every step. ``budget_min`` caps wall
+    time: half for the autoencoder, the rest for diffusion (steps not reached are skipped).
+    """
+    run = Path(run)
+    device = resolve_device(config.train.device)
+    budget_s = (budget_min or config.train.budget_min or 0) * 60 or None
+    train = load_cases(manifest, config, splits=("train",))
+    holdout = load_cases(manifest, config, splits=("holdout",))
+    _train_reference(config, train, holdout, run, progress)
+
+    generator = torch.Generator().manual_seed(config.seed)
+    state = _State(run)
+    if resume and (state.dir / "state.json").is_file():
+        gen = load_generator(run / "generator", device)
+    else:
+        gen = build_generator(config, seed=config.seed).to(device)
+    ae_opt = torch.optim.AdamW(gen.autoencoder.parameters(), lr=config.train.ae_lr)
+    unet_opt = torch.optim.AdamW(gen.unet.parameters(), lr=config.train.diffusion_lr)
+    optimizers = {"autoencoder": ae_opt, "unet": unet_opt}
+    if resume and (state.dir / "state.json").is_file():
+        state.load(optimizers, generator)
+        logger.info("resuming at phase %s step %d", state.phase, state.step)
+    sampler = BalancedSampler(train.labels, balanced=config.train.balanced, generator=generator)
+    bs, every = config.train.batch_size, config.train.checkpoint_every
+    metrics_path = run / "metrics.jsonl"
+
+    if state.phase == "autoencoder":
+        start = time.perf_counter()
+        total = config.train.ae_steps
+        while state.step < total:
+            idx = sampler(bs)
+            parts = autoencoder_step(
+                gen.autoencoder, ae_opt, train.images[idx].to(device), config.autoencoder
+            )
+            state.step += 1
+            append_jsonl(metrics_path, {"phase": "autoencoder", "step": state.step, **parts})
+            if progress:
+                progress("autoencoder", state.step, total, loss=parts["loss"])
+            if state.step % every == 0:
+                state.save(gen, optimizers, generator, run)
+            if budget_s and time.perf_counter() - start > budget_s / 2:
+                logger.info("autoencoder budget reached at step %d", state.step)
+                break
+        state.phase, state.step = "diffusion", 0
+        latents = encode_latents(gen.autoencoder, train.images.to(device))
+        gen.scale_factor = latent_scale_factor(latents)
+        state.save(gen, optimizers, generator, run)
+
+    scheduler = training_scheduler(config.diffusion)
+    latents = encode_latents(gen.autoencoder, train.images.to(device)) * gen.scale_factor
+    ema = EMA(gen.unet, config.diffusion.ema_decay, target=gen.ema)
+    start = time.perf_counter()
+    total = config.train.diffusion_steps
+    while state.step < total:
+        idx = sampler(bs)
+        parts = diffusion_step(
+            gen.unet,
+            unet_opt,
+            latents[idx],
+            train.labels[idx].to(device),
+            scheduler,
+            config.diffusion,
+            null_class=gen.null_class,
+            generator=generator,
+        )
+        ema.update(gen.unet)
+        state.step += 1
+        append_jsonl(metrics_path, {"phase": "diffusion", "step": state.step, **parts})
+        if progress:
+            progress("diffusion", state.step, total, loss=parts["loss"])
+        if state.step % every == 0:
+            state.save(gen, optimizers, generator, run)
+        if budget_s and time.perf_counter() - start > budget_s / 2:
+            logger.info("diffusion budget reached at step %d", state.step)
+            break
+    state.phase = "done" if state.step >= total else "diffusion"
+    state.save(gen, optimizers, generator, run)
+    return gen

@@ -1,0 +1,213 @@
+"""Training steps as plain functions (no I/O): the central trainer and Flower clients call them.
+
+Notation follows the DDPM/LDM papers: ``z_0`` latents of real volumes, ``z_t`` noised latents,
+``eps`` the noise, ``v = alpha_t * eps - sigma_t * z_0`` the v-prediction target.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from synthct.config import AutoencoderConfig, DiffusionConfig
+
+__all__ = [
+    "resolve_device",
+    "autocast",
+    "BalancedSampler",
+    "EMA",
+    "autoencoder_loss",
+    "autoencoder_step",
+    "encode_latents",
+    "latent_scale_factor",
+    "diffusion_loss",
+    "diffusion_step",
+    "proximal_term",
+]
+
+
+def resolve_device(choice: str) -> torch.device:
+    """``auto`` picks CUDA when available; asking for ``cuda`` without one is an error."""
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' requested but no CUDA device is available")
+    return torch.device(choice)
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on GPU; a no-op context on CPU (CPU bf16 is slower there)."""
+    return torch.autocast(
+        device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"
+    )
+
+
+class BalancedSampler:
+    """Draw batches whose classes are uniform over the classes present, so rare ones are seen.
+
+    With ``balanced=False`` it draws cases uniformly (the data's own class mix).
+    """
+
+    def __init__(self, labels: torch.Tensor, *, balanced: bool, generator: torch.Generator) -> None:
+        if labels.numel() == 0:
+            raise ValueError("cannot sample batches from an empty case set")
+        self.labels = labels
+        self.balanced = balanced
+        self.generator = generator
+        self.by_class = [torch.nonzero(labels == c).flatten() for c in labels.unique().tolist()]
+
+    def __call__(self, batch_size: int) -> torch.Tensor:
+        if not self.balanced:
+            return torch.randint(0, len(self.labels), (batch_size,), generator=self.generator)
+        which = torch.randint(0, len(self.by_class), (batch_size,), generator=self.generator)
+        out = torch.empty(batch_size, dtype=torch.long)
+        for i, c in enumerate(which.tolist()):
+            members = self.by_class[c]
+            out[i] = members[torch.randint(0, len(members), (1,), generator=self.generator)]
+        return out
+
+
+class EMA:
+    """Exponential moving average of a model's parameters (the weights we sample with)."""
+
+    def __init__(self, model: nn.Module, decay: float, *, target: nn.Module | None = None) -> None:
+        """Average into ``target`` (same architecture) or into a fresh copy of ``model``."""
+        self.decay = decay
+        self.model = (
+            (target if target is not None else copy.deepcopy(model)).eval().requires_grad_(False)
+        )
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        for ema_p, p in zip(self.model.parameters(), model.parameters(), strict=True):
+            ema_p.lerp_(p.detach(), 1.0 - self.decay)
+        for ema_b, b in zip(self.model.buffers(), model.buffers(), strict=True):
+            ema_b.copy_(b)
+
+
+def _edges(x: torch.Tensor) -> list[torch.Tensor]:
+    return [x.diff(dim=d) for d in (2, 3, 4)]
+
+
+def autoencoder_loss(
+    ae: nn.Module,
+    x: torch.Tensor,
+    cfg: AutoencoderConfig,
+    feature_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """L1 reconstruction + gradient-difference (keeps lesion edges) + KL (+ optional feature
+    loss through a frozen reference encoder). ``x``: B×1×X×Y×Z in [-1, 1]."""
+    recon, mu, sigma = ae(x)
+    l1 = F.l1_loss(recon, x)
+    edge = sum(F.l1_loss(a, b) for a, b in zip(_edges(recon), _edges(x), strict=True)) / 3
+    kl = 0.5 * (mu.pow(2) + sigma.pow(2) - torch.log(sigma.pow(2) + 1e-8) - 1).sum(dim=(1, 2, 3, 4))
+    kl = kl.mean()
+    loss = l1 + cfg.edge_weight * edge + cfg.kl_weight * kl
+    parts = {"l1": l1.item(), "edge": edge.item(), "kl": kl.item()}
+    if feature_fn is not None and cfg.perceptual_weight > 0:
+        perceptual = F.mse_loss(feature_fn(recon), feature_fn(x).detach())
+        loss = loss + cfg.perceptual_weight * perceptual
+        parts["perceptual"] = perceptual.item()
+    parts["loss"] = loss.item()
+    return loss, parts
+
+
+def autoencoder_step(
+    ae: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    cfg: AutoencoderConfig,
+    *,
+    feature_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    extra_loss: Callable[[], torch.Tensor] | None = None,
+) -> dict[str, float]:
+    """One optimiser step on a batch; ``extra_loss`` is e.g. a FedProx proximal term."""
+    ae.train()
+    optimizer.zero_grad(set_to_none=True)
+    loss, parts = autoencoder_loss(ae, x, cfg, feature_fn)
+    if extra_loss is not None:
+        loss = loss + extra_loss()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(ae.parameters(), 1.0)
+    optimizer.step()
+    return parts
+
+
+@torch.no_grad()
+def encode_latents(ae: nn.Module, x: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
+    """Posterior means of the autoencoder: N×1×X×Y×Z -> N×C×x×y×z (no sampling noise)."""
+    ae.eval()
+    return torch.cat([ae.encode(x[i : i + batch_size])[0] for i in range(0, len(x), batch_size)])
+
+
+def latent_scale_factor(latents: torch.Tensor) -> float:
+    """``1 / std(z)`` so that scaled latents have unit variance, as in LDM."""
+    return float(1.0 / latents.float().std().clamp_min(1e-6))
+
+
+def diffusion_loss(
+    unet: nn.Module,
+    z0: torch.Tensor,
+    labels: torch.Tensor,
+    scheduler,
+    cfg: DiffusionConfig,
+    *,
+    null_class: int,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """Denoising loss on scaled latents ``z0`` (B×C×x×y×z) with label dropout for CFG."""
+    b = z0.shape[0]
+    noise = torch.randn(z0.shape, generator=generator).to(z0)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=generator).to(
+        z0.device
+    )
+    z_t = scheduler.add_noise(z0, noise, t)  # z_t = sqrt(abar_t) z0 + sqrt(1 - abar_t) eps
+    drop = torch.rand(b, generator=generator).to(z0.device) < cfg.p_uncond
+    cls = torch.where(drop, torch.full_like(labels, null_class), labels)
+    pred = unet(z_t, t, class_labels=cls)
+    target = noise if cfg.prediction_type == "epsilon" else scheduler.get_velocity(z0, noise, t)
+    return F.mse_loss(pred.float(), target.float())
+
+
+def diffusion_step(
+    unet: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    z0: torch.Tensor,
+    labels: torch.Tensor,
+    scheduler,
+    cfg: DiffusionConfig,
+    *,
+    null_class: int,
+    generator: torch.Generator,
+    extra_loss: Callable[[], torch.Tensor] | None = None,
+) -> dict[str, float]:
+    """One optimiser step; ``extra_loss`` is added to the loss (e.g. FedProx's term)."""
+    unet.train()
+    optimizer.zero_grad(set_to_none=True)
+    loss = diffusion_loss(
+        unet, z0, labels, scheduler, cfg, null_class=null_class, generator=generator
+    )
+    total = loss + extra_loss() if extra_loss is not None else loss
+    total.backward()
+    torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+    optimizer.step()
+    return {"loss": loss.item(), "total": total.item()}
+
+
+def proximal_term(
+    model: nn.Module, reference: list[torch.Tensor], mu: float
+) -> Callable[[], torch.Tensor]:
+    """FedProx: ``mu/2 * ||w - w_global||^2`` against the round's starting weights."""
+
+    def term() -> torch.Tensor:
+        return (
+            0.5
+            * mu
+            * sum((p - r).pow(2).sum() for p, r in zip(model.parameters(), reference, strict=True))
+        )
+
+    return term
