@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+
+from synthct.checkpoint import CheckpointError
+from synthct.data.dataset import load_cases
 from synthct.eval.reference import (
     evaluate_classifier,
     load_reference,
     save_reference,
     train_reference,
 )
-
-from synthct.checkpoint import CheckpointError
-from synthct.data.dataset import load_cases
 
 
 def test_train_save_load(tmp_path, smoke_config, smoke_sites):

@@ -1,0 +1,39 @@
+"""The demo's stages on the smoke config (the full demo config runs in `./run demo`)."""
+
+from __future__ import annotations
+
+import pytest
+
+from synthct.artifacts import read_json
+from synthct.cli import main
+from synthct.config import packaged_config_path
+
+
+@pytest.mark.slow
+def test_demo_stages_on_smoke(tmp_path):
+    run = tmp_path / "run"
+    assert main(["demo", "--config", str(packaged_config_path("smoke")), "--out", str(run)]) == 0
+    summary = read_json(run / "demo.json")
+    assert set(summary["stages_s"]) == {
+        "phantom sites",
+        "manifest check",
+        "load splits",
+        "reference classifier",
+    }
+    assert (run / "reference" / "reference.safetensors").is_file()
+    assert "holdout" in summary["reference"]
+    assert (run / "config.yaml").is_file()
+
+
+def test_demo_stage_error_is_named(tmp_path, capsys):
+    """A failing stage stops the demo with exit 1 and names the stage."""
+    data = tmp_path / "run" / "data"
+    data.mkdir(parents=True)
+    (data / "site_a").write_text("a file where the site folder must go")
+    assert (
+        main(
+            ["demo", "--config", str(packaged_config_path("smoke")), "--out", str(tmp_path / "run")]
+        )
+        == 1
+    )
+    assert "stage 'phantom sites' failed" in capsys.readouterr().err
