@@ -115,19 +115,11 @@ def _load_all(manifest: Path, config: SynthctConfig) -> Counter:
 
 def _reference(manifest: Path, config: SynthctConfig, run: Path) -> dict:
     from synthct.data.dataset import load_cases
-    from synthct.eval.reference import save_reference, train_reference
+    from synthct.trainer import ensure_reference
 
     train = load_cases(manifest, config, splits=("train",))
     holdout = load_cases(manifest, config, splits=("holdout",))
     with progress_bar("reference", total=None) as update:
-        model = train_reference(
-            train,
-            classes=config.labels.classes,
-            vocabulary_hash=config.labels.vocabulary_hash,
-            epochs=config.train.reference_epochs,
-            seed=config.seed,
-            holdout=holdout,
-            progress=update,
+        return ensure_reference(
+            config, train, holdout, run, lambda _phase, d, t, **f: update(d, t, **f)
         )
-    save_reference(model, run / "reference")
-    return model.info

@@ -39,7 +39,7 @@ from synthct.training import (
     resolve_device,
 )
 
-__all__ = ["train_central", "optimizer_tensors", "load_optimizer_tensors"]
+__all__ = ["train_central", "ensure_reference", "optimizer_tensors", "load_optimizer_tensors"]
 
 logger = logging.getLogger(__name__)
 
@@ -110,13 +110,18 @@ class _State:
         self.phase, self.step = meta["phase"], int(meta["step"])
 
 
-def _train_reference(
-    config: SynthctConfig, train: CaseSet, holdout: CaseSet, run: Path, progress: Progress | None
-) -> None:
-    from synthct.eval.reference import save_reference, train_reference
+def ensure_reference(
+    config: SynthctConfig,
+    train: CaseSet,
+    holdout: CaseSet,
+    run: Path,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Train and save ``RUN/reference`` unless it exists; return its info (holdout accuracy)."""
+    from synthct.eval.reference import load_reference, save_reference, train_reference
 
     if (run / "reference" / "reference.json").is_file():
-        return
+        return load_reference(run / "reference", vocabulary_hash=config.labels.vocabulary_hash).info
     model = train_reference(
         train,
         classes=config.labels.classes,
@@ -127,6 +132,7 @@ def _train_reference(
         progress=(lambda d, t, **f: progress("reference", d, t, **f)) if progress else None,
     )
     save_reference(model, run / "reference")
+    return model.info
 
 
 def train_central(
@@ -148,7 +154,7 @@ def train_central(
     budget_s = (budget_min or config.train.budget_min or 0) * 60 or None
     train = load_cases(manifest, config, splits=("train",))
     holdout = load_cases(manifest, config, splits=("holdout",))
-    _train_reference(config, train, holdout, run, progress)
+    ensure_reference(config, train, holdout, run, progress)
 
     generator = torch.Generator().manual_seed(config.seed)
     state = _State(run)
