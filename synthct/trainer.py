@@ -190,12 +190,14 @@ def train_central(
                 logger.info("autoencoder budget reached at step %d", state.step)
                 break
         state.phase, state.step = "diffusion", 0
-        latents = encode_latents(gen.autoencoder, train.images.to(device))
-        gen.scale_factor = latent_scale_factor(latents)
+        raw_latents = encode_latents(gen.autoencoder, train.images.to(device))
+        gen.scale_factor = latent_scale_factor(raw_latents)
         state.save(gen, optimizers, generator, run)
+    else:  # resumed inside the diffusion phase: the autoencoder is frozen, encode once
+        raw_latents = encode_latents(gen.autoencoder, train.images.to(device))
 
     scheduler = training_scheduler(config.diffusion)
-    latents = encode_latents(gen.autoencoder, train.images.to(device)) * gen.scale_factor
+    latents = raw_latents * gen.scale_factor
     ema = EMA(gen.unet, config.diffusion.ema_decay, target=gen.ema)
     start = time.perf_counter()
     total = config.train.diffusion_steps
