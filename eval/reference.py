@@ -98,9 +98,27 @@ class ReferenceModel:
         )
 
 
+def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable 3D Gaussian blur (replicate padding) of a B×1×X×Y×Z batch."""
+    radius = max(1, int(3 * sigma + 0.5))
+    grid = torch.arange(-radius, radius + 1, dtype=x.dtype)
+    kernel = torch.exp(-0.5 * (grid / sigma) ** 2)
+    kernel = kernel / kernel.sum()
+    for dim in range(3):
+        shape = [1, 1, 1, 1, 1]
+        shape[2 + dim] = len(kernel)
+        pad = [0] * 6
+        pad[2 * (2 - dim)] = pad[2 * (2 - dim) + 1] = radius
+        x = F.conv3d(F.pad(x, pad, mode="replicate"), kernel.view(shape))
+    return x
+
+
 def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Left-right flip, shifts of up to 2 voxels, intensity jitter and noise (scanner-like)."""
+    """Left-right flip, shifts of up to 2 voxels, reconstruction-kernel blur (sites differ in
+    it, and generated volumes are smoother than scans), intensity jitter and noise."""
     b = x.shape[0]
+    if float(torch.rand(1, generator=generator)) < 0.5:
+        x = _gaussian_blur(x, 0.3 + 0.8 * float(torch.rand(1, generator=generator)))
     flip = torch.rand(b, generator=generator) < 0.5
     x = torch.where(flip[:, None, None, None, None], x.flip(2), x)
     shifts = torch.randint(-2, 3, (3,), generator=generator).tolist()

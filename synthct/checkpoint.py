@@ -114,15 +114,26 @@ def load_tensors(
 
 
 def save_generator(
-    gen: Generator, directory: str | Path, *, extra: dict[str, Any] | None = None
+    gen: Generator,
+    directory: str | Path,
+    *,
+    extra: dict[str, Any] | None = None,
+    sampling_only: bool = False,
 ) -> Path:
-    """Write weights then ``config.json`` (the commit marker). Returns the directory."""
+    """Write weights then ``config.json`` (the commit marker). Returns the directory.
+
+    ``sampling_only`` keeps the autoencoder and the EMA UNet (what sampling uses) and drops
+    the raw UNet: half the size, for shipping; loading then starts the UNet from the EMA.
+    """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    names = [n for n in _WEIGHT_FILES if not (sampling_only and n == "unet")]
     files = {
-        name: save_tensors(directory / fname, getattr(gen, name).state_dict())
-        for name, fname in _WEIGHT_FILES.items()
+        name: save_tensors(directory / _WEIGHT_FILES[name], getattr(gen, name).state_dict())
+        for name in names
     }
+    if sampling_only:
+        (directory / _WEIGHT_FILES["unet"]).unlink(missing_ok=True)
     payload = {
         "config": gen.config.model_dump(mode="json"),
         "vocabulary": gen.config.labels.classes,
@@ -158,10 +169,16 @@ def load_generator(directory: str | Path, device: torch.device | str = "cpu") ->
         raise CheckpointError(f"{meta_path}: unreadable generator record ({exc})") from None
     gen = build_generator(config)
     for name, fname in _WEIGHT_FILES.items():
-        record = files[name]
+        record = files.get(name)
+        if record is None and name == "unet" and "ema" in files:
+            continue  # a sampling-only generator: the UNet starts from the EMA below
+        if record is None:
+            raise CheckpointError(f"{meta_path}: no record of {fname}")
         path = directory / fname
         state = load_tensors(path, sha256=record["sha256"], size=record["bytes"])
         _load_state(getattr(gen, name), state, path)
+    if "unet" not in files:
+        gen.unet.load_state_dict(gen.ema.state_dict())
     gen.scale_factor = float(meta["scale_factor"])
     gen.ema.eval().requires_grad_(False)
     return gen.to(device)

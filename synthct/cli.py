@@ -59,12 +59,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         config = config.model_copy(
             update={"train": config.train.model_copy(update={"device": args.device})}
         )
-    if not args.central:
-        print(
-            "synthct: federated training (Flower) is not available yet; use --central",
-            file=sys.stderr,
-        )
-        return EXIT_BAD_INPUT
     manifest = Path(args.data) if args.data else None
     run = Path(args.out)
     run.mkdir(parents=True, exist_ok=True)
@@ -75,14 +69,31 @@ def cmd_train(args: argparse.Namespace) -> int:
         if not manifest.is_file():
             write_phantom_sites(config, run / "data")
     with progress_bar("train") as update:
-        train_central(
-            config,
-            manifest,
-            run,
-            resume=args.resume,
-            budget_min=args.budget_min,
-            progress=lambda phase, done, total, **m: update(done, total, phase=phase, **m),
-        )
+
+        def report(phase: str, done: int, total: int, **m: float) -> None:
+            update(done, total, phase=phase, **m)
+
+        if args.central:
+            train_central(
+                config,
+                manifest,
+                run,
+                resume=args.resume,
+                budget_min=args.budget_min,
+                progress=report,
+            )
+        else:
+            from synthct.fed.simulation import train_federated
+
+            train_federated(
+                config,
+                manifest,
+                run,
+                resume=args.resume,
+                budget_min=args.budget_min,
+                max_rounds=args.max_rounds,
+                progress=report,
+            )
     print(f"generator: {run / 'generator'}")
     return EXIT_OK
 
@@ -120,6 +131,33 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_fed_app(args: argparse.Namespace) -> int:
+    from synthct.fed.deployment import write_flower_app
+
+    path = write_flower_app(args.dir, config=args.config, out=args.out)
+    print(f"wrote {path}; run it with: flwr run {args.dir} <superlink-connection> --stream")
+    return EXIT_OK
+
+
+def cmd_fed_certs(args: argparse.Namespace) -> int:
+    from synthct.fed.deployment import write_tls_certificates
+
+    files = write_tls_certificates(args.dir, args.host)
+    print("wrote " + ", ".join(str(p) for p in files.values()))
+    print("SuperLink: --ssl-ca-certfile ca.crt --ssl-certfile server.pem --ssl-keyfile server.key")
+    print("each site: flower-supernode --root-certificates ca.crt")
+    return EXIT_OK
+
+
+def cmd_fed_keys(args: argparse.Namespace) -> int:
+    from synthct.fed.deployment import write_supernode_keys
+
+    private, public = write_supernode_keys(args.dir, args.site)
+    print(f"site keeps {private} (flower-supernode --auth-supernode-private-key)")
+    print(f"operator registers {public}: flwr supernode register {public} <connection>")
+    return EXIT_OK
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from synthct.demo import run_demo
 
@@ -136,6 +174,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
     p.add_argument("--config", help="config YAML (default: packaged demo.yaml)")
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument(
+        "--from-scratch",
+        action="store_true",
+        help="train the generator from zero instead of fine-tuning the shipped one",
+    )
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("train", help="train reference models and the generator")
@@ -144,7 +187,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--data", help="manifest CSV (default: make the config's phantom sites in OUT/data)"
     )
     p.add_argument("--out", required=True, help="run directory")
-    p.add_argument("--central", action="store_true", help="pool all sites' train split")
+    p.add_argument(
+        "--central",
+        action="store_true",
+        help="pool all sites' train split (default: federated, Flower simulation)",
+    )
+    p.add_argument(
+        "--max-rounds",
+        type=int,
+        default=None,
+        help="federated: stop after this many rounds (resume with --resume)",
+    )
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     p.add_argument("--budget-min", type=float, default=None, help="wall-time budget in minutes")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None)
@@ -174,6 +227,22 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("manifest")
     q.add_argument("--config", help="config whose vocabulary and label maps apply")
     q.set_defaults(func=cmd_data_check)
+
+    p = sub.add_parser("fed", help="multi-machine Flower deployment helpers")
+    fed = p.add_subparsers(dest="fed_command", required=True, metavar="FED_COMMAND")
+    q = fed.add_parser("app", help="write the code-free Flower app directory for `flwr run`")
+    q.add_argument("dir")
+    q.add_argument("--config", default="demo", help="YAML path on the SuperLink machine or name")
+    q.add_argument("--out", default="runs/federated", help="run directory on the SuperLink machine")
+    q.set_defaults(func=cmd_fed_app)
+    q = fed.add_parser("certs", help="a private CA and SuperLink TLS certificate")
+    q.add_argument("dir")
+    q.add_argument("--host", action="append", help="SuperLink host name or IP (repeatable)")
+    q.set_defaults(func=cmd_fed_certs)
+    q = fed.add_parser("keys", help="a SuperNode authentication key pair for one site")
+    q.add_argument("dir")
+    q.add_argument("--site", required=True)
+    q.set_defaults(func=cmd_fed_keys)
     return parser
 
 
@@ -182,13 +251,21 @@ def main(argv: list[str] | None = None) -> int:
     from synthct.config import ConfigError
     from synthct.data.manifest import ManifestError
     from synthct.data.volume_io import VolumeError
+    from synthct.fed.errors import FederatedError, SiteError
 
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args))
-    except (ConfigError, ManifestError, VolumeError, CheckpointError) as exc:
+    except (
+        ConfigError,
+        ManifestError,
+        VolumeError,
+        CheckpointError,
+        FederatedError,
+        SiteError,
+    ) as exc:
         print(f"synthct: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:

@@ -27,6 +27,9 @@ __all__ = [
     "DiffusionConfig",
     "SamplingConfig",
     "TrainConfig",
+    "FaultConfig",
+    "DPConfig",
+    "FederatedConfig",
     "SynthctConfig",
     "load_config",
     "packaged_config_path",
@@ -235,6 +238,47 @@ class TrainConfig(_Strict):
     reference_epochs: int = Field(default=40, ge=1)
 
 
+class FaultConfig(_Strict):
+    """Injected failure (tests and drills): ``site`` errors or stalls in one round."""
+
+    site: str
+    phase: Literal["autoencoder", "diffusion"] = "autoencoder"
+    round: int = Field(ge=1)
+    kind: Literal["error", "delay"] = "error"
+    delay_s: float = Field(default=0.0, ge=0)
+
+
+class DPConfig(_Strict):
+    """Central DP on the diffusion phase (Flower's server-side fixed clipping wrapper):
+    each site's update is clipped to ``clipping_norm`` and Gaussian noise of std
+    ``noise_multiplier * clipping_norm / n_sites`` is added to the uniform mean."""
+
+    enabled: bool = False
+    noise_multiplier: float = Field(default=1.0, gt=0)
+    clipping_norm: float = Field(default=1.0, gt=0)
+    target_delta: float = Field(default=1e-3, gt=0, lt=1)
+
+
+class FederatedConfig(_Strict):
+    """Flower training: rounds per phase, local steps per round, strategy, robustness."""
+
+    strategy: Literal["fedavg", "fedprox"] = "fedavg"
+    proximal_mu: float = Field(default=0.01, ge=0, description="FedProx mu")
+    ae_rounds: int = Field(default=20, ge=0)
+    diffusion_rounds: int = Field(default=30, ge=0)
+    local_steps_ae: int = Field(default=50, ge=0)
+    local_steps_diffusion: int = Field(default=125, ge=0)
+    finetune_rounds: int = Field(
+        default=2, ge=0, description="diffusion rounds when fine-tuning a pretrained generator"
+    )
+    min_sites: int = Field(default=2, ge=1, description="fewest replies that still aggregate")
+    round_timeout_s: float = Field(default=1800.0, gt=0)
+    connect_timeout_s: float = Field(default=120.0, gt=0)
+    client_cpus: int = Field(default=1, ge=1, description="CPUs per simulated site")
+    privacy: DPConfig = DPConfig()
+    faults: list[FaultConfig] = Field(default_factory=list)
+
+
 class SynthctConfig(_Strict):
     """A whole run: labels, data and the later stages' sections."""
 
@@ -246,6 +290,7 @@ class SynthctConfig(_Strict):
     diffusion: DiffusionConfig = DiffusionConfig()
     sampling: SamplingConfig = SamplingConfig()
     train: TrainConfig = TrainConfig()
+    federated: FederatedConfig = FederatedConfig()
 
     @property
     def latent_shape(self) -> tuple[int, int, int, int]:
@@ -271,6 +316,13 @@ class SynthctConfig(_Strict):
                         target,
                         f"maps to unknown class {target!r} (vocabulary: {self.labels.classes})",
                     )
+        for i, fault in enumerate(self.federated.faults):
+            if fault.site not in self.site_names:
+                raise _LocatedError(
+                    ("federated", "faults", i, "site"),
+                    fault.site,
+                    f"unknown site (configured: {self.site_names})",
+                )
         return self
 
     def site(self, name: str) -> SiteProfile:

@@ -81,3 +81,26 @@ def test_sliding_window_decode_close_to_whole(smoke_config, tmp_path):
     assert patched.shape == whole.shape
     corr = torch.corrcoef(torch.stack([patched.flatten(), whole.flatten()]))[0, 1]
     assert corr > 0.5  # same content up to window-border effects of an untrained decoder
+
+
+def test_sampling_only_checkpoint_is_smaller_and_samples_the_same(saved, tmp_path):
+    gen, directory = saved
+    slim = save_generator(load_generator(directory), tmp_path / "slim", sampling_only=True)
+    assert not (slim / "unet.safetensors").exists()
+    size = lambda d: sum(p.stat().st_size for p in d.glob("*.safetensors"))  # noqa: E731
+    assert size(slim) < 0.7 * size(directory)
+    a, b = load_generator(directory), load_generator(slim)
+    labels = torch.tensor([0, 1])
+    va = sample_volumes(a, labels, generator=torch.Generator().manual_seed(3))
+    vb = sample_volumes(b, labels, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(va, vb)  # sampling uses the EMA UNet, which both keep
+    for k, v in b.unet.state_dict().items():  # the UNet restarts from the EMA
+        assert torch.equal(v, b.ema.state_dict()[k])
+
+
+def test_missing_pretrained_is_a_clear_error(monkeypatch, tmp_path):
+    import synthct.pretrained as pretrained
+
+    monkeypatch.setattr(pretrained, "phantom_dir", lambda: tmp_path / "absent")
+    with pytest.raises(CheckpointError, match="not part of this install"):
+        pretrained.load_phantom_generator()

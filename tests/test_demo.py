@@ -19,7 +19,11 @@ def test_demo_stages_on_smoke(tmp_path):
         "manifest check",
         "load splits",
         "reference classifier",
+        "federated generator",
     }
+    assert summary["generator"]["origin"] == "from scratch"  # no pretrained fits smoke nets
+    assert set(summary["generator"]["last_losses"]) == {"site_a", "site_b", "site_c"}
+    assert (run / "generator" / "config.json").is_file()
     assert (run / "reference" / "reference.safetensors").is_file()
     assert "holdout" in summary["reference"]
     assert (run / "config.yaml").is_file()

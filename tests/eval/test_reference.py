@@ -42,3 +42,14 @@ def test_evaluate_classifier_by_hand():
     assert m["accuracy"] == pytest.approx(0.75)
     assert m["per_class_recall"] == {0: 1.0, 1: pytest.approx(2 / 3)}
     assert m["balanced_accuracy"] == pytest.approx((1 + 2 / 3) / 2)
+
+
+def test_blur_augmentation_matches_scipy():
+    from scipy.ndimage import gaussian_filter
+
+    from synthct.eval.reference import _gaussian_blur
+
+    x = torch.randn(2, 1, 12, 10, 8, generator=torch.Generator().manual_seed(0))
+    ours = _gaussian_blur(x, 0.8)
+    theirs = gaussian_filter(x.numpy(), sigma=(0, 0, 0.8, 0.8, 0.8), mode="nearest", truncate=3.0)
+    assert torch.allclose(ours, torch.from_numpy(theirs), atol=1e-5)

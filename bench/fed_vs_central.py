@@ -1,0 +1,148 @@
+"""Bench: federated (FedAvg, FedProx) vs central vs site-alone generator training, equal steps.
+
+    python bench/fed_vs_central.py --budget-min 40 [--fraction 0.1] [--alone site_b]
+
+Every arm gets the same number of optimiser steps per phase: the demo config's
+``train.ae_steps`` / ``train.diffusion_steps`` times ``--fraction``; federated arms split them
+into rounds of ``local steps x sites``; the site-alone arm trains the central trainer on one
+site's data only. ``--budget-min`` is the whole bench's wall-time budget, shared equally by the
+arms (an arm that hits its share stops early; the steps it really did are reported). Scores come
+from one reference classifier trained on the pooled ``train`` split. Writes
+runs/bench_fed_vs_central/results.json and prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+from synthct.artifacts import write_json
+from synthct.config import SynthctConfig, load_config, packaged_config_path
+from synthct.data.dataset import load_cases
+from synthct.data.phantoms import write_phantom_sites
+from synthct.eval.generator_quality import generator_report
+from synthct.eval.reference import load_reference
+from synthct.fed.simulation import train_federated
+from synthct.trainer import ensure_reference, train_central
+
+
+def _schedule(config: SynthctConfig, fraction: float) -> SynthctConfig:
+    ae = max(1, round(config.train.ae_steps * fraction))
+    diff = max(1, round(config.train.diffusion_steps * fraction))
+    n = len(config.site_names)
+    fed = config.federated
+    # keep local steps per round, choose rounds so sites x local x rounds == steps
+    ae_rounds = max(1, round(ae / (n * fed.local_steps_ae)))
+    diff_rounds = max(1, round(diff / (n * fed.local_steps_diffusion)))
+    doc = config.model_dump()
+    doc["train"].update({"ae_steps": ae_rounds * n * fed.local_steps_ae})
+    doc["train"].update({"diffusion_steps": diff_rounds * n * fed.local_steps_diffusion})
+    doc["federated"].update({"ae_rounds": ae_rounds, "diffusion_rounds": diff_rounds})
+    return type(config).model_validate(doc)
+
+
+def _site_only_manifest(manifest: Path, site: str, out: Path) -> Path:
+    with open(manifest, newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["site"] == site]
+    for r in rows:
+        r["path"] = str((manifest.parent / r["path"]).resolve())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return out
+
+
+def _bytes_per_round_per_site(run: Path) -> dict[str, float]:
+    rounds = [json.loads(x) for x in (run / "rounds.jsonl").read_text().splitlines()]
+    out = {}
+    for phase in ("autoencoder", "diffusion"):
+        rs = [r for r in rounds if r["phase"] == phase and r["sites"]]
+        if rs:
+            out[phase] = {
+                "up": sum(r["bytes_up"] / len(r["sites"]) for r in rs) / len(rs),
+                "down": sum(r["bytes_down"] / r["sent"] for r in rs) / len(rs),
+            }
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--config", default=str(packaged_config_path("demo")))
+    parser.add_argument("--out", default="runs/bench_fed_vs_central")
+    parser.add_argument("--budget-min", type=float, default=40.0)
+    parser.add_argument("--fraction", type=float, default=0.1)
+    parser.add_argument("--alone", default="site_b", help="site for the site-alone arm")
+    parser.add_argument("--samples-per-class", type=int, default=16)
+    args = parser.parse_args()
+    base = load_config(args.config)
+    config = _schedule(base, args.fraction)
+    out = Path(args.out)
+    manifest = out / "data" / "manifest.csv"
+    if not manifest.is_file():
+        write_phantom_sites(config, out / "data")
+    train = load_cases(manifest, config, splits=("train",))
+    holdout = load_cases(manifest, config, splits=("holdout",))
+    ensure_reference(config, train, holdout, out / "shared")
+    reference = load_reference(
+        out / "shared" / "reference", vocabulary_hash=config.labels.vocabulary_hash
+    )
+    arms = ["central", "fedavg", "fedprox", f"alone:{args.alone}"]
+    share = args.budget_min / len(arms)
+    results = {}
+    for arm in arms:
+        run = out / arm.replace(":", "_")
+        if run.exists():
+            shutil.rmtree(run)
+        run.mkdir(parents=True)
+        shutil.copytree(out / "shared" / "reference", run / "reference")
+        print(f"{time.strftime('%H:%M:%S')} arm {arm}: {share:.1f} min", flush=True)
+        t0 = time.perf_counter()
+        extra = {}
+        if arm == "central":
+            gen = train_central(config, manifest, run, budget_min=share)
+        elif arm.startswith("alone:"):
+            site_manifest = _site_only_manifest(manifest, args.alone, run / "site.csv")
+            gen = train_central(config, site_manifest, run, budget_min=share)
+        else:
+            doc = config.model_dump()
+            doc["federated"]["strategy"] = arm
+            arm_config = type(config).model_validate(doc)
+            gen = train_federated(arm_config, manifest, run, budget_min=share)
+            extra["bytes_per_round_per_site"] = _bytes_per_round_per_site(run)
+            extra["rounds_done"] = json.loads((run / "fed_state.json").read_text())
+        wall = time.perf_counter() - t0
+        report = generator_report(gen, reference, holdout, per_class=args.samples_per_class)
+        results[arm] = {"wall_s": round(wall, 1), **extra, **report}
+        print(json.dumps({arm: results[arm]}, indent=2), flush=True)
+    central_wall = results["central"]["wall_s"]
+    for arm in ("fedavg", "fedprox"):
+        results[arm]["overhead_vs_central"] = round(results[arm]["wall_s"] / central_wall, 2)
+    summary = {
+        "date": time.strftime("%Y-%m-%d"),
+        "device": "cpu",
+        "cores": os.cpu_count(),
+        "budget_min": args.budget_min,
+        "steps": {"autoencoder": config.train.ae_steps, "diffusion": config.train.diffusion_steps},
+        "arms": results,
+    }
+    write_json(out / "results.json", summary, kind="bench-fed-vs-central")
+    print("| arm | wall s | AE ceiling min | cond. acc mean | cond. acc min | overhead |")
+    print("|---|---|---|---|---|---|")
+    for arm, r in results.items():
+        print(
+            f"| {arm} | {r['wall_s']} | {min(r['ae_ceiling_per_class'].values()):.2f} | "
+            f"{r['conditional_accuracy_mean']:.2f} | "
+            f"{min(r['conditional_accuracy_per_class'].values()):.2f} | "
+            f"{r.get('overhead_vs_central', 1.0)} |"
+        )
+
+
+if __name__ == "__main__":
+    main()

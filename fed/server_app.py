@@ -1,0 +1,499 @@
+"""Flower ServerApp: rounds of federated generator training, checkpointed and resumable.
+
+Phase 1 trains the autoencoder (FedAvg or FedProx over the sites' weights); then every site
+reports latent moments under the frozen autoencoder and the server pools them into one scale
+factor; phase 2 trains the diffusion UNet on latents (optionally under Flower's central DP
+wrapper), keeping the EMA of the aggregated weights here on the server.
+
+Each round uses Flower's strategy (node sampling, messages, aggregation, DP clipping and noise)
+and Flower's grid; this module adds what a long multi-site run needs around it: a wait for
+nodes with a timeout, a minimum number of replies, a checkpoint per round, resume from the
+last completed round (true round numbers, so DP accounting and logs continue), ``rounds.jsonl``
+with per-site losses, case counts, failures and bytes, and a stop after N rounds or a budget.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import (
+    DifferentialPrivacyServerSideFixedClipping,
+    FedAvg,
+    FedProx,
+    Strategy,
+)
+
+from synthct.artifacts import append_jsonl, read_json, sha256_bytes, write_json
+from synthct.checkpoint import Generator, build_generator, load_generator, save_generator
+from synthct.config import SynthctConfig, load_config, packaged_config_path
+from synthct.fed.errors import FederatedError
+from synthct.fed.task import (
+    PHASES,
+    config_to_json,
+    payload_digest,
+    pooled_scale_factor,
+    tensors_to_bytes,
+)
+from synthct.training import EMA
+
+__all__ = ["app", "FederatedJob", "FederatedError", "run_federated", "make_strategy"]
+
+logger = logging.getLogger(__name__)
+
+app = ServerApp()
+
+Progress = Callable[..., None]
+
+
+@dataclass
+class FederatedJob:
+    """Everything the server needs to drive one run."""
+
+    config: SynthctConfig
+    run_dir: Path
+    resume: bool = False
+    max_rounds: int | None = None  # stop (resumably) after this many rounds in this call
+    budget_min: float | None = None  # stop (resumably) after the round that crosses it
+    sim_manifest: str | None = None  # simulation only: the single-machine manifest
+    sim_threads: int | None = None  # simulation only: torch threads per site
+    keep_payloads: bool = False  # sites also keep a copy of every payload they send
+    initial: Path | None = None  # fine-tune this generator instead of starting from scratch
+    progress: Progress | None = None
+    stopped_early: bool = field(default=False, init=False)
+
+
+def make_strategy(config: SynthctConfig, phase: str, num_sites: int) -> Strategy:
+    """Flower strategy for a phase: FedAvg/FedProx weighted by cases, or uniform under DP."""
+    fed = config.federated
+    dp = phase == "diffusion" and fed.privacy.enabled
+    common: dict[str, Any] = {
+        "fraction_train": 1.0,
+        "fraction_evaluate": 0.0,
+        "min_train_nodes": fed.min_sites,
+        "min_available_nodes": fed.min_sites,
+        # DP accounting requires equal client weights (Flower checks it).
+        "weighted_by_key": "unit-weight" if dp else "num-examples",
+    }
+    if fed.strategy == "fedprox":
+        strategy: Strategy = FedProx(proximal_mu=fed.proximal_mu, **common)
+    else:
+        strategy = FedAvg(**common)
+    if not dp:
+        return strategy
+    from flwr.supercore.privacy_accounting import (
+        NeighboringRelation,
+        PrivacyConfig,
+        SamplingMethod,
+    )
+    from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
+
+    accountant = None
+    if fed.strategy == "fedavg":  # Flower's accountant supports plain FedAvg aggregation only
+        accountant = RdpAccountant(
+            PrivacyConfig(
+                target_delta=fed.privacy.target_delta,
+                population_size=num_sites,
+                neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+                sampling_method=SamplingMethod.NO_AMPLIFICATION,
+            )
+        )
+    return DifferentialPrivacyServerSideFixedClipping(
+        strategy,
+        noise_multiplier=fed.privacy.noise_multiplier,
+        clipping_norm=fed.privacy.clipping_norm,
+        num_sampled_clients=num_sites,
+        accountant=accountant,
+    )
+
+
+class _RunState:
+    """Where the run is: phase, last completed round, pooled scale factor, DP accountant."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = run_dir / "fed_state.json"
+        self.phase, self.round = PHASES[0], 0
+        self.scale_factor: float | None = None
+        self.accountant: dict[str, Any] | None = None
+
+    @property
+    def exists(self) -> bool:
+        return self.path.is_file()
+
+    def load(self) -> None:
+        data = read_json(self.path)
+        self.phase, self.round = data["phase"], int(data["round"])
+        self.scale_factor = data.get("scale_factor")
+        self.accountant = data.get("accountant")
+
+    def save(self) -> None:
+        write_json(
+            self.path,
+            {
+                "phase": self.phase,
+                "round": self.round,
+                "scale_factor": self.scale_factor,
+                "accountant": self.accountant,
+            },
+            kind="federated-state",
+        )
+
+
+def _wait_for_sites(grid: Grid, config: SynthctConfig) -> list[int]:
+    """Wait up to ``connect_timeout_s`` for every configured site, at least ``min_sites``."""
+    fed, wanted = config.federated, len(config.site_names)
+    deadline = time.monotonic() + fed.connect_timeout_s
+    while True:
+        nodes = list(grid.get_node_ids())
+        if len(nodes) >= wanted or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    if len(nodes) < fed.min_sites:
+        raise FederatedError(
+            f"only {len(nodes)} site(s) connected within {fed.connect_timeout_s:.0f} s; "
+            f"federated.min_sites = {fed.min_sites}"
+        )
+    if len(nodes) < wanted:
+        logger.warning("%d of %d sites connected; continuing", len(nodes), wanted)
+    return nodes
+
+
+def _site_name(config: SynthctConfig, reply: Message) -> str:
+    metrics = next(iter(reply.content.metric_records.values()))
+    return config.site_names[int(metrics["site-index"])]
+
+
+def _state_of(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu() for k, v in module.state_dict().items()}
+
+
+def _arrays_nbytes(arrays: ArrayRecord) -> int:
+    return sum(len(a.data) for a in arrays.values())
+
+
+def _truncate_rounds_log(path: Path, state: _RunState) -> None:
+    """On resume, drop log lines of rounds that were not committed (crash mid-round)."""
+    if not path.is_file():
+        return
+    import json
+
+    order = {name: i for i, name in enumerate(("autoencoder", "scale", "diffusion", "done"))}
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        rec = json.loads(line)
+        before = order[rec["phase"]] < order[state.phase]
+        if before or (rec["phase"] == state.phase and rec["round"] <= state.round):
+            kept.append(line)
+    path.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
+
+
+class _Driver:
+    """Runs the phases for one job on one grid."""
+
+    def __init__(self, grid: Grid, job: FederatedJob) -> None:
+        self.grid, self.job, self.config = grid, job, job.config
+        self.run_dir = job.run_dir
+        self.state = _RunState(self.run_dir)
+        self.rounds_log = self.run_dir / "rounds.jsonl"
+        self.executed = 0
+        self.started = time.monotonic()
+
+    # -- shared message settings --------------------------------------------------------
+    def _base_config(self, phase: str) -> ConfigRecord:
+        cfg = ConfigRecord({"synthct-config": config_to_json(self.config), "phase": phase})
+        if self.job.sim_manifest is not None:
+            cfg["sim-manifest"] = self.job.sim_manifest
+            cfg["sim-site-root"] = str(self.run_dir / "sites")
+        if self.job.sim_threads is not None:
+            cfg["sim-threads"] = self.job.sim_threads
+        if self.job.keep_payloads:
+            cfg["keep-payload"] = True
+        return cfg
+
+    def _with_frozen_autoencoder(self, cfg: ConfigRecord, gen: Generator) -> ConfigRecord:
+        data = tensors_to_bytes(_state_of(gen.autoencoder))
+        cfg["autoencoder-safetensors"] = data
+        cfg["autoencoder-sha256"] = sha256_bytes(data)
+        return cfg
+
+    # -- the run ------------------------------------------------------------------------
+    def run(self) -> Generator:
+        config, state = self.config, self.state
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.job.resume and state.exists:
+            state.load()
+            gen = load_generator(self.run_dir / "generator")
+            _truncate_rounds_log(self.rounds_log, state)
+            logger.info("resuming federated run at %s round %d", state.phase, state.round)
+        else:
+            if state.exists:
+                raise FederatedError(
+                    f"{self.run_dir} already holds a federated run; pass resume or a new directory"
+                )
+            if self.job.initial is not None:
+                gen = load_generator(self.job.initial)
+                _check_same_networks(gen.config, config, self.job.initial)
+                gen.config = config  # the run's schedule, same networks
+                if config.federated.ae_rounds == 0:  # frozen autoencoder: keep its scale factor
+                    state.scale_factor = gen.scale_factor
+            else:
+                gen = build_generator(config, seed=config.seed)
+        if state.phase == "autoencoder":
+            if not self._rounds(gen, "autoencoder", config.federated.ae_rounds):
+                return gen
+            state.phase, state.round = "diffusion", 0
+            if config.federated.ae_rounds > 0:
+                state.scale_factor = None  # the autoencoder changed: pool a new scale factor
+            self._commit(gen)
+        if state.phase == "diffusion":
+            if state.scale_factor is None:
+                gen.scale_factor = state.scale_factor = self._pool_scale_factor(gen)
+                self._commit(gen)
+            gen.scale_factor = state.scale_factor
+            if not self._rounds(gen, "diffusion", config.federated.diffusion_rounds):
+                return gen
+            state.phase, state.round = "done", 0
+            self._commit(gen)
+        return gen
+
+    def _commit(self, gen: Generator) -> None:
+        """Checkpoint then state: the state file is the commit point of a round."""
+        save_generator(
+            gen,
+            self.run_dir / "generator",
+            extra={
+                "trained": {"federated": True, "phase": self.state.phase, "round": self.state.round}
+            },
+        )
+        self.state.save()
+
+    def _should_stop(self) -> bool:
+        job = self.job
+        if job.max_rounds is not None and self.executed >= job.max_rounds:
+            return True
+        return bool(job.budget_min and time.monotonic() - self.started > job.budget_min * 60)
+
+    def _rounds(self, gen: Generator, phase: str, total: int) -> bool:
+        """Run the phase's remaining rounds; False if stopped early (resumable)."""
+        config, state = self.config, self.state
+        model = gen.autoencoder if phase == "autoencoder" else gen.unet
+        strategy = make_strategy(config, phase, len(config.site_names))
+        accountant = getattr(strategy, "accountant", None)
+        if accountant is not None and state.accountant:
+            accountant.load_state_dict(state.accountant)
+        ema = None
+        if phase == "diffusion":
+            steps = config.federated.local_steps_diffusion
+            ema = EMA(gen.unet, config.diffusion.ema_decay**steps, target=gen.ema)
+        for server_round in range(state.round + 1, total + 1):
+            if self._should_stop():
+                self.job.stopped_early = True
+                logger.info("stopping after %d round(s); resume to continue", self.executed)
+                return False
+            record = self._one_round(gen, model, strategy, phase, server_round)
+            if record["aggregated"] and ema is not None:
+                ema.update(gen.unet)
+            if accountant is not None:
+                state.accountant = accountant.state_dict()
+                spent = accountant.get_privacy_spent()
+                record["dp"] = {
+                    "epsilon": spent.epsilon,
+                    "delta": spent.delta,
+                    "releases": spent.num_releases,
+                    "noise_multiplier": config.federated.privacy.noise_multiplier,
+                    "clipping_norm": config.federated.privacy.clipping_norm,
+                }
+            elif phase == "diffusion" and config.federated.privacy.enabled:
+                record["dp"] = {
+                    "epsilon": None,
+                    "noise_multiplier": config.federated.privacy.noise_multiplier,
+                    "clipping_norm": config.federated.privacy.clipping_norm,
+                }
+            state.round = server_round
+            save_generator(
+                gen,
+                self.run_dir / "generator",
+                extra={"trained": {"federated": True, "phase": phase, "round": server_round}},
+            )
+            append_jsonl(self.rounds_log, record)
+            state.save()
+            self.executed += 1
+            if self.job.progress:
+                self.job.progress(phase, server_round, total, loss=record.get("loss"))
+        return True
+
+    def _one_round(
+        self,
+        gen: Generator,
+        model: torch.nn.Module,
+        strategy: Strategy,
+        phase: str,
+        server_round: int,
+    ) -> dict[str, Any]:
+        config, fed = self.config, self.config.federated
+        t0 = time.perf_counter()
+        _wait_for_sites(self.grid, config)
+        cfg = self._base_config(phase)
+        cfg["local-steps"] = (
+            fed.local_steps_ae if phase == "autoencoder" else fed.local_steps_diffusion
+        )
+        if phase == "diffusion":
+            cfg = self._with_frozen_autoencoder(cfg, gen)
+            cfg["scale-factor"] = float(gen.scale_factor)
+        arrays = ArrayRecord(_state_of(model))
+        messages = list(strategy.configure_train(server_round, arrays, cfg, self.grid))
+        down_bytes = sum(
+            _arrays_nbytes(m.content["arrays"])
+            + sum(len(v) for v in m.content["config"].values() if isinstance(v, bytes))
+            for m in messages
+        )
+        replies = list(self.grid.send_and_receive(messages, timeout=fed.round_timeout_s))
+        ok = [r for r in replies if not r.has_error()]
+        ok.sort(key=lambda r: _site_name(config, r))  # aggregation order fixed -> reproducible
+        failures = [
+            {"node": r.metadata.src_node_id, "reason": r.error.reason}
+            for r in replies
+            if r.has_error()
+        ]
+        timed_out = len(messages) - len(replies)
+        for f in failures:
+            logger.warning("%s round %d: a site failed: %s", phase, server_round, f["reason"])
+        if timed_out:
+            logger.warning(
+                "%s round %d: %d site(s) did not reply within %.0f s",
+                phase,
+                server_round,
+                timed_out,
+                fed.round_timeout_s,
+            )
+        aggregated = None
+        if len(ok) >= fed.min_sites:
+            aggregated, _ = strategy.aggregate_train(server_round, [*ok, *_errors(replies)])
+        else:
+            logger.warning(
+                "%s round %d: %d replies < federated.min_sites = %d; round skipped",
+                phase,
+                server_round,
+                len(ok),
+                fed.min_sites,
+            )
+            strategy.aggregate_train(server_round, _errors(replies))  # releases DP bookkeeping
+        if aggregated is not None:
+            model.load_state_dict(aggregated.to_torch_state_dict(), strict=True)
+        sites = []
+        for r in ok:
+            metrics = next(iter(r.content.metric_records.values()))
+            up_bytes, up_sha = payload_digest(r.content["arrays"].to_torch_state_dict())
+            loss = float(metrics["loss"])
+            sites.append(
+                {
+                    "site": _site_name(config, r),
+                    "loss": loss if math.isfinite(loss) else None,  # None: no local steps
+                    "cases": int(metrics["num-examples"]),
+                    "steps": int(metrics["steps"]),
+                    "bytes_up": up_bytes,
+                    "sha256_up": up_sha,
+                }
+            )
+        scored = [s for s in sites if s["loss"] is not None]
+        total_cases = sum(s["cases"] for s in scored)
+        return {
+            "phase": phase,
+            "round": server_round,
+            "wall_s": round(time.perf_counter() - t0, 3),
+            "replies": len(ok),
+            "sent": len(messages),
+            "failures": failures,
+            "timed_out": timed_out,
+            "aggregated": aggregated is not None,
+            "loss": (
+                sum(s["loss"] * s["cases"] for s in scored) / total_cases if total_cases else None
+            ),
+            "sites": sites,
+            "bytes_down": down_bytes,
+            "bytes_up": sum(s["bytes_up"] for s in sites),
+        }
+
+    def _pool_scale_factor(self, gen: Generator) -> float:
+        """1/std of all sites' latents, pooled exactly from per-site count, sum, sum of squares."""
+        config = self.config
+        nodes = _wait_for_sites(self.grid, config)
+        cfg = self._with_frozen_autoencoder(self._base_config("scale"), gen)
+        messages = [
+            Message(
+                content=RecordDict({"config": cfg}),
+                message_type=MessageType.QUERY,
+                dst_node_id=node,
+            )
+            for node in nodes
+        ]
+        replies = list(
+            self.grid.send_and_receive(messages, timeout=config.federated.round_timeout_s)
+        )
+        ok = [r for r in replies if not r.has_error()]
+        if len(ok) < config.federated.min_sites:
+            reasons = [r.error.reason for r in replies if r.has_error()]
+            raise FederatedError(
+                f"scale factor: {len(ok)} site(s) replied, need {config.federated.min_sites}; "
+                f"errors: {reasons}"
+            )
+        moments, per_site = [], {}
+        for r in ok:
+            m = next(iter(r.content.metric_records.values()))
+            moments.append({k: float(m[k]) for k in ("count", "sum", "sumsq")})
+            per_site[_site_name(config, r)] = int(m["num-examples"])
+        scale = pooled_scale_factor(moments)
+        append_jsonl(
+            self.rounds_log,
+            {"phase": "scale", "round": 0, "scale_factor": scale, "cases": per_site},
+        )
+        logger.info("pooled latent scale factor %.4f from %d sites", scale, len(ok))
+        return scale
+
+
+def _check_same_networks(saved: SynthctConfig, run: SynthctConfig, where: Path) -> None:
+    for section in ("labels", "autoencoder", "unet", "diffusion"):
+        if getattr(saved, section) != getattr(run, section):
+            raise FederatedError(
+                f"{where}: the generator's {section!r} section differs from the run config's; "
+                "fine-tuning needs the same networks, vocabulary and noise schedule"
+            )
+    if saved.data.shape != run.data.shape:
+        raise FederatedError(f"{where}: generator shape {saved.data.shape} != {run.data.shape}")
+
+
+def _errors(replies: list[Message]) -> list[Message]:
+    return [r for r in replies if r.has_error()]
+
+
+def run_federated(grid: Grid, job: FederatedJob) -> Generator:
+    """Drive a whole federated run on ``grid`` (simulation or deployment)."""
+    return _Driver(grid, job).run()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Deployment entry (``flwr run``): settings come from the run config.
+
+    ``config`` (a path on the server machine, or a packaged name such as ``demo``), ``out``
+    (run directory on the server machine), ``resume`` (bool), ``max-rounds`` (int, 0 = all).
+    """
+    rc = context.run_config
+    name = str(rc.get("config", "demo"))
+    path = Path(name) if Path(name).suffix in (".yaml", ".yml") else packaged_config_path(name)
+    max_rounds = int(rc.get("max-rounds", 0)) or None
+    job = FederatedJob(
+        config=load_config(path),
+        run_dir=Path(str(rc.get("out", "runs/federated"))),
+        resume=bool(rc.get("resume", False)),
+        max_rounds=max_rounds,
+    )
+    run_federated(grid, job)

@@ -1,0 +1,123 @@
+"""Run a federated training on one machine with Flower's simulation engine (Ray).
+
+Every configured site becomes a virtual SuperNode (``partition-id`` = its index in
+``data.sites``) running the same ClientApp a real hospital would run; the ServerApp drives the
+rounds in a thread of this process. Ray's temp dir lives under the run directory (or a short
+path when the run path is too long for Ray's sockets), telemetry and update checks are off,
+and Ray is shut down before returning, so no process is left behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from synthct.checkpoint import Generator
+from synthct.config import SynthctConfig
+
+__all__ = ["train_federated", "quiet_flower_environment"]
+
+logger = logging.getLogger(__name__)
+
+# Ray puts unix sockets under its temp dir; their paths must stay below 108 bytes.
+_RAY_SOCKET_HEADROOM = 60
+
+
+def quiet_flower_environment() -> None:
+    """No telemetry, no update checks, no Ray usage stats: this process never phones home."""
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+def _ray_temp_dir(run_dir: Path) -> tuple[Path, bool]:
+    """``RUN/ray`` if short enough for Ray's socket paths, else a short temp dir (removed)."""
+    preferred = run_dir / "ray"
+    if len(str(preferred)) + _RAY_SOCKET_HEADROOM < 108:
+        preferred.mkdir(parents=True, exist_ok=True)
+        return preferred, False
+    short = Path(tempfile.mkdtemp(prefix="synthct-ray-"))
+    logger.info("run path too long for Ray sockets; Ray temp dir is %s", short)
+    return short, True
+
+
+def train_federated(
+    config: SynthctConfig,
+    manifest: str | Path,
+    run: str | Path,
+    *,
+    resume: bool = False,
+    max_rounds: int | None = None,
+    budget_min: float | None = None,
+    keep_payloads: bool = False,
+    initial: str | Path | None = None,
+    progress: Callable[..., None] | None = None,
+) -> Generator:
+    """Federated generator training over the config's sites in Flower's simulation."""
+    quiet_flower_environment()
+    import ray
+    from flwr.serverapp import Grid, ServerApp
+    from flwr.simulation import run_simulation
+
+    from synthct.fed.client_app import app as client_app
+    from synthct.fed.server_app import FederatedJob, run_federated
+
+    flwr_logger = logging.getLogger("flwr")
+    if flwr_logger.level < logging.WARNING and not logger.isEnabledFor(logging.DEBUG):
+        flwr_logger.setLevel(logging.WARNING)  # per-round INFO chatter; rounds.jsonl has it all
+    run_dir = Path(run).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    job = FederatedJob(
+        config=config,
+        run_dir=run_dir,
+        resume=resume,
+        max_rounds=max_rounds,
+        budget_min=budget_min,
+        sim_manifest=str(Path(manifest).resolve()),
+        sim_threads=config.federated.client_cpus,
+        keep_payloads=keep_payloads,
+        initial=Path(initial) if initial is not None else None,
+        progress=progress,
+    )
+    result: dict[str, Generator] = {}
+    server_app = ServerApp()
+
+    @server_app.main()
+    def _main(grid: Grid, context) -> None:  # noqa: ANN001 - Flower's Context
+        result["generator"] = run_federated(grid, job)
+
+    cpus = os.cpu_count() or 1
+    ray_dir, remove_ray_dir = _ray_temp_dir(run_dir)
+    backend_config = {
+        "client_resources": {"num_cpus": min(config.federated.client_cpus, cpus), "num_gpus": 0.0},
+        "init_args": {
+            "num_cpus": cpus,
+            "_temp_dir": str(ray_dir),
+            "include_dashboard": False,
+            "logging_level": "ERROR",
+            "log_to_driver": False,
+        },
+    }
+    saved_path = list(sys.path)  # Flower puts its app dir (the cwd) on sys.path; undo that
+    try:
+        run_simulation(
+            server_app=server_app,
+            client_app=client_app,
+            num_supernodes=len(config.site_names),
+            backend_config=backend_config,
+        )
+    finally:
+        sys.path[:] = saved_path
+        if ray.is_initialized():
+            ray.shutdown()
+        if remove_ray_dir:
+            shutil.rmtree(ray_dir, ignore_errors=True)
+    if "generator" not in result:
+        raise RuntimeError("federated simulation ended without a result (see the log above)")
+    return result["generator"]

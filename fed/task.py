@@ -1,0 +1,303 @@
+"""What one site does in a federated round, with no Flower in sight.
+
+A site opens only its own ``train`` cases (rows of other sites in the manifest are never read),
+runs synthct's training steps on the weights it was sent, and reports what it trained on. The
+Flower apps (``client_app``/``server_app``) only move these tensors and numbers around.
+Everything that leaves a site is written to its audit log first.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import save as save_safetensors_bytes
+from torch import nn
+
+from synthct.artifacts import append_jsonl, atomic_write_bytes, sha256_bytes
+from synthct.config import SynthctConfig, config_from_dict
+from synthct.data.dataset import CaseSet, load_cases
+from synthct.fed.errors import SiteError
+from synthct.models.autoencoder import build_autoencoder
+from synthct.models.schedulers import training_scheduler
+from synthct.models.unet import build_unet
+from synthct.training import (
+    BalancedSampler,
+    autoencoder_step,
+    diffusion_step,
+    encode_latents,
+    proximal_term,
+)
+
+__all__ = [
+    "PHASES",
+    "SiteError",
+    "RoundResult",
+    "config_to_json",
+    "config_from_json",
+    "tensors_to_bytes",
+    "tensors_from_bytes",
+    "payload_digest",
+    "load_site_cases",
+    "round_seed",
+    "build_phase_model",
+    "train_autoencoder_round",
+    "train_diffusion_round",
+    "site_latents",
+    "latent_moments",
+    "pooled_scale_factor",
+    "write_audit",
+]
+
+logger = logging.getLogger(__name__)
+
+PHASES = ("autoencoder", "diffusion")
+
+
+@dataclass
+class RoundResult:
+    """What a site sends back after local training."""
+
+    state: dict[str, torch.Tensor]
+    cases: int
+    loss: float
+    steps: int
+
+
+def config_to_json(config: SynthctConfig) -> str:
+    return json.dumps(config.model_dump(mode="json"), sort_keys=True)
+
+
+def config_from_json(text: str) -> SynthctConfig:
+    return config_from_dict(json.loads(text), source="<federated run config>")
+
+
+def tensors_to_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
+    """safetensors bytes (never pickle) for tensors that travel inside a config record."""
+    return save_safetensors_bytes({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
+
+
+def tensors_from_bytes(data: bytes, *, sha256: str, what: str) -> dict[str, torch.Tensor]:
+    if sha256_bytes(data) != sha256:
+        raise SiteError(f"{what}: sha256 mismatch, refusing the payload")
+    return load_safetensors_bytes(data)
+
+
+def payload_digest(tensors: dict[str, torch.Tensor]) -> tuple[int, str]:
+    """(bytes, sha256) over tensor names, dtypes, shapes and raw data, in name order."""
+    h = hashlib.sha256()
+    size = 0
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        raw = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(raw)
+        size += len(raw)
+    return size, h.hexdigest()
+
+
+_CASE_CACHE: dict[tuple[str, str, float, str], CaseSet] = {}
+
+
+def load_site_cases(config: SynthctConfig, manifest: str | Path, site: str) -> CaseSet:
+    """This site's ``train`` cases only; cached per process while the manifest is unchanged."""
+    if site not in config.site_names:
+        raise SiteError(f"site {site!r} is not in the run's config (sites: {config.site_names})")
+    manifest = Path(manifest)
+    if not manifest.is_file():
+        raise SiteError(f"site {site!r}: manifest {manifest} not found")
+    key = (str(manifest.resolve()), site, manifest.stat().st_mtime, config.labels.vocabulary_hash)
+    if key not in _CASE_CACHE:
+        cases = load_cases(manifest, config, splits=("train",), sites=(site,))
+        if len(cases) == 0:
+            raise SiteError(f"site {site!r}: no train cases in {manifest}")
+        _CASE_CACHE.clear()  # one site per process in practice; keep memory bounded
+        _CASE_CACHE[key] = cases
+    return _CASE_CACHE[key]
+
+
+def round_seed(seed: int, phase: str, server_round: int, site: str) -> int:
+    """Deterministic per (run seed, phase, round, site): resumed runs redo the same draws."""
+    digest = hashlib.sha256(f"{seed}|{phase}|{server_round}|{site}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def build_phase_model(config: SynthctConfig, phase: str) -> nn.Module:
+    """The network a phase trains: the autoencoder, or the diffusion UNet."""
+    if phase == "autoencoder":
+        return build_autoencoder(config.autoencoder)
+    if phase == "diffusion":
+        return build_unet(
+            config.unet,
+            latent_channels=config.autoencoder.latent_channels,
+            num_classes=config.labels.num_classes,
+        )
+    raise SiteError(f"unknown phase {phase!r} (expected one of {PHASES})")
+
+
+def _load_weights(model: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise SiteError(
+            f"{what}: received weights do not fit the configured model ({exc})"
+        ) from None
+
+
+def _prox(model: nn.Module, mu: float):
+    if mu <= 0:
+        return None
+    return proximal_term(model, [p.detach().clone() for p in model.parameters()], mu)
+
+
+def train_autoencoder_round(
+    config: SynthctConfig,
+    weights: dict[str, torch.Tensor],
+    cases: CaseSet,
+    *,
+    steps: int,
+    seed: int,
+    proximal_mu: float = 0.0,
+    device: torch.device | str = "cpu",
+) -> RoundResult:
+    """``steps`` autoencoder steps from the global weights on this site's cases."""
+    ae = build_phase_model(config, "autoencoder")
+    _load_weights(ae, weights, "autoencoder")
+    ae.to(device)
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # the KL sampling noise inside AutoencoderKL
+    sampler = BalancedSampler(cases.labels, balanced=config.train.balanced, generator=generator)
+    optimizer = torch.optim.AdamW(ae.parameters(), lr=config.train.ae_lr)
+    extra = _prox(ae, proximal_mu)
+    losses = []
+    for _ in range(steps):
+        idx = sampler(config.train.batch_size)
+        parts = autoencoder_step(
+            ae, optimizer, cases.images[idx].to(device), config.autoencoder, extra_loss=extra
+        )
+        losses.append(parts["loss"])
+    return RoundResult(
+        state={k: v.detach().cpu() for k, v in ae.state_dict().items()},
+        cases=len(cases),
+        loss=float(sum(losses) / len(losses)) if losses else float("nan"),
+        steps=steps,
+    )
+
+
+_LATENT_CACHE: dict[tuple[str, str], torch.Tensor] = {}
+
+
+def site_latents(
+    config: SynthctConfig,
+    autoencoder_weights: dict[str, torch.Tensor],
+    autoencoder_sha256: str,
+    cases: CaseSet,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """Unscaled posterior-mean latents of this site's cases under the frozen autoencoder."""
+    key = (autoencoder_sha256, "|".join(cases.paths[:1]) + str(len(cases)))
+    if key not in _LATENT_CACHE:
+        ae = build_phase_model(config, "autoencoder")
+        _load_weights(ae, autoencoder_weights, "autoencoder")
+        _LATENT_CACHE.clear()
+        _LATENT_CACHE[key] = encode_latents(ae.to(device), cases.images.to(device)).cpu()
+    return _LATENT_CACHE[key]
+
+
+def latent_moments(latents: torch.Tensor) -> dict[str, float]:
+    """Count, sum and sum of squares: the server pools them into one exact std."""
+    z = latents.double()
+    return {"count": float(z.numel()), "sum": float(z.sum()), "sumsq": float((z * z).sum())}
+
+
+def pooled_scale_factor(moments: list[dict[str, float]]) -> float:
+    """``1 / std`` of all sites' latents together, exactly, from their moments."""
+    count = sum(m["count"] for m in moments)
+    if count < 2:
+        raise SiteError("scale factor: fewer than two latent values reported")
+    mean = sum(m["sum"] for m in moments) / count
+    var = (sum(m["sumsq"] for m in moments) / count - mean * mean) * count / (count - 1)
+    return float(1.0 / max(max(var, 0.0) ** 0.5, 1e-6))
+
+
+def train_diffusion_round(
+    config: SynthctConfig,
+    weights: dict[str, torch.Tensor],
+    latents: torch.Tensor,
+    cases: CaseSet,
+    *,
+    scale_factor: float,
+    steps: int,
+    seed: int,
+    proximal_mu: float = 0.0,
+    device: torch.device | str = "cpu",
+) -> RoundResult:
+    """``steps`` latent-diffusion steps from the global UNet on this site's scaled latents."""
+    unet = build_phase_model(config, "diffusion")
+    _load_weights(unet, weights, "unet")
+    unet.to(device)
+    generator = torch.Generator().manual_seed(seed)
+    sampler = BalancedSampler(cases.labels, balanced=config.train.balanced, generator=generator)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=config.train.diffusion_lr)
+    scheduler = training_scheduler(config.diffusion)
+    z0 = (latents * scale_factor).to(device)
+    extra = _prox(unet, proximal_mu)
+    losses = []
+    for _ in range(steps):
+        idx = sampler(config.train.batch_size)
+        parts = diffusion_step(
+            unet,
+            optimizer,
+            z0[idx],
+            cases.labels[idx].to(device),
+            scheduler,
+            config.diffusion,
+            null_class=config.labels.num_classes,
+            generator=generator,
+            extra_loss=extra,
+        )
+        losses.append(parts["loss"])
+    return RoundResult(
+        state={k: v.detach().cpu() for k, v in unet.state_dict().items()},
+        cases=len(cases),
+        loss=float(sum(losses) / len(losses)) if losses else float("nan"),
+        steps=steps,
+    )
+
+
+def write_audit(
+    audit_dir: Path,
+    *,
+    site: str,
+    phase: str,
+    server_round: int,
+    tensors: dict[str, torch.Tensor],
+    metrics: dict[str, Any],
+    keep_payload: bool = False,
+) -> dict[str, Any]:
+    """Record exactly what leaves the site (before it is sent). Returns the record."""
+    size, digest = payload_digest(tensors)
+    record = {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "site": site,
+        "phase": phase,
+        "round": server_round,
+        "tensors": len(tensors),
+        "tensor_names_sha256": sha256_bytes("\n".join(sorted(tensors)).encode()),
+        "bytes": size,
+        "sha256": digest,
+        "metrics": metrics,
+    }
+    if keep_payload:
+        name = f"{phase}-round{server_round:04d}.safetensors"
+        atomic_write_bytes(audit_dir / "payloads" / name, tensors_to_bytes(tensors))
+        record["payload_file"] = f"payloads/{name}"
+    append_jsonl(audit_dir / "audit.jsonl", record)
+    return record

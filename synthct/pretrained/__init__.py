@@ -1,0 +1,34 @@
+"""The shipped phantom generator: trained federatedly by synthct itself on the demo sites.
+
+``phantom/generator`` is a sampling-only generator checkpoint (autoencoder + EMA UNet,
+safetensors, hash-checked), ``phantom/reference`` the real-only reference classifier/encoder,
+``phantom/TRAINING.md`` the exact command and ``phantom/rounds.jsonl`` the training log. Nothing
+is downloaded at run time: the files are package data.
+"""
+
+from __future__ import annotations
+
+from importlib.resources import files
+from pathlib import Path
+
+import torch
+
+from synthct.checkpoint import CheckpointError, Generator, load_generator
+
+__all__ = ["phantom_dir", "load_phantom_generator"]
+
+
+def phantom_dir() -> Path:
+    """Folder of the shipped phantom generator and its reference models."""
+    return Path(str(files("synthct.pretrained") / "phantom"))
+
+
+def load_phantom_generator(device: torch.device | str = "cpu") -> Generator:
+    """The shipped generator (hash-checked); a clear error if this install lacks it."""
+    path = phantom_dir() / "generator"
+    if not (path / "config.json").is_file():
+        raise CheckpointError(
+            f"{path}: the pretrained phantom generator is not part of this install; "
+            "train one with `synthct train` or use `synthct demo --from-scratch`"
+        )
+    return load_generator(path, device)

@@ -1,0 +1,215 @@
+"""A real Flower deployment on loopback: one SuperLink and one SuperNode per site, each a
+separate process, TLS on every connection and SuperNode authentication (only registered site
+keys may connect). Each site sees only its own manifest. ``flwr run`` ships the code-free app
+directory; the run must complete with every site's result in every round.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from synthct.checkpoint import load_generator
+from synthct.config import packaged_config_path
+from synthct.fed.deployment import write_flower_app, write_supernode_keys, write_tls_certificates
+
+pytestmark = pytest.mark.slow
+
+SITES = ("site_a", "site_b", "site_c")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(home: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        {
+            "HOME": str(home),
+            "FLWR_HOME": str(home / ".flwr"),
+            "FLWR_TELEMETRY_ENABLED": "0",
+            "FLWR_DISABLE_UPDATE_CHECK": "1",
+            # flwr-serverapp / flwr-clientapp and synthct come from this venv
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+        }
+    )
+    return env
+
+
+def _site_manifest(pooled: Path, site: str, out: Path) -> Path:
+    """What a hospital holds: its own rows only, absolute paths."""
+    with open(pooled, newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["site"] == site]
+    for r in rows:
+        r["path"] = str((pooled.parent / r["path"]).resolve())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return out
+
+
+class _Processes:
+    def __init__(self, logs: Path) -> None:
+        self.logs, self.procs = logs, []
+        logs.mkdir(parents=True, exist_ok=True)
+
+    def start(self, name: str, cmd: list[str], env: dict[str, str]) -> subprocess.Popen:
+        log = open(self.logs / f"{name}.log", "w")  # noqa: SIM115 - closed with the process
+        proc = subprocess.Popen(
+            cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        self.procs.append((proc, log))
+        return proc
+
+    def stop(self) -> None:
+        for proc, _ in self.procs:
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + 15
+        for proc, log in self.procs:
+            try:
+                proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=5)
+            log.close()
+        for proc, _ in self.procs:  # descendants (flwr-clientapp, superexec) too
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def tail(self) -> str:
+        return "\n".join(
+            f"--- {p.name}\n" + p.read_text()[-3000:] for p in sorted(self.logs.glob("*.log"))
+        )
+
+
+def _wait_port(port: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.3)
+    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout} s")
+
+
+def test_superlink_and_supernodes_with_tls_and_node_auth(tmp_path, smoke_sites):
+    home = tmp_path / "home"
+    (home / ".flwr").mkdir(parents=True)
+    env = _env(home)
+    certs = write_tls_certificates(tmp_path / "certs", ["127.0.0.1", "localhost"])
+    superlink_port = _free_port()
+    (home / ".flwr" / "config.toml").write_text(
+        "[superlink]\n"
+        'default = "local"\n\n'
+        "[superlink.local]\n"
+        f'address = "127.0.0.1:{superlink_port}"\n'
+        f'root-certificates = "{certs["ca.crt"]}"\n'
+    )
+    config = yaml.safe_load(packaged_config_path("smoke").read_text())
+    config["federated"].update(
+        {"ae_rounds": 1, "diffusion_rounds": 1, "connect_timeout_s": 120, "round_timeout_s": 240}
+    )
+    config_path = tmp_path / "fed.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    run_dir = tmp_path / "run"
+    app_dir = tmp_path / "app"
+    write_flower_app(app_dir, config=str(config_path), out=str(run_dir))
+
+    procs = _Processes(tmp_path / "logs")
+    try:
+        procs.start(
+            "superlink",
+            [
+                "flower-superlink",
+                "--ssl-ca-certfile", str(certs["ca.crt"]),
+                "--ssl-certfile", str(certs["server.pem"]),
+                "--ssl-keyfile", str(certs["server.key"]),
+                "--host", "127.0.0.1",
+                "--port", str(superlink_port),
+                "--enable-supernode-auth",
+                "--disable-runtime-dependency-installation",
+            ],
+            env,
+        )  # fmt: skip
+        _wait_port(superlink_port)
+        for site in SITES:
+            private, public = write_supernode_keys(tmp_path / "keys", site)
+            reg = subprocess.run(
+                ["flwr", "supernode", "register", str(public), "local"],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=120,
+                cwd=tmp_path,
+            )
+            assert reg.returncode == 0, reg.stdout + reg.stderr
+            manifest = _site_manifest(smoke_sites, site, tmp_path / site / "manifest.csv")
+            node_config = (
+                f"site='{site}' manifest='{manifest}' audit-dir='{tmp_path / site / 'audit'}'"
+            )
+            procs.start(
+                site,
+                [
+                    "flower-supernode",
+                    "--root-certificates", str(certs["ca.crt"]),
+                    "--superlink", f"127.0.0.1:{superlink_port}",
+                    "--host", "127.0.0.1",
+                    "--port", str(_free_port()),
+                    "--auth-supernode-private-key", str(private),
+                    "--node-config", node_config,
+                ],
+                env,
+            )  # fmt: skip
+        result = subprocess.run(
+            ["flwr", "run", str(app_dir), "local", "--stream"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+            cwd=tmp_path,
+        )
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        deadline = time.monotonic() + 600
+        state = run_dir / "fed_state.json"
+        while time.monotonic() < deadline:
+            if state.is_file() and json.loads(state.read_text())["phase"] == "done":
+                break
+            time.sleep(2)
+        else:
+            pytest.fail("federated run did not finish\n" + procs.tail())
+    finally:
+        procs.stop()
+
+    rounds = [json.loads(x) for x in (run_dir / "rounds.jsonl").read_text().splitlines()]
+    train_rounds = [r for r in rounds if r["phase"] != "scale"]
+    assert [(r["phase"], r["round"]) for r in train_rounds] == [
+        ("autoencoder", 1),
+        ("diffusion", 1),
+    ]
+    for r in train_rounds:
+        assert r["replies"] == r["sent"] == 3 and r["failures"] == [], r
+        assert {s["site"] for s in r["sites"]} == set(SITES)
+    for site in SITES:  # each site's own audit log, in its own folder
+        audit = (tmp_path / site / "audit" / "audit.jsonl").read_text().splitlines()
+        assert len(audit) == 3  # autoencoder round, scale moments, diffusion round
+    assert load_generator(run_dir / "generator").scale_factor > 0

@@ -1,0 +1,225 @@
+"""Federated training through Flower's simulation engine (Ray), on the smoke sites.
+
+The engine really runs: every site is a virtual SuperNode executing the ClientApp. What the
+server aggregates is checked against what the sites' audit logs say they sent.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from collections import Counter
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from synthct.checkpoint import build_generator, load_generator
+from synthct.data.dataset import load_cases
+from synthct.fed.simulation import train_federated
+from synthct.training import encode_latents
+
+pytestmark = pytest.mark.slow
+
+
+def _rounds(run) -> list[dict]:
+    return [json.loads(x) for x in (run / "rounds.jsonl").read_text().splitlines()]
+
+
+def _audit(run, site) -> list[dict]:
+    return [json.loads(x) for x in (run / "sites" / site / "audit.jsonl").read_text().splitlines()]
+
+
+def _payload(run, site, phase, rnd) -> dict[str, torch.Tensor]:
+    return load_file(run / "sites" / site / "payloads" / f"{phase}-round{rnd:04d}.safetensors")
+
+
+def _weighted_mean(run, record) -> dict[str, torch.Tensor]:
+    total = sum(s["cases"] for s in record["sites"])
+    out: dict[str, torch.Tensor] = {}
+    for s in record["sites"]:
+        payload = _payload(run, s["site"], record["phase"], record["round"])
+        for k, v in payload.items():
+            out[k] = out.get(k, 0) + v.double() * (s["cases"] / total)
+    return out
+
+
+def _train_counts(manifest) -> Counter:
+    with open(manifest, newline="") as f:
+        return Counter(r["site"] for r in csv.DictReader(f) if r["split"] == "train")
+
+
+@pytest.fixture(scope="module")
+def fed_run(tmp_path_factory, smoke_config, smoke_sites):
+    run = tmp_path_factory.mktemp("fed") / "run"
+    gen = train_federated(smoke_config, smoke_sites, run, keep_payloads=True)
+    return run, gen
+
+
+def test_rounds_are_logged_with_sites_bytes_and_audit(fed_run, smoke_config, smoke_sites):
+    run, _ = fed_run
+    rounds = _rounds(run)
+    assert [(r["phase"], r["round"]) for r in rounds] == [
+        ("autoencoder", 1),
+        ("autoencoder", 2),
+        ("scale", 0),
+        ("diffusion", 1),
+        ("diffusion", 2),
+    ]
+    counts = _train_counts(smoke_sites)
+    for r in rounds:
+        if r["phase"] == "scale":
+            assert r["cases"] == dict(counts) and r["scale_factor"] > 0
+            continue
+        assert r["replies"] == r["sent"] == 3 and r["failures"] == [] and r["aggregated"]
+        assert {s["site"]: s["cases"] for s in r["sites"]} == dict(counts)
+        assert r["bytes_up"] == sum(s["bytes_up"] for s in r["sites"]) > 0
+        assert r["bytes_down"] >= r["bytes_up"]  # the diffusion phase also ships the frozen AE
+        for s in r["sites"]:
+            sent = [
+                a
+                for a in _audit(run, s["site"])
+                if (a["phase"], a["round"]) == (r["phase"], r["round"])
+            ]
+            assert len(sent) == 1 and sent[0]["sha256"] == s["sha256_up"]
+            assert sent[0]["bytes"] == s["bytes_up"]
+
+
+def test_aggregate_is_the_case_weighted_mean(fed_run):
+    run, gen = fed_run
+    by_key = {(r["phase"], r["round"]): r for r in _rounds(run)}
+    expected_ae = _weighted_mean(run, by_key[("autoencoder", 2)])
+    for k, v in gen.autoencoder.state_dict().items():
+        assert torch.allclose(v.double(), expected_ae[k], atol=1e-6), k
+    expected_unet = _weighted_mean(run, by_key[("diffusion", 2)])
+    for k, v in gen.unet.state_dict().items():
+        assert torch.allclose(v.double(), expected_unet[k], atol=1e-6), k
+
+
+def test_server_ema_and_pooled_scale_factor(fed_run, smoke_config, smoke_sites):
+    run, gen = fed_run
+    by_key = {(r["phase"], r["round"]): r for r in _rounds(run)}
+    d = smoke_config.diffusion.ema_decay**smoke_config.federated.local_steps_diffusion
+    init = build_generator(smoke_config, seed=smoke_config.seed).unet.state_dict()
+    w1 = _weighted_mean(run, by_key[("diffusion", 1)])
+    w2 = _weighted_mean(run, by_key[("diffusion", 2)])
+    for k, v in gen.ema.state_dict().items():
+        if not v.is_floating_point():
+            continue
+        expected = d * (d * init[k].double() + (1 - d) * w1[k]) + (1 - d) * w2[k]
+        assert torch.allclose(v.double(), expected, atol=1e-5), k
+    # the scale factor pooled from site moments equals the one computed on pooled latents
+    train = load_cases(smoke_sites, smoke_config, splits=("train",))
+    z = encode_latents(gen.autoencoder, train.images)
+    assert gen.scale_factor == pytest.approx(1.0 / float(z.double().std()), rel=1e-4)
+    saved = load_generator(run / "generator")
+    assert saved.scale_factor == pytest.approx(gen.scale_factor)
+
+
+def test_resumed_run_equals_uninterrupted(tmp_path, fed_run, smoke_config, smoke_sites):
+    full_run, full = fed_run
+    part = tmp_path / "part"
+    train_federated(smoke_config, smoke_sites, part, max_rounds=2)
+    state = json.loads((part / "fed_state.json").read_text())
+    # both autoencoder rounds done and the scale factor pooled; no diffusion round yet
+    assert (state["phase"], state["round"]) == ("diffusion", 0) and state["scale_factor"] > 0
+    resumed = train_federated(smoke_config, smoke_sites, part, resume=True)
+    for name in ("autoencoder", "unet", "ema"):
+        a, b = getattr(full, name).state_dict(), getattr(resumed, name).state_dict()
+        for k in a:
+            assert torch.allclose(a[k], b[k], atol=1e-6), f"{name}.{k}"
+    assert [(r["phase"], r["round"]) for r in _rounds(part)] == [
+        (r["phase"], r["round"]) for r in _rounds(full_run)
+    ]
+
+
+def test_failed_and_slow_sites_do_not_stop_rounds(tmp_path, smoke_config, smoke_sites):
+    doc = smoke_config.model_dump()
+    doc["federated"].update(
+        {
+            "diffusion_rounds": 0,
+            "round_timeout_s": 15.0,  # round 1 includes the sites' cold start (torch import)
+            "faults": [
+                {"site": "site_b", "phase": "autoencoder", "round": 1, "kind": "error"},
+                {
+                    "site": "site_c",
+                    "phase": "autoencoder",
+                    "round": 2,
+                    "kind": "delay",
+                    "delay_s": 25,
+                },
+            ],
+        }
+    )
+    config = type(smoke_config).model_validate(doc)
+    run = tmp_path / "faults"
+    start = time.monotonic()
+    train_federated(config, smoke_sites, run)
+    assert time.monotonic() - start < 120
+    r1, r2 = _rounds(run)[:2]
+    assert r1["replies"] == 2 and r1["aggregated"] and len(r1["failures"]) == 1
+    assert (
+        "site_b" in r1["failures"][0]["reason"] and "injected fault" in r1["failures"][0]["reason"]
+    )
+    assert {s["site"] for s in r1["sites"]} == {"site_a", "site_c"}
+    assert r2["replies"] == 2 and r2["timed_out"] == 1 and r2["aggregated"]
+    assert {s["site"] for s in r2["sites"]} == {"site_a", "site_b"}
+
+
+def _dp_config(smoke_config, **privacy):
+    doc = smoke_config.model_dump()
+    doc["federated"].update(
+        {"ae_rounds": 0, "diffusion_rounds": 1, "privacy": {"enabled": True, **privacy}}
+    )
+    return type(smoke_config).model_validate(doc)
+
+
+def _flat(state: dict[str, torch.Tensor]) -> torch.Tensor:
+    return torch.cat([v.double().flatten() for v in state.values() if v.is_floating_point()])
+
+
+def test_dp_noise_has_the_promised_scale(tmp_path, smoke_config, smoke_sites):
+    # sites barely move the weights (one step at lr 1e-9; an exactly zero update makes
+    # Flower's clipping divide by zero): the released change is the DP noise alone
+    config = _dp_config(smoke_config, noise_multiplier=2.0, clipping_norm=0.3)
+    doc = config.model_dump()
+    doc["federated"]["local_steps_diffusion"] = 1
+    doc["train"]["diffusion_lr"] = 1e-9
+    config = type(config).model_validate(doc)
+    gen = train_federated(config, smoke_sites, tmp_path / "dp")
+    init = build_generator(config, seed=config.seed).unet.state_dict()
+    delta = _flat(gen.unet.state_dict()) - _flat(init)
+    expected = 2.0 * 0.3 / 3  # noise_multiplier * clipping_norm / sites
+    assert float(delta.std()) == pytest.approx(expected, rel=0.05)
+    dp = _rounds(tmp_path / "dp")[-1]["dp"]
+    assert dp["epsilon"] > 0 and dp["releases"] == 1 and dp["clipping_norm"] == 0.3
+
+
+def test_dp_clips_each_site_update(tmp_path, smoke_config, smoke_sites):
+    config = _dp_config(smoke_config, noise_multiplier=1e-9, clipping_norm=0.05)
+    doc = config.model_dump()
+    doc["train"]["diffusion_lr"] = 0.05  # large steps: unclipped updates would be far above 0.05
+    config = type(config).model_validate(doc)
+    gen = train_federated(config, smoke_sites, tmp_path / "clip", keep_payloads=True)
+    init = build_generator(config, seed=config.seed).unet.state_dict()
+    raw = [
+        float((_flat(_payload(tmp_path / "clip", s, "diffusion", 1)) - _flat(init)).norm())
+        for s in ("site_a", "site_b", "site_c")
+    ]
+    assert min(raw) > 0.5  # what the sites sent was well above the bound
+    released = float((_flat(gen.unet.state_dict()) - _flat(init)).norm())
+    assert released <= 0.05 * (1 + 1e-4)
+
+
+def test_cli_train_defaults_to_federated(tmp_path, smoke_sites):
+    from synthct.cli import main
+    from synthct.config import packaged_config_path
+
+    run = tmp_path / "cli"
+    smoke = str(packaged_config_path("smoke"))
+    args = ["train", "--config", smoke, "--data", str(smoke_sites), "--out", str(run)]
+    assert main([*args, "--max-rounds", "1"]) == 0
+    state = json.loads((run / "fed_state.json").read_text())
+    assert (state["phase"], state["round"]) == ("autoencoder", 1)
+    assert main(args) == 2  # an existing run is not silently overwritten
