@@ -14,7 +14,6 @@ runs/bench_fed_vs_central/results.json and prints a Markdown table.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import shutil
@@ -24,6 +23,7 @@ from pathlib import Path
 from synthct.artifacts import write_json
 from synthct.config import SynthctConfig, load_config, packaged_config_path
 from synthct.data.dataset import load_cases
+from synthct.data.manifest import write_site_manifest
 from synthct.data.phantoms import write_phantom_sites
 from synthct.eval.generator_quality import generator_report
 from synthct.eval.reference import load_reference
@@ -44,19 +44,6 @@ def _schedule(config: SynthctConfig, fraction: float) -> SynthctConfig:
     doc["train"].update({"diffusion_steps": diff_rounds * n * fed.local_steps_diffusion})
     doc["federated"].update({"ae_rounds": ae_rounds, "diffusion_rounds": diff_rounds})
     return type(config).model_validate(doc)
-
-
-def _site_only_manifest(manifest: Path, site: str, out: Path) -> Path:
-    with open(manifest, newline="") as f:
-        rows = [r for r in csv.DictReader(f) if r["site"] == site]
-    for r in rows:
-        r["path"] = str((manifest.parent / r["path"]).resolve())
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return out
 
 
 def _bytes_per_round_per_site(run: Path) -> dict[str, float]:
@@ -108,7 +95,7 @@ def main() -> None:
         if arm == "central":
             gen = train_central(config, manifest, run, budget_min=share)
         elif arm.startswith("alone:"):
-            site_manifest = _site_only_manifest(manifest, args.alone, run / "site.csv")
+            site_manifest = write_site_manifest(manifest, args.alone, run / "site.csv")
             gen = train_central(config, site_manifest, run, budget_min=share)
         else:
             doc = config.model_dump()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import csv
 import io
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +26,7 @@ __all__ = [
     "ManifestRow",
     "read_manifest",
     "write_manifest",
+    "write_site_manifest",
     "check_manifest",
     "check_volume",
 ]
@@ -95,6 +96,21 @@ def write_manifest(path: str | Path, rows: list[ManifestRow]) -> None:
             [r.path, r.label, r.site, r.split, *(r.extra.get(c, "") for c in extra_cols)]
         )
     atomic_write_text(path, buf.getvalue())
+
+
+def write_site_manifest(pooled: str | Path, site: str, out: str | Path) -> Path:
+    """What one hospital holds: the pooled manifest's rows of ``site`` only, absolute paths."""
+    pooled, out = Path(pooled), Path(out)
+    rows = [
+        replace(r, path=str((pooled.parent / r.path).resolve()))
+        for r in read_manifest(pooled, validate=False)
+        if r.site == site
+    ]
+    if not rows:
+        raise ManifestError(f"{pooled}: no rows for site {site!r}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_manifest(out, rows)
+    return out
 
 
 def check_volume(path: Path) -> list[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -112,3 +113,14 @@ def _smoke() -> str:
     from synthct.config import packaged_config_path
 
     return str(packaged_config_path("smoke"))
+
+
+def test_site_manifest_keeps_only_that_site(tmp_path, smoke_sites):
+    from synthct.data.manifest import ManifestError, write_site_manifest
+
+    out = write_site_manifest(smoke_sites, "site_b", tmp_path / "b" / "manifest.csv")
+    rows = read_manifest(out)
+    assert rows and {r.site for r in rows} == {"site_b"}
+    assert all(Path(r.path).is_absolute() and Path(r.path).exists() for r in rows)
+    with pytest.raises(ManifestError, match="site_z"):
+        write_site_manifest(smoke_sites, "site_z", tmp_path / "z.csv")

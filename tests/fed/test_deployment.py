@@ -6,7 +6,6 @@ directory; the run must complete with every site's result in every round.
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import signal
@@ -21,6 +20,7 @@ import yaml
 
 from synthct.checkpoint import load_generator
 from synthct.config import packaged_config_path
+from synthct.data.manifest import write_site_manifest
 from synthct.fed.deployment import write_flower_app, write_supernode_keys, write_tls_certificates
 
 pytestmark = pytest.mark.slow
@@ -47,20 +47,6 @@ def _env(home: Path) -> dict[str, str]:
         }
     )
     return env
-
-
-def _site_manifest(pooled: Path, site: str, out: Path) -> Path:
-    """What a hospital holds: its own rows only, absolute paths."""
-    with open(pooled, newline="") as f:
-        rows = [r for r in csv.DictReader(f) if r["site"] == site]
-    for r in rows:
-        r["path"] = str((pooled.parent / r["path"]).resolve())
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return out
 
 
 class _Processes:
@@ -163,7 +149,7 @@ def test_superlink_and_supernodes_with_tls_and_node_auth(tmp_path, smoke_sites):
                 cwd=tmp_path,
             )
             assert reg.returncode == 0, reg.stdout + reg.stderr
-            manifest = _site_manifest(smoke_sites, site, tmp_path / site / "manifest.csv")
+            manifest = write_site_manifest(smoke_sites, site, tmp_path / site / "manifest.csv")
             node_config = (
                 f"site='{site}' manifest='{manifest}' audit-dir='{tmp_path / site / 'audit'}'"
             )
