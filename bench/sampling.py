@@ -161,6 +161,7 @@ def _quality(run: Path, volumes_file: str) -> dict:
     from synthct.config import config_from_dict
     from synthct.data.dataset import load_cases
     from synthct.data.preprocess import hu_to_model, model_to_hu
+    from synthct.eval.generator_quality import hu_histogram
     from synthct.eval.reference import evaluate_classifier, load_reference
 
     config = config_from_dict(read_json(run / "generator" / "config.json")["config"])
@@ -173,16 +174,12 @@ def _quality(run: Path, volumes_file: str) -> dict:
     holdout = load_cases(run / "data" / "manifest.csv", config, splits=("holdout",))
     real = model_to_hu(holdout.images, config.data.hu_window)
 
-    def hist(x: torch.Tensor) -> torch.Tensor:
-        h = torch.histc(x.float().clamp(-1024, 1024), bins=64, min=-1024, max=1024)
-        return h / h.sum()
-
     return {
         "conditional_accuracy_mean": acc["balanced_accuracy"],
         "conditional_accuracy_per_class": {
             config.labels.classes[c]: v for c, v in acc["per_class_recall"].items()
         },
-        "hu_histogram_l1": float((hist(hu) - hist(real)).abs().sum()),
+        "hu_histogram_l1": float((hu_histogram(hu) - hu_histogram(real)).abs().sum()),
     }
 
 

@@ -240,7 +240,12 @@ class _Driver:
                 )
             if self.job.initial is not None:
                 gen = load_generator(self.job.initial)
-                _check_same_networks(gen.config, config, self.job.initial)
+                mismatch = config.network_mismatch(gen.config)
+                if mismatch:
+                    raise FederatedError(
+                        f"{self.job.initial}: cannot fine-tune this generator under the run's "
+                        f"config: {mismatch}"
+                    )
                 gen.config = config  # the run's schedule, same networks
                 if config.federated.ae_rounds == 0:  # frozen autoencoder: keep its scale factor
                     state.scale_factor = gen.scale_factor
@@ -264,8 +269,9 @@ class _Driver:
             self._commit(gen)
         return gen
 
-    def _commit(self, gen: Generator) -> None:
-        """Checkpoint then state: the state file is the commit point of a round."""
+    def _commit(self, gen: Generator, record: dict[str, Any] | None = None) -> None:
+        """Checkpoint, round log line, then state: the state file is the commit point (on
+        resume, log lines past it are dropped)."""
         save_generator(
             gen,
             self.run_dir / "generator",
@@ -273,6 +279,8 @@ class _Driver:
                 "trained": {"federated": True, "phase": self.state.phase, "round": self.state.round}
             },
         )
+        if record is not None:
+            append_jsonl(self.rounds_log, record)
         self.state.save()
 
     def _should_stop(self) -> bool:
@@ -301,30 +309,19 @@ class _Driver:
             record = self._one_round(gen, model, strategy, phase, server_round)
             if record["aggregated"] and ema is not None:
                 ema.update(gen.unet)
-            if accountant is not None:
-                state.accountant = accountant.state_dict()
-                spent = accountant.get_privacy_spent()
-                record["dp"] = {
-                    "epsilon": spent.epsilon,
-                    "delta": spent.delta,
-                    "releases": spent.num_releases,
+            if phase == "diffusion" and config.federated.privacy.enabled:
+                dp: dict[str, Any] = {
+                    "epsilon": None,  # Flower's accountant supports FedAvg only
                     "noise_multiplier": config.federated.privacy.noise_multiplier,
                     "clipping_norm": config.federated.privacy.clipping_norm,
                 }
-            elif phase == "diffusion" and config.federated.privacy.enabled:
-                record["dp"] = {
-                    "epsilon": None,
-                    "noise_multiplier": config.federated.privacy.noise_multiplier,
-                    "clipping_norm": config.federated.privacy.clipping_norm,
-                }
+                if accountant is not None:
+                    state.accountant = accountant.state_dict()
+                    spent = accountant.get_privacy_spent()
+                    dp.update(epsilon=spent.epsilon, delta=spent.delta, releases=spent.num_releases)
+                record["dp"] = dp
             state.round = server_round
-            save_generator(
-                gen,
-                self.run_dir / "generator",
-                extra={"trained": {"federated": True, "phase": phase, "round": server_round}},
-            )
-            append_jsonl(self.rounds_log, record)
-            state.save()
+            self._commit(gen, record)
             self.executed += 1
             if self.job.progress:
                 self.job.progress(phase, server_round, total, loss=record.get("loss"))
@@ -457,17 +454,6 @@ class _Driver:
         )
         logger.info("pooled latent scale factor %.4f from %d sites", scale, len(ok))
         return scale
-
-
-def _check_same_networks(saved: SynthctConfig, run: SynthctConfig, where: Path) -> None:
-    for section in ("labels", "autoencoder", "unet", "diffusion"):
-        if getattr(saved, section) != getattr(run, section):
-            raise FederatedError(
-                f"{where}: the generator's {section!r} section differs from the run config's; "
-                "fine-tuning needs the same networks, vocabulary and noise schedule"
-            )
-    if saved.data.shape != run.data.shape:
-        raise FederatedError(f"{where}: generator shape {saved.data.shape} != {run.data.shape}")
 
 
 def _errors(replies: list[Message]) -> list[Message]:

@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -157,6 +158,38 @@ def _prox(model: nn.Module, mu: float):
     return proximal_term(model, [p.detach().clone() for p in model.parameters()], mu)
 
 
+def _local_training(
+    model: nn.Module,
+    weights: dict[str, torch.Tensor],
+    what: str,
+    cases: CaseSet,
+    *,
+    lr: float,
+    batch_size: int,
+    balanced: bool,
+    steps: int,
+    seed: int,
+    proximal_mu: float,
+    device: torch.device | str,
+    step: Callable[..., dict[str, float]],
+) -> RoundResult:
+    """Start ``model`` from the global ``weights`` and run ``steps`` of
+    ``step(optimizer, batch_index, generator, extra_loss)`` on class-balanced batches."""
+    _load_weights(model, weights, what)
+    model.to(device)
+    generator = torch.Generator().manual_seed(seed)
+    sampler = BalancedSampler(cases.labels, balanced=balanced, generator=generator)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    extra = _prox(model, proximal_mu)
+    losses = [step(optimizer, sampler(batch_size), generator, extra)["loss"] for _ in range(steps)]
+    return RoundResult(
+        state={k: v.detach().cpu() for k, v in model.state_dict().items()},
+        cases=len(cases),
+        loss=float(sum(losses) / len(losses)) if losses else float("nan"),
+        steps=steps,
+    )
+
+
 def train_autoencoder_round(
     config: SynthctConfig,
     weights: dict[str, torch.Tensor],
@@ -169,25 +202,25 @@ def train_autoencoder_round(
 ) -> RoundResult:
     """``steps`` autoencoder steps from the global weights on this site's cases."""
     ae = build_phase_model(config, "autoencoder")
-    _load_weights(ae, weights, "autoencoder")
-    ae.to(device)
-    generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # the KL sampling noise inside AutoencoderKL
-    sampler = BalancedSampler(cases.labels, balanced=config.train.balanced, generator=generator)
-    optimizer = torch.optim.AdamW(ae.parameters(), lr=config.train.ae_lr)
-    extra = _prox(ae, proximal_mu)
-    losses = []
-    for _ in range(steps):
-        idx = sampler(config.train.batch_size)
-        parts = autoencoder_step(
-            ae, optimizer, cases.images[idx].to(device), config.autoencoder, extra_loss=extra
-        )
-        losses.append(parts["loss"])
-    return RoundResult(
-        state={k: v.detach().cpu() for k, v in ae.state_dict().items()},
-        cases=len(cases),
-        loss=float(sum(losses) / len(losses)) if losses else float("nan"),
+
+    def step(optimizer, idx, _generator, extra):
+        x = cases.images[idx].to(device)
+        return autoencoder_step(ae, optimizer, x, config.autoencoder, extra_loss=extra)
+
+    return _local_training(
+        ae,
+        weights,
+        "autoencoder",
+        cases,
+        lr=config.train.ae_lr,
+        batch_size=config.train.batch_size,
+        balanced=config.train.balanced,
         steps=steps,
+        seed=seed,
+        proximal_mu=proximal_mu,
+        device=device,
+        step=step,
     )
 
 
@@ -241,18 +274,11 @@ def train_diffusion_round(
 ) -> RoundResult:
     """``steps`` latent-diffusion steps from the global UNet on this site's scaled latents."""
     unet = build_phase_model(config, "diffusion")
-    _load_weights(unet, weights, "unet")
-    unet.to(device)
-    generator = torch.Generator().manual_seed(seed)
-    sampler = BalancedSampler(cases.labels, balanced=config.train.balanced, generator=generator)
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=config.train.diffusion_lr)
     scheduler = training_scheduler(config.diffusion)
     z0 = (latents * scale_factor).to(device)
-    extra = _prox(unet, proximal_mu)
-    losses = []
-    for _ in range(steps):
-        idx = sampler(config.train.batch_size)
-        parts = diffusion_step(
+
+    def step(optimizer, idx, generator, extra):
+        return diffusion_step(
             unet,
             optimizer,
             z0[idx],
@@ -263,12 +289,20 @@ def train_diffusion_round(
             generator=generator,
             extra_loss=extra,
         )
-        losses.append(parts["loss"])
-    return RoundResult(
-        state={k: v.detach().cpu() for k, v in unet.state_dict().items()},
-        cases=len(cases),
-        loss=float(sum(losses) / len(losses)) if losses else float("nan"),
+
+    return _local_training(
+        unet,
+        weights,
+        "unet",
+        cases,
+        lr=config.train.diffusion_lr,
+        batch_size=config.train.batch_size,
+        balanced=config.train.balanced,
         steps=steps,
+        seed=seed,
+        proximal_mu=proximal_mu,
+        device=device,
+        step=step,
     )
 
 

@@ -325,6 +325,16 @@ class SynthctConfig(_Strict):
                 )
         return self
 
+    def network_mismatch(self, other: SynthctConfig) -> str | None:
+        """Why weights trained under ``other`` cannot be used under this config, or None:
+        networks, label vocabulary, noise schedule and volume shape must be identical."""
+        for section in ("labels", "autoencoder", "unet", "diffusion"):
+            if getattr(self, section) != getattr(other, section):
+                return f"the {section!r} sections differ"
+        if self.data.shape != other.data.shape:
+            return f"volume shape {other.data.shape} != {self.data.shape}"
+        return None
+
     def site(self, name: str) -> SiteProfile:
         for s in self.data.sites:
             if s.name == name:

@@ -146,11 +146,7 @@ def _pretrained_matches(config: SynthctConfig) -> Path | None:
     if not (path / "config.json").is_file():
         return None
     shipped = config_from_dict(read_json(path / "config.json")["config"])
-    same = all(
-        getattr(shipped, s) == getattr(config, s)
-        for s in ("labels", "autoencoder", "unet", "diffusion")
-    )
-    return path if same and shipped.data.shape == config.data.shape else None
+    return path if config.network_mismatch(shipped) is None else None
 
 
 def _generator(manifest: Path, config: SynthctConfig, run: Path, from_scratch: bool) -> dict:
