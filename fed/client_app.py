@@ -19,6 +19,7 @@ from flwr.clientapp import ClientApp
 
 from synthct.config import SynthctConfig
 from synthct.fed.task import (
+    OptimizerStateStore,
     SiteError,
     config_from_json,
     latent_moments,
@@ -139,9 +140,21 @@ def train(msg: Message, context: Context) -> Message:
         mu = float(cfg.get("proximal-mu", 0.0))
         steps = int(cfg["local-steps"])
         device = resolve_device(config.train.device)
+        optimizer_state = (
+            (OptimizerStateStore(site.audit_dir / "optimizer", phase), server_round)
+            if config.federated.keep_optimizer_state
+            else None
+        )
         if phase == "autoencoder":
             result = train_autoencoder_round(
-                config, weights, cases, steps=steps, seed=seed, proximal_mu=mu, device=device
+                config,
+                weights,
+                cases,
+                steps=steps,
+                seed=seed,
+                proximal_mu=mu,
+                device=device,
+                optimizer_state=optimizer_state,
             )
         elif phase == "diffusion":
             ae_weights, ae_sha = _frozen_autoencoder(cfg)
@@ -156,6 +169,7 @@ def train(msg: Message, context: Context) -> Message:
                 seed=seed,
                 proximal_mu=mu,
                 device=device,
+                optimizer_state=optimizer_state,
             )
         else:
             raise SiteError(f"unknown phase {phase!r}")

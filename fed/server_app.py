@@ -232,6 +232,8 @@ class _Driver:
             state.load()
             gen = load_generator(self.run_dir / "generator")
             _truncate_rounds_log(self.rounds_log, state)
+            if state.phase == "done" and state.round < config.federated.diffusion_rounds:
+                state.phase = "diffusion"  # the config asks for more rounds: extend the run
             logger.info("resuming federated run at %s round %d", state.phase, state.round)
         else:
             if state.exists:
@@ -265,7 +267,7 @@ class _Driver:
             gen.scale_factor = state.scale_factor
             if not self._rounds(gen, "diffusion", config.federated.diffusion_rounds):
                 return gen
-            state.phase, state.round = "done", 0
+            state.phase = "done"  # round stays: a resume with more rounds extends the run
             self._commit(gen)
         return gen
 

@@ -275,6 +275,10 @@ class FederatedConfig(_Strict):
     round_timeout_s: float = Field(default=1800.0, gt=0)
     connect_timeout_s: float = Field(default=120.0, gt=0)
     client_cpus: int = Field(default=1, ge=1, description="CPUs per simulated site")
+    keep_optimizer_state: bool = Field(
+        default=True,
+        description="each site keeps its AdamW moments between rounds on its own disk",
+    )
     privacy: DPConfig = DPConfig()
     faults: list[FaultConfig] = Field(default_factory=list)
 

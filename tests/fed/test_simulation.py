@@ -132,6 +132,18 @@ def test_resumed_run_equals_uninterrupted(tmp_path, fed_run, smoke_config, smoke
     assert [(r["phase"], r["round"]) for r in _rounds(part)] == [
         (r["phase"], r["round"]) for r in _rounds(full_run)
     ]
+    # a finished run resumed under a config with one more diffusion round runs just that round
+    rounds = smoke_config.federated.diffusion_rounds + 1
+    longer = smoke_config.model_copy(
+        update={"federated": smoke_config.federated.model_copy(update={"diffusion_rounds": rounds})}
+    )
+    train_federated(longer, smoke_sites, part, resume=True)
+    assert [(r["phase"], r["round"]) for r in _rounds(part)][-2:] == [
+        ("diffusion", smoke_config.federated.diffusion_rounds),
+        ("diffusion", longer.federated.diffusion_rounds),
+    ]
+    state = json.loads((part / "fed_state.json").read_text())
+    assert (state["phase"], state["round"]) == ("done", longer.federated.diffusion_rounds)
 
 
 def test_failed_and_slow_sites_do_not_stop_rounds(tmp_path, smoke_config, smoke_sites):

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from synthct.fed.task import (
+    OptimizerStateStore,
     SiteError,
     build_phase_model,
     latent_moments,
@@ -127,3 +128,31 @@ def test_latent_moments_pool_to_the_global_std():
     moments = [latent_moments(p) for p in parts]
     expected = 1.0 / float(torch.cat(parts).double().std())
     assert pooled_scale_factor(moments) == pytest.approx(expected, rel=1e-9)
+
+
+def test_site_optimizer_state_carries_over_rounds(tmp_path, smoke_config, smoke_sites):
+    """Round r resumes the AdamW moments of the newest earlier round; only two files are kept;
+    a torn file means a fresh optimiser, not a crash."""
+    cases = load_site_cases(smoke_config, smoke_sites, "site_a")
+    start = build_phase_model(smoke_config, "autoencoder").state_dict()
+    store = OptimizerStateStore(tmp_path / "opt", "autoencoder")
+
+    def round_(r: int, state=start):
+        return train_autoencoder_round(
+            smoke_config, state, cases, steps=2, seed=r, optimizer_state=(store, r)
+        )
+
+    r1 = round_(1)
+    assert sorted(p.name for p in store.root.iterdir()) == ["autoencoder-round0001.safetensors"]
+    fresh = train_autoencoder_round(smoke_config, r1.state, cases, steps=2, seed=2)
+    carried = round_(2, r1.state)
+    assert any(not torch.equal(fresh.state[k], carried.state[k]) for k in start)
+    again = round_(2, r1.state)  # a resumed round 2 loads round 1's moments again
+    assert all(torch.equal(again.state[k], carried.state[k]) for k in start)
+    round_(3, carried.state)
+    names = sorted(p.name for p in store.root.iterdir())
+    assert names == ["autoencoder-round0002.safetensors", "autoencoder-round0003.safetensors"]
+    (store.root / names[-1]).write_bytes(b"torn")
+    probe = torch.optim.AdamW(build_phase_model(smoke_config, "autoencoder").parameters())
+    assert store.load_into(probe, 4) is None and not probe.state_dict()["state"]
+    assert store.load_into(probe, 3) == 2 and probe.state_dict()["state"]
