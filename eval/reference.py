@@ -239,4 +239,5 @@ def load_reference(directory: str | Path, *, vocabulary_hash: str | None = None)
     net = ReferenceNet(len(meta["classes"]), tuple(meta["channels"]))
     net.load_state_dict(state, strict=True)
     net.eval().requires_grad_(False)
-    return ReferenceModel(net, meta["classes"], meta["vocabulary_hash"], meta["info"])
+    info = {**meta["info"], "weights_sha256": weights["sha256"]}
+    return ReferenceModel(net, meta["classes"], meta["vocabulary_hash"], info)

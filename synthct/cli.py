@@ -98,6 +98,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _generator_dir(run: str) -> Path:
+    """``RUN`` (its ``generator/``), a generator folder itself, or ``pretrained``."""
+    if run == "pretrained":
+        from synthct.pretrained import phantom_dir
+
+        return phantom_dir() / "generator"
+    path = Path(run)
+    return (
+        path
+        if (path / "config.json").is_file() and not (path / "generator").is_dir()
+        else path / "generator"
+    )
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
@@ -107,7 +121,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from synthct.training import resolve_device
 
     device = resolve_device(args.device)
-    gen = load_generator(Path(args.run) / "generator", device)
+    gen = load_generator(_generator_dir(args.run), device)
     try:
         labels = labels_to_indices(gen, [args.label] * args.n)
     except ValueError as exc:
@@ -129,6 +143,89 @@ def cmd_sample(args: argparse.Namespace) -> int:
         )
     print(f"wrote {len(volumes)} volumes to {out}")
     return EXIT_OK
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from synthct.checkpoint import load_generator
+    from synthct.cohort import generate_cohort, parse_counts, plan_cohort, reference_counts
+    from synthct.progress import progress_bar
+    from synthct.training import resolve_device
+
+    device = resolve_device(args.device)
+    gen_dir = _generator_dir(args.run)
+    gen = load_generator(gen_dir, device)
+    classes = list(gen.config.labels.classes)
+    target = parse_counts(args.counts, classes) if args.counts else "balanced"
+    counts = reference_counts(args.reference, gen.config)
+    plan = plan_cohort(counts, classes, target=target, per_site=args.per_site)
+    if not plan:
+        print("synthct: nothing to generate: the reference is already balanced", file=sys.stderr)
+        return EXIT_OK
+    with progress_bar("generate", len(plan)) as update:
+        manifest = generate_cohort(
+            gen,
+            gen_dir,
+            plan,
+            args.out,
+            seed=args.seed,
+            sampler=args.sampler,
+            steps=args.steps,
+            guidance=args.guidance,
+            batch_size=args.batch_size,
+            device=device,
+            progress=update,
+        )
+    by_class = Counter(c.label for c in plan)
+    print(f"cohort: {manifest} ({len(plan)} cases: {dict(by_class)})")
+    return EXIT_OK
+
+
+def cmd_gate(args: argparse.Namespace) -> int:
+    from synthct.artifacts import read_json
+    from synthct.eval.gate import drop_flagged, load_real, load_rules, run_gate, write_gate
+    from synthct.eval.reference import load_reference
+
+    config = _config(args.config)
+    rules = load_rules(args.rules)
+    if args.reference:
+        reference = load_reference(args.reference, vocabulary_hash=config.labels.vocabulary_hash)
+    else:
+        from synthct.pretrained import load_phantom_reference
+
+        reference = load_phantom_reference(config.labels.vocabulary_hash)
+    cohort = Path(args.cohort)
+    manifest = cohort / "manifest.csv" if cohort.is_dir() else cohort
+    real = load_real(args.train, args.holdout, config=config, reference=reference)
+    report = run_gate(
+        manifest, real, config=config, reference=reference, rules=rules, seed=args.seed
+    )
+    write_gate(report, args.out)
+    _print_gate(report)
+    if args.drop_flagged:
+        kept = drop_flagged(manifest.parent, read_json(args.out), args.drop_flagged)
+        print(f"unflagged cases written to {kept} ({len(report['flags'])} dropped); gate it again")
+    return EXIT_OK if report["verdict"] == "pass" else EXIT_GATE_FAILED
+
+
+def _print_gate(report: dict) -> None:
+    from rich.table import Table
+
+    from synthct.progress import console
+
+    table = Table(title=f"gate: {report['verdict'].upper()} ({report['cohort']['cases']} cases)")
+    for col in ("rule", "value", "threshold", "CI", "result"):
+        table.add_column(col)
+    for r in report["rules"]:
+        ci = "" if not r["ci"] or None in r["ci"] else f"[{r['ci'][0]:.3g}, {r['ci'][1]:.3g}]"
+        value = "n/a" if r["value"] is None else f"{r['value']:.4g}"
+        sign = "<=" if r["direction"] == "max" else ">="
+        result = {True: "pass", False: "FAIL", None: "-"}[r["passed"]]
+        table.add_row(r["rule"], value, f"{sign} {r['threshold']:.4g}", ci, result)
+    console.print(table)
+    for flag in report["flags"][:10]:
+        console.print(f"flagged {flag['path']}: {'; '.join(flag['reasons'])}")
+    if len(report["flags"]) > 10:
+        console.print(f"... and {len(report['flags']) - 10} more flagged (see the gate report)")
 
 
 def cmd_fed_app(args: argparse.Namespace) -> int:
@@ -215,6 +312,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.set_defaults(func=cmd_sample)
 
+    p = sub.add_parser("generate", help="generate a class-balanced synthetic cohort")
+    p.add_argument("--run", required=True, help="training run, generator folder, or 'pretrained'")
+    p.add_argument("--reference", required=True, help="manifest whose train counts set the deficit")
+    p.add_argument("--target", choices=["balanced"], default="balanced")
+    p.add_argument("--counts", help="explicit targets instead: label=n,label=n")
+    p.add_argument("--per-site", action="store_true", help="plan per site: each gets what it lacks")
+    p.add_argument("--out", required=True, help="cohort folder (rerun to resume)")
+    p.add_argument("--sampler", choices=["dpmpp", "unipc", "ddim", "ddpm"], default=None)
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--guidance", type=float, default=None)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser(
+        "gate", help="score a cohort (fidelity, diversity, privacy, bias) and judge it"
+    )
+    p.add_argument("--cohort", required=True, help="cohort folder (with manifest.csv) or manifest")
+    p.add_argument("--train", required=True, help="manifest with the real train split")
+    p.add_argument("--holdout", required=True, help="manifest with the real holdout split")
+    p.add_argument("--rules", help="YAML overriding rule thresholds (see README)")
+    p.add_argument("--out", required=True, help="gate report JSON")
+    p.add_argument("--config", help="config: vocabulary, label maps, geometry (default demo)")
+    p.add_argument("--reference", help="reference model folder (default: shipped phantom one)")
+    p.add_argument("--drop-flagged", metavar="DIR", help="also write the unflagged cases here")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_gate)
+
     p = sub.add_parser("phantoms", help="write multi-site chest-CT phantoms + manifest.csv")
     p.add_argument("--config", help="config YAML (default: packaged demo.yaml)")
     p.add_argument("--out", required=True, help="output folder")
@@ -248,9 +374,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from synthct.checkpoint import CheckpointError
+    from synthct.cohort import CohortError
     from synthct.config import ConfigError
     from synthct.data.manifest import ManifestError
     from synthct.data.volume_io import VolumeError
+    from synthct.eval.gate import GateError
     from synthct.fed.errors import FederatedError, SiteError
 
     parser = build_parser()
@@ -265,6 +393,8 @@ def main(argv: list[str] | None = None) -> int:
         CheckpointError,
         FederatedError,
         SiteError,
+        CohortError,
+        GateError,
     ) as exc:
         print(f"synthct: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

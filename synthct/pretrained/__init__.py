@@ -14,8 +14,9 @@ from pathlib import Path
 import torch
 
 from synthct.checkpoint import CheckpointError, Generator, load_generator
+from synthct.eval.reference import ReferenceModel, load_reference
 
-__all__ = ["phantom_dir", "load_phantom_generator"]
+__all__ = ["phantom_dir", "load_phantom_generator", "load_phantom_reference"]
 
 
 def phantom_dir() -> Path:
@@ -32,3 +33,12 @@ def load_phantom_generator(device: torch.device | str = "cpu") -> Generator:
             "train one with `synthct train` or use `synthct demo --from-scratch`"
         )
     return load_generator(path, device)
+
+
+def load_phantom_reference(vocabulary_hash: str | None = None) -> ReferenceModel:
+    """The shipped real-only reference classifier/encoder of the demo phantoms (train split of
+    the demo sites at seed 0; holdout accuracy in its ``reference.json``)."""
+    path = phantom_dir() / "reference"
+    if not (path / "reference.json").is_file():
+        raise CheckpointError(f"{path}: the phantom reference models are not part of this install")
+    return load_reference(path, vocabulary_hash=vocabulary_hash)

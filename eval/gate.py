@@ -1,0 +1,429 @@
+"""The gate: a synthetic cohort is used only when evidence says it is faithful, diverse, not a
+copy of anyone's scan and not biased.
+
+Works on any cohort folder with a ``manifest.csv`` (``path,label,site,split``; synthct's or
+another generator's). Rules are thresholds over :mod:`synthct.eval.cohort_metrics`; a rule is
+absolute, or relative to the metric's real-vs-real baseline. ``gate.json`` records every rule
+(value, threshold, interval, pass/fail, reason), the verdict, per-volume flags and the sha256 of
+the manifest and of every file it lists, so a later stage can refuse a cohort that changed.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import yaml
+
+from synthct.artifacts import read_json, sha256_file, write_json
+from synthct.config import SynthctConfig
+from synthct.data.dataset import load_cases
+from synthct.data.manifest import ManifestError, read_manifest, write_manifest
+from synthct.eval.cohort_metrics import CohortEvidence, MetricValue, cohort_metrics
+from synthct.eval.features import FeatureSet, extract_features
+from synthct.eval.privacy import MatchSet, prepare_for_matching
+from synthct.eval.reference import ReferenceModel
+
+__all__ = [
+    "GATE_FORMAT",
+    "RuleSpec",
+    "DEFAULT_RULES",
+    "GateError",
+    "load_rules",
+    "RealSide",
+    "load_real",
+    "run_gate",
+    "write_gate",
+    "judge",
+    "verify_gate",
+    "drop_flagged",
+]
+
+logger = logging.getLogger(__name__)
+
+GATE_FORMAT = 1
+
+
+class GateError(ValueError):
+    """Bad gate input (rules file, manifests) or a cohort that no longer matches its gate."""
+
+
+@dataclass(frozen=True)
+class RuleSpec:
+    """``value <= threshold`` (``max``) or ``>=`` (``min``); with ``relative`` the threshold is
+    added to the metric's real-vs-real baseline."""
+
+    metric: str
+    direction: Literal["max", "min"]
+    threshold: float
+    relative: bool
+    reason: str
+    enabled: bool = True
+
+
+DEFAULT_RULES: dict[str, RuleSpec] = {
+    "fidelity_encoder": RuleSpec(
+        "kid_encoder",
+        "max",
+        0.25,
+        True,
+        "class-matched KID in the reference encoder's feature space may exceed what real train "
+        "cases score against holdout by at most 0.25 (standardised units): the classifier's own "
+        "view of the classes must look real",
+    ),
+    "fidelity_radiomics": RuleSpec(
+        "kid_radiomics",
+        "max",
+        0.25,
+        True,
+        "class-matched KID on hand-crafted HU/texture features may exceed the real baseline by "
+        "at most 0.25: catches intensity shifts and texture the encoder is blind to",
+    ),
+    "precision": RuleSpec(
+        "precision",
+        "min",
+        -0.3,
+        True,
+        "share of synthetic cases inside real cases' 5-NN balls, at most 0.3 below real's",
+    ),
+    "hu_sanity": RuleSpec(
+        "hu_insane_rate",
+        "max",
+        0.1,
+        False,
+        "at most 10 % of volumes may have a soft-tissue, lung or bone median HU outside the "
+        "(widened) range real volumes show (MAISI-style sanity)",
+    ),
+    "coverage": RuleSpec(
+        "coverage",
+        "min",
+        -0.3,
+        True,
+        "share of real holdout cases with a synthetic case in their 5-NN ball, at most 0.3 "
+        "below real's: a cohort must cover the variety of each class",
+    ),
+    "mode_collapse": RuleSpec(
+        "msssim_excess",
+        "max",
+        0.1,
+        False,
+        "per class, synthetic volumes may be at most 0.1 more alike (mean pairwise MS-SSIM) "
+        "than real volumes of that class are",
+    ),
+    "near_copies": RuleSpec(
+        "near_copy_rate",
+        "max",
+        0.0,
+        True,
+        "no more volumes may match a train case (flip/shift/noise-tolerant NCC past half-way "
+        "between the closest real holdout case and identity) than real holdout does: drop "
+        "flagged copies with --drop-flagged and gate again",
+    ),
+    "dcr": RuleSpec(
+        "dcr_share",
+        "max",
+        0.7,
+        False,
+        "share of synthetic cases closer to train than to an equal-size holdout; 0.5 for a "
+        "generator that memorised nobody, 0.7 leaves room for small-N noise",
+    ),
+    "membership_inference": RuleSpec(
+        "membership_auc",
+        "max",
+        0.7,
+        False,
+        "an attacker ranking real cases by closeness to the cohort separates train members "
+        "from holdout with AUC at most 0.7 (0.5 = no leak)",
+    ),
+    "conditioning": RuleSpec(
+        "conditioning_gap",
+        "min",
+        -0.3,
+        False,
+        "for every requested class, the real-only classifier recognises it in the cohort at "
+        "most 0.3 less often than in real holdout: the label must mean what it says",
+    ),
+    "proportions": RuleSpec(
+        "proportion_tv",
+        "max",
+        0.25,
+        False,
+        "classes the classifier sees in the cohort differ from those requested by at most "
+        "0.25 total variation",
+    ),
+    "site_balance": RuleSpec(
+        "site_fidelity_ratio",
+        "min",
+        -0.5,
+        True,
+        "worst/best share of a site's holdout cases the cohort covers (HU/texture features), "
+        "at most 0.5 below real's: a cohort in one hospital's style fails",
+    ),
+}
+
+
+def load_rules(path: str | Path | None) -> dict[str, RuleSpec]:
+    """Defaults, overridden by ``rules:`` in a YAML file (``name: {threshold, enabled}``)."""
+    rules = dict(DEFAULT_RULES)
+    if path is None:
+        return rules
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise GateError(f"{path}: cannot read gate rules: {exc}") from None
+    if not isinstance(data, dict) or set(data) - {"rules"}:
+        raise GateError(f"{path}: expected a mapping with a single key 'rules'")
+    for name, override in (data.get("rules") or {}).items():
+        if name not in rules:
+            raise GateError(f"{path}: rules.{name}: unknown rule; known: {sorted(rules)}")
+        if isinstance(override, int | float) and not isinstance(override, bool):
+            override = {"threshold": override}
+        if not isinstance(override, dict) or set(override) - {"threshold", "enabled"}:
+            raise GateError(f"{path}: rules.{name}: expected a number or {{threshold, enabled}}")
+        spec = rules[name]
+        threshold = override.get("threshold", spec.threshold)
+        enabled = override.get("enabled", spec.enabled)
+        if not isinstance(threshold, int | float) or isinstance(threshold, bool):
+            raise GateError(f"{path}: rules.{name}.threshold = {threshold!r}: not a number")
+        if not isinstance(enabled, bool):
+            raise GateError(f"{path}: rules.{name}.enabled = {enabled!r}: not true/false")
+        rules[name] = RuleSpec(
+            spec.metric, spec.direction, float(threshold), spec.relative, spec.reason, enabled
+        )
+    return rules
+
+
+def judge(metrics: dict[str, MetricValue], rules: dict[str, RuleSpec]) -> list[dict[str, Any]]:
+    """One row per rule: value, threshold, interval, pass/fail and a readable reason."""
+    rows = []
+    for name, spec in rules.items():
+        metric = metrics[spec.metric]
+        limit = spec.threshold + (metric.baseline or 0.0 if spec.relative else 0.0)
+        value = metric.value
+        if not spec.enabled:
+            passed, why = None, "disabled"
+        elif not np.isfinite(value):
+            passed, why = None, "not computable on this cohort (too few cases per class)"
+        else:
+            passed = value <= limit if spec.direction == "max" else value >= limit
+            sign = "<=" if spec.direction == "max" else ">="
+            verdict = "ok" if passed else "FAILED"
+            why = (
+                f"{verdict}: {spec.metric} = {value:.4g} (needs {sign} {limit:.4g}); {spec.reason}"
+            )
+        row = {
+            "rule": name,
+            **metric.as_dict(),
+            "metric": spec.metric,
+            "threshold": round(limit, 6),
+        }
+        row.update(direction=spec.direction, passed=passed, reason=why)
+        rows.append(row)
+    return rows
+
+
+def _hash_cohort(manifest: Path) -> dict[str, Any]:
+    files = {}
+    for row in read_manifest(manifest):
+        path = row.resolve(manifest.parent)
+        if not path.is_file():
+            raise GateError(f"{manifest}: listed file {row.path} does not exist")
+        files[row.path] = sha256_file(path)
+    return {"manifest": manifest.name, "manifest_sha256": sha256_file(manifest), "files": files}
+
+
+@dataclass
+class RealSide:
+    """The real cases a cohort is judged against, featurised once (several cohorts may share it)."""
+
+    train: Any
+    holdout: Any
+    train_features: FeatureSet
+    holdout_features: FeatureSet
+    train_match: MatchSet
+    holdout_match: MatchSet
+    holdout_pred: np.ndarray
+    provenance: dict[str, Any]
+
+
+def load_real(
+    train_manifest: str | Path,
+    holdout_manifest: str | Path,
+    *,
+    config: SynthctConfig,
+    reference: ReferenceModel,
+) -> RealSide:
+    """Read and featurise the ``train`` and ``holdout`` splits the gate compares against."""
+    if reference.vocabulary_hash != config.labels.vocabulary_hash:
+        raise GateError("the reference models were trained on another label vocabulary")
+    train = load_cases(train_manifest, config, splits=("train",))
+    holdout = load_cases(holdout_manifest, config, splits=("holdout",))
+    for name, cases, manifest in (
+        ("train", train, train_manifest),
+        ("holdout", holdout, holdout_manifest),
+    ):
+        if len(cases) < 5:
+            raise GateError(f"{manifest}: only {len(cases)} {name} cases; the gate needs >= 5")
+    window = config.data.hu_window
+    return RealSide(
+        train=train,
+        holdout=holdout,
+        train_features=extract_features(train.images, train.labels, train.sites, reference, window),
+        holdout_features=extract_features(
+            holdout.images, holdout.labels, holdout.sites, reference, window
+        ),
+        train_match=prepare_for_matching(train.images, config.data.hu_window),
+        holdout_match=prepare_for_matching(holdout.images, config.data.hu_window),
+        holdout_pred=reference.predict(holdout.images).argmax(1).numpy(),
+        provenance={
+            "train_manifest_sha256": sha256_file(train_manifest),
+            "holdout_manifest_sha256": sha256_file(holdout_manifest),
+            "train_cases": len(train),
+            "holdout_cases": len(holdout),
+        },
+    )
+
+
+def run_gate(
+    cohort_manifest: str | Path,
+    real: RealSide,
+    *,
+    config: SynthctConfig,
+    reference: ReferenceModel,
+    rules: dict[str, RuleSpec] | None = None,
+    seed: int = 0,
+    bootstrap: int = 200,
+) -> dict[str, Any]:
+    """Score the cohort and judge it; returns the ``gate.json`` payload (not yet written)."""
+    rules = rules or dict(DEFAULT_RULES)
+    cohort_manifest = Path(cohort_manifest)
+    files = _hash_cohort(cohort_manifest)  # before reading: the verdict is about these bytes
+    cohort = load_cases(cohort_manifest, config, splits=("train",))
+    if len(cohort) == 0:
+        raise GateError(f"{cohort_manifest}: no cases with split 'train' (synthetic cases train)")
+    evidence = CohortEvidence(
+        cohort=extract_features(
+            cohort.images, cohort.labels, cohort.sites, reference, config.data.hu_window
+        ),
+        train=real.train_features,
+        holdout=real.holdout_features,
+        cohort_match=prepare_for_matching(cohort.images, config.data.hu_window),
+        train_match=real.train_match,
+        holdout_match=real.holdout_match,
+        cohort_pred=reference.predict(cohort.images).argmax(1).numpy(),
+        holdout_pred=real.holdout_pred,
+        classes=list(config.labels.classes),
+    )
+    metrics, per_volume = cohort_metrics(
+        evidence, requested=cohort.labels.numpy(), bootstrap=bootstrap, seed=seed
+    )
+    rows = judge(metrics, rules)
+    failed = [r["rule"] for r in rows if r["passed"] is False]
+    rel = {
+        str(Path(p).resolve()): r.path
+        for r, p in zip(_rows_in_split(cohort_manifest), cohort.paths, strict=True)
+    }
+    flags = []
+    for i, path in enumerate(cohort.paths):
+        reasons = []
+        if per_volume["near_copy"][i]:
+            copy_of = Path(real.train.paths[int(per_volume["copy_of"][i])])
+            reasons.append(
+                f"near-copy of train case {copy_of.name} (NCC {per_volume['copy_ncc'][i]:.4f})"
+            )
+        if per_volume["hu_insane"][i]:
+            soft, lung, bone = per_volume["medians"][i]
+            reasons.append(
+                f"tissue median HU out of range (soft {soft:.0f}, lung {lung:.0f}, bone {bone:.0f})"
+            )
+        if reasons:
+            flags.append({"path": rel.get(str(Path(path).resolve()), path), "reasons": reasons})
+    return {
+        "verdict": "fail" if failed else "pass",
+        "failed_rules": failed,
+        "rules": rows,
+        "metrics": {k: v.as_dict() for k, v in metrics.items()},
+        "flags": flags,
+        "cohort": {
+            "cases": len(cohort),
+            "per_class": {
+                c: int((cohort.labels == i).sum()) for i, c in enumerate(config.labels.classes)
+            },
+            **files,
+        },
+        "real": real.provenance,
+        "reference": {
+            "weights_sha256": reference.info.get("weights_sha256"),
+            "vocabulary_hash": reference.vocabulary_hash,
+        },
+        "seed": seed,
+    }
+
+
+def _rows_in_split(manifest: Path):
+    return [r for r in read_manifest(manifest) if r.split == "train"]
+
+
+def write_gate(report: dict[str, Any], out: str | Path) -> None:
+    write_json(out, report, kind="synthct-gate")
+
+
+def verify_gate(gate_json: str | Path, cohort_dir: str | Path) -> dict[str, Any]:
+    """The gate report of a cohort, only if it passed and every hashed file is unchanged."""
+    gate_json, cohort_dir = Path(gate_json), Path(cohort_dir)
+    if not gate_json.is_file():
+        raise GateError(f"{gate_json}: no gate report; run `synthct gate` on {cohort_dir} first")
+    try:
+        report = read_json(gate_json)
+    except (OSError, ValueError) as exc:
+        raise GateError(f"{gate_json}: unreadable gate report: {exc}") from None
+    if report.get("verdict") != "pass":
+        raise GateError(
+            f"{gate_json}: the cohort failed the gate (rules: {', '.join(report.get('failed_rules', []))})"
+        )
+    info = report["cohort"]
+    manifest = cohort_dir / info["manifest"]
+    changed = []
+    if not manifest.is_file() or sha256_file(manifest) != info["manifest_sha256"]:
+        changed.append(info["manifest"])
+    for rel, digest in info["files"].items():
+        path = Path(rel) if Path(rel).is_absolute() else cohort_dir / rel
+        if not path.is_file() or sha256_file(path) != digest:
+            changed.append(rel)
+    if changed:
+        shown = ", ".join(changed[:5]) + (
+            f" and {len(changed) - 5} more" if len(changed) > 5 else ""
+        )
+        raise GateError(f"{cohort_dir}: changed since it was gated ({gate_json}): {shown}")
+    return report
+
+
+def drop_flagged(cohort_dir: str | Path, report: dict[str, Any], out_dir: str | Path) -> Path:
+    """Copy the cohort without its flagged volumes into ``out_dir`` (to be gated again)."""
+    cohort_dir, out_dir = Path(cohort_dir), Path(out_dir)
+    if out_dir.resolve() == cohort_dir.resolve():
+        raise GateError("--drop-flagged needs an output folder other than the cohort itself")
+    manifest = cohort_dir / report["cohort"]["manifest"]
+    flagged = {f["path"] for f in report["flags"]}
+    kept = []
+    for row in read_manifest(manifest):
+        if row.path in flagged:
+            continue
+        src = row.resolve(cohort_dir)
+        if not Path(row.path).is_absolute():
+            (out_dir / row.path).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, out_dir / row.path)
+        kept.append(row)
+    if not kept:
+        raise ManifestError(f"{manifest}: every case is flagged; nothing left to keep")
+    for extra in ("cohort.json",):
+        if (cohort_dir / extra).is_file():
+            shutil.copy2(cohort_dir / extra, out_dir / extra)
+    write_manifest(out_dir / "manifest.csv", kept)
+    logger.info("kept %d of %d cases in %s", len(kept), len(kept) + len(flagged), out_dir)
+    return out_dir / "manifest.csv"

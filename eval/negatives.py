@@ -1,0 +1,171 @@
+"""Cohorts with a known verdict, made from phantoms, to test a gate's rules (and ours).
+
+``fresh_real_cohort`` renders new phantoms (another seed) with a requested class mix: real data
+a good gate must pass. The hard negatives each break one property: ``near_copies`` (flipped,
+shifted, noised train cases, for all or part of a cohort), ``mode_collapse`` (one volume per
+class, lightly noised), ``hu_shift`` (every volume offset by some HU), ``relabelled`` (labels
+permuted), and ``single_site`` (every case in one hospital's scanner style).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+from synthct.config import SynthctConfig
+from synthct.data.manifest import ManifestRow, write_manifest
+from synthct.data.phantoms import HU_MAX, HU_MIN, render_phantom
+from synthct.data.volume_io import read_volume, write_nifti
+
+__all__ = [
+    "write_cohort",
+    "fresh_real_cohort",
+    "near_copies",
+    "mode_collapse",
+    "hu_shift",
+    "relabelled",
+]
+
+
+def write_cohort(
+    out: str | Path,
+    volumes: Sequence[np.ndarray],
+    labels: Sequence[str],
+    spacings: Sequence[tuple[float, float, float]],
+    *,
+    source: str,
+) -> Path:
+    """Write HU volumes (RAS) as a cohort folder with ``manifest.csv``; returns the manifest."""
+    out = Path(out)
+    rows = []
+    for i, (hu, label, spacing) in enumerate(zip(volumes, labels, spacings, strict=True)):
+        rel = f"cases/{label}/{i:04d}.nii.gz"
+        write_nifti(out / rel, np.clip(hu, HU_MIN, HU_MAX), spacing)
+        rows.append(ManifestRow(rel, label, "pooled", "train", {"source": source}))
+    write_manifest(out / "manifest.csv", rows)
+    return out / "manifest.csv"
+
+
+def fresh_real_cohort(
+    config: SynthctConfig,
+    counts: dict[str, int],
+    out: str | Path,
+    *,
+    seed: int,
+    sites: Sequence[str] | None = None,
+) -> Path:
+    """New phantoms of ``counts`` per class, cycling over ``sites`` (default: every site)."""
+    names = list(sites) if sites else config.site_names
+    volumes, labels, spacings = [], [], []
+    k = 0
+    for label, n in counts.items():
+        for _ in range(n):
+            site = config.site(names[k % len(names)])
+            hu, spacing = render_phantom(
+                np.random.default_rng([seed, k, 104729]), label, site, config.data.shape
+            )
+            volumes.append(hu)
+            labels.append(label)
+            spacings.append(spacing)
+            k += 1
+    tag = "single-site" if sites and len(names) == 1 else "fresh-real"
+    return write_cohort(out, volumes, labels, spacings, source=f"phantoms:{tag}:{seed}")
+
+
+def _volumes(paths: Sequence[str | Path]) -> list[tuple[np.ndarray, tuple[float, float, float]]]:
+    out = []
+    for p in paths:
+        v = read_volume(p)
+        out.append((v.hu, v.spacing))
+    return out
+
+
+def _copy_transform(hu: np.ndarray, rng: np.random.Generator, noise_hu: float) -> np.ndarray:
+    """A disguised copy: random axis flips, a shift of 1-3 voxels (edges replicated), noise."""
+    for axis in range(3):
+        if rng.random() < 0.5:
+            hu = np.flip(hu, axis)
+    shift = rng.integers(-3, 4, size=3)
+    hu = ndimage.shift(hu, shift, order=0, mode="nearest")
+    return hu + rng.normal(0, noise_hu, hu.shape)
+
+
+def near_copies(
+    train_paths: Sequence[str | Path],
+    train_labels: Sequence[str],
+    base: tuple[Sequence[np.ndarray], Sequence[str], Sequence[tuple]],
+    out: str | Path,
+    *,
+    fraction: float,
+    seed: int = 0,
+    noise_hu: float = 30.0,
+) -> Path:
+    """Replace ``fraction`` of the ``base`` cohort's cases with disguised train cases."""
+    rng = np.random.default_rng(seed)
+    volumes, labels, spacings = (list(x) for x in base)
+    n_copy = int(round(fraction * len(volumes)))
+    picks = rng.choice(len(train_paths), size=n_copy, replace=n_copy > len(train_paths))
+    for slot, (pick, (hu, spacing)) in enumerate(
+        zip(picks, _volumes([train_paths[i] for i in picks]), strict=True)
+    ):
+        volumes[slot] = _copy_transform(hu, rng, noise_hu)
+        labels[slot] = train_labels[pick]
+        spacings[slot] = spacing
+    return write_cohort(out, volumes, labels, spacings, source=f"negative:copies:{fraction}")
+
+
+def mode_collapse(
+    base: tuple[Sequence[np.ndarray], Sequence[str], Sequence[tuple]],
+    out: str | Path,
+    *,
+    seed: int = 0,
+    noise_hu: float = 10.0,
+) -> Path:
+    """Every case of a class is the class's first case plus light noise."""
+    rng = np.random.default_rng(seed)
+    volumes, labels, spacings = (list(x) for x in base)
+    first = {}
+    for i, label in enumerate(labels):
+        j = first.setdefault(label, i)
+        volumes[i] = volumes[j] + rng.normal(0, noise_hu, volumes[j].shape)
+        spacings[i] = spacings[j]
+    return write_cohort(out, volumes, labels, spacings, source="negative:mode-collapse")
+
+
+def hu_shift(
+    base: tuple[Sequence[np.ndarray], Sequence[str], Sequence[tuple]],
+    out: str | Path,
+    *,
+    offset_hu: float,
+) -> Path:
+    """Every voxel inside the body offset by ``offset_hu`` (air stays air)."""
+    volumes, labels, spacings = (list(x) for x in base)
+    shifted = [np.where(v > -900, v + offset_hu, v) for v in volumes]
+    return write_cohort(out, shifted, labels, spacings, source=f"negative:hu-shift:{offset_hu}")
+
+
+def relabelled(
+    base: tuple[Sequence[np.ndarray], Sequence[str], Sequence[tuple]],
+    out: str | Path,
+    *,
+    classes: Sequence[str],
+) -> Path:
+    """Labels rotated through the vocabulary: every case claims the next class."""
+    volumes, labels, spacings = (list(x) for x in base)
+    rotate = {c: classes[(i + 1) % len(classes)] for i, c in enumerate(classes)}
+    return write_cohort(
+        out, volumes, [rotate[x] for x in labels], spacings, source="negative:relabelled"
+    )
+
+
+def load_cohort_volumes(manifest: str | Path) -> tuple[list[np.ndarray], list[str], list[tuple]]:
+    """HU volumes, labels and spacings of a cohort written by :func:`write_cohort`."""
+    from synthct.data.manifest import read_manifest
+
+    manifest = Path(manifest)
+    rows = read_manifest(manifest)
+    vols = _volumes([r.resolve(manifest.parent) for r in rows])
+    return [v for v, _ in vols], [r.label for r in rows], [s for _, s in vols]

@@ -1,0 +1,223 @@
+"""Class-balanced synthetic cohorts: plan what each class (and site) lacks, sample it, write it.
+
+A cohort is a folder: ``cases/<site>/<label>/<case_id>.nii.gz``, ``manifest.csv``
+(``path,label,site,split,source,seed,sampler,steps,guidance``; ``site`` is the site a case is
+meant for, ``pooled`` when it is meant for everyone, ``split`` is ``train`` because synthetic
+cases only ever train) and ``cohort.json`` (plan, generator sha256, versions). The plan is
+fixed when the cohort starts; a rerun generates only cases that are not yet on disk, so an
+interrupted cohort resumes without redoing or duplicating anything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from synthct.artifacts import read_json, write_json
+from synthct.checkpoint import Generator, generator_sha256
+from synthct.config import SynthctConfig
+from synthct.data.manifest import ManifestError, ManifestRow, read_manifest, write_manifest
+from synthct.data.volume_io import write_nifti
+from synthct.sampling import labels_to_indices, sample_volumes
+
+__all__ = [
+    "POOLED",
+    "CohortError",
+    "PlannedCase",
+    "reference_counts",
+    "parse_counts",
+    "plan_cohort",
+    "generate_cohort",
+]
+
+logger = logging.getLogger(__name__)
+
+POOLED = "pooled"
+COHORT_FORMAT = 1
+
+
+class CohortError(ValueError):
+    """A cohort cannot be planned or continued; the message says why."""
+
+
+@dataclass(frozen=True)
+class PlannedCase:
+    case_id: str
+    label: str
+    site: str
+
+
+def reference_counts(manifest: str | Path, config: SynthctConfig) -> dict[str, Counter]:
+    """``train`` cases per site and vocabulary class (site labels mapped), from the manifest."""
+    counts: dict[str, Counter] = {}
+    for row in read_manifest(manifest):
+        if row.split != "train":
+            continue
+        try:
+            label = config.resolve_label(row.site, row.label)
+        except KeyError as exc:
+            raise ManifestError(f"{manifest}: {exc.args[0]}") from None
+        counts.setdefault(row.site, Counter())[label] += 1
+    if not counts:
+        raise ManifestError(f"{manifest}: no train rows to plan a cohort from")
+    return counts
+
+
+def parse_counts(text: str, classes: list[str]) -> dict[str, int]:
+    """``"nodule=10,consolidation=20"`` -> counts; unknown classes and bad numbers are errors."""
+    out: dict[str, int] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, sep, value = item.partition("=")
+        if not sep or name.strip() not in classes:
+            raise CohortError(f"--counts item {item!r}: expected class=n with class in {classes}")
+        try:
+            n = int(value)
+        except ValueError:
+            raise CohortError(f"--counts item {item!r}: {value!r} is not an integer") from None
+        if n < 0:
+            raise CohortError(f"--counts item {item!r}: a count cannot be negative")
+        out[name.strip()] = n
+    return out
+
+
+def _deficit(counts: Counter, classes: list[str]) -> dict[str, int]:
+    top = max((counts[c] for c in classes), default=0)
+    return {c: top - counts[c] for c in classes}
+
+
+def plan_cohort(
+    counts: dict[str, Counter],
+    classes: list[str],
+    *,
+    target: str | dict[str, int] = "balanced",
+    per_site: bool = False,
+) -> list[PlannedCase]:
+    """Cases to generate. ``balanced`` fills every class up to the largest one (pooled over
+    sites, or within each site with ``per_site`` so a site gets the classes it lacks);
+    explicit counts ask for that many of each class (per site with ``per_site``)."""
+    groups = {site: counts[site] for site in sorted(counts)} if per_site else None
+    wanted: list[tuple[str, dict[str, int]]] = []
+    if groups is None:
+        pooled = sum(counts.values(), Counter())
+        wanted.append((POOLED, _deficit(pooled, classes) if target == "balanced" else target))
+    else:
+        for site, site_counts in groups.items():
+            wanted.append(
+                (site, _deficit(site_counts, classes) if target == "balanced" else target)
+            )
+    plan = []
+    for site, per_class in wanted:
+        for label in classes:
+            for i in range(int(per_class.get(label, 0))):
+                plan.append(PlannedCase(f"{site}-{label}-{i:04d}", label, site))
+    return plan
+
+
+def _batch_seed(seed: int, first_case: str) -> int:
+    digest = hashlib.sha256(f"{seed}|{first_case}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def _case_path(case: PlannedCase) -> str:
+    return f"cases/{case.site}/{case.label}/{case.case_id}.nii.gz"
+
+
+def _load_or_start(out: Path, settings: dict) -> list[ManifestRow]:
+    """Rows already written; a rerun must use the same plan and settings."""
+    meta_path = out / "cohort.json"
+    if not meta_path.is_file():
+        write_json(meta_path, settings, kind="synthct-cohort")
+        return []
+    previous = read_json(meta_path)
+    changed = [k for k in settings if previous.get(k) != settings[k]]
+    if changed:
+        raise CohortError(
+            f"{out} holds a cohort made with different {', '.join(changed)}; "
+            "use a new --out folder or the same settings to resume"
+        )
+    manifest = out / "manifest.csv"
+    if not manifest.is_file():
+        return []
+    return [r for r in read_manifest(manifest) if (out / r.path).is_file()]
+
+
+def generate_cohort(
+    gen: Generator,
+    generator_dir: str | Path,
+    plan: list[PlannedCase],
+    out: str | Path,
+    *,
+    seed: int = 0,
+    sampler: str | None = None,
+    steps: int | None = None,
+    guidance: float | None = None,
+    batch_size: int = 8,
+    device: torch.device | str = "cpu",
+    progress: Callable[..., None] | None = None,
+) -> Path:
+    """Sample every planned case not yet on disk; returns the cohort manifest path."""
+    out = Path(out)
+    cfg = gen.config.sampling
+    sampler, steps = sampler or cfg.sampler, steps or cfg.steps
+    guidance = cfg.guidance if guidance is None else guidance
+    labels_to_indices(gen, sorted({c.label for c in plan}))  # unknown classes fail first
+    source = generator_sha256(generator_dir)
+    settings = {
+        "format": COHORT_FORMAT,
+        "generator_sha256": source,
+        "plan": [[c.case_id, c.label, c.site] for c in plan],
+        "seed": seed,
+        "sampler": sampler,
+        "steps": steps,
+        "guidance": guidance,
+        "batch_size": batch_size,
+        "vocabulary_hash": gen.config.labels.vocabulary_hash,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    rows = _load_or_start(out, settings)
+    done = {Path(r.path).name.removesuffix(".nii.gz") for r in rows}
+    todo = [c for c in plan if c.case_id not in done]
+    if done:
+        logger.info("cohort %s: %d of %d cases already on disk", out, len(done), len(plan))
+    batches = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
+    for batch in batches:
+        batch_seed = _batch_seed(seed, batch[0].case_id)
+        volumes = sample_volumes(
+            gen,
+            labels_to_indices(gen, [c.label for c in batch]),
+            sampler=sampler,
+            steps=steps,
+            guidance=guidance,
+            batch_size=batch_size,
+            generator=torch.Generator().manual_seed(batch_seed),
+            device=device,
+        )
+        for case, volume in zip(batch, volumes, strict=True):
+            path = _case_path(case)
+            write_nifti(out / path, volume[0].numpy(), gen.config.data.spacing_mm)
+            extra = {
+                "source": f"synthct:{source}",
+                "seed": str(batch_seed),
+                "sampler": sampler,
+                "steps": str(steps),
+                "guidance": f"{guidance:g}",
+            }
+            rows.append(ManifestRow(path, case.label, case.site, "train", extra))
+        write_manifest(out / "manifest.csv", _in_plan_order(rows, plan))
+        if progress is not None:
+            progress(len(rows), len(plan))
+    if not todo:
+        write_manifest(out / "manifest.csv", _in_plan_order(rows, plan))
+    logger.info("cohort %s: %d cases (%s)", out, len(rows), dict(Counter(r.label for r in rows)))
+    return out / "manifest.csv"
+
+
+def _in_plan_order(rows: list[ManifestRow], plan: list[PlannedCase]) -> list[ManifestRow]:
+    order = {_case_path(c): i for i, c in enumerate(plan)}
+    return sorted(rows, key=lambda r: order.get(r.path, len(order)))

@@ -1,0 +1,138 @@
+"""The gate passes fresh real phantoms and fails each hard negative on the right rule.
+
+Real side: the demo phantom sites (seed 0) and the shipped reference models trained on them.
+Cohorts are written to disk as NIfTI + manifest and read back like any user's cohort.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from synthct.artifacts import read_json
+from synthct.cli import main
+from synthct.eval import negatives
+from synthct.eval.gate import (
+    DEFAULT_RULES,
+    GateError,
+    drop_flagged,
+    load_real,
+    load_rules,
+    run_gate,
+    verify_gate,
+    write_gate,
+)
+from synthct.pretrained import load_phantom_reference
+
+COUNTS = {"nodule": 20, "ground_glass": 20, "consolidation": 30}
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def reference(demo_config):
+    return load_phantom_reference(demo_config.labels.vocabulary_hash)
+
+
+@pytest.fixture(scope="module")
+def real(demo_sites, demo_config, reference):
+    return load_real(demo_sites, demo_sites, config=demo_config, reference=reference)
+
+
+@pytest.fixture(scope="module")
+def fresh(tmp_path_factory, demo_config):
+    out = tmp_path_factory.mktemp("fresh")
+    return negatives.fresh_real_cohort(demo_config, COUNTS, out, seed=4242)
+
+
+def _gate(manifest, real, config, reference):
+    return run_gate(manifest, real, config=config, reference=reference, bootstrap=50)
+
+
+def _failed(report) -> set[str]:
+    return set(report["failed_rules"])
+
+
+def test_fresh_real_cohorts_pass(tmp_path, fresh, real, demo_config, reference):
+    report = _gate(fresh, real, demo_config, reference)
+    assert report["verdict"] == "pass", report["failed_rules"]
+    assert report["flags"] == []
+    other = negatives.fresh_real_cohort(demo_config, COUNTS, tmp_path / "b", seed=777)
+    assert _gate(other, real, demo_config, reference)["verdict"] == "pass"
+    # every rule is reported with value, threshold and reason
+    assert {r["rule"] for r in report["rules"]} == set(DEFAULT_RULES)
+    assert all(r["reason"] and r["threshold"] is not None for r in report["rules"])
+
+
+def test_copies_fail_on_privacy_and_are_flagged(tmp_path, fresh, real, demo_config, reference):
+    base = negatives.load_cohort_volumes(fresh)
+    labels = [demo_config.labels.classes[i] for i in real.train.labels.tolist()]
+    partial = negatives.near_copies(real.train.paths, labels, base, tmp_path / "p", fraction=0.2)
+    report = _gate(partial, real, demo_config, reference)
+    assert "near_copies" in _failed(report)
+    n_copies = round(0.2 * sum(COUNTS.values()))
+    assert len(report["flags"]) >= 0.8 * n_copies
+    assert all("near-copy of train case" in f["reasons"][0] for f in report["flags"])
+    # dropping the flagged volumes gives a cohort that passes the privacy rules
+    write_gate(report, tmp_path / "gate.json")
+    kept = drop_flagged(tmp_path / "p", read_json(tmp_path / "gate.json"), tmp_path / "kept")
+    again = _gate(kept, real, demo_config, reference)
+    assert "near_copies" not in _failed(again)
+
+
+def test_each_hard_negative_fails_its_rule(tmp_path, fresh, real, demo_config, reference):
+    base = negatives.load_cohort_volumes(fresh)
+    cases = {
+        "mode_collapse": negatives.mode_collapse(base, tmp_path / "collapse"),
+        "hu_sanity": negatives.hu_shift(base, tmp_path / "shift", offset_hu=60),
+        "conditioning": negatives.relabelled(
+            base, tmp_path / "relabel", classes=demo_config.labels.classes
+        ),
+        "site_balance": negatives.fresh_real_cohort(
+            demo_config, COUNTS, tmp_path / "single", seed=5, sites=["site_d"]
+        ),
+    }
+    for rule, manifest in cases.items():
+        report = _gate(manifest, real, demo_config, reference)
+        assert report["verdict"] == "fail" and rule in _failed(report), (rule, _failed(report))
+
+
+def test_cli_exit_codes_hashes_and_tamper(tmp_path, fresh, demo_sites):
+    cohort = fresh.parent
+    out = tmp_path / "gate.json"
+    args = ["gate", "--cohort", str(cohort), "--train", str(demo_sites)]
+    args += ["--holdout", str(demo_sites), "--out", str(out)]
+    assert main(args) == 0
+    report = json.loads(out.read_text())
+    assert report["verdict"] == "pass" and report["kind"] == "synthct-gate"
+    assert len(report["cohort"]["files"]) == sum(COUNTS.values())
+    assert report["versions"]["synthct"]
+    verify_gate(out, cohort)
+    # a stricter rule file makes the same cohort fail (exit 3)
+    rules = tmp_path / "strict.yaml"
+    rules.write_text("rules:\n  precision: {threshold: 0.5}\n")
+    assert main([*args[:-1], str(tmp_path / "strict.json"), "--rules", str(rules)]) == 3
+    # bad rules and a missing cohort are bad input (exit 2)
+    rules.write_text("rules:\n  no_such_rule: 1\n")
+    assert main([*args, "--rules", str(rules)]) == 2
+    assert main(["gate", "--cohort", str(tmp_path / "none"), *args[3:]]) == 2
+    # a changed file after gating is refused, naming it
+    victim = next((cohort / "cases").rglob("*.nii.gz"))
+    saved = victim.read_bytes()
+    try:
+        victim.write_bytes(saved[:-10])
+        with pytest.raises(GateError, match=victim.name):
+            verify_gate(out, cohort)
+    finally:
+        victim.write_bytes(saved)
+
+
+def test_rules_file_errors_name_the_key(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("rules:\n  dcr: {threshold: high}\n")
+    with pytest.raises(GateError, match="rules.dcr.threshold"):
+        load_rules(path)
+    path.write_text("rules:\n  dcr: 0.6\n  coverage: {enabled: false}\n")
+    rules = load_rules(path)
+    assert rules["dcr"].threshold == 0.6 and not rules["coverage"].enabled

@@ -1,0 +1,99 @@
+"""Cohort planning (deficits pooled / per site / explicit) and resumable generation."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+from synthct.checkpoint import build_generator, save_generator
+from synthct.cli import main
+from synthct.cohort import (
+    POOLED,
+    CohortError,
+    generate_cohort,
+    parse_counts,
+    plan_cohort,
+    reference_counts,
+)
+from synthct.data.dataset import load_cases
+from synthct.data.manifest import read_manifest
+
+CLASSES = ["normal", "nodule", "ground_glass", "consolidation"]
+
+
+def test_balanced_plan_fills_each_class_to_the_largest():
+    counts = {
+        "a": Counter(normal=10, nodule=4, consolidation=1),
+        "b": Counter(normal=6, nodule=6, ground_glass=2),
+    }
+    pooled = Counter(c.label for c in plan_cohort(counts, CLASSES))
+    assert pooled == {"nodule": 6, "ground_glass": 14, "consolidation": 15}
+    per_site = plan_cohort(counts, CLASSES, per_site=True)
+    by_site = {s: Counter(c.label for c in per_site if c.site == s) for s in ("a", "b")}
+    assert by_site["a"] == {"nodule": 6, "ground_glass": 10, "consolidation": 9}
+    assert by_site["b"] == {"ground_glass": 4, "consolidation": 6}  # b lacks the rare class
+    explicit = plan_cohort(counts, CLASSES, target={"consolidation": 3}, per_site=True)
+    assert [(c.site, c.label) for c in explicit].count(("b", "consolidation")) == 3
+    assert {c.site for c in plan_cohort(counts, CLASSES)} == {POOLED}
+    assert len({c.case_id for c in per_site}) == len(per_site)
+
+
+def test_counts_parsing_names_the_bad_item():
+    assert parse_counts("nodule=3, consolidation=10", CLASSES) == {"nodule": 3, "consolidation": 10}
+    for bad in ("tumour=3", "nodule=x", "nodule", "nodule=-1"):
+        with pytest.raises(CohortError, match="--counts"):
+            parse_counts(bad, CLASSES)
+
+
+def test_reference_counts_map_site_labels(smoke_config, smoke_sites):
+    counts = reference_counts(smoke_sites, smoke_config)
+    assert "mass" not in counts["site_b"] and counts["site_b"]["nodule"] > 0
+    assert counts["site_b"]["consolidation"] == 0
+
+
+@pytest.fixture(scope="module")
+def smoke_generator(tmp_path_factory, smoke_config):
+    path = tmp_path_factory.mktemp("gen") / "generator"
+    save_generator(build_generator(smoke_config, seed=0), path)
+    return path
+
+
+def test_generation_writes_manifest_and_resumes_without_duplicates(
+    tmp_path, smoke_config, smoke_sites, smoke_generator
+):
+    from synthct.checkpoint import load_generator
+
+    gen = load_generator(smoke_generator)
+    plan = plan_cohort(reference_counts(smoke_sites, smoke_config), CLASSES, per_site=True)
+    out = tmp_path / "cohort"
+    manifest = generate_cohort(gen, smoke_generator, plan, out, batch_size=4, steps=2)
+    rows = read_manifest(manifest)
+    assert [r.path.split("/")[-1].removesuffix(".nii.gz") for r in rows] == [
+        c.case_id for c in plan
+    ]
+    assert {r.split for r in rows} == {"train"}
+    assert all(r.extra["source"].startswith("synthct:") and r.extra["steps"] == "2" for r in rows)
+    cases = load_cases(manifest, smoke_config, splits=("train",))  # readable as any manifest
+    assert len(cases) == len(plan)
+    # simulate an interruption: the last batch's files and rows are lost
+    lost = rows[-3:]
+    for r in lost:
+        (out / r.path).unlink()
+    kept_mtimes = {r.path: (out / r.path).stat().st_mtime_ns for r in rows[:-3]}
+    generate_cohort(gen, smoke_generator, plan, out, batch_size=4, steps=2)
+    again = read_manifest(manifest)
+    assert [r.path for r in again] == [r.path for r in rows]
+    assert all((out / p).stat().st_mtime_ns == t for p, t in kept_mtimes.items())
+    # other settings in the same folder are refused instead of mixing two cohorts
+    with pytest.raises(CohortError, match="guidance"):
+        generate_cohort(gen, smoke_generator, plan, out, batch_size=4, steps=2, guidance=7.0)
+
+
+def test_cli_generate_and_bad_label(tmp_path, smoke_sites, smoke_generator):
+    out = tmp_path / "c"
+    args = ["generate", "--run", str(smoke_generator.parent), "--reference", str(smoke_sites)]
+    code = main([*args, "--out", str(out), "--counts", "consolidation=2", "--steps", "2"])
+    assert code == 0
+    assert [r.label for r in read_manifest(out / "manifest.csv")] == ["consolidation"] * 2
+    assert main([*args, "--out", str(tmp_path / "d"), "--counts", "tumour=2"]) == 2
