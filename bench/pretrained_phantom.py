@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from synthct.artifacts import atomic_write_text, read_json, write_json
+from synthct.artifacts import atomic_write_text, read_json, sha256_file, write_json
 from synthct.checkpoint import generator_sha256, load_generator, save_generator
 from synthct.config import load_config, packaged_config_path
 from synthct.data.dataset import load_cases
@@ -59,6 +59,11 @@ def ship(run: Path, report: dict, command: str, train_wall_s: float) -> None:
         extra={"trained": read_json(run / "generator" / "config.json").get("trained")},
     )
     shutil.copytree(run / "reference", SHIP_DIR / "reference")
+    write_json(
+        SHIP_DIR / "reference" / "trained_on.json",
+        {"manifest_sha256": sha256_file(run / "data" / "manifest.csv")},
+        kind="reference-training-data",
+    )
     shutil.copy2(run / "rounds.jsonl", SHIP_DIR / "rounds.jsonl")
     write_json(SHIP_DIR / "quality.json", report, kind="pretrained-quality")
     size = sum(p.stat().st_size for p in (SHIP_DIR / "generator").glob("*.safetensors"))

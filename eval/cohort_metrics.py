@@ -147,11 +147,13 @@ def _wilson(k: int, n: int, z: float = 1.645) -> tuple[float, float]:
     return float(max(centre - half, 0.0)), float(min(centre + half, 1.0))
 
 
-def _site_coverage(ev: CohortEvidence, syn_space: np.ndarray, real: np.ndarray) -> dict[str, float]:
-    """Per site: share of its holdout cases (of the cohort's classes) that have a cohort
-    case inside their k-NN radius (radius among all holdout cases)."""
-    radius = dist._knn_radius(real, 5)
+def _site_closeness(
+    ev: CohortEvidence, syn_space: np.ndarray, real: np.ndarray
+) -> dict[str, float]:
+    """Per site: median distance from its holdout cases (of the cohort's classes) to the
+    nearest cohort case, in units of the median distance between holdout cases."""
     d = dist._pairwise(real, syn_space).min(1)
+    scale = float(np.median(dist._pairwise(real, real)[np.triu_indices(len(real), 1)]))
     held_classes = set(np.unique(ev.cohort.labels).tolist())
     out = {}
     for site in sorted(set(ev.holdout.sites)):
@@ -162,15 +164,16 @@ def _site_coverage(ev: CohortEvidence, syn_space: np.ndarray, real: np.ndarray) 
             ]
         )
         if mask.sum():
-            out[site] = float((d[mask] <= radius[mask]).mean())
+            out[site] = float(np.median(d[mask]) / max(scale, 1e-12))
     return out
 
 
 def _ratio(per_site: dict[str, float]) -> float:
+    """Nearest-site over farthest-site distance: 1 when every site is equally well served."""
     if not per_site:
         return float("nan")
-    best = max(per_site.values())
-    return float(min(per_site.values()) / best) if best > 0 else 0.0
+    worst = max(per_site.values())
+    return float(min(per_site.values()) / worst) if worst > 0 else 1.0
 
 
 def cohort_metrics(
@@ -285,14 +288,14 @@ def cohort_metrics(
     real, syn, base = dist.standardise(
         ev.holdout.radiomics, ev.cohort.radiomics, ev.train.radiomics
     )
-    per_site = _site_coverage(ev, syn, real)
-    per_site_base = _site_coverage(ev, base, real)
+    per_site = _site_closeness(ev, syn, real)
+    per_site_base = _site_closeness(ev, base, real)
     m["site_fidelity_ratio"] = MetricValue(
         _ratio(per_site),
         _ratio(per_site_base),
         None,
         {
-            "coverage_per_site": {k: _clean(v) for k, v in per_site.items()},
+            "distance_per_site": {k: _clean(v) for k, v in per_site.items()},
             "baseline_per_site": {k: _clean(v) for k, v in per_site_base.items()},
         },
     )

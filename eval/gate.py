@@ -38,6 +38,7 @@ __all__ = [
     "load_real",
     "run_gate",
     "write_gate",
+    "gate_table",
     "judge",
     "verify_gate",
     "drop_flagged",
@@ -160,8 +161,8 @@ DEFAULT_RULES: dict[str, RuleSpec] = {
         "min",
         -0.5,
         True,
-        "worst/best share of a site's holdout cases the cohort covers (HU/texture features), "
-        "at most 0.5 below real's: a cohort in one hospital's style fails",
+        "nearest-site / farthest-site median distance from a site's holdout cases to the cohort "
+        "(HU/texture features), at most 0.5 below real's: a cohort in one hospital's style fails",
     ),
 }
 
@@ -367,6 +368,22 @@ def run_gate(
 
 def _rows_in_split(manifest: Path):
     return [r for r in read_manifest(manifest) if r.split == "train"]
+
+
+def gate_table(report: dict[str, Any]):
+    """A rich table of the rules: value, threshold, interval, result."""
+    from rich.table import Table
+
+    table = Table(title=f"gate: {report['verdict'].upper()} ({report['cohort']['cases']} cases)")
+    for col in ("rule", "value", "threshold", "CI", "result"):
+        table.add_column(col)
+    for r in report["rules"]:
+        ci = "" if not r["ci"] or None in r["ci"] else f"[{r['ci'][0]:.3g}, {r['ci'][1]:.3g}]"
+        value = "n/a" if r["value"] is None else f"{r['value']:.4g}"
+        sign = "<=" if r["direction"] == "max" else ">="
+        result = {True: "pass", False: "FAIL", None: "-"}[r["passed"]]
+        table.add_row(r["rule"], value, f"{sign} {r['threshold']:.4g}", ci, result)
+    return table
 
 
 def write_gate(report: dict[str, Any], out: str | Path) -> None:

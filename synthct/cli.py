@@ -208,20 +208,10 @@ def cmd_gate(args: argparse.Namespace) -> int:
 
 
 def _print_gate(report: dict) -> None:
-    from rich.table import Table
-
+    from synthct.eval.gate import gate_table
     from synthct.progress import console
 
-    table = Table(title=f"gate: {report['verdict'].upper()} ({report['cohort']['cases']} cases)")
-    for col in ("rule", "value", "threshold", "CI", "result"):
-        table.add_column(col)
-    for r in report["rules"]:
-        ci = "" if not r["ci"] or None in r["ci"] else f"[{r['ci'][0]:.3g}, {r['ci'][1]:.3g}]"
-        value = "n/a" if r["value"] is None else f"{r['value']:.4g}"
-        sign = "<=" if r["direction"] == "max" else ">="
-        result = {True: "pass", False: "FAIL", None: "-"}[r["passed"]]
-        table.add_row(r["rule"], value, f"{sign} {r['threshold']:.4g}", ci, result)
-    console.print(table)
+    console.print(gate_table(report))
     for flag in report["flags"][:10]:
         console.print(f"flagged {flag['path']}: {'; '.join(flag['reasons'])}")
     if len(report["flags"]) > 10:

@@ -4,7 +4,8 @@ Stages so far: phantom sites -> manifest check -> model-ready loading of every s
 reference classifier (real ``train`` only; its holdout accuracy shows the classes are
 learnable from the images) -> federated generator (Flower simulation: a few rounds fine-tuning
 the shipped pretrained phantom generator, or the config's whole schedule with
-``--from-scratch`` or when no matching pretrained generator ships).
+``--from-scratch`` or when no matching pretrained generator ships) -> synthetic cohort (per
+site, what it lacks) -> gate (``RUN/gate.json``; a failed gate is a valid result).
 Each later capability (federated generator, cohort, gate, downstream, report) adds a stage.
 A stage that errors stops the demo with a non-zero exit naming it.
 """
@@ -67,6 +68,8 @@ def run_demo(args: argparse.Namespace) -> int:
             timings,
             lambda: _generator(manifest, config, run, getattr(args, "from_scratch", False)),
         )
+        cohort = _run_stage("synthetic cohort", timings, lambda: _cohort(manifest, run, seed))
+        gate = _run_stage("gate", timings, lambda: _gate(cohort, manifest, config, run, seed))
     except StageError as exc:
         console.print(f"[red]synthct demo: {exc}")
         return 1
@@ -86,13 +89,63 @@ def run_demo(args: argparse.Namespace) -> int:
         f"federated generator ({generator['origin']}): {generator['rounds']} rounds, "
         f"last round loss per site {generator['last_losses']}"
     )
+    _print_gate_summary(gate)
     write_json(
         run / "demo.json",
-        {"stages_s": timings, "seed": seed, "reference": reference, "generator": generator},
+        {
+            "stages_s": timings,
+            "seed": seed,
+            "reference": reference,
+            "generator": generator,
+            "cohort": {"manifest": str(cohort), "cases": gate["cohort"]["cases"]},
+            "gate": {
+                "verdict": gate["verdict"],
+                "failed_rules": gate["failed_rules"],
+                "flags": len(gate["flags"]),
+            },
+        },
         kind="demo-summary",
     )
     console.print(f"stage times (s): {timings}")
     return 0
+
+
+def _cohort(manifest: Path, run: Path, seed: int) -> Path:
+    """Per site, the classes it lacks (the rare class above all), from the run's generator."""
+    from synthct.checkpoint import load_generator
+    from synthct.cohort import generate_cohort, plan_cohort, reference_counts
+
+    gen = load_generator(run / "generator")
+    plan = plan_cohort(
+        reference_counts(manifest, gen.config), list(gen.config.labels.classes), per_site=True
+    )
+    with progress_bar("cohort", total=len(plan)) as update:
+        return generate_cohort(
+            gen, run / "generator", plan, run / "cohort", seed=seed, progress=update
+        )
+
+
+def _gate(cohort: Path, manifest: Path, config: SynthctConfig, run: Path, seed: int) -> dict:
+    """Judge the cohort against the sites' real train/holdout; a fail is a valid result."""
+    from synthct.eval.gate import load_real, run_gate, write_gate
+    from synthct.eval.reference import load_reference
+
+    reference = load_reference(run / "reference", vocabulary_hash=config.labels.vocabulary_hash)
+    real = load_real(manifest, manifest, config=config, reference=reference)
+    report = run_gate(cohort, real, config=config, reference=reference, seed=seed)
+    write_gate(report, run / "gate.json")
+    return report
+
+
+def _print_gate_summary(report: dict) -> None:
+    from synthct.eval.gate import gate_table
+
+    console.print(gate_table(report))
+    if report["verdict"] != "pass":
+        console.print(
+            "the cohort failed the gate: synthetic data will not be used downstream "
+            f"(failed: {', '.join(report['failed_rules'])})"
+        )
 
 
 def _make_sites(config: SynthctConfig, run: Path, seed: int) -> Path:
@@ -126,7 +179,13 @@ def _load_all(manifest: Path, config: SynthctConfig) -> Counter:
 
 def _reference(manifest: Path, config: SynthctConfig, run: Path) -> dict:
     from synthct.data.dataset import load_cases
+    from synthct.pretrained import shipped_reference_for
     from synthct.trainer import ensure_reference
+
+    shipped = shipped_reference_for(manifest)
+    if shipped is not None and not (run / "reference").exists():
+        shutil.copytree(shipped, run / "reference")  # trained on these very phantoms
+        logger.info("reference models: the shipped ones (trained on this manifest)")
 
     train = load_cases(manifest, config, splits=("train",))
     holdout = load_cases(manifest, config, splits=("holdout",))

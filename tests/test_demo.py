@@ -20,6 +20,8 @@ def test_demo_stages_on_smoke(tmp_path):
         "load splits",
         "reference classifier",
         "federated generator",
+        "synthetic cohort",
+        "gate",
     }
     assert summary["generator"]["origin"] == "from scratch"  # no pretrained fits smoke nets
     assert set(summary["generator"]["last_losses"]) == {"site_a", "site_b", "site_c"}
@@ -27,6 +29,14 @@ def test_demo_stages_on_smoke(tmp_path):
     assert (run / "reference" / "reference.safetensors").is_file()
     assert "holdout" in summary["reference"]
     assert (run / "config.yaml").is_file()
+    gate = read_json(run / "gate.json")
+    assert gate["verdict"] in {"pass", "fail"} and summary["gate"]["verdict"] == gate["verdict"]
+    assert gate["cohort"]["cases"] == summary["cohort"]["cases"] > 0
+    # per-site plan: site_b lacks the rare class, so its share of the cohort includes it
+    from synthct.data.manifest import read_manifest
+
+    rows = read_manifest(run / "cohort" / "manifest.csv")
+    assert any(r.site == "site_b" and r.label == "consolidation" for r in rows)
 
 
 def test_demo_stage_error_is_named(tmp_path, capsys):

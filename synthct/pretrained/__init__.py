@@ -16,7 +16,12 @@ import torch
 from synthct.checkpoint import CheckpointError, Generator, load_generator
 from synthct.eval.reference import ReferenceModel, load_reference
 
-__all__ = ["phantom_dir", "load_phantom_generator", "load_phantom_reference"]
+__all__ = [
+    "phantom_dir",
+    "load_phantom_generator",
+    "load_phantom_reference",
+    "shipped_reference_for",
+]
 
 
 def phantom_dir() -> Path:
@@ -42,3 +47,15 @@ def load_phantom_reference(vocabulary_hash: str | None = None) -> ReferenceModel
     if not (path / "reference.json").is_file():
         raise CheckpointError(f"{path}: the phantom reference models are not part of this install")
     return load_reference(path, vocabulary_hash=vocabulary_hash)
+
+
+def shipped_reference_for(manifest: str | Path) -> Path | None:
+    """The shipped reference folder if it was trained on exactly this manifest (same bytes:
+    the demo's phantom sites at the shipped seed), so the demo need not retrain it."""
+    from synthct.artifacts import read_json, sha256_file
+
+    path = phantom_dir() / "reference"
+    record = path / "trained_on.json"
+    if not record.is_file() or not Path(manifest).is_file():
+        return None
+    return path if read_json(record).get("manifest_sha256") == sha256_file(manifest) else None
