@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from synthct.data.preprocess import model_to_hu
+from synthct.eval.classification import roc_auc
 from synthct.eval.features import tissue_masks
 
 __all__ = [
@@ -187,14 +188,6 @@ def dcr_share(
     return float(np.mean(shares))
 
 
-def _auc(pos: np.ndarray, neg: np.ndarray) -> float:
-    """P(pos > neg) + 0.5 P(pos == neg) (Mann-Whitney)."""
-    if len(pos) == 0 or len(neg) == 0:
-        return float("nan")
-    diff = pos[:, None] - neg[None, :]
-    return float((diff > 0).mean() + 0.5 * (diff == 0).mean())
-
-
 def membership_auc(
     synthetic: MatchSet,
     train: MatchSet,
@@ -211,5 +204,5 @@ def membership_auc(
     for _ in range(repeats):
         idx = rng.choice(len(train), size=min(len(holdout), len(train)), replace=False)
         members = copy_scores(train.subset(idx), synthetic).score
-        aucs.append(_auc(members, non_members))
+        aucs.append(roc_auc(members, non_members))
     return float(np.mean(aucs))

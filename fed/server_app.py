@@ -147,7 +147,7 @@ class _RunState:
         )
 
 
-def _wait_for_sites(grid: Grid, config: SynthctConfig) -> list[int]:
+def wait_for_sites(grid: Grid, config: SynthctConfig) -> list[int]:
     """Wait up to ``connect_timeout_s`` for every configured site, at least ``min_sites``."""
     fed, wanted = config.federated, len(config.site_names)
     deadline = time.monotonic() + fed.connect_timeout_s
@@ -339,7 +339,7 @@ class _Driver:
     ) -> dict[str, Any]:
         config, fed = self.config, self.config.federated
         t0 = time.perf_counter()
-        _wait_for_sites(self.grid, config)
+        wait_for_sites(self.grid, config)
         cfg = self._base_config(phase)
         cfg["local-steps"] = (
             fed.local_steps_ae if phase == "autoencoder" else fed.local_steps_diffusion
@@ -424,7 +424,7 @@ class _Driver:
     def _pool_scale_factor(self, gen: Generator) -> float:
         """1/std of all sites' latents, pooled exactly from per-site count, sum, sum of squares."""
         config = self.config
-        nodes = _wait_for_sites(self.grid, config)
+        nodes = wait_for_sites(self.grid, config)
         cfg = self._with_frozen_autoencoder(self._base_config("scale"), gen)
         messages = [
             Message(

@@ -16,16 +16,19 @@ import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from synthct.checkpoint import Generator
 from synthct.config import SynthctConfig
 
-__all__ = ["train_federated", "quiet_flower_environment"]
+__all__ = ["simulate", "train_federated", "quiet_flower_environment"]
+
+T = TypeVar("T")
 
 logger = logging.getLogger(__name__)
 
 # Ray puts unix sockets under its temp dir; their paths must stay below 108 bytes.
-_RAY_SOCKET_HEADROOM = 60
+_RAY_SOCKET_HEADROOM = 72  # "/session_<date>_<time>_<pid>/sockets/plasma_store"
 
 
 def quiet_flower_environment() -> None:
@@ -47,6 +50,62 @@ def _ray_temp_dir(run_dir: Path) -> tuple[Path, bool]:
     return short, True
 
 
+def simulate(
+    server_main: Callable[..., T],
+    client_app,  # noqa: ANN001 - a flwr ClientApp
+    *,
+    num_sites: int,
+    run_dir: Path,
+    client_cpus: int = 1,
+) -> T:
+    """Run ``server_main(grid)`` as a ServerApp against ``num_sites`` virtual SuperNodes running
+    ``client_app``; returns what ``server_main`` returned. Ray is shut down afterwards."""
+    quiet_flower_environment()
+    import ray
+    from flwr.serverapp import Grid, ServerApp
+    from flwr.simulation import run_simulation
+
+    flwr_logger = logging.getLogger("flwr")
+    if flwr_logger.level < logging.WARNING and not logger.isEnabledFor(logging.DEBUG):
+        flwr_logger.setLevel(logging.WARNING)  # per-round INFO chatter; our logs have it all
+    result: dict[str, T] = {}
+    server_app = ServerApp()
+
+    @server_app.main()
+    def _main(grid: Grid, context) -> None:  # noqa: ANN001 - Flower's Context
+        result["value"] = server_main(grid)
+
+    cpus = os.cpu_count() or 1
+    ray_dir, remove_ray_dir = _ray_temp_dir(run_dir)
+    backend_config = {
+        "client_resources": {"num_cpus": min(client_cpus, cpus), "num_gpus": 0.0},
+        "init_args": {
+            "num_cpus": cpus,
+            "_temp_dir": str(ray_dir),
+            "include_dashboard": False,
+            "logging_level": "ERROR",
+            "log_to_driver": False,
+        },
+    }
+    saved_path = list(sys.path)  # Flower puts its app dir (the cwd) on sys.path; undo that
+    try:
+        run_simulation(
+            server_app=server_app,
+            client_app=client_app,
+            num_supernodes=num_sites,
+            backend_config=backend_config,
+        )
+    finally:
+        sys.path[:] = saved_path
+        if ray.is_initialized():
+            ray.shutdown()
+        if remove_ray_dir:
+            shutil.rmtree(ray_dir, ignore_errors=True)
+    if "value" not in result:
+        raise RuntimeError("federated simulation ended without a result (see the log above)")
+    return result["value"]
+
+
 def train_federated(
     config: SynthctConfig,
     manifest: str | Path,
@@ -60,17 +119,9 @@ def train_federated(
     progress: Callable[..., None] | None = None,
 ) -> Generator:
     """Federated generator training over the config's sites in Flower's simulation."""
-    quiet_flower_environment()
-    import ray
-    from flwr.serverapp import Grid, ServerApp
-    from flwr.simulation import run_simulation
-
     from synthct.fed.client_app import app as client_app
     from synthct.fed.server_app import FederatedJob, run_federated
 
-    flwr_logger = logging.getLogger("flwr")
-    if flwr_logger.level < logging.WARNING and not logger.isEnabledFor(logging.DEBUG):
-        flwr_logger.setLevel(logging.WARNING)  # per-round INFO chatter; rounds.jsonl has it all
     run_dir = Path(run).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     job = FederatedJob(
@@ -85,39 +136,10 @@ def train_federated(
         initial=Path(initial) if initial is not None else None,
         progress=progress,
     )
-    result: dict[str, Generator] = {}
-    server_app = ServerApp()
-
-    @server_app.main()
-    def _main(grid: Grid, context) -> None:  # noqa: ANN001 - Flower's Context
-        result["generator"] = run_federated(grid, job)
-
-    cpus = os.cpu_count() or 1
-    ray_dir, remove_ray_dir = _ray_temp_dir(run_dir)
-    backend_config = {
-        "client_resources": {"num_cpus": min(config.federated.client_cpus, cpus), "num_gpus": 0.0},
-        "init_args": {
-            "num_cpus": cpus,
-            "_temp_dir": str(ray_dir),
-            "include_dashboard": False,
-            "logging_level": "ERROR",
-            "log_to_driver": False,
-        },
-    }
-    saved_path = list(sys.path)  # Flower puts its app dir (the cwd) on sys.path; undo that
-    try:
-        run_simulation(
-            server_app=server_app,
-            client_app=client_app,
-            num_supernodes=len(config.site_names),
-            backend_config=backend_config,
-        )
-    finally:
-        sys.path[:] = saved_path
-        if ray.is_initialized():
-            ray.shutdown()
-        if remove_ray_dir:
-            shutil.rmtree(ray_dir, ignore_errors=True)
-    if "generator" not in result:
-        raise RuntimeError("federated simulation ended without a result (see the log above)")
-    return result["generator"]
+    return simulate(
+        lambda grid: run_federated(grid, job),
+        client_app,
+        num_sites=len(config.site_names),
+        run_dir=run_dir,
+        client_cpus=config.federated.client_cpus,
+    )

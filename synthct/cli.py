@@ -218,6 +218,62 @@ def _print_gate(report: dict) -> None:
         console.print(f"... and {len(report['flags']) - 10} more flagged (see the gate report)")
 
 
+def cmd_downstream(args: argparse.Namespace) -> int:
+    from synthct.downstream import run_downstream
+    from synthct.progress import console, progress_bar
+
+    config = _config(args.config)
+    if args.seeds:
+        try:
+            seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+        except ValueError:
+            print(f"synthct: error: --seeds {args.seeds!r}: expected e.g. 0,1,2", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        config = config.model_copy(
+            update={"downstream": config.downstream.model_copy(update={"seeds": seeds})}
+        )
+    with progress_bar("downstream") as update:
+        results = run_downstream(
+            config,
+            args.real,
+            args.out,
+            cohort_dir=args.cohort,
+            gate_json=args.gate,
+            federated=args.federated,
+            force_ungated=args.force_ungated,
+            progress=update,
+        )
+    if results["ungated"]:
+        console.print("[bold red]UNGATED: the cohort did not pass (or was changed after) the gate")
+    console.print(downstream_table(results))
+    print(f"results: {Path(args.out) / 'results.json'}")
+    return EXIT_OK
+
+
+def downstream_table(results: dict):
+    from rich.table import Table
+
+    rare = results["rare"]
+    table = Table(title=f"downstream ({results['mode']}, real test split, mean ± sd over seeds)")
+    for col in ("arm", "balanced acc", "macro AUC", *(f"{r} recall" for r in rare), "worst site"):
+        table.add_column(col)
+    for arm, data in results["arms"].items():
+        s = data["summary"]
+
+        def fmt(m: dict) -> str:
+            return f"{m['mean']:.3f} ± {m['sd']:.3f}"
+
+        rare_cols = [fmt(s[f"recall_{r}"]) for r in rare]
+        table.add_row(
+            arm,
+            fmt(s["balanced_accuracy"]),
+            fmt(s["macro_auc"]),
+            *rare_cols,
+            fmt(s["worst_site_balanced_accuracy"]),
+        )
+    return table
+
+
 def cmd_fed_app(args: argparse.Namespace) -> int:
     from synthct.fed.deployment import write_flower_app
 
@@ -330,6 +386,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--drop-flagged", metavar="DIR", help="also write the unflagged cases here")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_gate)
+
+    p = sub.add_parser("downstream", help="train classifiers on real (+ gated synthetic) data")
+    p.add_argument("--real", required=True, help="manifest with train and test splits")
+    p.add_argument("--cohort", help="synthetic cohort folder (needs a passing gate.json)")
+    p.add_argument("--gate", help="gate report (default: COHORT/gate.json)")
+    p.add_argument("--federated", action="store_true", help="FedAvg over the sites (Flower)")
+    p.add_argument(
+        "--force-ungated", action="store_true", help="use a cohort without a passing gate"
+    )
+    p.add_argument("--out", required=True)
+    p.add_argument("--config", help="config YAML (default: packaged demo.yaml)")
+    p.add_argument("--seeds", help="comma-separated seeds (default: config downstream.seeds)")
+    p.set_defaults(func=cmd_downstream)
 
     p = sub.add_parser("phantoms", help="write multi-site chest-CT phantoms + manifest.csv")
     p.add_argument("--config", help="config YAML (default: packaged demo.yaml)")

@@ -283,6 +283,34 @@ class FederatedConfig(_Strict):
     faults: list[FaultConfig] = Field(default_factory=list)
 
 
+class DownstreamConfig(_Strict):
+    """The downstream classifier (a small MONAI ``Classifier``) and how it is trained: centrally
+    for ``epochs``, or federatedly (FedAvg) for ``rounds`` of ``local_epochs`` per site."""
+
+    channels: list[int] = Field(default_factory=lambda: [8, 16, 32])
+    strides: list[int] = Field(default_factory=lambda: [2, 2, 2])
+    dropout: float = Field(default=0.1, ge=0, lt=1)
+    epochs: int = Field(default=30, ge=1)
+    rounds: int = Field(default=10, ge=1)
+    local_epochs: int = Field(default=3, ge=1)
+    batch_size: int = Field(default=8, ge=1)
+    lr: float = Field(default=1e-3, gt=0)
+    balanced: bool = Field(
+        default=False,
+        description="class-balanced batches; off by default: the natural imbalance is the problem "
+        "synthetic data is meant to repair",
+    )
+    seeds: list[int] = Field(default_factory=lambda: [0])
+
+    @model_validator(mode="after")
+    def _shapes(self) -> DownstreamConfig:
+        if len(self.channels) != len(self.strides) or not self.channels:
+            raise ValueError("channels and strides need the same, non-zero length")
+        if not self.seeds:
+            raise ValueError("seeds needs at least one seed")
+        return self
+
+
 class SynthctConfig(_Strict):
     """A whole run: labels, data and the later stages' sections."""
 
@@ -295,6 +323,7 @@ class SynthctConfig(_Strict):
     sampling: SamplingConfig = SamplingConfig()
     train: TrainConfig = TrainConfig()
     federated: FederatedConfig = FederatedConfig()
+    downstream: DownstreamConfig = DownstreamConfig()
 
     @property
     def latent_shape(self) -> tuple[int, int, int, int]:

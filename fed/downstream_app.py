@@ -1,0 +1,186 @@
+"""Federated downstream classifier on Flower: FedAvg over the sites, then per-site evaluation.
+
+Each site trains on its own real ``train`` cases plus the cohort cases meant for it (``site`` =
+itself or ``pooled``), and evaluates the final global model on its own ``test`` split; only
+weights and the test-set class probabilities (with their labels) leave a site. The training
+loop is Flower's own ``FedAvg.start`` (weighted by cases); the final evaluation round is sent
+explicitly so every site's results are collected, not just their average.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from synthct.config import SynthctConfig
+from synthct.data.dataset import load_cases
+from synthct.data.manifest import read_manifest
+from synthct.downstream import (
+    ArmResult,
+    build_classifier,
+    join,
+    load_cohort_for,
+    predict,
+    train_epochs,
+)
+from synthct.fed.client_app import site_settings
+from synthct.fed.errors import FederatedError, SiteError
+from synthct.fed.server_app import wait_for_sites
+from synthct.fed.task import config_from_json, config_to_json, load_site_cases, round_seed
+
+__all__ = ["app", "train_downstream_federated"]
+
+logger = logging.getLogger(__name__)
+
+app = ClientApp()
+
+
+def _site_data(msg: Message, context: Context):
+    cfg = msg.content["config"]
+    config = config_from_json(str(cfg["synthct-config"]))
+    if "sim-threads" in cfg:
+        torch.set_num_threads(int(cfg["sim-threads"]))
+    return config, cfg, site_settings(context, config, cfg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Local epochs on this site's real train cases (+ its cohort cases)."""
+    config, cfg, site = _site_data(msg, context)
+    try:
+        real = load_site_cases(config, site.manifest, site.name)
+        cohort_path = str(cfg.get("cohort-manifest", ""))
+        cohort = load_cohort_for(Path(cohort_path), config, site.name) if cohort_path else None
+        data = join(real, cohort)
+        model = build_classifier(config)
+        model.load_state_dict(msg.content["arrays"].to_torch_state_dict(), strict=True)
+        server_round = int(cfg["server-round"])
+        seed = round_seed(int(cfg["seed"]), "downstream", server_round, site.name)
+        loss = train_epochs(model, data, config, epochs=int(cfg["local-epochs"]), seed=seed)
+    except SiteError:
+        raise
+    except Exception as exc:
+        raise SiteError(f"site {site.name!r}: {type(exc).__name__}: {exc}") from exc
+    metrics = {
+        "num-examples": len(data),
+        "real": len(real),
+        "synthetic": 0 if cohort is None else len(cohort),
+        "site-index": site.index,
+        "loss": loss,
+    }
+    content = RecordDict(
+        {"arrays": ArrayRecord(model.state_dict()), "metrics": MetricRecord(metrics)}
+    )
+    return Message(content=content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """The global model on this site's own test split: probabilities and true labels."""
+    config, _cfg, site = _site_data(msg, context)
+    try:
+        test = load_cases(site.manifest, config, splits=("test",), sites=(site.name,))
+        model = build_classifier(config)
+        model.load_state_dict(msg.content["arrays"].to_torch_state_dict(), strict=True)
+        probs = torch.from_numpy(predict(model, test.images)).float()
+    except Exception as exc:
+        raise SiteError(f"site {site.name!r}: {type(exc).__name__}: {exc}") from exc
+    arrays = ArrayRecord({"probs": probs, "labels": test.labels.clone()})
+    metrics = MetricRecord({"num-examples": len(test), "site-index": site.index})
+    return Message(content=RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+
+
+def _server(
+    grid: Grid, config: SynthctConfig, manifest: Path, cohort: Path | None, seed: int
+) -> ArmResult:
+    start = time.perf_counter()
+    nodes = wait_for_sites(grid, config)
+    torch.manual_seed(seed)
+    model = build_classifier(config)
+    base = ConfigRecord(
+        {
+            "synthct-config": config_to_json(config),
+            "sim-manifest": str(manifest),
+            "sim-threads": config.federated.client_cpus,
+            "cohort-manifest": "" if cohort is None else str(cohort),
+            "seed": seed,
+            "local-epochs": config.downstream.local_epochs,
+        }
+    )
+    strategy = FedAvg(
+        fraction_evaluate=0.0,
+        min_train_nodes=config.federated.min_sites,
+        min_available_nodes=min(len(nodes), len(config.site_names)),
+    )
+    result = strategy.start(
+        grid=grid,
+        initial_arrays=ArrayRecord(model.state_dict()),
+        num_rounds=config.downstream.rounds,
+        timeout=config.federated.round_timeout_s,
+        train_config=base,
+    )
+    messages = [
+        Message(
+            content=RecordDict({"arrays": result.arrays, "config": base}),
+            message_type=MessageType.EVALUATE,
+            dst_node_id=node,
+        )
+        for node in nodes
+    ]
+    replies = list(grid.send_and_receive(messages, timeout=config.federated.round_timeout_s))
+    probs, labels, sites = [], [], []
+    for reply in replies:
+        if reply.has_error():
+            raise FederatedError(f"downstream evaluation failed at a site: {reply.error.reason}")
+        arrays = reply.content["arrays"].to_torch_state_dict()
+        name = config.site_names[int(reply.content["metrics"]["site-index"])]
+        probs.append(arrays["probs"].numpy())
+        labels.append(arrays["labels"].numpy())
+        sites += [name] * len(arrays["labels"])
+    if not probs:
+        raise FederatedError("no site returned downstream test predictions")
+    train_cases = {"real": sum(1 for r in read_manifest(manifest) if r.split == "train")}
+    if cohort is not None:
+        train_cases["synthetic"] = sum(1 for r in read_manifest(cohort) if r.split == "train")
+    return ArmResult(
+        probs=np.concatenate(probs),
+        labels=np.concatenate(labels),
+        sites=sites,
+        train_cases=train_cases,
+        wall_s=time.perf_counter() - start,
+    )
+
+
+def train_downstream_federated(
+    config: SynthctConfig, manifest: Path, cohort: Path | None, run_dir: Path, seed: int
+) -> ArmResult:
+    """One federated arm in Flower's simulation (one virtual SuperNode per site)."""
+    from synthct.fed.simulation import simulate
+
+    run_dir = Path(run_dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    manifest = Path(manifest).resolve()
+    cohort = Path(cohort).resolve() if cohort is not None else None
+    return simulate(
+        lambda grid: _server(grid, config, manifest, cohort, seed),
+        app,
+        num_sites=len(config.site_names),
+        run_dir=run_dir,
+        client_cpus=config.federated.client_cpus,
+    )

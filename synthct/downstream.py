@@ -1,0 +1,270 @@
+"""Downstream classifiers: does a gated synthetic cohort help the model the sites care about?
+
+A small MONAI 3D ``Classifier`` is trained on real ``train`` cases, optionally plus a cohort,
+centrally (all sites pooled) or federatedly (Flower; each site adds the cohort cases meant for
+it, ``site`` = itself or ``pooled``), and evaluated on the real ``test`` split only, per site and
+overall. A cohort is used only with a passing ``gate.json`` whose hashes all match; with
+``force_ungated`` the results say so in capitals.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.networks.nets import Classifier
+from torch import nn
+
+from synthct.artifacts import write_json
+from synthct.config import SynthctConfig
+from synthct.data.dataset import CaseSet, load_cases
+from synthct.eval.classification import per_site_metrics
+from synthct.eval.reference import augment
+from synthct.training import BalancedSampler
+
+__all__ = [
+    "POOLED_SITE",
+    "build_classifier",
+    "train_epochs",
+    "predict",
+    "load_cohort_for",
+    "check_cohort_gate",
+    "ArmResult",
+    "join",
+    "run_downstream",
+]
+
+logger = logging.getLogger(__name__)
+
+POOLED_SITE = "pooled"
+RESULTS_FORMAT = 1
+
+
+def build_classifier(config: SynthctConfig) -> nn.Module:
+    """The downstream network from ``config.downstream`` (MONAI ``Classifier``)."""
+    d = config.downstream
+    return Classifier(
+        in_shape=(1, *config.data.shape),
+        classes=config.labels.num_classes,
+        channels=d.channels,
+        strides=d.strides,
+        num_res_units=1,
+        dropout=d.dropout,
+    )
+
+
+def train_epochs(
+    model: nn.Module,
+    cases: CaseSet,
+    config: SynthctConfig,
+    *,
+    epochs: int,
+    seed: int,
+    progress: Callable[[int, int], None] | None = None,
+) -> float:
+    """``epochs`` passes over ``cases`` (augmented; class-balanced only if configured); returns
+    the mean loss of the last epoch. A fresh AdamW each call (a federated round)."""
+    d = config.downstream
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=d.lr, weight_decay=1e-4)
+    sampler = BalancedSampler(cases.labels, balanced=d.balanced, generator=generator)
+    steps = max(len(cases) // d.batch_size, 1)
+    model.train()
+    losses: list[float] = []
+    for epoch in range(epochs):
+        losses = []
+        for _ in range(steps):
+            idx = sampler(d.batch_size)
+            x = augment(cases.images[idx], generator)
+            loss = F.cross_entropy(model(x), cases.labels[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        if progress is not None:
+            progress(epoch + 1, epochs)
+    model.eval()
+    return float(np.mean(losses)) if losses else float("nan")
+
+
+@torch.no_grad()
+def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 32) -> np.ndarray:
+    """N×K class probabilities."""
+    model.eval()
+    out = [
+        F.softmax(model(images[i : i + batch_size]), 1) for i in range(0, len(images), batch_size)
+    ]
+    return torch.cat(out).numpy() if out else np.zeros((0, 0))
+
+
+def load_cohort_for(
+    cohort_manifest: Path, config: SynthctConfig, site: str | None
+) -> CaseSet | None:
+    """The cohort's cases for ``site`` (its own and ``pooled`` ones), or all with ``None``."""
+    sites = None if site is None else (site, POOLED_SITE)
+    cases = load_cases(cohort_manifest, config, splits=("train",), sites=sites)
+    return cases if len(cases) else None
+
+
+def join(a: CaseSet, b: CaseSet | None) -> CaseSet:
+    if b is None:
+        return a
+    return CaseSet(
+        torch.cat([a.images, b.images]),
+        torch.cat([a.labels, b.labels]),
+        a.sites + b.sites,
+        a.paths + b.paths,
+    )
+
+
+def check_cohort_gate(
+    cohort_dir: Path, gate_json: Path | None, force_ungated: bool
+) -> dict[str, Any]:
+    """The gate's verdict on the cohort; refuses (GateError) unless it passed unchanged."""
+    from synthct.eval.gate import GateError, verify_gate
+
+    gate_json = gate_json or cohort_dir / "gate.json"
+    try:
+        report = verify_gate(gate_json, cohort_dir)
+        return {"gated": True, "gate": str(gate_json), "verdict": report["verdict"]}
+    except GateError as exc:
+        if not force_ungated:
+            raise
+        logger.warning("UNGATED cohort used (--force-ungated): %s", exc)
+        return {"gated": False, "gate": str(gate_json), "refusal": str(exc)}
+
+
+@dataclass
+class ArmResult:
+    """One training arm under one seed: test probabilities and what it trained on."""
+
+    probs: np.ndarray  # N×K on the real test cases
+    labels: np.ndarray  # N true classes
+    sites: list[str]  # N sites
+    train_cases: dict[str, int]
+    wall_s: float
+
+
+def _central_arm(
+    config: SynthctConfig, real: CaseSet, cohort: CaseSet | None, test: CaseSet, seed: int
+) -> ArmResult:
+    start = time.perf_counter()
+    torch.manual_seed(seed)
+    model = build_classifier(config)
+    data = join(real, cohort)
+    train_epochs(model, data, config, epochs=config.downstream.epochs, seed=seed)
+    counts = {"real": len(real), "synthetic": len(cohort) if cohort is not None else 0}
+    return ArmResult(
+        predict(model, test.images),
+        test.labels.numpy(),
+        list(test.sites),
+        counts,
+        time.perf_counter() - start,
+    )
+
+
+def run_downstream(
+    config: SynthctConfig,
+    real_manifest: str | Path,
+    out: str | Path,
+    *,
+    cohort_dir: str | Path | None = None,
+    gate_json: str | Path | None = None,
+    federated: bool = False,
+    force_ungated: bool = False,
+    progress: Callable[..., None] | None = None,
+) -> dict[str, Any]:
+    """Train real-only (and real + cohort) classifiers for every seed; ``results.json``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    real_manifest = Path(real_manifest)
+    gate_info: dict[str, Any] | None = None
+    cohort_manifest = None
+    if cohort_dir is not None:
+        cohort_dir = Path(cohort_dir)
+        gate_info = check_cohort_gate(
+            cohort_dir, Path(gate_json) if gate_json else None, force_ungated
+        )
+        cohort_manifest = cohort_dir / "manifest.csv"
+    test = load_cases(real_manifest, config, splits=("test",))
+    if len(test) == 0:
+        from synthct.data.manifest import ManifestError
+
+        raise ManifestError(f"{real_manifest}: no test cases to evaluate on")
+    classes, rare = list(config.labels.classes), list(config.labels.rare)
+    arms = ["real"] + (["real+synthetic"] if cohort_manifest is not None else [])
+    results: dict[str, Any] = {}
+    total = len(arms) * len(config.downstream.seeds)
+    done = 0
+    for arm in arms:
+        runs = []
+        for seed in config.downstream.seeds:
+            use = cohort_manifest if arm == "real+synthetic" else None
+            if federated:
+                from synthct.fed.downstream_app import train_downstream_federated
+
+                result = train_downstream_federated(config, real_manifest, use, out, seed)
+            else:
+                real = load_cases(real_manifest, config, splits=("train",))
+                cohort = load_cohort_for(use, config, None) if use is not None else None
+                result = _central_arm(config, real, cohort, test, seed)
+            metrics = per_site_metrics(result.probs, result.labels, result.sites, classes, rare)
+            runs.append(
+                {
+                    "seed": seed,
+                    "train_cases": result.train_cases,
+                    "wall_s": round(result.wall_s, 1),
+                    **metrics,
+                }
+            )
+            done += 1
+            if progress is not None:
+                progress(done, total, arm=arm, seed=seed)
+        results[arm] = {"runs": runs, "summary": _summary(runs, rare)}
+    payload = {
+        "mode": "federated" if federated else "central",
+        "real_manifest": str(real_manifest),
+        "cohort": None if cohort_dir is None else str(cohort_dir),
+        "gate": gate_info,
+        "ungated": bool(gate_info and not gate_info["gated"]),
+        "classes": classes,
+        "rare": rare,
+        "seeds": list(config.downstream.seeds),
+        "test_cases": len(test),
+        "arms": results,
+        "format": RESULTS_FORMAT,
+    }
+    write_json(out / "results.json", payload, kind="synthct-downstream")
+    return payload
+
+
+def _mean_sd(values: list[float]) -> dict[str, float]:
+    arr = np.asarray([v for v in values if v is not None and np.isfinite(v)], dtype=float)
+    if not len(arr):
+        return {"mean": float("nan"), "sd": float("nan")}
+    return {"mean": float(arr.mean()), "sd": float(arr.std(ddof=1)) if len(arr) > 1 else 0.0}
+
+
+def _summary(runs: list[dict[str, Any]], rare: list[str]) -> dict[str, Any]:
+    """Mean ± sd over seeds of the headline numbers."""
+    out = {
+        "balanced_accuracy": _mean_sd([r["overall"]["balanced_accuracy"] for r in runs]),
+        "macro_auc": _mean_sd([r["overall"]["macro_auc"] for r in runs]),
+        "worst_site_balanced_accuracy": _mean_sd([r["worst_site_balanced_accuracy"] for r in runs]),
+        "best_worst_gap": _mean_sd([r["best_worst_gap"] for r in runs]),
+    }
+    for name in rare:
+        out[f"recall_{name}"] = _mean_sd([r["overall"]["per_class_recall"].get(name) for r in runs])
+    sites = sorted(runs[0]["per_site"]) if runs else []
+    out["per_site_balanced_accuracy"] = {
+        s: _mean_sd([r["per_site"][s]["balanced_accuracy"] for r in runs]) for s in sites
+    }
+    return out

@@ -1,0 +1,103 @@
+"""Downstream classifiers: the gate is enforced; central and federated arms report per site.
+
+Real data: the demo phantom sites; the cohort: fresh real phantoms (another seed) gated for
+real with the shipped reference models, so the passing gate is earned, not written by hand.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from synthct.artifacts import read_json
+from synthct.cli import main
+from synthct.downstream import run_downstream
+from synthct.eval import negatives
+from synthct.eval.gate import GateError, load_real, run_gate, write_gate
+from synthct.pretrained import load_phantom_reference
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def tiny(demo_config):
+    """The demo data with a tiny, quick downstream schedule."""
+    down = demo_config.downstream.model_copy(
+        update={"channels": [4, 8], "strides": [2, 2], "epochs": 1, "rounds": 1, "seeds": [0]}
+    )
+    fed = demo_config.federated.model_copy(update={"round_timeout_s": 300})
+    return demo_config.model_copy(update={"downstream": down, "federated": fed})
+
+
+@pytest.fixture(scope="module")
+def gated(tmp_path_factory, demo_config, demo_sites):
+    """A passing cohort (fresh real phantoms) and a failing one (labels rotated)."""
+    root = tmp_path_factory.mktemp("cohorts")
+    reference = load_phantom_reference(demo_config.labels.vocabulary_hash)
+    real = load_real(demo_sites, demo_sites, config=demo_config, reference=reference)
+    counts = {"nodule": 6, "ground_glass": 6, "consolidation": 10}
+    good = negatives.fresh_real_cohort(demo_config, counts, root / "good", seed=31).parent
+    bad = negatives.relabelled(
+        negatives.load_cohort_volumes(good / "manifest.csv"),
+        root / "bad",
+        classes=demo_config.labels.classes,
+    ).parent
+    for cohort in (good, bad):
+        report = run_gate(cohort / "manifest.csv", real, config=demo_config, reference=reference)
+        write_gate(report, cohort / "gate.json")
+    assert read_json(good / "gate.json")["verdict"] == "pass"
+    assert read_json(bad / "gate.json")["verdict"] == "fail"
+    return good, bad
+
+
+def test_gate_is_enforced(tmp_path, tiny, demo_sites, gated):
+    good, bad = gated
+    with pytest.raises(GateError, match="failed the gate.*conditioning"):
+        run_downstream(tiny, demo_sites, tmp_path / "a", cohort_dir=bad)
+    missing = tmp_path / "nogate"
+    shutil.copytree(good, missing)
+    (missing / "gate.json").unlink()
+    with pytest.raises(GateError, match="no gate report"):
+        run_downstream(tiny, demo_sites, tmp_path / "b", cohort_dir=missing)
+    tampered = tmp_path / "tampered"
+    shutil.copytree(good, tampered)
+    victim = sorted((tampered / "cases").rglob("*.nii.gz"))[3]
+    victim.write_bytes(victim.read_bytes()[:-7])
+    with pytest.raises(GateError, match=victim.name):
+        run_downstream(tiny, demo_sites, tmp_path / "c", cohort_dir=tampered)
+    # --force-ungated runs, and the results say so
+    results = run_downstream(tiny, demo_sites, tmp_path / "d", cohort_dir=bad, force_ungated=True)
+    assert results["ungated"] is True and "failed the gate" in results["gate"]["refusal"]
+
+
+def test_central_arms_report_every_site(tmp_path, tiny, demo_sites, gated):
+    good, _ = gated
+    results = run_downstream(tiny, demo_sites, tmp_path / "run", cohort_dir=good)
+    assert results["ungated"] is False and results["gate"]["gated"] is True
+    assert set(results["arms"]) == {"real", "real+synthetic"}
+    run = results["arms"]["real+synthetic"]["runs"][0]
+    assert run["train_cases"]["synthetic"] == 22
+    assert set(run["per_site"]) == {"site_a", "site_b", "site_c", "site_d"}
+    assert list(run["overall"]["per_class_recall"])[0] == "consolidation"  # rare class first
+    saved = read_json(tmp_path / "run" / "results.json")
+    assert saved["kind"] == "synthct-downstream" and saved["versions"]["torch"]
+
+
+def test_federated_end_to_end_through_the_cli(tmp_path, demo_sites, gated):
+    good, _ = gated
+    config = tmp_path / "tiny.yaml"
+    from synthct.config import packaged_config_path
+
+    text = packaged_config_path("demo").read_text()
+    text += "downstream: {channels: [4, 8], strides: [2, 2], rounds: 2, local_epochs: 1}\n"
+    config.write_text(text)
+    out = tmp_path / "fed"
+    args = ["downstream", "--config", str(config), "--real", str(demo_sites)]
+    assert main([*args, "--cohort", str(good), "--federated", "--out", str(out)]) == 0
+    results = read_json(out / "results.json")
+    assert results["mode"] == "federated"
+    for arm in ("real", "real+synthetic"):
+        run = results["arms"][arm]["runs"][0]
+        assert set(run["per_site"]) == {"site_a", "site_b", "site_c", "site_d"}
+        assert run["overall"]["cases"] == results["test_cases"]
