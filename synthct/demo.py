@@ -5,7 +5,9 @@ reference classifier (real ``train`` only; its holdout accuracy shows the classe
 learnable from the images) -> federated generator (Flower simulation: a few rounds fine-tuning
 the shipped pretrained phantom generator, or the config's whole schedule with
 ``--from-scratch`` or when no matching pretrained generator ships) -> synthetic cohort (per
-site, what it lacks) -> gate (``RUN/gate.json``; a failed gate is a valid result).
+site, what it lacks) -> gate (``RUN/gate.json``; a failed gate is a valid result) ->
+downstream (federated classifiers on real data, and on real + the cohort only if it passed;
+evaluated per site on the real ``test`` split).
 Each later capability (federated generator, cohort, gate, downstream, report) adds a stage.
 A stage that errors stops the demo with a non-zero exit naming it.
 """
@@ -70,6 +72,9 @@ def run_demo(args: argparse.Namespace) -> int:
         )
         cohort = _run_stage("synthetic cohort", timings, lambda: _cohort(manifest, run, seed))
         gate = _run_stage("gate", timings, lambda: _gate(cohort, manifest, config, run, seed))
+        downstream = _run_stage(
+            "downstream", timings, lambda: _downstream(manifest, config, run, cohort, gate)
+        )
     except StageError as exc:
         console.print(f"[red]synthct demo: {exc}")
         return 1
@@ -90,6 +95,9 @@ def run_demo(args: argparse.Namespace) -> int:
         f"last round loss per site {generator['last_losses']}"
     )
     _print_gate_summary(gate)
+    from synthct.cli import downstream_table
+
+    console.print(downstream_table(downstream))
     write_json(
         run / "demo.json",
         {
@@ -103,6 +111,7 @@ def run_demo(args: argparse.Namespace) -> int:
                 "failed_rules": gate["failed_rules"],
                 "flags": len(gate["flags"]),
             },
+            "downstream": {arm: data["summary"] for arm, data in downstream["arms"].items()},
         },
         kind="demo-summary",
     )
@@ -135,6 +144,19 @@ def _gate(cohort: Path, manifest: Path, config: SynthctConfig, run: Path, seed: 
     report = run_gate(cohort, real, config=config, reference=reference, seed=seed)
     write_gate(report, run / "gate.json")
     return report
+
+
+def _downstream(manifest: Path, config: SynthctConfig, run: Path, cohort: Path, gate: dict) -> dict:
+    """Federated classifiers, real-only and (if the gate passed) real + synthetic; one seed."""
+    from synthct.downstream import run_downstream
+
+    down = config.downstream.model_copy(update={"seeds": config.downstream.seeds[:1]})
+    config = config.model_copy(update={"downstream": down})
+    use = cohort.parent if gate["verdict"] == "pass" else None
+    with progress_bar("downstream") as update:
+        return run_downstream(
+            config, manifest, run / "downstream", cohort_dir=use, federated=True, progress=update
+        )
 
 
 def _print_gate_summary(report: dict) -> None:

@@ -22,6 +22,7 @@ def test_demo_stages_on_smoke(tmp_path):
         "federated generator",
         "synthetic cohort",
         "gate",
+        "downstream",
     }
     assert summary["generator"]["origin"] == "from scratch"  # no pretrained fits smoke nets
     assert set(summary["generator"]["last_losses"]) == {"site_a", "site_b", "site_c"}
@@ -37,6 +38,10 @@ def test_demo_stages_on_smoke(tmp_path):
 
     rows = read_manifest(run / "cohort" / "manifest.csv")
     assert any(r.site == "site_b" and r.label == "consolidation" for r in rows)
+    results = read_json(run / "downstream" / "results.json")
+    assert results["mode"] == "federated" and "real" in results["arms"]
+    # the synthetic arm runs only behind a passing gate
+    assert ("real+synthetic" in results["arms"]) == (gate["verdict"] == "pass")
 
 
 def test_demo_stage_error_is_named(tmp_path, capsys):
