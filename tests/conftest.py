@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -12,6 +16,60 @@ os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 from synthct.config import SynthctConfig, load_config, packaged_config_path  # noqa: E402
+
+_CHECK = """
+<script>
+window.addEventListener('load', () => {
+  const out = [];
+  for (const img of document.images) {
+    const c = document.createElement('canvas');
+    c.width = img.naturalWidth; c.height = img.naturalHeight;
+    const g = c.getContext('2d'); g.drawImage(img, 0, 0);
+    const d = c.width ? g.getImageData(0, 0, c.width, c.height).data : [];
+    let lo = 255, hi = 0;
+    for (let i = 0; i < d.length; i += 4) { const v = d[i] + d[i+1] + d[i+2];
+      if (v / 3 < lo) lo = v / 3; if (v / 3 > hi) hi = v / 3; }
+    out.push({w: img.naturalWidth, h: img.naturalHeight, range: hi - lo});
+  }
+  const pre = document.createElement('pre'); pre.id = 'render-check';
+  pre.textContent = JSON.stringify({expected: +document.body.dataset.expectedImages, images: out});
+  document.body.appendChild(pre);
+});
+</script>
+"""
+
+
+def _render_check(report, tmp_path) -> dict:
+    """Open the report (plus a checking script) in headless Chromium; what it saw."""
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert chromium, "Debian's chromium is needed for this test (.ci/run installs it)"
+    page = tmp_path / "checked.html"
+    page.write_text(report.read_text().replace("</body>", _CHECK + "</body>"))
+    cmd = [
+        chromium,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--virtual-time-budget=10000",
+        "--dump-dom",
+        page.as_uri(),
+    ]
+    dom = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=True).stdout
+    found = re.search(r'<pre id="render-check">(.*?)</pre>', dom, re.S)
+    assert found, "the page's check did not run"
+    return json.loads(found.group(1).replace("&quot;", '"'))
+
+
+@pytest.fixture
+def render_check():
+    """``render_check(report_path, tmp_path)``: what headless Chromium saw of the pictures."""
+    return _render_check
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,7 @@ from synthct.config import packaged_config_path
 
 
 @pytest.mark.slow
-def test_demo_stages_on_smoke(tmp_path):
+def test_demo_stages_on_smoke(tmp_path, render_check):
     run = tmp_path / "run"
     assert main(["demo", "--config", str(packaged_config_path("smoke")), "--out", str(run)]) == 0
     summary = read_json(run / "demo.json")
@@ -23,6 +23,7 @@ def test_demo_stages_on_smoke(tmp_path):
         "synthetic cohort",
         "gate",
         "downstream",
+        "report",
     }
     assert summary["generator"]["origin"] == "from scratch"  # no pretrained fits smoke nets
     assert set(summary["generator"]["last_losses"]) == {"site_a", "site_b", "site_c"}
@@ -42,6 +43,11 @@ def test_demo_stages_on_smoke(tmp_path):
     assert results["mode"] == "federated" and "real" in results["arms"]
     # the synthetic arm runs only behind a passing gate
     assert ("real+synthetic" in results["arms"]) == (gate["verdict"] == "pass")
+    # the report: per class synthetic and real montages, HU histograms, curves, downstream bars
+    seen = render_check(run / "report.html", tmp_path)
+    n_syn = len({r.label for r in rows})
+    assert seen["expected"] == len(seen["images"]) == n_syn + 4 + 3
+    assert all(img["range"] > 50 for img in seen["images"])
 
 
 def test_demo_stage_error_is_named(tmp_path, capsys):

@@ -1,0 +1,250 @@
+"""``RUN/report.html``: one self-contained page (every picture embedded as a PNG data URI).
+
+Sections: summary; per class, axial/coronal/sagittal montages of synthetic volumes (and of real
+ones where showing them is allowed: phantoms, or ``--show-real``); HU histograms; training
+curves per site and phase; the gate table; per-site downstream bars before/after; provenance
+(config, versions, hashes). The page carries ``data-expected-images`` so a browser test can
+check that every picture rendered.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from synthct.artifacts import atomic_write_text, library_versions  # noqa: E402
+
+__all__ = ["write_report"]
+
+logger = logging.getLogger(__name__)
+
+_CSS = """
+body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
+h1{margin-bottom:0}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:2em}
+table{border-collapse:collapse;font-size:.9em}td,th{border:1px solid #ddd;padding:.3em .6em}
+th{background:#f4f4f4}.pass{color:#11734b;font-weight:bold}.fail{color:#b3261e;font-weight:bold}
+img{max-width:100%;display:block;margin:.5em 0}pre{background:#f7f7f7;padding:1em;overflow:auto}
+.verdict{font-size:1.3em}.note{color:#555}
+"""
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=80, bbox_inches="tight")
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _img(uri: str, alt: str) -> str:
+    return f'<img src="{uri}" alt="{html.escape(alt)}">'
+
+
+def montage(volumes: np.ndarray, title: str, window: tuple[float, float] = (-1000, 400)) -> str:
+    """Rows = volumes, columns = axial / coronal / sagittal central slices (HU, lung-ish window)."""
+    n = len(volumes)
+    fig, axes = plt.subplots(n, 3, figsize=(6, 2 * n), squeeze=False)
+    for i, vol in enumerate(volumes):
+        x, y, z = (s // 2 for s in vol.shape)
+        views = (vol[:, :, z].T, vol[:, y, :].T, vol[x, :, :].T)  # RAS: show with origin lower
+        for j, (view, name) in enumerate(zip(views, ("axial", "coronal", "sagittal"), strict=True)):
+            ax = axes[i, j]
+            ax.imshow(view, cmap="gray", vmin=window[0], vmax=window[1], origin="lower")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(name, fontsize=9)
+    fig.suptitle(title, fontsize=10)
+    return _png(fig)
+
+
+def hu_histograms(real: dict[str, np.ndarray], synthetic: dict[str, np.ndarray]) -> str:
+    """Per class, the HU distribution of real vs synthetic voxels."""
+    classes = sorted(set(real) | set(synthetic))
+    fig, axes = plt.subplots(1, len(classes), figsize=(3.2 * len(classes), 2.6), squeeze=False)
+    bins = np.linspace(-1024, 600, 60)
+    for ax, name in zip(axes[0], classes, strict=True):
+        for data, label, colour in ((real, "real", "#1f77b4"), (synthetic, "synthetic", "#d62728")):
+            if name in data and data[name].size:
+                ax.hist(
+                    data[name].ravel(),
+                    bins=bins,
+                    density=True,
+                    histtype="step",
+                    label=label,
+                    color=colour,
+                )
+        ax.set_title(name, fontsize=9)
+        ax.set_yticks([])
+        ax.set_xlabel("HU", fontsize=8)
+    axes[0][0].legend(fontsize=8)
+    return _png(fig)
+
+
+def training_curves(rounds: list[dict[str, Any]]) -> str | None:
+    """Per phase, each site's local training loss by round."""
+    phases = [p for p in ("autoencoder", "diffusion") if any(r["phase"] == p for r in rounds)]
+    if not phases:
+        return None
+    fig, axes = plt.subplots(1, len(phases), figsize=(5 * len(phases), 3), squeeze=False)
+    for ax, phase in zip(axes[0], phases, strict=True):
+        per_site: dict[str, list[tuple[int, float]]] = {}
+        for r in rounds:
+            if r["phase"] != phase:
+                continue
+            for s in r.get("sites", []):
+                if s.get("loss") is not None:
+                    per_site.setdefault(s["site"], []).append((r["round"], s["loss"]))
+        for site, points in sorted(per_site.items()):
+            xs, ys = zip(*points, strict=True)
+            ax.plot(xs, ys, marker=".", label=site)
+        ax.set_title(f"{phase} (federated rounds)", fontsize=9)
+        ax.set_xlabel("round")
+        ax.set_ylabel("local loss")
+        ax.legend(fontsize=7)
+    return _png(fig)
+
+
+def downstream_bars(results: dict[str, Any]) -> str | None:
+    """Per site, balanced accuracy of each arm (mean over seeds) on the real test split."""
+    arms = results.get("arms", {})
+    if not arms:
+        return None
+    sites = sorted(next(iter(arms.values()))["summary"]["per_site_balanced_accuracy"])
+    fig, ax = plt.subplots(figsize=(1.6 * len(sites) + 2, 3))
+    width = 0.8 / len(arms)
+    for k, (arm, data) in enumerate(arms.items()):
+        per_site = data["summary"]["per_site_balanced_accuracy"]
+        means = [per_site[s]["mean"] for s in sites]
+        sds = [per_site[s]["sd"] for s in sites]
+        ax.bar(np.arange(len(sites)) + k * width, means, width, yerr=sds, label=arm)
+    ax.set_xticks(np.arange(len(sites)) + width * (len(arms) - 1) / 2, sites)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("balanced accuracy (test)")
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def _gate_html(gate: dict[str, Any]) -> str:
+    verdict = gate["verdict"]
+    rows = []
+    for r in gate["rules"]:
+        ci = "" if not r.get("ci") or None in r["ci"] else f"[{r['ci'][0]:.3g}, {r['ci'][1]:.3g}]"
+        value = "n/a" if r["value"] is None else f"{r['value']:.4g}"
+        sign = "&le;" if r["direction"] == "max" else "&ge;"
+        result = {
+            True: '<span class="pass">pass</span>',
+            False: '<span class="fail">FAIL</span>',
+            None: "-",
+        }[r["passed"]]
+        reason = html.escape(r["reason"].split("; ", 1)[-1])
+        rows.append(
+            f"<tr><td>{r['rule']}</td><td>{value}</td><td>{sign} {r['threshold']:.4g}</td>"
+            f"<td>{ci}</td><td>{result}</td><td>{reason}</td></tr>"
+        )
+    flags = "".join(
+        f"<li>{html.escape(f['path'])}: {html.escape('; '.join(f['reasons']))}</li>"
+        for f in gate.get("flags", [])[:20]
+    )
+    return (
+        f'<p class="verdict">Verdict: <span class="{verdict}">{verdict.upper()}</span> '
+        f"({gate['cohort']['cases']} cases)</p>"
+        "<table><tr><th>rule</th><th>value</th><th>threshold</th><th>CI</th><th>result</th>"
+        f"<th>why this rule</th></tr>{''.join(rows)}</table>"
+        + (f"<p>Flagged volumes:</p><ul>{flags}</ul>" if flags else "")
+    )
+
+
+def _downstream_html(results: dict[str, Any]) -> str:
+    rare = results.get("rare", [])
+    head = "".join(
+        f"<th>{h}</th>"
+        for h in ("arm", "balanced acc", "macro AUC", *(f"{r} recall" for r in rare), "worst site")
+    )
+    rows = []
+    for arm, data in results.get("arms", {}).items():
+        s = data["summary"]
+
+        def fmt(m: dict[str, float]) -> str:
+            return f"{m['mean']:.3f} &plusmn; {m['sd']:.3f}"
+
+        cells = [
+            fmt(s["balanced_accuracy"]),
+            fmt(s["macro_auc"]),
+            *(fmt(s[f"recall_{r}"]) for r in rare),
+            fmt(s["worst_site_balanced_accuracy"]),
+        ]
+        rows.append(f"<tr><td>{arm}</td>{''.join(f'<td>{c}</td>' for c in cells)}</tr>")
+    note = ""
+    if results.get("ungated"):
+        note = '<p class="fail">UNGATED cohort used (--force-ungated).</p>'
+    return f"{note}<table><tr>{head}</tr>{''.join(rows)}</table>"
+
+
+def write_report(
+    out: str | Path,
+    *,
+    title: str,
+    summary: dict[str, Any],
+    synthetic: dict[str, np.ndarray],
+    real: dict[str, np.ndarray] | None,
+    rounds: list[dict[str, Any]],
+    gate: dict[str, Any] | None,
+    downstream: dict[str, Any] | None,
+    provenance: dict[str, Any],
+) -> Path:
+    """Write the report. ``synthetic``/``real``: class -> N×X×Y×Z HU volumes (a few each);
+    ``real`` is None when real images must not be shown."""
+    images: list[str] = []
+    parts = [f"<h1>{html.escape(title)}</h1><p class='note'>{time.strftime('%Y-%m-%d %H:%M')}</p>"]
+    parts.append("<h2>Summary</h2><pre>" + html.escape(json.dumps(summary, indent=2)) + "</pre>")
+
+    def add(uri: str | None, alt: str) -> None:
+        if uri is not None:
+            images.append(uri)
+            parts.append(_img(uri, alt))
+
+    parts.append("<h2>Synthetic volumes per class</h2>")
+    for name, vols in synthetic.items():
+        add(montage(vols, f"synthetic: {name}"), f"synthetic {name}")
+    if real is not None:
+        parts.append("<h2>Real volumes per class (phantoms)</h2>")
+        for name, vols in real.items():
+            add(montage(vols, f"real: {name}"), f"real {name}")
+    else:
+        parts.append("<p class='note'>Real images are not shown (use --show-real).</p>")
+    parts.append("<h2>HU histograms</h2>")
+    add(hu_histograms(real or {}, synthetic), "HU histograms")
+    parts.append("<h2>Federated training</h2>")
+    add(training_curves(rounds), "training curves")
+    if gate is not None:
+        parts.append("<h2>Gate</h2>" + _gate_html(gate))
+    if downstream is not None:
+        parts.append(
+            "<h2>Downstream classifiers (real test split)</h2>" + _downstream_html(downstream)
+        )
+        add(downstream_bars(downstream), "downstream per site")
+    prov = {**provenance, "versions": library_versions()}
+    parts.append(
+        "<h2>Provenance</h2><pre>" + html.escape(json.dumps(prov, indent=2, default=str)) + "</pre>"
+    )
+    page = (
+        "<!DOCTYPE html><html><head><meta charset='utf-8'>"
+        f"<title>{html.escape(title)}</title><style>{_CSS}</style></head>"
+        f"<body data-expected-images='{len(images)}'>{''.join(parts)}</body></html>"
+    )
+    out = Path(out)
+    atomic_write_text(out, page)
+    logger.info("report %s: %d pictures, %.1f kB", out, len(images), len(page) / 1024)
+    return out
