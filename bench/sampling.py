@@ -111,7 +111,7 @@ def _arm(args: argparse.Namespace) -> dict:
         sampler = sampling_scheduler(config.diffusion, config.sampling.sampler)
         calls = {"n": 0}
 
-        def denoiser(x, t, c):
+        def denoiser(x, t, c, _requested):
             calls["n"] += 1
             return gen.ema(x, t, class_labels=c)
 

@@ -112,6 +112,20 @@ def _generator_dir(run: str) -> Path:
     )
 
 
+def _with_plugins(gen, gen_dir: Path, registry: str | None, merge: str):
+    """(generator, denoiser or None, provenance note) after applying a plugin registry."""
+    if not registry:
+        return gen, None, None
+    from synthct.plugins.merge import MixtureDenoiser, fuse
+    from synthct.plugins.registry import load_plugins
+
+    plugins = load_plugins(registry, gen, gen_dir)
+    note = f"{merge}({','.join(p.name for p in plugins)})"
+    if merge == "fusion":
+        return fuse(gen, plugins), None, note
+    return gen, MixtureDenoiser(gen, plugins), note
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
@@ -121,7 +135,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from synthct.training import resolve_device
 
     device = resolve_device(args.device)
-    gen = load_generator(_generator_dir(args.run), device)
+    gen_dir = _generator_dir(args.run)
+    gen = load_generator(gen_dir, device)
+    gen, denoiser, _note = _with_plugins(gen, gen_dir, args.plugins, args.merge)
     try:
         labels = labels_to_indices(gen, [args.label] * args.n)
     except ValueError as exc:
@@ -135,6 +151,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         guidance=args.guidance,
         generator=torch.Generator().manual_seed(args.seed),
         device=device,
+        denoiser=denoiser,
     )
     out = Path(args.out)
     for i, vol in enumerate(volumes):
@@ -154,6 +171,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     gen_dir = _generator_dir(args.run)
     gen = load_generator(gen_dir, device)
+    gen, denoiser, note = _with_plugins(gen, gen_dir, args.plugins, args.merge)
     classes = list(gen.config.labels.classes)
     target = parse_counts(args.counts, classes) if args.counts else "balanced"
     counts = reference_counts(args.reference, gen.config)
@@ -174,6 +192,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             device=device,
             progress=update,
+            denoiser=denoiser,
+            plugins=note,
         )
     by_class = Counter(c.label for c in plan)
     print(f"cohort: {manifest} ({len(plan)} cases: {dict(by_class)})")
@@ -274,6 +294,57 @@ def downstream_table(results: dict):
     return table
 
 
+def cmd_plugin_train(args: argparse.Namespace) -> int:
+    from synthct.checkpoint import load_generator
+    from synthct.data.dataset import load_cases
+    from synthct.plugins.adapter import export_plugin, train_plugin
+    from synthct.progress import progress_bar
+
+    gen_dir = _generator_dir(args.run)
+    gen = load_generator(gen_dir)
+    cfg = gen.config.plugins.model_copy(
+        update={
+            k: v
+            for k, v in (("rank", args.rank), ("steps", args.steps), ("targets", args.targets))
+            if v
+        }
+    )
+    cases = load_cases(args.data, gen.config, splits=("train",), sites=(args.site,))
+    if len(cases) == 0:
+        print(f"synthct: error: {args.data}: no train cases of site {args.site!r}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    with progress_bar(f"plugin {args.site}", cfg.steps) as update:
+        unet = train_plugin(gen, cases, cfg, seed=args.seed, progress=update)
+    out = export_plugin(
+        unet, args.out, gen=gen, generator_dir=gen_dir, site=args.site, cases=cases, cfg=cfg
+    )
+    size = (out / "plugin.safetensors").stat().st_size
+    print(f"plugin: {out} ({size / 1024:.0f} KiB)")
+    return EXIT_OK
+
+
+def cmd_plugin_add(args: argparse.Namespace) -> int:
+    from synthct.checkpoint import load_generator
+    from synthct.plugins.registry import add_plugin
+
+    gen_dir = _generator_dir(args.run)
+    plugin = add_plugin(args.registry, args.plugin, load_generator(gen_dir), gen_dir)
+    print(f"registered {plugin.name} in {args.registry}")
+    return EXIT_OK
+
+
+def cmd_plugin_list(args: argparse.Namespace) -> int:
+    from synthct.plugins.registry import list_plugins
+
+    for row in list_plugins(args.registry):
+        seen = ", ".join(f"{k}:{v}" for k, v in row["classes_seen"].items() if v)
+        print(
+            f"{row['name']}  site={row['site']} rank={row['rank']} {row['targets']} "
+            f"{row['weights_bytes'] / 1024:.0f} KiB  classes {seen}  ({row['created']})"
+        )
+    return EXIT_OK
+
+
 def cmd_fed_app(args: argparse.Namespace) -> int:
     from synthct.fed.deployment import write_flower_app
 
@@ -305,6 +376,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from synthct.demo import run_demo
 
     return run_demo(args)
+
+
+def _plugin_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--plugins", metavar="REGISTRY", help="apply a plugin registry")
+    p.add_argument("--merge", choices=["fusion", "mixture"], default="fusion")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -356,6 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    _plugin_options(p)
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("generate", help="generate a class-balanced synthetic cohort")
@@ -371,7 +448,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    _plugin_options(p)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("plugin", help="site LoRA plugins: train, register, list")
+    plug = p.add_subparsers(dest="plugin_command", required=True, metavar="PLUGIN_COMMAND")
+    q = plug.add_parser("train", help="train a LoRA plugin on one site's data")
+    q.add_argument("--run", required=True, help="base: run, generator folder or 'pretrained'")
+    q.add_argument("--site", required=True)
+    q.add_argument("--data", required=True, help="manifest holding the site's train cases")
+    q.add_argument("--out", required=True, help="plugin folder")
+    q.add_argument("--rank", type=int, default=None)
+    q.add_argument("--steps", type=int, default=None)
+    q.add_argument("--targets", choices=["conv+linear", "attention+time"], default=None)
+    q.add_argument("--seed", type=int, default=0)
+    q.set_defaults(func=cmd_plugin_train)
+    q = plug.add_parser("add", help="validate a plugin and add it to a registry folder")
+    q.add_argument("registry")
+    q.add_argument("plugin")
+    q.add_argument("--run", required=True, help="the base generator the registry serves")
+    q.set_defaults(func=cmd_plugin_add)
+    q = plug.add_parser("list", help="the plugins in a registry")
+    q.add_argument("registry")
+    q.set_defaults(func=cmd_plugin_list)
 
     p = sub.add_parser(
         "gate", help="score a cohort (fidelity, diversity, privacy, bias) and judge it"
@@ -439,6 +538,7 @@ def main(argv: list[str] | None = None) -> int:
     from synthct.data.volume_io import VolumeError
     from synthct.eval.gate import GateError
     from synthct.fed.errors import FederatedError, SiteError
+    from synthct.plugins.adapter import PluginError
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -454,6 +554,7 @@ def main(argv: list[str] | None = None) -> int:
         SiteError,
         CohortError,
         GateError,
+        PluginError,
     ) as exc:
         print(f"synthct: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

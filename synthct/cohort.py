@@ -160,14 +160,19 @@ def generate_cohort(
     batch_size: int = 8,
     device: torch.device | str = "cpu",
     progress: Callable[..., None] | None = None,
+    denoiser: Callable[..., torch.Tensor] | None = None,
+    plugins: str | None = None,
 ) -> Path:
-    """Sample every planned case not yet on disk; returns the cohort manifest path."""
+    """Sample every planned case not yet on disk; returns the cohort manifest path.
+
+    ``denoiser`` replaces the EMA UNet (a plugin Mixture); ``plugins`` describes what was merged
+    into the generator (recorded in the cohort's provenance)."""
     out = Path(out)
     cfg = gen.config.sampling
     sampler, steps = sampler or cfg.sampler, steps or cfg.steps
     guidance = cfg.guidance if guidance is None else guidance
     labels_to_indices(gen, sorted({c.label for c in plan}))  # unknown classes fail first
-    source = generator_sha256(generator_dir)
+    source = generator_sha256(generator_dir) + (f"+{plugins}" if plugins else "")
     settings = {
         "format": COHORT_FORMAT,
         "generator_sha256": source,
@@ -197,6 +202,7 @@ def generate_cohort(
             batch_size=batch_size,
             generator=torch.Generator().manual_seed(batch_seed),
             device=device,
+            denoiser=denoiser,
         )
         for case, volume in zip(batch, volumes, strict=True):
             path = _case_path(case)

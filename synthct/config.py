@@ -311,6 +311,19 @@ class DownstreamConfig(_Strict):
         return self
 
 
+class PluginConfig(_Strict):
+    """A site's LoRA plugin on the frozen shared diffusion UNet (peft)."""
+
+    rank: int = Field(default=4, ge=1)
+    alpha: float = Field(default=4.0, gt=0)
+    targets: Literal["conv+linear", "attention+time"] = Field(
+        default="conv+linear",
+        description="3x3x3 convs and linear layers, or only attention and time-embedding layers",
+    )
+    steps: int = Field(default=300, ge=1)
+    lr: float = Field(default=1e-3, gt=0)
+
+
 class SynthctConfig(_Strict):
     """A whole run: labels, data and the later stages' sections."""
 
@@ -324,6 +337,7 @@ class SynthctConfig(_Strict):
     train: TrainConfig = TrainConfig()
     federated: FederatedConfig = FederatedConfig()
     downstream: DownstreamConfig = DownstreamConfig()
+    plugins: PluginConfig = PluginConfig()
 
     @property
     def latent_shape(self) -> tuple[int, int, int, int]:

@@ -26,8 +26,10 @@ __all__ = ["sample_latents", "decode_latents", "sample_volumes", "labels_to_indi
 
 logger = logging.getLogger(__name__)
 
-# A denoiser maps (z_t, t, class_labels) -> model output; Mixture of plugins swaps this in.
-Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# A denoiser maps (z_t, t, class_labels, requested) -> model output. ``requested`` is the class
+# each row is sampled for (for a null-class row, the class of the sample it guides), so a
+# Mixture of plugins can route both guidance branches of a sample the same way.
+Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def labels_to_indices(gen: Generator, labels: Sequence[str]) -> torch.Tensor:
@@ -43,7 +45,7 @@ def labels_to_indices(gen: Generator, labels: Sequence[str]) -> torch.Tensor:
 
 
 def _unet_denoiser(unet: nn.Module) -> Denoiser:
-    return lambda z, t, c: unet(z, t, class_labels=c)
+    return lambda z, t, c, _requested: unet(z, t, class_labels=c)
 
 
 @torch.no_grad()
@@ -68,11 +70,16 @@ def sample_latents(
     for t in scheduler.timesteps:
         z_in = scheduler.scale_model_input(z, t)
         if guidance == 1.0:
-            out = denoiser(z_in, t.expand(n), cond)
+            out = denoiser(z_in, t.expand(n), cond, cond)
         elif guidance == 0.0:
-            out = denoiser(z_in, t.expand(n), null)
+            out = denoiser(z_in, t.expand(n), null, cond)
         else:
-            both = denoiser(torch.cat([z_in, z_in]), t.expand(2 * n), torch.cat([cond, null]))
+            both = denoiser(
+                torch.cat([z_in, z_in]),
+                t.expand(2 * n),
+                torch.cat([cond, null]),
+                torch.cat([cond, cond]),
+            )
             out_cond, out_uncond = both.chunk(2)
             out = out_uncond + guidance * (out_cond - out_uncond)
         z = scheduler.step(out, t, z, generator=generator).prev_sample

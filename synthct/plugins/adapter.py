@@ -1,0 +1,189 @@
+"""A site's plugin: a peft LoRA adapter on the frozen shared diffusion UNet, trained on the
+site's own latents and exported as ``plugin.safetensors`` + ``plugin.json``.
+
+Targets are 3x3x3 ``Conv3d`` and ``Linear`` leaves (``conv+linear``) or only the attention and
+time-embedding linears (``attention+time``); 1x1x1 convolutions are left out (peft cannot merge
+them). A plugin is kilobytes to a few MB where a full UNet update is the whole model.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+from peft import set_peft_model_state_dict as _set_state
+from torch import nn
+
+from synthct.artifacts import atomic_write_bytes, read_json, sha256_bytes, write_json
+from synthct.checkpoint import Generator, generator_sha256
+from synthct.config import PluginConfig
+from synthct.data.dataset import CaseSet
+from synthct.models.schedulers import training_scheduler
+from synthct.training import BalancedSampler, diffusion_step, encode_latents
+
+__all__ = [
+    "PLUGIN_FORMAT",
+    "PluginError",
+    "lora_targets",
+    "attach_adapter",
+    "adapter_state",
+    "train_plugin",
+    "export_plugin",
+    "coarsen",
+]
+
+logger = logging.getLogger(__name__)
+
+PLUGIN_FORMAT = 1
+
+
+class PluginError(ValueError):
+    """A plugin cannot be used; the message names it and the reason."""
+
+
+def lora_targets(unet: nn.Module, targets: str) -> list[str]:
+    """Module names a LoRA adapter wraps in ``unet``."""
+    names = []
+    for name, module in unet.named_modules():
+        if targets == "conv+linear":
+            ok = isinstance(module, nn.Linear) or (
+                isinstance(module, nn.Conv3d) and module.kernel_size != (1, 1, 1)
+            )
+        elif targets == "attention+time":
+            ok = isinstance(module, nn.Linear) and (".attn." in name or "time_emb" in name)
+        else:
+            raise PluginError(f"unknown plugin targets {targets!r}")
+        if ok:
+            names.append(name)
+    return names
+
+
+def attach_adapter(
+    unet: nn.Module, cfg: PluginConfig, name: str, targets: list[str] | None = None
+) -> nn.Module:
+    """Inject a LoRA adapter called ``name`` into ``unet`` (in place; B starts at zero)."""
+    lora = LoraConfig(
+        r=cfg.rank,
+        lora_alpha=cfg.alpha,
+        target_modules=targets or lora_targets(unet, cfg.targets),
+        lora_dropout=0.0,
+    )
+    return inject_adapter_in_model(lora, unet, adapter_name=name)
+
+
+def adapter_state(unet: nn.Module, name: str) -> dict[str, torch.Tensor]:
+    """The adapter's tensors, keyed without the adapter name (what a plugin file holds)."""
+    return {
+        k: v.detach().cpu().contiguous()
+        for k, v in get_peft_model_state_dict(unet, adapter_name=name).items()
+    }
+
+
+def load_adapter_state(unet: nn.Module, state: dict[str, torch.Tensor], name: str) -> None:
+    result = _set_state(unet, state, adapter_name=name)
+    missing = [k for k in getattr(result, "unexpected_keys", []) if "lora" in k]
+    if missing:
+        raise PluginError(f"adapter {name!r}: tensors not in the model: {missing[:3]}")
+
+
+def coarsen(n: int) -> int:
+    """Counts leave a site rounded down to a multiple of 5 (1-4 -> 1: 'has a few')."""
+    return 0 if n <= 0 else max(1, (n // 5) * 5)
+
+
+def train_plugin(
+    gen: Generator,
+    cases: CaseSet,
+    cfg: PluginConfig,
+    *,
+    seed: int = 0,
+    batch_size: int = 4,
+    progress: Callable[..., None] | None = None,
+) -> nn.Module:
+    """LoRA-adapt a copy of the generator's EMA UNet on ``cases`` (base weights frozen)."""
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    unet = copy.deepcopy(gen.ema)
+    unet.requires_grad_(False)
+    attach_adapter(unet, cfg, "plugin")
+    params = [p for n, p in unet.named_parameters() if "lora_" in n]
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr)
+    z0 = encode_latents(gen.autoencoder.eval(), cases.images) * gen.scale_factor
+    scheduler = training_scheduler(gen.config.diffusion)
+    sampler = BalancedSampler(cases.labels, balanced=True, generator=generator)
+    for step in range(cfg.steps):
+        idx = sampler(batch_size)
+        out = diffusion_step(
+            unet,
+            optimizer,
+            z0[idx],
+            cases.labels[idx],
+            scheduler,
+            gen.config.diffusion,
+            null_class=gen.null_class,
+            generator=generator,
+        )
+        if progress is not None:
+            progress(step + 1, cfg.steps, loss=out["loss"])
+    unet.eval()
+    return unet
+
+
+def export_plugin(
+    unet: nn.Module,
+    out: str | Path,
+    *,
+    gen: Generator,
+    generator_dir: str | Path,
+    site: str,
+    cases: CaseSet,
+    cfg: PluginConfig,
+    targets: list[str] | None = None,
+) -> Path:
+    """Write ``plugin.safetensors`` (adapter only) and ``plugin.json`` (provenance)."""
+    from safetensors.torch import save as save_bytes
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    state = adapter_state(unet, "plugin")
+    data = save_bytes(state)
+    atomic_write_bytes(out / "plugin.safetensors", data)
+    counts = cases.class_counts(gen.config.labels.num_classes)
+    meta: dict[str, Any] = {
+        "plugin_format": PLUGIN_FORMAT,
+        "base_generator_sha256": generator_sha256(generator_dir),
+        "site": site,
+        "vocabulary": gen.config.labels.classes,
+        "vocabulary_hash": gen.config.labels.vocabulary_hash,
+        "classes_seen": {
+            c: coarsen(n) for c, n in zip(gen.config.labels.classes, counts, strict=True)
+        },
+        "rank": cfg.rank,
+        "alpha": cfg.alpha,
+        "targets": cfg.targets,
+        "target_modules": targets or lora_targets(gen.ema, cfg.targets),
+        "tensors": {k: list(v.shape) for k, v in state.items()},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "weights_sha256": sha256_bytes(data),
+        "weights_bytes": len(data),
+    }
+    write_json(out / "plugin.json", meta, kind="synthct-plugin")
+    return out
+
+
+def read_plugin_meta(plugin_dir: str | Path) -> dict[str, Any]:
+    path = Path(plugin_dir) / "plugin.json"
+    if not path.is_file():
+        raise PluginError(f"{plugin_dir}: no plugin.json")
+    try:
+        return read_json(path)
+    except (OSError, ValueError) as exc:
+        raise PluginError(f"{path}: unreadable: {exc}") from None

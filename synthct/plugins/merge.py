@@ -1,0 +1,137 @@
+"""Two ways to use many sites' plugins with one shared generator.
+
+**Fusion** merges parameters: ``W = W0 + sum_i w_i * s_i * B_i A_i`` on every adapted layer
+(``s_i = alpha_i / rank_i``; weights from case counts by default), giving an ordinary generator
+checkpoint. This equals peft's ``add_weighted_adapter(..., combination_type="cat")`` merged
+(peft's ``linear`` averages the A and B factors separately, which is not this sum).
+
+**Mixture** keeps plugins separate and mixes the adapted UNets' predictions at every sampling
+step with per-class weights ``pi_i(c)`` proportional to the cases of class ``c`` plugin ``i``'s
+site has seen, so a rare class is led by the sites that have it; a class no plugin has seen
+falls back to the base UNet. The classifier-free guidance null branch of a sample uses the
+weights of the class that sample asks for, so guidance compares like with like.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+
+from synthct.checkpoint import Generator
+from synthct.plugins.adapter import PluginError, attach_adapter, load_adapter_state
+from synthct.plugins.registry import Plugin
+
+__all__ = ["plugin_deltas", "fuse", "MixtureDenoiser", "mixture_weights"]
+
+logger = logging.getLogger(__name__)
+
+
+def plugin_deltas(plugin: Plugin, base_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per base weight name, the plugin's full-rank update ``s * B A``."""
+    scaling = plugin.meta["alpha"] / plugin.meta["rank"]
+    deltas = {}
+    for module in plugin.meta["target_modules"]:
+        a = plugin.state[f"{module}.lora_A.weight"].double()
+        b = plugin.state[f"{module}.lora_B.weight"].double()
+        weight = base_state[f"{module}.weight"]
+        delta = (b.flatten(1) @ a.flatten(1)).view(weight.shape) * scaling
+        deltas[f"{module}.weight"] = delta
+    return deltas
+
+
+def case_weights(plugins: list[Plugin]) -> list[float]:
+    total = sum(p.cases() for p in plugins)
+    if total <= 0:
+        return [1.0 / len(plugins)] * len(plugins)
+    return [p.cases() / total for p in plugins]
+
+
+def fuse(gen: Generator, plugins: list[Plugin], weights: list[float] | None = None) -> Generator:
+    """A new generator whose (EMA and raw) UNet carries ``sum_i w_i * delta_i``."""
+    if not plugins:
+        raise PluginError("fusion needs at least one plugin")
+    weights = case_weights(plugins) if weights is None else list(weights)
+    if len(weights) != len(plugins):
+        raise PluginError(f"{len(plugins)} plugins but {len(weights)} weights")
+    base = {k: v.detach().clone() for k, v in gen.ema.state_dict().items()}
+    merged = {k: v.double() for k, v in base.items()}
+    for plugin, w in zip(plugins, weights, strict=True):
+        for name, delta in plugin_deltas(plugin, base).items():
+            merged[name] = merged[name] + w * delta
+    state = {k: merged[k].to(base[k].dtype) for k in base}
+    fused = Generator(
+        config=gen.config,
+        autoencoder=gen.autoencoder,
+        unet=copy.deepcopy(gen.ema),
+        ema=copy.deepcopy(gen.ema),
+        scale_factor=gen.scale_factor,
+    )
+    fused.unet.load_state_dict(state)
+    fused.ema.load_state_dict(state)
+    logger.info("fused %d plugins with weights %s", len(plugins), [round(w, 3) for w in weights])
+    return fused
+
+
+def mixture_weights(plugins: list[Plugin], classes: list[str]) -> torch.Tensor:
+    """(K+1)×P weights: row c mixes the plugins for class c (rows sum to 1, or are all zero
+    when no plugin saw c: then the base UNet answers). Row K (the null class) stays zero: a
+    null branch uses the weights of the class it is paired with."""
+    w = torch.zeros(len(classes) + 1, len(plugins), dtype=torch.float64)
+    for c, name in enumerate(classes):
+        seen = torch.tensor([float(p.cases(name)) for p in plugins], dtype=torch.float64)
+        if seen.sum() > 0:
+            w[c] = seen / seen.sum()
+    return w
+
+
+class MixtureDenoiser:
+    """A denoiser for :func:`synthct.sampling.sample_volumes`: mixes the plugins' adapted
+    predictions per requested class (see the module docstring)."""
+
+    def __init__(
+        self, gen: Generator, plugins: list[Plugin], weights: torch.Tensor | None = None
+    ) -> None:
+        if not plugins:
+            raise PluginError("a mixture needs at least one plugin")
+        self.base = gen.ema.eval()
+        self.adapted = copy.deepcopy(gen.ema)
+        self.names = []
+        for i, plugin in enumerate(plugins):
+            name = f"p{i}"
+            attach_adapter(self.adapted, plugin.config, name, targets=plugin.meta["target_modules"])
+            load_adapter_state(self.adapted, plugin.state, name)
+            self.names.append(name)
+        self.adapted.eval()
+        self.weights = (
+            mixture_weights(plugins, gen.config.labels.classes) if weights is None else weights
+        )
+        self.calls = 0
+
+    def _use(self, name: str) -> None:
+        for module in self.adapted.modules():
+            if isinstance(module, BaseTunerLayer):
+                module.set_adapter(name)
+
+    @torch.no_grad()
+    def __call__(
+        self, z: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, requested: torch.Tensor
+    ) -> torch.Tensor:
+        w = self.weights.to(z.device)[requested].to(z.dtype)  # N×P, by the class each row is for
+        out = torch.zeros_like(z)
+        uncovered = w.sum(1) == 0
+        if uncovered.any():
+            rows = uncovered.nonzero().flatten()
+            out[rows] = self.base(z[rows], t[rows], class_labels=labels[rows])
+            self.calls += 1
+        for i, name in enumerate(self.names):
+            rows = (w[:, i] > 0).nonzero().flatten()
+            if len(rows) == 0:
+                continue
+            self._use(name)
+            pred = self.adapted(z[rows], t[rows], class_labels=labels[rows])
+            out[rows] += w[rows, i].view(-1, *([1] * (z.dim() - 1))) * pred
+            self.calls += 1
+        return out
