@@ -171,6 +171,34 @@ def _central_arm(
     )
 
 
+def _local_arm(
+    config: SynthctConfig,
+    real_manifest: Path,
+    cohort_manifest: Path | None,
+    test: CaseSet,
+    seed: int,
+) -> ArmResult:
+    """Each site alone: trained on its own cases (+ its cohort cases), tested on its own."""
+    start = time.perf_counter()
+    probs = np.zeros((len(test), config.labels.num_classes))
+    counts = {"real": 0, "synthetic": 0}
+    for site in config.site_names:
+        real = load_cases(real_manifest, config, splits=("train",), sites=(site,))
+        rows = [i for i, s in enumerate(test.sites) if s == site]
+        if len(real) == 0 or not rows:
+            continue
+        cohort = load_cohort_for(cohort_manifest, config, site) if cohort_manifest else None
+        torch.manual_seed(seed)
+        model = build_classifier(config)
+        train_epochs(model, join(real, cohort), config, epochs=config.downstream.epochs, seed=seed)
+        probs[rows] = predict(model, test.images[rows])
+        counts["real"] += len(real)
+        counts["synthetic"] += 0 if cohort is None else len(cohort)
+    return ArmResult(
+        probs, test.labels.numpy(), list(test.sites), counts, time.perf_counter() - start
+    )
+
+
 def run_downstream(
     config: SynthctConfig,
     real_manifest: str | Path,
@@ -179,10 +207,12 @@ def run_downstream(
     cohort_dir: str | Path | None = None,
     gate_json: str | Path | None = None,
     federated: bool = False,
+    local: bool = False,
     force_ungated: bool = False,
     progress: Callable[..., None] | None = None,
 ) -> dict[str, Any]:
-    """Train real-only (and real + cohort) classifiers for every seed; ``results.json``."""
+    """Train real-only (and real + cohort) classifiers for every seed; ``results.json``.
+    ``local``: every site trains alone (the no-collaboration baseline)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     real_manifest = Path(real_manifest)
@@ -208,7 +238,9 @@ def run_downstream(
         runs = []
         for seed in config.downstream.seeds:
             use = cohort_manifest if arm == "real+synthetic" else None
-            if federated:
+            if local:
+                result = _local_arm(config, real_manifest, use, test, seed)
+            elif federated:
                 from synthct.fed.downstream_app import train_downstream_federated
 
                 result = train_downstream_federated(config, real_manifest, use, out, seed)
@@ -230,7 +262,7 @@ def run_downstream(
                 progress(done, total, arm=arm, seed=seed)
         results[arm] = {"runs": runs, "summary": _summary(runs, rare)}
     payload = {
-        "mode": "federated" if federated else "central",
+        "mode": "local" if local else "federated" if federated else "central",
         "real_manifest": str(real_manifest),
         "cohort": None if cohort_dir is None else str(cohort_dir),
         "gate": gate_info,

@@ -82,6 +82,11 @@ def test_central_arms_report_every_site(tmp_path, tiny, demo_sites, gated):
     assert list(run["overall"]["per_class_recall"])[0] == "consolidation"  # rare class first
     saved = read_json(tmp_path / "run" / "results.json")
     assert saved["kind"] == "synthct-downstream" and saved["versions"]["torch"]
+    # local-only: every site alone, each scored on its own test cases
+    local = run_downstream(tiny, demo_sites, tmp_path / "local", local=True)
+    run = local["arms"]["real"]["runs"][0]
+    assert local["mode"] == "local" and run["overall"]["cases"] == local["test_cases"]
+    assert set(run["per_site"]) == {"site_a", "site_b", "site_c", "site_d"}
 
 
 def test_federated_end_to_end_through_the_cli(tmp_path, demo_sites, gated):
