@@ -167,6 +167,16 @@ def copy_scores(
     return CopyMatch(best.numpy().astype(np.float64), best_idx.numpy())
 
 
+def _equal_size_train_subsets(train: MatchSet, holdout: MatchSet, repeats: int, seed: int):
+    """``repeats`` random subsets of ``train`` as large as ``holdout`` (so both sides of a
+    comparison have the same chance of holding a near neighbour)."""
+    rng = np.random.default_rng(seed)
+    for _ in range(repeats):
+        yield train.subset(
+            rng.choice(len(train), size=min(len(holdout), len(train)), replace=False)
+        )
+
+
 def dcr_share(
     synthetic: MatchSet,
     train: MatchSet,
@@ -178,12 +188,10 @@ def dcr_share(
     """Share of synthetic volumes closer to ``train`` than to ``holdout`` (ties count half),
     with ``train`` subsampled to the holdout's size so a generator that copies nobody scores
     0.5 in expectation."""
-    rng = np.random.default_rng(seed)
     to_holdout = copy_scores(synthetic, holdout).score
     shares = []
-    for _ in range(repeats):
-        idx = rng.choice(len(train), size=min(len(holdout), len(train)), replace=False)
-        to_train = copy_scores(synthetic, train.subset(idx)).score
+    for subset in _equal_size_train_subsets(train, holdout, repeats, seed):
+        to_train = copy_scores(synthetic, subset).score
         shares.append(float(((to_train > to_holdout) + 0.5 * (to_train == to_holdout)).mean()))
     return float(np.mean(shares))
 
@@ -198,11 +206,9 @@ def membership_auc(
 ) -> float:
     """AUC of an attacker who calls a real volume a training member when it is close to some
     synthetic volume (0.5 = no leak). ``train`` is subsampled to the holdout's size."""
-    rng = np.random.default_rng(seed)
     non_members = copy_scores(holdout, synthetic).score
     aucs = []
-    for _ in range(repeats):
-        idx = rng.choice(len(train), size=min(len(holdout), len(train)), replace=False)
-        members = copy_scores(train.subset(idx), synthetic).score
+    for subset in _equal_size_train_subsets(train, holdout, repeats, seed):
+        members = copy_scores(subset, synthetic).score
         aucs.append(roc_auc(members, non_members))
     return float(np.mean(aucs))
