@@ -132,9 +132,11 @@ def _hu_insane(medians: np.ndarray, ranges: np.ndarray, required: np.ndarray) ->
 
 
 def near_copy_threshold(holdout_to_train: np.ndarray) -> float:
-    """Half-way between the closest any real holdout case comes to ``train`` and identity."""
+    """60 % of the way from the closest any real holdout case comes to ``train`` to identity.
+    (A cohort is larger than holdout, so its most similar distinct case is more extreme; at
+    half-way 3 of 15 fresh real cohorts of 135 phantoms had one false flag.)"""
     top = float(np.max(holdout_to_train)) if len(holdout_to_train) else 0.9
-    return top + 0.5 * (1.0 - top)
+    return top + 0.6 * (1.0 - top)
 
 
 def _wilson(k: int, n: int, z: float = 1.645) -> tuple[float, float]:

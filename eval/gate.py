@@ -64,6 +64,7 @@ class RuleSpec:
     relative: bool
     reason: str
     enabled: bool = True
+    on_interval: bool = False  # judge the interval's favourable end (small-N rates)
 
 
 DEFAULT_RULES: dict[str, RuleSpec] = {
@@ -194,7 +195,13 @@ def load_rules(path: str | Path | None) -> dict[str, RuleSpec]:
         if not isinstance(enabled, bool):
             raise GateError(f"{path}: rules.{name}.enabled = {enabled!r}: not true/false")
         rules[name] = RuleSpec(
-            spec.metric, spec.direction, float(threshold), spec.relative, spec.reason, enabled
+            spec.metric,
+            spec.direction,
+            float(threshold),
+            spec.relative,
+            spec.reason,
+            enabled,
+            spec.on_interval,
         )
     return rules
 
@@ -205,7 +212,10 @@ def judge(metrics: dict[str, MetricValue], rules: dict[str, RuleSpec]) -> list[d
     for name, spec in rules.items():
         metric = metrics[spec.metric]
         limit = spec.threshold + (metric.baseline or 0.0 if spec.relative else 0.0)
-        value = metric.value
+        value, judged = metric.value, spec.metric
+        if spec.on_interval and metric.ci is not None and np.isfinite(metric.ci[0]):
+            value = metric.ci[0] if spec.direction == "max" else metric.ci[1]
+            judged = f"{spec.metric} interval bound"
         if not spec.enabled:
             passed, why = None, "disabled"
         elif not np.isfinite(value):
@@ -214,9 +224,7 @@ def judge(metrics: dict[str, MetricValue], rules: dict[str, RuleSpec]) -> list[d
             passed = value <= limit if spec.direction == "max" else value >= limit
             sign = "<=" if spec.direction == "max" else ">="
             verdict = "ok" if passed else "FAILED"
-            why = (
-                f"{verdict}: {spec.metric} = {value:.4g} (needs {sign} {limit:.4g}); {spec.reason}"
-            )
+            why = f"{verdict}: {judged} = {value:.4g} (needs {sign} {limit:.4g}); {spec.reason}"
         row = {
             "rule": name,
             **metric.as_dict(),

@@ -128,7 +128,8 @@ def autoencoder_step(
     """One optimiser step on a batch; ``extra_loss`` is e.g. a FedProx proximal term."""
     ae.train()
     optimizer.zero_grad(set_to_none=True)
-    loss, parts = autoencoder_loss(ae, x, cfg, feature_fn)
+    with autocast(x.device):  # bf16 on GPU only
+        loss, parts = autoencoder_loss(ae, x, cfg, feature_fn)
     if extra_loss is not None:
         loss = loss + extra_loss()
     loss.backward()
@@ -188,9 +189,10 @@ def diffusion_step(
     """One optimiser step; ``extra_loss`` is added to the loss (e.g. FedProx's term)."""
     unet.train()
     optimizer.zero_grad(set_to_none=True)
-    loss = diffusion_loss(
-        unet, z0, labels, scheduler, cfg, null_class=null_class, generator=generator
-    )
+    with autocast(z0.device):  # bf16 on GPU only; the loss itself is taken in float32
+        loss = diffusion_loss(
+            unet, z0, labels, scheduler, cfg, null_class=null_class, generator=generator
+        )
     total = loss + extra_loss() if extra_loss is not None else loss
     total.backward()
     torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)

@@ -72,7 +72,7 @@ def test_copies_fail_on_privacy_and_are_flagged(tmp_path, fresh, real, demo_conf
     report = _gate(partial, real, demo_config, reference)
     assert "near_copies" in _failed(report)
     n_copies = round(0.2 * sum(COUNTS.values()))
-    assert len(report["flags"]) >= 0.8 * n_copies
+    assert len(report["flags"]) >= 0.7 * n_copies
     assert all("near-copy of train case" in f["reasons"][0] for f in report["flags"])
     # dropping the flagged volumes gives a cohort that passes the privacy rules
     write_gate(report, tmp_path / "gate.json")
