@@ -48,7 +48,7 @@ def meets_targets(report: dict) -> dict[str, bool]:
     }
 
 
-def ship(run: Path, report: dict, command: str, train_wall_s: float) -> None:
+def ship(run: Path, report: dict, command: str, log: Path | None) -> None:
     gen = load_generator(run / "generator")
     if SHIP_DIR.exists():
         shutil.rmtree(SHIP_DIR)
@@ -65,6 +65,16 @@ def ship(run: Path, report: dict, command: str, train_wall_s: float) -> None:
         kind="reference-training-data",
     )
     shutil.copy2(run / "rounds.jsonl", SHIP_DIR / "rounds.jsonl")
+    if log is not None and log.is_file():
+        shutil.copy2(log, SHIP_DIR / "training.log")
+    rounds = [json.loads(x) for x in (run / "rounds.jsonl").read_text().splitlines()]
+    train_wall_s = sum(r.get("wall_s", 0.0) for r in rounds)
+    met = report.get("targets_met", {})
+    verdict = (
+        "All generator quality targets are met."
+        if met and all(met.values())
+        else f"Quality targets NOT met: {', '.join(k for k, v in met.items() if not v)}."
+    )
     write_json(SHIP_DIR / "quality.json", report, kind="pretrained-quality")
     size = sum(p.stat().st_size for p in (SHIP_DIR / "generator").glob("*.safetensors"))
     atomic_write_text(
@@ -72,7 +82,8 @@ def ship(run: Path, report: dict, command: str, train_wall_s: float) -> None:
         "# Pretrained phantom generator\n\n"
         f"Trained federatedly (Flower simulation, {len(gen.config.site_names)} demo sites, "
         f"FedAvg) on {time.strftime('%Y-%m-%d')}, CPU ({os.cpu_count()} cores), "
-        f"{train_wall_s / 60:.1f} min of training in the final invocation.\n\n"
+        f"{train_wall_s / 60:.1f} min of federated rounds in total (`rounds.jsonl`; console log "
+        f"in `training.log`). {verdict}\n\n"
         f"Exact command (from the repository root, rerun to resume):\n\n    {command}\n\n"
         f"Generator sha256 (config.json): `{generator_sha256(SHIP_DIR / 'generator')}`; "
         f"weights {size / 2**20:.1f} MiB (autoencoder + EMA UNet, safetensors).\n\n"
@@ -92,6 +103,7 @@ def main() -> None:
     parser.add_argument("--budget-min", type=float, default=None)
     parser.add_argument("--samples-per-class", type=int, default=16)
     parser.add_argument("--ship", action="store_true", help="export into synthct/pretrained")
+    parser.add_argument("--log", type=Path, default=None, help="console log to ship with it")
     args = parser.parse_args()
     command = "python bench/pretrained_phantom.py " + " ".join(sys.argv[1:])
     config = load_config(args.config)
@@ -99,7 +111,6 @@ def main() -> None:
     manifest = run / "data" / "manifest.csv"
     if not manifest.is_file():
         write_phantom_sites(config, run / "data")
-    start = time.perf_counter()
     gen = train_federated(
         config,
         manifest,
@@ -108,7 +119,6 @@ def main() -> None:
         budget_min=args.budget_min,
         progress=log_round,
     )
-    train_s = time.perf_counter() - start
     state = read_json(run / "fed_state.json")
     if state["phase"] != "done":
         print(f"stopped at {state['phase']} round {state['round']}; rerun with --resume")
@@ -127,7 +137,7 @@ def main() -> None:
     write_json(run / "pretrained_quality.json", report, kind="pretrained-quality")
     print(json.dumps(report, indent=2))
     if args.ship:
-        ship(run, report, command, train_s)
+        ship(run, report, command, args.log)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from synthct.data.dataset import CaseSet
 from synthct.data.preprocess import hu_to_model, model_to_hu
 from synthct.eval.reference import ReferenceModel, evaluate_classifier
 from synthct.sampling import sample_volumes
+from synthct.training import encode_latents
 
 __all__ = ["hu_histogram", "autoencoder_ceiling", "conditional_quality", "generator_report"]
 
@@ -32,14 +33,14 @@ def hu_histogram(hu: torch.Tensor, bins: int = 64) -> torch.Tensor:
 def autoencoder_ceiling(
     gen: Generator, reference: ReferenceModel, cases: CaseSet, batch_size: int = 8
 ) -> dict[str, Any]:
-    """Reference-classifier recall per class on autoencoder reconstructions of ``cases``."""
+    """Reference-classifier recall per class on autoencoder reconstructions of ``cases``,
+    decoded from the posterior means (what the diffusion model learns from; ``ae(x)`` would
+    sample the posterior and make the score vary by a few cases from call to call)."""
     device = next(gen.autoencoder.parameters()).device
     ae = gen.autoencoder.eval()
+    latents = encode_latents(ae, cases.images.to(device), batch_size)
     recon = torch.cat(
-        [
-            ae(cases.images[i : i + batch_size].to(device))[0].cpu()
-            for i in range(0, len(cases), batch_size)
-        ]
+        [ae.decode(latents[i : i + batch_size]).cpu() for i in range(0, len(cases), batch_size)]
     )
     n = gen.config.labels.num_classes
     return evaluate_classifier(reference.predict(recon.clamp(-1, 1)), cases.labels, n)

@@ -1,0 +1,44 @@
+"""The shipped pretrained phantom generator: intact, small, and still class-conditional."""
+
+from __future__ import annotations
+
+import torch
+
+from synthct.checkpoint import generator_sha256
+from synthct.data.preprocess import hu_to_model
+from synthct.eval.reference import evaluate_classifier, load_reference
+from synthct.pretrained import load_phantom_generator, phantom_dir
+from synthct.sampling import sample_volumes
+
+# Regression floor for 4 samples per class (the full score, 16 per class, is in quality.json:
+# 0.58 on 2026-11-23; this check measured 0.625). Chance is 0.25; the shipped generator is
+# reliable on normal and consolidation and weak on nodule and ground glass (README).
+CONDITIONAL_ACCURACY_FLOOR = 0.5
+
+
+def test_shipped_files_are_small_and_documented():
+    root = phantom_dir()
+    weights = sum(p.stat().st_size for p in (root / "generator").glob("*.safetensors"))
+    assert weights <= 20 * 2**20
+    training = (root / "TRAINING.md").read_text()
+    assert generator_sha256(root / "generator") in training
+    assert "bench/pretrained_phantom.py" in training
+    assert (root / "rounds.jsonl").read_text().count('"phase": "diffusion"') > 0
+
+
+def test_shipped_generator_is_class_conditional():
+    gen = load_phantom_generator()  # hash-checked load
+    config = gen.config
+    reference = load_reference(
+        phantom_dir() / "reference", vocabulary_hash=config.labels.vocabulary_hash
+    )
+    labels = torch.arange(config.labels.num_classes).repeat_interleave(4)
+    hu = sample_volumes(gen, labels, generator=torch.Generator().manual_seed(0))
+    acc = evaluate_classifier(
+        reference.predict(hu_to_model(hu, config.data.hu_window)), labels, len(labels.unique())
+    )
+    assert acc["balanced_accuracy"] >= CONDITIONAL_ACCURACY_FLOOR, acc
+    normal, consolidation = (config.labels.classes.index(c) for c in ("normal", "consolidation"))
+    assert (
+        acc["per_class_recall"][normal] >= 0.75 and acc["per_class_recall"][consolidation] >= 0.75
+    )
