@@ -37,6 +37,26 @@ def quiet_flower_environment() -> None:
     os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # silences a FutureWarning
+    flwr_logger = logging.getLogger("flwr")
+    if not any(isinstance(f, _KnownNoise) for f in flwr_logger.filters):
+        flwr_logger.addFilter(_KnownNoise())
+
+
+class _KnownNoise(logging.Filter):
+    """Drop Flower messages about choices synthct makes on purpose: strategies run with
+    ``fraction_evaluate=0`` (synthct evaluates the final model itself), and the simulation is
+    started with ``run_simulation``."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        # run_simulation is deprecated in favour of `flwr run`, which needs an installed app
+        # dir; synthct runs the same apps through both (see fed/deployment.py)
+        return (
+            "fraction_evaluate is set to 0.0" not in text
+            and "run_simulation" not in text
+            and "This is a deprecated feature" not in text
+        )
 
 
 def _ray_temp_dir(run_dir: Path) -> tuple[Path, bool]:
