@@ -39,8 +39,24 @@ class StageError(RuntimeError):
         self.stage = stage
 
 
+STAGES = (
+    "phantom sites",
+    "manifest check",
+    "load splits",
+    "reference classifier",
+    "federated generator",
+    "synthetic cohort",
+    "gate",
+    "downstream",
+    "report",
+)
+
+
 def _run_stage(name: str, timings: dict[str, float], fn: Callable[[], object]) -> object:
-    console.rule(f"[bold]{name}")
+    """Run one stage under a header that places it in the whole run (k/N, time so far)."""
+    k = STAGES.index(name) + 1
+    elapsed = sum(timings.values())
+    console.rule(f"[bold]stage {k}/{len(STAGES)}: {name}[/]  ({elapsed:.0f} s so far)")
     start = time.perf_counter()
     try:
         result = fn()
