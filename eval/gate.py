@@ -64,7 +64,6 @@ class RuleSpec:
     relative: bool
     reason: str
     enabled: bool = True
-    on_interval: bool = False  # judge the interval's favourable end (small-N rates)
 
 
 DEFAULT_RULES: dict[str, RuleSpec] = {
@@ -121,9 +120,9 @@ DEFAULT_RULES: dict[str, RuleSpec] = {
         "max",
         0.0,
         True,
-        "no more volumes may match a train case (flip/shift/noise-tolerant NCC past half-way "
-        "between the closest real holdout case and identity) than real holdout does: drop "
-        "flagged copies with --drop-flagged and gate again",
+        "no more volumes may match a train case (flip/shift/noise-tolerant NCC 60 % of the way "
+        "from the closest real holdout case to identity) than real holdout does: drop flagged "
+        "copies with --drop-flagged and gate again",
     ),
     "dcr": RuleSpec(
         "dcr_share",
@@ -201,7 +200,6 @@ def load_rules(path: str | Path | None) -> dict[str, RuleSpec]:
             spec.relative,
             spec.reason,
             enabled,
-            spec.on_interval,
         )
     return rules
 
@@ -212,10 +210,7 @@ def judge(metrics: dict[str, MetricValue], rules: dict[str, RuleSpec]) -> list[d
     for name, spec in rules.items():
         metric = metrics[spec.metric]
         limit = spec.threshold + (metric.baseline or 0.0 if spec.relative else 0.0)
-        value, judged = metric.value, spec.metric
-        if spec.on_interval and metric.ci is not None and np.isfinite(metric.ci[0]):
-            value = metric.ci[0] if spec.direction == "max" else metric.ci[1]
-            judged = f"{spec.metric} interval bound"
+        value = metric.value
         if not spec.enabled:
             passed, why = None, "disabled"
         elif not np.isfinite(value):
@@ -224,7 +219,9 @@ def judge(metrics: dict[str, MetricValue], rules: dict[str, RuleSpec]) -> list[d
             passed = value <= limit if spec.direction == "max" else value >= limit
             sign = "<=" if spec.direction == "max" else ">="
             verdict = "ok" if passed else "FAILED"
-            why = f"{verdict}: {judged} = {value:.4g} (needs {sign} {limit:.4g}); {spec.reason}"
+            why = (
+                f"{verdict}: {spec.metric} = {value:.4g} (needs {sign} {limit:.4g}); {spec.reason}"
+            )
         row = {
             "rule": name,
             **metric.as_dict(),

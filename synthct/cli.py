@@ -531,8 +531,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import warnings
-
     from synthct.checkpoint import CheckpointError
     from synthct.cohort import CohortError
     from synthct.config import ConfigError
@@ -542,8 +540,6 @@ def main(argv: list[str] | None = None) -> int:
     from synthct.fed.errors import FederatedError, SiteError
     from synthct.plugins.adapter import PluginError
 
-    # numpy 2 copy-keyword notices from inside diffusers' schedulers: not actionable here
-    warnings.filterwarnings("ignore", category=DeprecationWarning, module="diffusers")
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")

@@ -192,6 +192,27 @@ def _downstream_html(results: dict[str, Any]) -> str:
     return f"{note}<table><tr>{head}</tr>{''.join(rows)}</table>"
 
 
+def _flatten(data: Any, prefix: str = "") -> list[tuple[str, str]]:
+    if isinstance(data, dict):
+        if set(data) == {"mean", "sd"}:
+            return [(prefix, f"{data['mean']:.3f} &plusmn; {data['sd']:.3f}")]
+        rows = []
+        for k, v in data.items():
+            rows += _flatten(v, f"{prefix} / {k}" if prefix else str(k))
+        return rows
+    if isinstance(data, float):
+        return [(prefix, f"{data:.4g}")]
+    if isinstance(data, list):
+        return [(prefix, html.escape(", ".join(map(str, data))) or "-")]
+    return [(prefix, html.escape(str(data)))]
+
+
+def _summary_table(summary: dict[str, Any]) -> str:
+    """The run's headline numbers, one row each (``a / b / c`` = nested keys)."""
+    rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{v}</td></tr>" for k, v in _flatten(summary))
+    return f"<table>{rows}</table>"
+
+
 def write_report(
     out: str | Path,
     *,
@@ -208,7 +229,7 @@ def write_report(
     ``real`` is None when real images must not be shown."""
     images: list[str] = []
     parts = [f"<h1>{html.escape(title)}</h1><p class='note'>{time.strftime('%Y-%m-%d %H:%M')}</p>"]
-    parts.append("<h2>Summary</h2><pre>" + html.escape(json.dumps(summary, indent=2)) + "</pre>")
+    parts.append("<h2>Summary</h2>" + _summary_table(summary))
 
     def add(uri: str | None, alt: str) -> None:
         if uri is not None:

@@ -6,6 +6,8 @@ them. ``clip_sample``/``thresholding`` are off: latents are not bounded to [-1, 
 
 from __future__ import annotations
 
+import warnings
+
 from diffusers import (
     DDIMScheduler,
     DDPMScheduler,
@@ -38,6 +40,12 @@ def training_scheduler(cfg: DiffusionConfig) -> DDPMScheduler:
 
 def sampling_scheduler(cfg: DiffusionConfig, sampler: str) -> SchedulerMixin:
     """A reverse-process solver: ``dpmpp`` (DPM-Solver++ 2M), ``unipc``, ``ddim`` or ``ddpm``."""
+    with warnings.catch_warnings():  # numpy-2 copy-keyword notice inside diffusers' __init__
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return _sampling_scheduler(cfg, sampler)
+
+
+def _sampling_scheduler(cfg: DiffusionConfig, sampler: str) -> SchedulerMixin:
     common = _common(cfg)
     if sampler == "dpmpp":
         return DPMSolverMultistepScheduler(
