@@ -252,9 +252,19 @@ def write_report(
     if gate is not None:
         parts.append("<h2>Gate</h2>" + _gate_html(gate))
     if downstream is not None:
-        parts.append(
-            "<h2>Downstream classifiers (real test split)</h2>" + _downstream_html(downstream)
-        )
+        parts.append("<h2>Downstream classifiers (real test split)</h2>")
+        if (
+            gate is not None
+            and gate["verdict"] != "pass"
+            and "real+synthetic" not in downstream.get("arms", {})
+        ):
+            parts.append(
+                "<p class='note'>The synthetic cohort failed the gate "
+                f"({html.escape(', '.join(gate.get('failed_rules', [])))}), so it was not used: "
+                "only the real-only arm ran. A failed gate is a result, not an error: the gate "
+                "table says which evidence was missing.</p>"
+            )
+        parts.append(_downstream_html(downstream))
         add(downstream_bars(downstream), "downstream per site")
     prov = {**provenance, "versions": library_versions()}
     parts.append(

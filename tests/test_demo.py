@@ -34,6 +34,8 @@ def test_demo_stages_on_smoke(tmp_path, render_check):
     assert results["mode"] == "federated" and "real" in results["arms"]
     # the synthetic arm runs only behind a passing gate
     assert ("real+synthetic" in results["arms"]) == (gate["verdict"] == "pass")
+    if gate["verdict"] != "pass":  # a failed gate is explained, not hidden
+        assert "failed the gate" in (run / "report.html").read_text()
     # the report: per class synthetic and real montages, HU histograms, curves, downstream bars
     seen = render_check(run / "report.html", tmp_path)
     n_syn = len({r.label for r in rows})
