@@ -22,7 +22,7 @@ import yaml
 from synthct.artifacts import read_json, sha256_file, write_json
 from synthct.config import SynthctConfig
 from synthct.data.dataset import load_cases
-from synthct.data.manifest import ManifestError, read_manifest, write_manifest
+from synthct.data.manifest import ManifestError, ManifestRow, read_manifest, write_manifest
 from synthct.eval.cohort_metrics import CohortEvidence, MetricValue, cohort_metrics
 from synthct.eval.features import FeatureSet, extract_features
 from synthct.eval.privacy import MatchSet, prepare_for_matching
@@ -233,14 +233,17 @@ def judge(metrics: dict[str, MetricValue], rules: dict[str, RuleSpec]) -> list[d
     return rows
 
 
-def _hash_cohort(manifest: Path) -> dict[str, Any]:
+def _hash_cohort(manifest: Path) -> tuple[dict[str, Any], list[ManifestRow]]:
+    """sha256 of the manifest and of every file it lists; also the rows themselves."""
+    rows = read_manifest(manifest)
     files = {}
-    for row in read_manifest(manifest):
+    for row in rows:
         path = row.resolve(manifest.parent)
         if not path.is_file():
             raise GateError(f"{manifest}: listed file {row.path} does not exist")
         files[row.path] = sha256_file(path)
-    return {"manifest": manifest.name, "manifest_sha256": sha256_file(manifest), "files": files}
+    info = {"manifest": manifest.name, "manifest_sha256": sha256_file(manifest), "files": files}
+    return info, rows
 
 
 @dataclass
@@ -308,7 +311,7 @@ def run_gate(
     """Score the cohort and judge it; returns the ``gate.json`` payload (not yet written)."""
     rules = rules or dict(DEFAULT_RULES)
     cohort_manifest = Path(cohort_manifest)
-    files = _hash_cohort(cohort_manifest)  # before reading: the verdict is about these bytes
+    files, listed = _hash_cohort(cohort_manifest)  # first: the verdict is about these bytes
     cohort = load_cases(cohort_manifest, config, splits=("train",))
     if len(cohort) == 0:
         raise GateError(f"{cohort_manifest}: no cases with split 'train' (synthetic cases train)")
@@ -330,12 +333,10 @@ def run_gate(
     )
     rows = judge(metrics, rules)
     failed = [r["rule"] for r in rows if r["passed"] is False]
-    rel = {
-        str(Path(p).resolve()): r.path
-        for r, p in zip(_rows_in_split(cohort_manifest), cohort.paths, strict=True)
-    }
+    # load_cases keeps the manifest's order: case i is the i-th row with split "train"
+    listed_paths = [r.path for r in listed if r.split == "train"]
     flags = []
-    for i, path in enumerate(cohort.paths):
+    for i, listed_path in enumerate(listed_paths):
         reasons = []
         if per_volume["near_copy"][i]:
             copy_of = Path(real.train.paths[int(per_volume["copy_of"][i])])
@@ -348,7 +349,7 @@ def run_gate(
                 f"tissue median HU out of range (soft {soft:.0f}, lung {lung:.0f}, bone {bone:.0f})"
             )
         if reasons:
-            flags.append({"path": rel.get(str(Path(path).resolve()), path), "reasons": reasons})
+            flags.append({"path": listed_path, "reasons": reasons})
     return {
         "verdict": "fail" if failed else "pass",
         "failed_rules": failed,
@@ -369,10 +370,6 @@ def run_gate(
         },
         "seed": seed,
     }
-
-
-def _rows_in_split(manifest: Path):
-    return [r for r in read_manifest(manifest) if r.split == "train"]
 
 
 def gate_table(report: dict[str, Any]):

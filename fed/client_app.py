@@ -33,7 +33,7 @@ from synthct.fed.task import (
 )
 from synthct.training import resolve_device
 
-__all__ = ["app", "SiteSettings", "site_settings"]
+__all__ = ["app", "SiteSettings", "site_settings", "prepare_site"]
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +87,11 @@ def _inject_fault(config: SynthctConfig, site: str, phase: str, server_round: in
             time.sleep(fault.delay_s)
 
 
-def _prepare(msg: Message, context: Context) -> tuple[SynthctConfig, ConfigRecord, SiteSettings]:
+def prepare_site(
+    msg: Message, context: Context
+) -> tuple[SynthctConfig, ConfigRecord, SiteSettings]:
+    """The run's config, the message's config record and this site, from any synthct message
+    (generator and downstream ClientApps alike); applies the simulation's thread count."""
     cfg = msg.content["config"]
     config = config_from_json(str(cfg["synthct-config"]))
     if "sim-threads" in cfg:
@@ -130,7 +134,7 @@ def _frozen_autoencoder(cfg: ConfigRecord) -> tuple[dict[str, torch.Tensor], str
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """One round of local training for the phase the server names."""
-    config, cfg, site = _prepare(msg, context)
+    config, cfg, site = prepare_site(msg, context)
     phase, server_round = str(cfg["phase"]), int(cfg["server-round"])
     try:
         _inject_fault(config, site.name, phase, server_round)
@@ -200,7 +204,7 @@ def train(msg: Message, context: Context) -> Message:
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     """Latent moments under the frozen autoencoder, pooled by the server into a scale factor."""
-    config, cfg, site = _prepare(msg, context)
+    config, cfg, site = prepare_site(msg, context)
     try:
         cases = load_site_cases(config, site.manifest, site.name)
         ae_weights, ae_sha = _frozen_autoencoder(cfg)

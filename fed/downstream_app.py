@@ -39,10 +39,10 @@ from synthct.downstream import (
     predict,
     train_epochs,
 )
-from synthct.fed.client_app import site_settings
+from synthct.fed.client_app import prepare_site
 from synthct.fed.errors import FederatedError, SiteError
 from synthct.fed.server_app import wait_for_sites
-from synthct.fed.task import config_from_json, config_to_json, load_site_cases, round_seed
+from synthct.fed.task import config_to_json, load_site_cases, round_seed
 
 __all__ = ["app", "train_downstream_federated"]
 
@@ -51,18 +51,10 @@ logger = logging.getLogger(__name__)
 app = ClientApp()
 
 
-def _site_data(msg: Message, context: Context):
-    cfg = msg.content["config"]
-    config = config_from_json(str(cfg["synthct-config"]))
-    if "sim-threads" in cfg:
-        torch.set_num_threads(int(cfg["sim-threads"]))
-    return config, cfg, site_settings(context, config, cfg)
-
-
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Local epochs on this site's real train cases (+ its cohort cases)."""
-    config, cfg, site = _site_data(msg, context)
+    config, cfg, site = prepare_site(msg, context)
     try:
         real = load_site_cases(config, site.manifest, site.name)
         cohort_path = str(cfg.get("cohort-manifest", ""))
@@ -93,7 +85,7 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """The global model on this site's own test split: probabilities and true labels."""
-    config, _cfg, site = _site_data(msg, context)
+    config, _cfg, site = prepare_site(msg, context)
     try:
         test = load_cases(site.manifest, config, splits=("test",), sites=(site.name,))
         model = build_classifier(config)

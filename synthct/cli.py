@@ -239,7 +239,7 @@ def _print_gate(report: dict) -> None:
 
 
 def cmd_downstream(args: argparse.Namespace) -> int:
-    from synthct.downstream import run_downstream
+    from synthct.downstream import downstream_table, run_downstream
     from synthct.progress import console, progress_bar
 
     config = _config(args.config)
@@ -268,30 +268,6 @@ def cmd_downstream(args: argparse.Namespace) -> int:
     console.print(downstream_table(results))
     print(f"results: {Path(args.out) / 'results.json'}")
     return EXIT_OK
-
-
-def downstream_table(results: dict):
-    from rich.table import Table
-
-    rare = results["rare"]
-    table = Table(title=f"downstream ({results['mode']}, real test split, mean ± sd over seeds)")
-    for col in ("arm", "balanced acc", "macro AUC", *(f"{r} recall" for r in rare), "worst site"):
-        table.add_column(col)
-    for arm, data in results["arms"].items():
-        s = data["summary"]
-
-        def fmt(m: dict) -> str:
-            return f"{m['mean']:.3f} ± {m['sd']:.3f}"
-
-        rare_cols = [fmt(s[f"recall_{r}"]) for r in rare]
-        table.add_row(
-            arm,
-            fmt(s["balanced_accuracy"]),
-            fmt(s["macro_auc"]),
-            *rare_cols,
-            fmt(s["worst_site_balanced_accuracy"]),
-        )
-    return table
 
 
 def cmd_plugin_train(args: argparse.Namespace) -> int:

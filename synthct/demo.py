@@ -126,7 +126,7 @@ def run_demo(args: argparse.Namespace) -> int:
         f"last round loss per site {generator['last_losses']}"
     )
     _print_gate_summary(gate)
-    from synthct.cli import downstream_table
+    from synthct.downstream import downstream_table
 
     console.print(downstream_table(downstream))
     write_json(

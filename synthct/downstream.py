@@ -39,6 +39,7 @@ __all__ = [
     "ArmResult",
     "join",
     "run_downstream",
+    "downstream_table",
 ]
 
 logger = logging.getLogger(__name__)
@@ -300,3 +301,28 @@ def _summary(runs: list[dict[str, Any]], rare: list[str]) -> dict[str, Any]:
         s: _mean_sd([r["per_site"][s]["balanced_accuracy"] for r in runs]) for s in sites
     }
     return out
+
+
+def downstream_table(results: dict[str, Any]):
+    """A rich table of each arm's headline numbers (mean ± sd over seeds)."""
+    from rich.table import Table
+
+    rare = results["rare"]
+    table = Table(title=f"downstream ({results['mode']}, real test split, mean ± sd over seeds)")
+    for col in ("arm", "balanced acc", "macro AUC", *(f"{r} recall" for r in rare), "worst site"):
+        table.add_column(col)
+    for arm, data in results["arms"].items():
+        s = data["summary"]
+
+        def fmt(m: dict) -> str:
+            return f"{m['mean']:.3f} ± {m['sd']:.3f}"
+
+        rare_cols = [fmt(s[f"recall_{r}"]) for r in rare]
+        table.add_row(
+            arm,
+            fmt(s["balanced_accuracy"]),
+            fmt(s["macro_auc"]),
+            *rare_cols,
+            fmt(s["worst_site_balanced_accuracy"]),
+        )
+    return table
