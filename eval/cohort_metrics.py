@@ -20,7 +20,19 @@ from synthct.eval.diversity import pairwise_msssim
 from synthct.eval.features import TISSUES, FeatureSet
 from synthct.eval.privacy import MatchSet, copy_scores, dcr_share, membership_auc
 
-__all__ = ["MetricValue", "CohortEvidence", "cohort_metrics", "hu_ranges", "near_copy_threshold"]
+__all__ = [
+    "MIN_PER_CLASS",
+    "MetricValue",
+    "CohortEvidence",
+    "cohort_metrics",
+    "hu_ranges",
+    "hu_ranges_from",
+    "hu_insane",
+    "near_copy_threshold",
+    "wilson_interval",
+    "closeness_ratio",
+    "clean_number",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -35,14 +47,17 @@ class MetricValue:
     detail: dict[str, Any] | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"value": _clean(self.value), "baseline": _clean(self.baseline)}
-        out["ci"] = None if self.ci is None else [_clean(v) for v in self.ci]
+        out: dict[str, Any] = {
+            "value": clean_number(self.value),
+            "baseline": clean_number(self.baseline),
+        }
+        out["ci"] = None if self.ci is None else [clean_number(v) for v in self.ci]
         if self.detail:
             out["detail"] = self.detail
         return out
 
 
-def _clean(v: float | None) -> float | None:
+def clean_number(v: float | None) -> float | None:
     return None if v is None or not np.isfinite(v) else round(float(v), 6)
 
 
@@ -96,8 +111,8 @@ def _kid_metric(ev: CohortEvidence, space: str, *, rounds: int, seed: int) -> Me
         lambda i, _j: score(dist.weighted_kid, syn[i], cl[i]), len(syn), 1, rounds=rounds, seed=seed
     )
     detail = {
-        "fd": _clean(score(dist.weighted_frechet_distance, syn, cl)),
-        "fd_baseline": _clean(score(dist.weighted_frechet_distance, base, tl)),
+        "fd": clean_number(score(dist.weighted_frechet_distance, syn, cl)),
+        "fd_baseline": clean_number(score(dist.weighted_frechet_distance, base, tl)),
     }
     return MetricValue(v, b, ci, detail)
 
@@ -110,18 +125,22 @@ def _prdc_metric(ev: CohortEvidence, key: str) -> MetricValue:
 
     v, per = _per_class(fn, syn, ev.cohort.labels, real, ev.holdout.labels, ev.classes)
     b, _ = _per_class(fn, base, ev.train.labels, real, ev.holdout.labels, ev.classes)
-    return MetricValue(v, b, None, {"per_class": {k: _clean(x) for k, x in per.items()}})
+    return MetricValue(v, b, None, {"per_class": {k: clean_number(x) for k, x in per.items()}})
 
 
 def hu_ranges(real: FeatureSet) -> np.ndarray:
     """3×2 plausible [low, high] median HU per tissue: the real range widened by a quarter of
     its width plus 10 HU on each side."""
-    lo, hi = np.nanmin(real.medians, 0), np.nanmax(real.medians, 0)
+    return hu_ranges_from(np.nanmin(real.medians, 0), np.nanmax(real.medians, 0))
+
+
+def hu_ranges_from(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """:func:`hu_ranges` from the per-tissue lowest and highest real median."""
     pad = 0.25 * (hi - lo) + 10.0
     return np.stack([lo - pad, hi + pad], axis=1)
 
 
-def _hu_insane(medians: np.ndarray, ranges: np.ndarray, required: np.ndarray) -> np.ndarray:
+def hu_insane(medians: np.ndarray, ranges: np.ndarray, required: np.ndarray) -> np.ndarray:
     """Per volume: some tissue median outside its range, or a tissue real volumes always
     have is missing."""
     low, high = ranges[:, 0], ranges[:, 1]
@@ -139,7 +158,7 @@ def near_copy_threshold(holdout_to_train: np.ndarray) -> float:
     return top + 0.6 * (1.0 - top)
 
 
-def _wilson(k: int, n: int, z: float = 1.645) -> tuple[float, float]:
+def wilson_interval(k: int, n: int, z: float = 1.645) -> tuple[float, float]:
     if n == 0:
         return float("nan"), float("nan")
     p = k / n
@@ -154,8 +173,8 @@ def _site_closeness(
 ) -> dict[str, float]:
     """Per site: median distance from its holdout cases (of the cohort's classes) to the
     nearest cohort case, in units of the median distance between holdout cases."""
-    d = dist._pairwise(real, syn_space).min(1)
-    scale = float(np.median(dist._pairwise(real, real)[np.triu_indices(len(real), 1)]))
+    d = dist.pairwise(real, syn_space).min(1)
+    scale = float(np.median(dist.pairwise(real, real)[np.triu_indices(len(real), 1)]))
     held_classes = set(np.unique(ev.cohort.labels).tolist())
     out = {}
     for site in sorted(set(ev.holdout.sites)):
@@ -170,7 +189,7 @@ def _site_closeness(
     return out
 
 
-def _ratio(per_site: dict[str, float]) -> float:
+def closeness_ratio(per_site: dict[str, float]) -> float:
     """Nearest-site over farthest-site distance: 1 when every site is equally well served."""
     if not per_site:
         return float("nan")
@@ -192,12 +211,12 @@ def cohort_metrics(
     real_all = FeatureSet.concat([ev.train, ev.holdout])
     ranges = hu_ranges(real_all)
     required = (~np.isnan(real_all.medians)).mean(0) >= 0.9
-    insane = _hu_insane(ev.cohort.medians, ranges, required)
-    base_insane = _hu_insane(ev.holdout.medians, hu_ranges(ev.train), required)
+    insane = hu_insane(ev.cohort.medians, ranges, required)
+    base_insane = hu_insane(ev.holdout.medians, hu_ranges(ev.train), required)
     m["hu_insane_rate"] = MetricValue(
         float(insane.mean()),
         float(base_insane.mean()),
-        _wilson(int(insane.sum()), n),
+        wilson_interval(int(insane.sum()), n),
         {
             "ranges": {
                 t: [round(float(a), 1), round(float(b), 1)]
@@ -227,8 +246,8 @@ def cohort_metrics(
         0.0,
         None,
         {
-            "synthetic": {k: _clean(v) for k, v in syn_div.items()},
-            "real": {k: _clean(v) for k, v in real_div.items()},
+            "synthetic": {k: clean_number(v) for k, v in syn_div.items()},
+            "real": {k: clean_number(v) for k, v in real_div.items()},
         },
     )
     # --- privacy
@@ -239,10 +258,10 @@ def cohort_metrics(
     m["near_copy_rate"] = MetricValue(
         float(copies.mean()),
         float((holdout_to_train >= tau).mean()),
-        _wilson(int(copies.sum()), n),
+        wilson_interval(int(copies.sum()), n),
         {
             "threshold_ncc": round(tau, 6),
-            "max_ncc": _clean(float(to_train.score.max()) if n else float("nan")),
+            "max_ncc": clean_number(float(to_train.score.max()) if n else float("nan")),
         },
     )
     m["dcr_share"] = MetricValue(
@@ -267,7 +286,7 @@ def cohort_metrics(
         c = ev.classes.index(worst)
         asked = requested == c
         hits = int((ev.cohort_pred[asked] == c).sum())
-        lo, hi = _wilson(hits, int(asked.sum()))
+        lo, hi = wilson_interval(hits, int(asked.sum()))
         ci = (lo - base_accs[worst], hi - base_accs[worst])
     m["conditioning_gap"] = MetricValue(
         gaps[worst] if worst else float("nan"),
@@ -293,12 +312,12 @@ def cohort_metrics(
     per_site = _site_closeness(ev, syn, real)
     per_site_base = _site_closeness(ev, base, real)
     m["site_fidelity_ratio"] = MetricValue(
-        _ratio(per_site),
-        _ratio(per_site_base),
+        closeness_ratio(per_site),
+        closeness_ratio(per_site_base),
         None,
         {
-            "distance_per_site": {k: _clean(v) for k, v in per_site.items()},
-            "baseline_per_site": {k: _clean(v) for k, v in per_site_base.items()},
+            "distance_per_site": {k: clean_number(v) for k, v in per_site.items()},
+            "baseline_per_site": {k: clean_number(v) for k, v in per_site_base.items()},
         },
     )
     evidence = {

@@ -18,6 +18,11 @@ __all__ = [
     "weighted_kid",
     "weighted_frechet_distance",
     "class_matched_weights",
+    "weighted_within",
+    "weighted_moments",
+    "frechet_from_moments",
+    "pairwise",
+    "knn_radius",
     "prdc",
     "bootstrap_ci",
 ]
@@ -91,6 +96,18 @@ def class_matched_weights(
     return w_syn, w_real
 
 
+def poly_kernel(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """KID's cubic polynomial kernel ``(a.b / d + 1)^3`` between the rows of ``a`` and ``b``."""
+    return (a @ b.T / a.shape[1] + 1.0) ** 3
+
+
+def weighted_within(a: np.ndarray, w: np.ndarray) -> float:
+    """Weighted mean kernel value over distinct pairs of ``a`` (the diagonal left out)."""
+    ww = np.outer(w, w)
+    np.fill_diagonal(ww, 0.0)
+    return float((ww * poly_kernel(a, a)).sum() / ww.sum())
+
+
 def weighted_kid(x: np.ndarray, wx: np.ndarray, y: np.ndarray, wy: np.ndarray) -> float:
     """KID with case weights (each summing to 1): diagonal terms left out and the within-set
     sums renormalised, so equal weights give exactly :func:`kid`."""
@@ -98,16 +115,21 @@ def weighted_kid(x: np.ndarray, wx: np.ndarray, y: np.ndarray, wy: np.ndarray) -
     x, wx, y, wy = x[keep_x], wx[keep_x], y[keep_y], wy[keep_y]
     if len(x) < 2 or len(y) < 2:
         return float("nan")
-    d = x.shape[1]
+    kxy = poly_kernel(x, y)
+    return weighted_within(x, wx) + weighted_within(y, wy) - 2 * float(wx @ kxy @ wy)
 
-    def within(a: np.ndarray, w: np.ndarray) -> float:
-        k = (a @ a.T / d + 1.0) ** 3
-        ww = np.outer(w, w)
-        np.fill_diagonal(ww, 0.0)
-        return float((ww * k).sum() / ww.sum())
 
-    kxy = (x @ y.T / d + 1.0) ** 3
-    return within(x, wx) + within(y, wy) - 2 * float(wx @ kxy @ wy)
+def weighted_moments(a: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Weighted mean and (unbiased, reliability-weighted) covariance; ``w`` sums to 1."""
+    mu = w @ a
+    c = a - mu
+    return mu, np.atleast_2d((c * w[:, None]).T @ c / max(1.0 - float(w @ w), 1e-12))
+
+
+def frechet_from_moments(mx: np.ndarray, sx: np.ndarray, my: np.ndarray, sy: np.ndarray) -> float:
+    """Fréchet distance between two Gaussians given by mean and covariance."""
+    value = float(((mx - my) ** 2).sum() + np.trace(sx) + np.trace(sy) - 2 * _sqrtm_trace(sx, sy))
+    return max(value, 0.0)
 
 
 def weighted_frechet_distance(
@@ -117,23 +139,18 @@ def weighted_frechet_distance(
     if (wx > 0).sum() < 2 or (wy > 0).sum() < 2:
         return float("nan")
 
-    def moments(a: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        mu = w @ a
-        c = a - mu
-        return mu, np.atleast_2d((c * w[:, None]).T @ c / max(1.0 - float(w @ w), 1e-12))
-
-    (mx, sx), (my, sy) = moments(x, wx), moments(y, wy)
-    value = float(((mx - my) ** 2).sum() + np.trace(sx) + np.trace(sy) - 2 * _sqrtm_trace(sx, sy))
-    return max(value, 0.0)
+    return frechet_from_moments(*weighted_moments(x, wx), *weighted_moments(y, wy))
 
 
-def _pairwise(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def pairwise(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Euclidean distances between the rows of ``a`` and ``b``."""
     d2 = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2 * a @ b.T
     return np.sqrt(np.clip(d2, 0, None))
 
 
-def _knn_radius(x: np.ndarray, k: int) -> np.ndarray:
-    d = _pairwise(x, x)
+def knn_radius(x: np.ndarray, k: int) -> np.ndarray:
+    """Distance from each row to its k-th nearest other row (k capped at N-1)."""
+    d = pairwise(x, x)
     k = min(k, len(x) - 1)
     return np.sort(d, axis=1)[:, k]  # column 0 is the point itself
 
@@ -143,8 +160,8 @@ def prdc(real: np.ndarray, fake: np.ndarray, k: int = 5) -> dict[str, float]:
     if len(real) < 2 or len(fake) < 2:
         nan = float("nan")
         return {"precision": nan, "recall": nan, "density": nan, "coverage": nan}
-    real_r, fake_r = _knn_radius(real, k), _knn_radius(fake, k)
-    d = _pairwise(real, fake)  # R×F
+    real_r, fake_r = knn_radius(real, k), knn_radius(fake, k)
+    d = pairwise(real, fake)  # R×F
     inside_real = d <= real_r[:, None]
     k_eff = min(k, len(real) - 1)
     return {

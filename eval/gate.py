@@ -37,6 +37,8 @@ __all__ = [
     "RealSide",
     "load_real",
     "run_gate",
+    "gate_report",
+    "hash_cohort",
     "write_gate",
     "gate_table",
     "judge",
@@ -233,7 +235,7 @@ def judge(metrics: dict[str, MetricValue], rules: dict[str, RuleSpec]) -> list[d
     return rows
 
 
-def _hash_cohort(manifest: Path) -> tuple[dict[str, Any], list[ManifestRow]]:
+def hash_cohort(manifest: Path) -> tuple[dict[str, Any], list[ManifestRow]]:
     """sha256 of the manifest and of every file it lists; also the rows themselves."""
     rows = read_manifest(manifest)
     files = {}
@@ -311,7 +313,7 @@ def run_gate(
     """Score the cohort and judge it; returns the ``gate.json`` payload (not yet written)."""
     rules = rules or dict(DEFAULT_RULES)
     cohort_manifest = Path(cohort_manifest)
-    files, listed = _hash_cohort(cohort_manifest)  # first: the verdict is about these bytes
+    files, listed = hash_cohort(cohort_manifest)  # first: the verdict is about these bytes
     cohort = load_cases(cohort_manifest, config, splits=("train",))
     if len(cohort) == 0:
         raise GateError(f"{cohort_manifest}: no cases with split 'train' (synthetic cases train)")
@@ -331,6 +333,38 @@ def run_gate(
     metrics, per_volume = cohort_metrics(
         evidence, requested=cohort.labels.numpy(), bootstrap=bootstrap, seed=seed
     )
+    per_volume["copy_of"] = [
+        f"train case {Path(real.train.paths[int(i)]).name}" for i in per_volume["copy_of"]
+    ]
+    return gate_report(
+        metrics,
+        per_volume,
+        rules,
+        cohort=cohort,
+        files=files,
+        listed=listed,
+        config=config,
+        real=real.provenance,
+        reference=reference,
+        seed=seed,
+    )
+
+
+def gate_report(
+    metrics: dict[str, MetricValue],
+    per_volume: dict[str, Any],
+    rules: dict[str, RuleSpec],
+    *,
+    cohort,
+    files: dict[str, Any],
+    listed: list[ManifestRow],
+    config: SynthctConfig,
+    real: dict[str, Any],
+    reference: ReferenceModel,
+    seed: int,
+) -> dict[str, Any]:
+    """The ``gate.json`` payload from the metrics (central or federated) and per-volume
+    evidence (``copy_of`` names what each volume would be a copy of)."""
     rows = judge(metrics, rules)
     failed = [r["rule"] for r in rows if r["passed"] is False]
     # load_cases keeps the manifest's order: case i is the i-th row with split "train"
@@ -339,9 +373,8 @@ def run_gate(
     for i, listed_path in enumerate(listed_paths):
         reasons = []
         if per_volume["near_copy"][i]:
-            copy_of = Path(real.train.paths[int(per_volume["copy_of"][i])])
             reasons.append(
-                f"near-copy of train case {copy_of.name} (NCC {per_volume['copy_ncc'][i]:.4f})"
+                f"near-copy of {per_volume['copy_of'][i]} (NCC {per_volume['copy_ncc'][i]:.4f})"
             )
         if per_volume["hu_insane"][i]:
             soft, lung, bone = per_volume["medians"][i]
@@ -363,7 +396,7 @@ def run_gate(
             },
             **files,
         },
-        "real": real.provenance,
+        "real": real,
         "reference": {
             "weights_sha256": reference.info.get("weights_sha256"),
             "vocabulary_hash": reference.vocabulary_hash,
