@@ -202,7 +202,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_gate(args: argparse.Namespace) -> int:
     from synthct.artifacts import read_json
-    from synthct.eval.gate import drop_flagged, load_real, load_rules, run_gate, write_gate
+    from synthct.eval.gate import (
+        GateError,
+        drop_flagged,
+        load_real,
+        load_rules,
+        run_gate,
+        write_gate,
+    )
     from synthct.eval.reference import load_reference
 
     config = _config(args.config)
@@ -215,10 +222,29 @@ def cmd_gate(args: argparse.Namespace) -> int:
         reference = load_phantom_reference(config.labels.vocabulary_hash)
     cohort = Path(args.cohort)
     manifest = cohort / "manifest.csv" if cohort.is_dir() else cohort
-    real = load_real(args.train, args.holdout, config=config, reference=reference)
-    report = run_gate(
-        manifest, real, config=config, reference=reference, rules=rules, seed=args.seed
-    )
+    if args.federated:
+        from synthct.fed.gate_app import run_gate_federated
+
+        if not args.manifest:
+            raise GateError("--federated needs --manifest (each site reads only its own rows)")
+        if not manifest.is_file():
+            raise GateError(f"{manifest}: no cohort manifest")
+        report = run_gate_federated(
+            manifest,
+            args.manifest,
+            config=config,
+            reference=reference,
+            run_dir=Path(args.out).resolve().parent / "gate_federated",
+            rules=rules,
+            seed=args.seed,
+        )
+    else:
+        if not (args.train and args.holdout):
+            raise GateError("the central gate needs --train and --holdout manifests")
+        real = load_real(args.train, args.holdout, config=config, reference=reference)
+        report = run_gate(
+            manifest, real, config=config, reference=reference, rules=rules, seed=args.seed
+        )
     write_gate(report, args.out)
     _print_gate(report)
     if args.drop_flagged:
@@ -452,8 +478,14 @@ def build_parser() -> argparse.ArgumentParser:
         "gate", help="score a cohort (fidelity, diversity, privacy, bias) and judge it"
     )
     p.add_argument("--cohort", required=True, help="cohort folder (with manifest.csv) or manifest")
-    p.add_argument("--train", required=True, help="manifest with the real train split")
-    p.add_argument("--holdout", required=True, help="manifest with the real holdout split")
+    p.add_argument("--train", help="manifest with the real train split (central mode)")
+    p.add_argument("--holdout", help="manifest with the real holdout split (central mode)")
+    p.add_argument(
+        "--federated",
+        action="store_true",
+        help="judge through Flower: each site scores the cohort on its own cases, sends aggregates",
+    )
+    p.add_argument("--manifest", help="federated mode: the sites' manifest (each reads its rows)")
     p.add_argument("--rules", help="YAML overriding rule thresholds (see README)")
     p.add_argument("--out", required=True, help="gate report JSON")
     p.add_argument("--config", help="config: vocabulary, label maps, geometry (default demo)")
