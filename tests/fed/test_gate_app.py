@@ -28,20 +28,24 @@ def cohorts(tmp_path_factory, demo_config, demo_sites):
     reference = load_phantom_reference(demo_config.labels.vocabulary_hash)
     real = load_real(demo_sites, demo_sites, config=demo_config, reference=reference)
     labels = [demo_config.labels.classes[i] for i in real.train.labels.tolist()]
-    return {
-        "fresh": fresh,
-        "near_copies": negatives.near_copies(
-            real.train.paths, labels, base, out / "copies", fraction=0.2
-        ),
-        "mode_collapse": negatives.mode_collapse(base, out / "collapse"),
-        "hu_sanity": negatives.hu_shift(base, out / "shift", offset_hu=60),
-        "conditioning": negatives.relabelled(
-            base, out / "relabel", classes=demo_config.labels.classes
-        ),
-        "site_balance": negatives.fresh_real_cohort(
-            demo_config, COUNTS, out / "single", seed=5, sites=["site_d"]
-        ),
-    }, real, reference
+    return (
+        {
+            "fresh": fresh,
+            "near_copies": negatives.near_copies(
+                real.train.paths, labels, base, out / "copies", fraction=0.2
+            ),
+            "mode_collapse": negatives.mode_collapse(base, out / "collapse"),
+            "hu_sanity": negatives.hu_shift(base, out / "shift", offset_hu=60),
+            "conditioning": negatives.relabelled(
+                base, out / "relabel", classes=demo_config.labels.classes
+            ),
+            "site_balance": negatives.fresh_real_cohort(
+                demo_config, COUNTS, out / "single", seed=5, sites=["site_d"]
+            ),
+        },
+        real,
+        reference,
+    )
 
 
 def test_federated_verdicts_agree_with_central(cohorts, demo_config, demo_sites, tmp_path):
@@ -69,7 +73,9 @@ def test_federated_verdicts_agree_with_central(cohorts, demo_config, demo_sites,
             assert f == pytest.approx(c, rel=1e-5, abs=1e-6), (name, metric)
         assert fed["real"]["mode"] == "federated"
     copies = reports[names.index("near_copies")]
-    assert copies["flags"] and all("a train case at site_" in f["reasons"][0] for f in copies["flags"])
+    assert copies["flags"] and all(
+        "a train case at site_" in f["reasons"][0] for f in copies["flags"]
+    )
     # each site logged exactly what left it: two rounds per cohort, never an image
     for site in demo_config.site_names:
         audit = tmp_path / "run" / "sites" / site / "audit.jsonl"
