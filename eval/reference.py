@@ -27,6 +27,8 @@ __all__ = [
     "ReferenceNet",
     "ReferenceModel",
     "train_reference",
+    "fit_reference",
+    "holdout_report",
     "evaluate_classifier",
     "save_reference",
     "load_reference",
@@ -37,7 +39,7 @@ logger = logging.getLogger(__name__)
 
 
 class ReferenceNet(nn.Module):
-    """Conv3d stages (GroupNorm, so site intensity differences matter less) -> pooled features
+    """Conv3d stages (BatchNorm) -> pooled features
     -> linear classifier. ``features``: B×1×X×Y×Z -> B×(2·channels[-1])."""
 
     def __init__(self, num_classes: int, channels: tuple[int, ...] = (16, 32, 64)) -> None:
@@ -151,6 +153,65 @@ def evaluate_classifier(
     }
 
 
+def fit_reference(
+    net: ReferenceNet,
+    train: CaseSet,
+    *,
+    epochs: int,
+    seed: int,
+    lr: float = 2e-3,
+    one_cycle: bool = True,
+    batch_size: int = 8,
+    optimizer: torch.optim.Optimizer | None = None,
+    progress: Callable[..., None] | None = None,
+) -> float:
+    """Train ``net`` in place on ``train`` (class-balanced batches, blur/flip/noise
+    augmentation, label smoothing); returns the mean loss. ``one_cycle`` warms up and anneals
+    within the call (central training); a federated round passes the round's ``lr`` and keeps
+    it constant, the server annealing it over rounds, and may pass the site's ``optimizer``
+    (AdamW over ``net``'s parameters) with the moments it kept from earlier rounds."""
+    from synthct.training import BalancedSampler
+
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    if optimizer is None:
+        optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
+    total = epochs * max(len(train) // batch_size, 1)
+    scheduler = (
+        torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=total)
+        if one_cycle
+        else None
+    )
+    sampler = BalancedSampler(train.labels, balanced=True, generator=generator)
+    net.train()
+    losses = []
+    for step in range(total):
+        idx = sampler(batch_size)
+        x = augment(train.images[idx], generator)
+        loss = F.cross_entropy(net(x), train.labels[idx], label_smoothing=0.05)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        losses.append(loss.item())
+        if progress is not None:
+            progress(step + 1, total, loss=losses[-1])
+    net.eval()
+    return float(sum(losses) / max(len(losses), 1))
+
+
+def holdout_report(model: ReferenceModel, holdout: CaseSet) -> dict[str, Any]:
+    """The ``info["holdout"]`` block: accuracy, balanced accuracy, recall per class name."""
+    metrics = evaluate_classifier(model.predict(holdout.images), holdout.labels, len(model.classes))
+    return {
+        "cases": len(holdout),
+        "accuracy": metrics["accuracy"],
+        "balanced_accuracy": metrics["balanced_accuracy"],
+        "per_class_recall": {model.classes[c]: v for c, v in metrics["per_class_recall"].items()},
+    }
+
+
 def train_reference(
     train: CaseSet,
     *,
@@ -162,44 +223,20 @@ def train_reference(
     batch_size: int = 8,
     progress: Callable[..., None] | None = None,
 ) -> ReferenceModel:
-    """Train on real ``train`` cases (class-balanced batches, augmentation); report holdout."""
-    from synthct.training import BalancedSampler
-
+    """Train on pooled real ``train`` cases (central mode); report holdout."""
     torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed)
     net = ReferenceNet(len(classes))
-    optimizer = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
-    steps_per_epoch = max(len(train) // batch_size, 1)
-    total = epochs * steps_per_epoch
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=2e-3, total_steps=total)
-    sampler = BalancedSampler(train.labels, balanced=True, generator=generator)
-    net.train()
-    for step in range(total):
-        idx = sampler(batch_size)
-        x = augment(train.images[idx], generator)
-        loss = F.cross_entropy(net(x), train.labels[idx], label_smoothing=0.05)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        if progress is not None:
-            progress(step + 1, total, loss=loss.item())
-    net.eval().requires_grad_(False)
+    fit_reference(net, train, epochs=epochs, seed=seed, batch_size=batch_size, progress=progress)
+    net.requires_grad_(False)
     model = ReferenceModel(
         net,
         list(classes),
         vocabulary_hash,
-        {"train_cases": len(train), "epochs": epochs, "seed": seed},
+        {"train_cases": len(train), "epochs": epochs, "seed": seed, "trained": "central"},
     )
     if holdout is not None and len(holdout):
-        metrics = evaluate_classifier(model.predict(holdout.images), holdout.labels, len(classes))
-        model.info["holdout"] = {
-            "cases": len(holdout),
-            "accuracy": metrics["accuracy"],
-            "balanced_accuracy": metrics["balanced_accuracy"],
-            "per_class_recall": {classes[c]: v for c, v in metrics["per_class_recall"].items()},
-        }
-        logger.info("reference classifier holdout accuracy %.3f", metrics["accuracy"])
+        model.info["holdout"] = holdout_report(model, holdout)
+        logger.info("reference classifier holdout accuracy %.3f", model.info["holdout"]["accuracy"])
     return model
 
 

@@ -200,6 +200,48 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_reference(args: argparse.Namespace) -> int:
+    """Train the frozen real-only reference classifier/encoder the gate and quality checks use:
+    on the pooled ``train`` split, or federatedly (FedAvg; each site reads only its rows)."""
+    from synthct.eval.reference import save_reference
+
+    config = _config(args.config)
+    manifest = Path(args.manifest)
+    if not manifest.is_file():
+        from synthct.data.manifest import ManifestError
+
+        raise ManifestError(f"{manifest}: manifest not found")
+    out = Path(args.out)
+    if args.federated:
+        from synthct.fed.reference_app import train_reference_federated
+
+        model = train_reference_federated(config, manifest, out / "federated", seed=args.seed)
+    else:
+        from synthct.data.dataset import load_cases
+        from synthct.eval.reference import train_reference
+        from synthct.progress import progress_bar
+
+        train = load_cases(manifest, config, splits=("train",))
+        holdout = load_cases(manifest, config, splits=("holdout",))
+        with progress_bar("reference") as update:
+            model = train_reference(
+                train,
+                classes=list(config.labels.classes),
+                vocabulary_hash=config.labels.vocabulary_hash,
+                epochs=config.train.reference_epochs,
+                seed=args.seed,
+                holdout=holdout,
+                progress=lambda done, total, **m: update(done, total, **m),
+            )
+    save_reference(model, out)
+    holdout = model.info.get("holdout", {})
+    print(
+        f"reference ({model.info.get('trained', 'central')}): {out}; holdout accuracy "
+        f"{holdout.get('accuracy', float('nan')):.3f}, balanced {holdout.get('balanced_accuracy', float('nan')):.3f}"
+    )
+    return EXIT_OK
+
+
 def cmd_gate(args: argparse.Namespace) -> int:
     from synthct.artifacts import read_json
     from synthct.eval.gate import (
@@ -493,6 +535,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--drop-flagged", metavar="DIR", help="also write the unflagged cases here")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_gate)
+
+    p = sub.add_parser(
+        "reference", help="train the frozen reference classifier/encoder (central or federated)"
+    )
+    p.add_argument("--manifest", required=True, help="the sites' manifest (train + holdout)")
+    p.add_argument("--out", required=True, help="reference model folder")
+    p.add_argument(
+        "--federated", action="store_true", help="FedAvg over the sites (Flower simulation)"
+    )
+    p.add_argument("--config", help="config YAML (default: packaged demo.yaml)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_reference)
 
     p = sub.add_parser("downstream", help="train classifiers on real (+ gated synthetic) data")
     p.add_argument("--real", required=True, help="manifest with train and test splits")

@@ -271,6 +271,10 @@ class FederatedConfig(_Strict):
     finetune_rounds: int = Field(
         default=2, ge=0, description="diffusion rounds when fine-tuning a pretrained generator"
     )
+    reference_rounds: int = Field(
+        default=10, ge=1, description="FedAvg rounds of the federated reference classifier"
+    )
+    local_epochs_reference: int = Field(default=12, ge=1)
     min_sites: int = Field(default=2, ge=1, description="fewest replies that still aggregate")
     round_timeout_s: float = Field(default=1800.0, gt=0)
     connect_timeout_s: float = Field(default=120.0, gt=0)

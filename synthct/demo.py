@@ -1,8 +1,8 @@
 """``synthct demo``: the main job, stage by stage, on the embedded phantom sites.
 
 Stages so far: phantom sites -> manifest check -> model-ready loading of every split ->
-reference classifier (real ``train`` only; its holdout accuracy shows the classes are
-learnable from the images) -> federated generator (Flower simulation: a few rounds fine-tuning
+reference classifier (real ``train`` only, the shipped one or trained with FedAvg; its
+holdout accuracy shows the classes are learnable from the images) -> federated generator (Flower simulation: a few rounds fine-tuning
 the shipped pretrained phantom generator, or the config's whole schedule with
 ``--from-scratch`` or when no matching pretrained generator ships) -> synthetic cohort (per
 site, what it lacks) -> gate (``RUN/gate.json``; a failed gate is a valid result) ->
@@ -286,21 +286,29 @@ def _load_all(manifest: Path, config: SynthctConfig) -> Counter:
 
 
 def _reference(manifest: Path, config: SynthctConfig, run: Path) -> dict:
-    from synthct.data.dataset import load_cases
+    """The shipped reference models when the phantoms are the ones they were trained on;
+    otherwise trained federatedly (FedAvg through Flower), as sites that cannot pool would."""
+    from synthct.eval.reference import load_reference, save_reference
     from synthct.pretrained import shipped_reference_for
-    from synthct.trainer import ensure_reference
 
+    target = run / "reference"
     shipped = shipped_reference_for(manifest)
-    if shipped is not None and not (run / "reference").exists():
-        shutil.copytree(shipped, run / "reference")  # trained on these very phantoms
+    if shipped is not None and not target.exists():
+        shutil.copytree(shipped, target)  # trained on these very phantoms
         logger.info("reference models: the shipped ones (trained on this manifest)")
+    if not (target / "reference.json").is_file():
+        from synthct.fed.reference_app import train_reference_federated
 
-    train = load_cases(manifest, config, splits=("train",))
-    holdout = load_cases(manifest, config, splits=("holdout",))
-    with progress_bar("reference", total=None) as update:
-        return ensure_reference(
-            config, train, holdout, run, lambda _phase, d, t, **f: update(d, t, **f)
+        logger.info(
+            "reference models: FedAvg, %d rounds x %d local epochs",
+            config.federated.reference_rounds,
+            config.federated.local_epochs_reference,
         )
+        model = train_reference_federated(
+            config, manifest, run / "federated_reference", seed=config.seed
+        )
+        save_reference(model, target)
+    return load_reference(target, vocabulary_hash=config.labels.vocabulary_hash).info
 
 
 def _pretrained_matches(config: SynthctConfig) -> Path | None:

@@ -21,6 +21,7 @@ def test_demo_stages_on_smoke(tmp_path, render_check):
     assert (run / "generator" / "config.json").is_file()
     assert (run / "reference" / "reference.safetensors").is_file()
     assert "holdout" in summary["reference"]
+    assert summary["reference"]["trained"] == "federated"  # no shipped one fits: FedAvg, no pooling
     assert (run / "config.yaml").is_file()
     gate = read_json(run / "gate.json")
     assert gate["verdict"] in {"pass", "fail"} and summary["gate"]["verdict"] == gate["verdict"]

@@ -1,0 +1,64 @@
+"""The federated reference classifier/encoder (Flower simulation, FedAvg): each site trains on
+its own rows and sends weights and holdout confusion counts only; the result is a reference
+model the gate loads like a central one."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from synthct.cli import main
+from synthct.config import packaged_config_path
+from synthct.data.dataset import load_cases
+from synthct.eval.reference import evaluate_classifier, load_reference
+from synthct.fed.reference_app import holdout_from_confusion, round_lr
+
+pytestmark = pytest.mark.slow
+
+
+def test_learning_rate_warms_up_then_anneals():
+    lrs = [round_lr(r, 8, base=1e-3) for r in range(1, 9)]
+    assert lrs[0] < lrs[1] == pytest.approx(1e-3)  # warm-up: the first quarter of the rounds
+    assert all(a > b for a, b in zip(lrs[1:], lrs[2:], strict=False))
+    assert lrs[-1] == pytest.approx(5e-5)
+
+
+def test_holdout_block_from_confusion_counts():
+    confusion = np.array([[3, 1, 0], [0, 2, 0], [0, 0, 0]])
+    block = holdout_from_confusion(confusion, ["a", "b", "c"])
+    assert block["cases"] == 6 and block["accuracy"] == pytest.approx(5 / 6)
+    assert block["per_class_recall"] == {"a": 0.75, "b": 1.0}  # absent class omitted
+    assert block["balanced_accuracy"] == pytest.approx(0.875)
+
+
+def test_cli_trains_a_federated_reference_the_gate_can_use(smoke_sites, smoke_config, tmp_path):
+    config_path = str(packaged_config_path("smoke"))
+    out = tmp_path / "reference"
+    args = ["reference", "--manifest", str(smoke_sites), "--config", config_path]
+    assert main([*args, "--out", str(out), "--federated"]) == 0
+    model = load_reference(out, vocabulary_hash=smoke_config.labels.vocabulary_hash)
+    info = model.info
+    assert info["trained"] == "federated" and info["rounds"] == 3
+    assert len(info["loss_per_round"]) == 3
+    # the confusion counts the sites sent add up to the pooled holdout, and the saved model's
+    # own predictions on that holdout reproduce them
+    holdout = load_cases(smoke_sites, smoke_config, splits=("holdout",))
+    assert info["holdout"]["cases"] == len(holdout)
+    again = evaluate_classifier(
+        model.predict(holdout.images), holdout.labels, smoke_config.labels.num_classes
+    )
+    assert info["holdout"]["accuracy"] == pytest.approx(again["accuracy"])
+    # each site logged its weights every round and one confusion matrix, nothing else
+    for site in smoke_config.site_names:
+        audit = out / "federated" / "sites" / site / "audit.jsonl"
+        phases = [json.loads(line)["phase"] for line in audit.read_text().splitlines()]
+        assert phases == ["reference"] * 3 + ["reference-holdout"]
+
+
+def test_cli_reference_refuses_a_missing_manifest(tmp_path, capsys):
+    missing = tmp_path / "nope.csv"
+    assert main(["reference", "--manifest", str(missing), "--out", str(tmp_path / "r")]) == 2
+    assert str(missing) in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()  # nothing half-written
