@@ -100,6 +100,9 @@ def main() -> None:
     parser.add_argument("--run", default="runs/pretrained")
     parser.add_argument("--config", default=str(packaged_config_path("demo")))
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument(
+        "--initial", help="continue from this generator folder (same networks) instead of zero"
+    )
     parser.add_argument("--budget-min", type=float, default=None)
     parser.add_argument("--samples-per-class", type=int, default=16)
     parser.add_argument("--ship", action="store_true", help="export into synthct/pretrained")
@@ -117,6 +120,7 @@ def main() -> None:
         run,
         resume=args.resume and (run / "fed_state.json").is_file(),
         budget_min=args.budget_min,
+        initial=args.initial,
         progress=log_round,
     )
     state = read_json(run / "fed_state.json")
