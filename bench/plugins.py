@@ -1,0 +1,206 @@
+"""A hospital that joins late: a LoRA plugin vs federated retraining, on its own holdout.
+
+    python bench/plugins.py [--budget-min 30] [--steps 300] [--per-class 8] [--out runs/bench_plugins]
+
+The base is the shipped pretrained phantom generator (trained federatedly on the demo's four
+sites). A fifth site, ``site_e``, never seen by it, has its own scanner style (noisier, +30 HU,
+5 mm blur) and many rare-class cases. It contributes a plugin (peft LoRA on the frozen EMA
+UNet, trained on its ``train`` split only); ``site_b`` (no rare class) contributes a second
+one so that Mixture has something to route. Compared on ``site_e``'s holdout:
+
+- ``base``: the shipped generator as is;
+- ``fusion``: both plugins' deltas merged into the UNet (case-count weights);
+- ``mixture``: the plugins kept apart, their predictions mixed per requested class;
+- ``retrain``: the demo's federated fine-tuning (Flower simulation, all five sites, the
+  config's ``finetune_rounds`` diffusion rounds) — what synchronous rounds would do instead.
+
+Reported per arm: bytes a site sends (plugin file vs a full UNet update), conditional accuracy
+(shipped reference classifier), class-matched KID of HU/texture (radiomics) features against
+``site_e``'s holdout and against the other sites' holdout, and sampling wall time (Mixture
+runs the adapted UNet once per plugin that covers a row). Results: ``OUT/plugins.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from synthct.checkpoint import load_generator
+from synthct.config import config_from_dict, load_config, packaged_config_path
+from synthct.data.dataset import load_cases
+from synthct.data.phantoms import write_phantom_sites
+from synthct.data.preprocess import hu_to_model, model_to_hu
+from synthct.eval.distribution import class_matched_weights, standardise, weighted_kid
+from synthct.eval.features import radiomics_features
+from synthct.eval.reference import evaluate_classifier
+from synthct.fed.simulation import train_federated
+from synthct.fed.task import tensors_to_bytes
+from synthct.plugins.adapter import export_plugin, train_plugin
+from synthct.plugins.merge import MixtureDenoiser, fuse
+from synthct.plugins.registry import add_plugin, load_plugins
+from synthct.pretrained import load_phantom_reference, phantom_dir
+from synthct.sampling import sample_volumes
+
+LATE_SITE = {
+    "name": "site_e",
+    "counts": {"normal": 20, "nodule": 10, "ground_glass": 10, "consolidation": 12},
+    "noise_hu": 30,
+    "hu_offset": 30,
+    "blur_mm": 5,
+    "slice_mm": 10,
+    "fov_mm": 370,
+}
+
+
+def kid_against(
+    syn_hu: torch.Tensor,
+    syn_labels: np.ndarray,
+    real_hu: torch.Tensor,
+    real_labels: np.ndarray,
+    scale: np.ndarray,
+) -> float:
+    """Class-matched KID on radiomics features (the gate's fidelity metric), every set
+    standardised by the same ``scale`` rows (all sites' holdout: one site's few cases would
+    give near-zero spreads and blow distances up)."""
+    real_f, syn_f = radiomics_features(real_hu), radiomics_features(syn_hu)
+    _, real_z, syn_z = standardise(scale, real_f, syn_f)
+    w_syn, w_real = class_matched_weights(syn_labels, real_labels)
+    return float(weighted_kid(syn_z, w_syn, real_z, w_real))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default="runs/bench_plugins")
+    parser.add_argument("--budget-min", type=float, default=30.0, help="skip retraining past it")
+    parser.add_argument("--steps", type=int, default=None, help="plugin steps (default: config)")
+    parser.add_argument("--per-class", type=int, default=8)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    start = time.perf_counter()
+    out = Path(args.out)
+    base_config = load_config(packaged_config_path("demo"))
+    document = base_config.model_dump(mode="json")
+    document["data"]["sites"].append(LATE_SITE)
+    config = config_from_dict(document, source="demo.yaml + site_e")
+    manifest = out / "data" / "manifest.csv"
+    if not manifest.is_file():
+        write_phantom_sites(config, out / "data")
+    gen_dir = phantom_dir() / "generator"
+    gen = load_generator(gen_dir)
+    reference = load_phantom_reference(config.labels.vocabulary_hash)
+    window = config.data.hu_window
+    classes = list(config.labels.classes)
+    holdout_e = load_cases(manifest, config, splits=("holdout",), sites=("site_e",))
+    others = [s for s in config.site_names if s != "site_e"]
+    holdout_o = load_cases(manifest, config, splits=("holdout",), sites=tuple(others))
+
+    # --- plugins (site_e: the late site; site_b: a second contributor without the rare class)
+    registry = out / "registry"
+    plugin_s: dict[str, float] = {}
+    if not registry.is_dir():
+        for site in ("site_e", "site_b"):
+            cases = load_cases(manifest, config, splits=("train",), sites=(site,))
+            cfg = gen.config.plugins.model_copy(update={"steps": args.steps} if args.steps else {})
+            t0 = time.perf_counter()
+            unet = train_plugin(gen, cases, cfg, seed=0)
+            plugin_s[site] = round(time.perf_counter() - t0, 1)
+            plugin_dir = export_plugin(
+                unet,
+                out / "plugins" / site,
+                gen=gen,
+                generator_dir=gen_dir,
+                site=site,
+                cases=cases,
+                cfg=cfg,
+            )
+            add_plugin(registry, plugin_dir, gen, gen_dir)
+    plugins = load_plugins(registry, gen, gen_dir)
+    plugin_bytes = {p.meta["site"]: int(p.meta["weights_bytes"]) for p in plugins}
+    unet_bytes = len(tensors_to_bytes({k: v for k, v in gen.ema.state_dict().items()}))
+
+    # --- arms
+    arms: dict[str, dict] = {}
+    labels = torch.arange(len(classes)).repeat_interleave(args.per_class)
+
+    hu_e = model_to_hu(holdout_e.images, window)
+    hu_o = model_to_hu(holdout_o.images, window)
+    y_e, y_o, syn_y = holdout_e.labels.numpy(), holdout_o.labels.numpy(), labels.numpy()
+    scale = radiomics_features(torch.cat([hu_e, hu_o]))
+
+    def score(name: str, g, denoiser=None, sent_bytes: int | None = None, extra=None) -> None:
+        t0 = time.perf_counter()
+        hu = sample_volumes(
+            g, labels, generator=torch.Generator().manual_seed(0), denoiser=denoiser
+        )
+        wall = time.perf_counter() - t0
+        acc = evaluate_classifier(reference.predict(hu_to_model(hu, window)), labels, len(classes))
+        arms[name] = {
+            "bytes_sent_per_site": sent_bytes,
+            "conditional_accuracy": round(acc["balanced_accuracy"], 3),
+            "conditional_per_class": {
+                classes[c]: round(v, 3) for c, v in acc["per_class_recall"].items()
+            },
+            "kid_radiomics_site_e": round(kid_against(hu, syn_y, hu_e, y_e, scale), 3),
+            "kid_radiomics_other_sites": round(kid_against(hu, syn_y, hu_o, y_o, scale), 3),
+            "sampling_s": round(wall, 1),
+            **(extra or {}),
+        }
+        if denoiser is not None:
+            arms[name]["unet_calls"] = denoiser.calls
+        print(name, json.dumps(arms[name]), flush=True)
+
+    score("base", gen, sent_bytes=0)
+    e_only = [p for p in plugins if p.meta["site"] == "site_e"]
+    score("fusion", fuse(gen, plugins), sent_bytes=max(plugin_bytes.values()))
+    score("fusion_site_e_only", fuse(gen, e_only), sent_bytes=plugin_bytes["site_e"])
+    score(
+        "mixture",
+        gen,
+        denoiser=MixtureDenoiser(gen, plugins),
+        sent_bytes=max(plugin_bytes.values()),
+    )
+    elapsed_min = (time.perf_counter() - start) / 60
+    if elapsed_min < args.budget_min:
+        fed = config.federated.model_copy(
+            update={"ae_rounds": 0, "diffusion_rounds": config.federated.finetune_rounds}
+        )
+        run = out / "retrain"
+        t0 = time.perf_counter()
+        retrained = train_federated(
+            config.model_copy(update={"federated": fed}),
+            manifest,
+            run,
+            resume=(run / "fed_state.json").is_file(),
+            initial=gen_dir,
+        )
+        score(
+            "retrain",
+            retrained,
+            sent_bytes=unet_bytes * fed.diffusion_rounds,
+            extra={"train_s": round(time.perf_counter() - t0, 1), "rounds": fed.diffusion_rounds},
+        )
+    else:
+        print(f"retraining skipped: {elapsed_min:.1f} min used of --budget-min {args.budget_min}")
+    result = {
+        "date": time.strftime("%Y-%m-%d"),
+        "device": "cpu",
+        "threads": torch.get_num_threads(),
+        "unet_update_bytes": unet_bytes,
+        "plugin_bytes": plugin_bytes,
+        "plugin_train_s": plugin_s,
+        "per_class": args.per_class,
+        "arms": arms,
+        "wall_s": round(time.perf_counter() - start, 1),
+    }
+    (out / "plugins.json").write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
