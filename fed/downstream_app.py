@@ -20,13 +20,11 @@ from flwr.app import (
     ConfigRecord,
     Context,
     Message,
-    MessageType,
     MetricRecord,
     RecordDict,
 )
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
 
 from synthct.config import SynthctConfig
 from synthct.data.dataset import load_cases
@@ -40,7 +38,8 @@ from synthct.downstream import (
     train_epochs,
 )
 from synthct.fed.client_app import prepare_site
-from synthct.fed.errors import FederatedError, SiteError
+from synthct.fed.errors import SiteError
+from synthct.fed.fedavg_run import fedavg_then_evaluate
 from synthct.fed.server_app import wait_for_sites
 from synthct.fed.task import config_to_json, load_site_cases, round_seed
 
@@ -115,38 +114,22 @@ def _server(
             "local-epochs": config.downstream.local_epochs,
         }
     )
-    strategy = FedAvg(
-        fraction_evaluate=0.0,
-        min_train_nodes=config.federated.min_sites,
-        min_available_nodes=min(len(nodes), len(config.site_names)),
-    )
-    result = strategy.start(
-        grid=grid,
-        initial_arrays=ArrayRecord(model.state_dict()),
-        num_rounds=config.downstream.rounds,
-        timeout=config.federated.round_timeout_s,
+    _, replies = fedavg_then_evaluate(
+        grid,
+        nodes,
+        config,
+        initial=ArrayRecord(model.state_dict()),
+        rounds=config.downstream.rounds,
         train_config=base,
+        what="downstream",
     )
-    messages = [
-        Message(
-            content=RecordDict({"arrays": result.arrays, "config": base}),
-            message_type=MessageType.EVALUATE,
-            dst_node_id=node,
-        )
-        for node in nodes
-    ]
-    replies = list(grid.send_and_receive(messages, timeout=config.federated.round_timeout_s))
     probs, labels, sites = [], [], []
-    for reply in replies:
-        if reply.has_error():
-            raise FederatedError(f"downstream evaluation failed at a site: {reply.error.reason}")
-        arrays = reply.content["arrays"].to_torch_state_dict()
-        name = config.site_names[int(reply.content["metrics"]["site-index"])]
+    for content in replies:
+        arrays = content["arrays"].to_torch_state_dict()
+        name = config.site_names[int(content["metrics"]["site-index"])]
         probs.append(arrays["probs"].numpy())
         labels.append(arrays["labels"].numpy())
         sites += [name] * len(arrays["labels"])
-    if not probs:
-        raise FederatedError("no site returned downstream test predictions")
     train_cases = {"real": sum(1 for r in read_manifest(manifest) if r.split == "train")}
     if cohort is not None:
         train_cases["synthetic"] = sum(1 for r in read_manifest(cohort) if r.split == "train")

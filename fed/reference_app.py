@@ -23,19 +23,18 @@ from flwr.app import (
     ConfigRecord,
     Context,
     Message,
-    MessageType,
     MetricRecord,
     RecordDict,
 )
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
 
 from synthct.config import SynthctConfig
 from synthct.data.dataset import load_cases
 from synthct.eval.reference import ReferenceModel, ReferenceNet, fit_reference
 from synthct.fed.client_app import prepare_site
-from synthct.fed.errors import FederatedError, SiteError
+from synthct.fed.errors import SiteError
+from synthct.fed.fedavg_run import fedavg_then_evaluate
 from synthct.fed.server_app import wait_for_sites
 from synthct.fed.task import config_to_json, load_site_cases, round_seed, write_audit
 
@@ -176,34 +175,20 @@ def _server(
             "local-epochs": config.federated.local_epochs_reference,
         }
     )
-    strategy = FedAvg(
-        fraction_evaluate=0.0,
-        min_train_nodes=config.federated.min_sites,
-        min_available_nodes=min(len(nodes), len(config.site_names)),
-    )
-    result = strategy.start(
-        grid=grid,
-        initial_arrays=_record(net),
-        num_rounds=rounds,
-        timeout=config.federated.round_timeout_s,
+    result, replies = fedavg_then_evaluate(
+        grid,
+        nodes,
+        config,
+        initial=_record(net),
+        rounds=rounds,
         train_config=base,
+        what="reference",
     )
     net = _model_from(result.arrays, config.labels.num_classes).eval().requires_grad_(False)
-    messages = [
-        Message(
-            content=RecordDict({"arrays": result.arrays, "config": base}),
-            message_type=MessageType.EVALUATE,
-            dst_node_id=node,
-        )
-        for node in nodes
-    ]
     k = config.labels.num_classes
     confusion = np.zeros((k, k), dtype=np.int64)
-    replies = list(grid.send_and_receive(messages, timeout=config.federated.round_timeout_s))
-    for reply in replies:
-        if reply.has_error():
-            raise FederatedError(f"reference evaluation failed at a site: {reply.error.reason}")
-        confusion += reply.content["arrays"].to_torch_state_dict()["confusion"].numpy()
+    for content in replies:
+        confusion += content["arrays"].to_torch_state_dict()["confusion"].numpy()
     losses = {r: float(m["loss"]) for r, m in result.train_metrics_clientapp.items() if "loss" in m}
     info = {
         "trained": "federated",
