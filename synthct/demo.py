@@ -52,11 +52,42 @@ STAGES = (
 )
 
 
+# Stage wall times of the default demo on 2 CPU cores (bench/demo.py, 2026-11-24, shipped
+# generator and reference). The whole-run ETA scales what is left by how fast the finished
+# stages ran compared with these.
+TYPICAL_STAGE_S = {
+    "phantom sites": 8.0,
+    "manifest check": 0.3,
+    "load splits": 1.2,
+    "reference classifier": 1.0,
+    "federated generator": 98.0,
+    "synthetic cohort": 66.0,
+    "gate": 15.0,
+    "downstream": 32.0,
+    "report": 2.0,
+}
+
+
+def remaining_s(timings: dict[str, float]) -> float | None:
+    """Estimated seconds left after the stages in ``timings``: the typical times of the
+    remaining stages times (actual / typical) of the finished ones, the ratio kept within
+    0.1-10 so one odd stage cannot make it absurd. None before any stage has finished."""
+    done = [name for name in STAGES if name in timings]
+    if not done:
+        return None
+    ratio = sum(timings[n] for n in done) / sum(TYPICAL_STAGE_S[n] for n in done)
+    left = sum(TYPICAL_STAGE_S[n] for n in STAGES if n not in timings)
+    return min(max(ratio, 0.1), 10.0) * left
+
+
 def _run_stage(name: str, timings: dict[str, float], fn: Callable[[], object]) -> object:
-    """Run one stage under a header that places it in the whole run (k/N, time so far)."""
+    """Run one stage under a header that places it in the whole run (k/N, time so far,
+    about how long the rest takes)."""
     k = STAGES.index(name) + 1
     elapsed = sum(timings.values())
-    console.rule(f"[bold]stage {k}/{len(STAGES)}: {name}[/]  ({elapsed:.0f} s so far)")
+    left = remaining_s(timings)
+    eta = f", about {left / 60:.1f} min left" if left is not None else ""
+    console.rule(f"[bold]stage {k}/{len(STAGES)}: {name}[/]  ({elapsed:.0f} s so far{eta})")
     start = time.perf_counter()
     try:
         result = fn()

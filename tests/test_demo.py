@@ -7,7 +7,7 @@ import pytest
 from synthct.artifacts import read_json
 from synthct.cli import main
 from synthct.config import packaged_config_path
-from synthct.demo import STAGES
+from synthct.demo import STAGES, TYPICAL_STAGE_S, remaining_s
 
 
 @pytest.mark.slow
@@ -56,3 +56,13 @@ def test_demo_stage_error_is_named(tmp_path, capsys):
         == 1
     )
     assert "stage 'phantom sites' failed" in capsys.readouterr().err
+
+
+def test_whole_run_eta_scales_the_rest_by_the_pace_so_far():
+    assert set(TYPICAL_STAGE_S) == set(STAGES)
+    assert remaining_s({}) is None
+    first = STAGES[0]
+    typical_rest = sum(TYPICAL_STAGE_S[n] for n in STAGES[1:])
+    assert remaining_s({first: TYPICAL_STAGE_S[first]}) == pytest.approx(typical_rest)
+    assert remaining_s({first: 2 * TYPICAL_STAGE_S[first]}) == pytest.approx(2 * typical_rest)
+    assert remaining_s({n: 1.0 for n in STAGES}) == 0.0
