@@ -87,7 +87,11 @@ def radiomics_features(hu_volumes: torch.Tensor) -> np.ndarray:
         for lo, hi in _WINDOWS.values():
             inside = body_hu[(body_hu >= lo) & (body_hu < hi)]
             frac = inside.size / max(body_hu.size, 1)
-            mean = float(inside.mean()) if inside.size else (lo + hi) / 2
+            # an empty window reports the edge nearest the body's median HU, where the last
+            # voxels leave it as the tissue fades (continuous; the window centre made one
+            # bone-free volume dominate a cubic-kernel KID)
+            fade_edge = float(np.clip(np.median(body_hu), lo, hi))
+            mean = float(inside.mean()) if inside.size else fade_edge
             std = float(inside.std()) if inside.size > 1 else 0.0
             feats += [frac, mean, std]
         feats.append(masks["lung"].sum() / max(masks["body"].sum(), 1))
