@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from collections import Counter
@@ -112,18 +113,35 @@ def _generator_dir(run: str) -> Path:
     )
 
 
-def _with_plugins(gen, gen_dir: Path, registry: str | None, merge: str):
-    """(generator, denoiser or None, provenance note) after applying a plugin registry."""
-    if not registry:
+def _with_plugins(gen, gen_dir: Path, args: argparse.Namespace):
+    """(generator, denoiser or None, provenance note) after applying a plugin registry, with
+    merge weights from case counts or fitted on ``--fit-weights``' train cases."""
+    if not args.plugins:
+        if args.fit_weights:
+            from synthct.plugins.adapter import PluginError
+
+            raise PluginError("--fit-weights needs --plugins")
         return gen, None, None
     from synthct.plugins.merge import MixtureDenoiser, fuse
     from synthct.plugins.registry import load_plugins
 
-    plugins = load_plugins(registry, gen, gen_dir)
-    note = f"{merge}({','.join(p.name for p in plugins)})"
-    if merge == "fusion":
-        return fuse(gen, plugins), None, note
-    return gen, MixtureDenoiser(gen, plugins), note
+    plugins = load_plugins(args.plugins, gen, gen_dir)
+    weights = None
+    fitted = ""
+    if args.fit_weights:
+        from synthct.data.dataset import load_cases
+        from synthct.plugins.fit import fit_fusion_weights, fit_mixture_weights, validation_draws
+
+        draws = validation_draws(gen, load_cases(args.fit_weights, gen.config))
+        fit = (fit_fusion_weights if args.merge == "fusion" else fit_mixture_weights)(
+            gen, plugins, draws
+        )
+        weights = fit.weights
+        fitted = f";fitted={json.dumps(fit.summary())}"
+    note = f"{args.merge}({','.join(p.name for p in plugins)}){fitted}"
+    if args.merge == "fusion":
+        return fuse(gen, plugins, None if weights is None else weights.tolist()), None, note
+    return gen, MixtureDenoiser(gen, plugins, weights), note
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -137,7 +155,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     gen_dir = _generator_dir(args.run)
     gen = load_generator(gen_dir, device)
-    gen, denoiser, _note = _with_plugins(gen, gen_dir, args.plugins, args.merge)
+    gen, denoiser, _note = _with_plugins(gen, gen_dir, args)
     try:
         labels = labels_to_indices(gen, [args.label] * args.n)
     except ValueError as exc:
@@ -171,7 +189,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     gen_dir = _generator_dir(args.run)
     gen = load_generator(gen_dir, device)
-    gen, denoiser, note = _with_plugins(gen, gen_dir, args.plugins, args.merge)
+    gen, denoiser, note = _with_plugins(gen, gen_dir, args)
     classes = list(gen.config.labels.classes)
     target = parse_counts(args.counts, classes) if args.counts else "balanced"
     counts = reference_counts(args.reference, gen.config)
@@ -425,6 +443,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def _plugin_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plugins", metavar="REGISTRY", help="apply a plugin registry")
     p.add_argument("--merge", choices=["fusion", "mixture"], default="fusion")
+    p.add_argument(
+        "--fit-weights",
+        metavar="MANIFEST",
+        help="fit the merge weights on this manifest's train cases (default: case counts)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

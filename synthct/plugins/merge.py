@@ -110,7 +110,8 @@ class MixtureDenoiser:
         )
         self.calls = 0
 
-    def _use(self, name: str) -> None:
+    def use_adapter(self, name: str) -> None:
+        """Make adapter ``name`` the active one in the adapted UNet."""
         for module in self.adapted.modules():
             if isinstance(module, BaseTunerLayer):
                 module.set_adapter(name)
@@ -130,7 +131,7 @@ class MixtureDenoiser:
             rows = (w[:, i] > 0).nonzero().flatten()
             if len(rows) == 0:
                 continue
-            self._use(name)
+            self.use_adapter(name)
             pred = self.adapted(z[rows], t[rows], class_labels=labels[rows])
             out[rows] += w[rows, i].view(-1, *([1] * (z.dim() - 1))) * pred
             self.calls += 1

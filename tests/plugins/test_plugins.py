@@ -13,16 +13,9 @@ from peft.tuners.lora import LoraModel
 
 from synthct.checkpoint import build_generator, load_generator, save_generator
 from synthct.cli import main
-from synthct.plugins.adapter import PluginError, adapter_state, attach_adapter, lora_targets
+from synthct.plugins.adapter import PluginError, adapter_state, attach_adapter
 from synthct.plugins.merge import MixtureDenoiser, fuse, plugin_deltas
 from synthct.plugins.registry import Plugin, add_plugin, list_plugins, load_plugins, validate_plugin
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory, smoke_config):
-    path = tmp_path_factory.mktemp("base") / "generator"
-    save_generator(build_generator(smoke_config, seed=0), path)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -31,24 +24,6 @@ def trained_plugin(tmp_path_factory, base, smoke_sites):
     args = ["plugin", "train", "--run", str(base), "--site", "site_c"]
     assert main([*args, "--data", str(smoke_sites), "--out", str(out), "--steps", "3"]) == 0
     return out
-
-
-def _random_plugin(gen, cfg, seen: dict[str, int], seed: int) -> Plugin:
-    unet = attach_adapter(copy.deepcopy(gen.ema), cfg, "x")
-    g = torch.Generator().manual_seed(seed)
-    state = {
-        k: 0.05 * torch.randn(v.shape, generator=g) for k, v in adapter_state(unet, "x").items()
-    }
-    meta = {
-        "site": f"s{seed}",
-        "rank": cfg.rank,
-        "alpha": cfg.alpha,
-        "targets": cfg.targets,
-        "target_modules": lora_targets(gen.ema, cfg.targets),
-        "classes_seen": seen,
-        "weights_sha256": f"{seed:064d}",
-    }
-    return Plugin(meta, state, path=None)
 
 
 def test_plugin_round_trip_and_size(trained_plugin, base, smoke_config):
@@ -116,12 +91,12 @@ def test_registry_refuses_tampered_foreign_and_misshapen(
     assert len(load_plugins(registry, gen, base)) == 1
 
 
-def test_fusion_equals_peft_cat_merge(base, smoke_config):
+def test_fusion_equals_peft_cat_merge(base, smoke_config, random_plugin):
     gen = load_generator(base)
     cfg = smoke_config.plugins
     plugins = [
-        _random_plugin(gen, cfg, {"nodule": 10}, 1),
-        _random_plugin(gen, cfg, {"consolidation": 5}, 2),
+        random_plugin(gen, cfg, {"nodule": 10}, 1),
+        random_plugin(gen, cfg, {"consolidation": 5}, 2),
     ]
     weights = [0.7, 0.3]
     fused = fuse(gen, plugins, weights)
@@ -152,15 +127,15 @@ def test_fusion_equals_peft_cat_merge(base, smoke_config):
     assert torch.allclose((ours[name] - base_state[name]).double(), want, atol=1e-6)
 
 
-def test_mixture_routes_each_class_to_its_plugin(base, smoke_config):
+def test_mixture_routes_each_class_to_its_plugin(base, smoke_config, random_plugin):
     gen = load_generator(base)
     cfg = smoke_config.plugins
     nodule, consolidation = (
         smoke_config.labels.classes.index(c) for c in ("nodule", "consolidation")
     )
     plugins = [
-        _random_plugin(gen, cfg, {"nodule": 10}, 1),
-        _random_plugin(gen, cfg, {"consolidation": 5}, 2),
+        random_plugin(gen, cfg, {"nodule": 10}, 1),
+        random_plugin(gen, cfg, {"consolidation": 5}, 2),
     ]
     mix = MixtureDenoiser(gen, plugins)
     z = torch.randn(4, *smoke_config.latent_shape, generator=torch.Generator().manual_seed(0))
