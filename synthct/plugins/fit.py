@@ -7,9 +7,10 @@ weightings are compared on exactly the same problems:
 * **Fusion**: ``W = W0 + sum_i w_i * delta_i`` is differentiable in ``w``; the weights
   (``w_i = softplus(u_i) >= 0``, no sum constraint: plugins add updates, they do not
   interpolate) are found by Adam through the UNet.
-* **Mixture**: per class ``c`` the mixed prediction ``sum_i pi_i(c) eps_i`` is linear in
-  ``pi(c)``, so each row is a small quadratic programme on the simplex, solved exactly from
-  the plugins' predictions on that class's validation draws. Classes with no validation case
+* **Mixture**: per class ``c`` the mixed prediction ``sum_i pi_i(c) eps_i + pi_0(c) eps_base``
+  is linear in ``pi(c)``, so each row is a small quadratic programme on the simplex (the base
+  UNet is a candidate too: plugins that hurt a class can be switched off), solved exactly from
+  the predictions on that class's validation draws. Classes with no validation case
   keep their coverage weights.
 
 A fit never makes things worse on its own data: if the fitted weights do not lower the
@@ -217,28 +218,28 @@ def fit_mixture_weights(
                 for r in _batches(len(draws), batch_size)
             ]
         )
-    stacked = torch.stack([p.flatten(1) for p in preds])  # P x N x D
+    # candidates: the P plugins, then the base UNet (it gets what a row leaves)
+    stacked = torch.stack([p.flatten(1) for p in [*preds, base_pred]])  # (P+1) x N x D
     target = draws.target.double().flatten(1)  # N x D
+    n_plugins = len(plugins)
     weights = default.clone()
     per_class: dict[str, float] = {}
 
     def loss_of(w: torch.Tensor, rows: torch.Tensor) -> float:
-        mixed = torch.zeros_like(target[rows])
-        uncovered = w[draws.labels[rows]].sum(1) == 0
-        for i in range(len(plugins)):
-            mixed += w[draws.labels[rows], i : i + 1] * stacked[i, rows]
-        mixed[uncovered] = base_pred.flatten(1)[rows][uncovered]
+        row_w = w[draws.labels[rows]]  # n x P
+        full = torch.cat([row_w, (1 - row_w.sum(1, keepdim=True)).clamp_min(0)], 1)
+        mixed = torch.einsum("np,pnd->nd", full, stacked[:, rows])
         return float(((mixed - target[rows]) ** 2).sum())
 
     for c, name in enumerate(classes):
         rows = (draws.labels == c).nonzero().flatten()
         if len(rows) == 0:
             continue
-        e = stacked[:, rows].flatten(1)  # P x (n*D)
+        e = stacked[:, rows].flatten(1)  # (P+1) x (n*D)
         gram = (e @ e.T).numpy()
         cross = (e @ target[rows].flatten()).numpy()
         candidate = weights.clone()
-        candidate[c] = torch.from_numpy(_simplex_least_squares(gram, cross))
+        candidate[c] = torch.from_numpy(_simplex_least_squares(gram, cross)[:n_plugins])
         if loss_of(candidate, rows) < loss_of(weights, rows):
             weights = candidate
         per_class[name] = round(float(loss_of(weights, rows)) / (len(rows) * target.shape[1]), 5)

@@ -8,7 +8,8 @@ checkpoint. This equals peft's ``add_weighted_adapter(..., combination_type="cat
 **Mixture** keeps plugins separate and mixes the adapted UNets' predictions at every sampling
 step with per-class weights ``pi_i(c)`` proportional to the cases of class ``c`` plugin ``i``'s
 site has seen, so a rare class is led by the sites that have it; a class no plugin has seen
-falls back to the base UNet. The classifier-free guidance null branch of a sample uses the
+falls back to the base UNet (in general the base gets the share ``1 - sum_i pi_i(c)``, which
+fitted weights may keep). The classifier-free guidance null branch of a sample uses the
 weights of the class that sample asks for, so guidance compares like with like.
 """
 
@@ -77,8 +78,9 @@ def fuse(gen: Generator, plugins: list[Plugin], weights: list[float] | None = No
 
 def mixture_weights(plugins: list[Plugin], classes: list[str]) -> torch.Tensor:
     """(K+1)×P weights: row c mixes the plugins for class c (rows sum to 1, or are all zero
-    when no plugin saw c: then the base UNet answers). Row K (the null class) stays zero: a
-    null branch uses the weights of the class it is paired with."""
+    when no plugin saw c: then the base UNet answers; in general the base UNet gets what a
+    row leaves, ``1 - sum``). Row K (the null class) stays zero: a null branch uses the
+    weights of the class it is paired with."""
     w = torch.zeros(len(classes) + 1, len(plugins), dtype=torch.float64)
     for c, name in enumerate(classes):
         seen = torch.tensor([float(p.cases(name)) for p in plugins], dtype=torch.float64)
@@ -122,10 +124,11 @@ class MixtureDenoiser:
     ) -> torch.Tensor:
         w = self.weights.to(z.device)[requested].to(z.dtype)  # N×P, by the class each row is for
         out = torch.zeros_like(z)
-        uncovered = w.sum(1) == 0
-        if uncovered.any():
-            rows = uncovered.nonzero().flatten()
-            out[rows] = self.base(z[rows], t[rows], class_labels=labels[rows])
+        rest = (1 - w.sum(1)).clamp_min(0)  # what the plugins leave to the base UNet
+        if (rest > 1e-6).any():
+            rows = (rest > 1e-6).nonzero().flatten()
+            pred = self.base(z[rows], t[rows], class_labels=labels[rows])
+            out[rows] = rest[rows].view(-1, *([1] * (z.dim() - 1))) * pred
             self.calls += 1
         for i, name in enumerate(self.names):
             rows = (w[:, i] > 0).nonzero().flatten()

@@ -66,11 +66,13 @@ def test_mixture_fit_routes_each_class_to_the_plugin_that_predicts_it(setting, s
     gen, plugins, draws = setting
     classes = smoke_config.labels.classes
     nodule, consolidation = classes.index("nodule"), classes.index("consolidation")
+    normal = classes.index("normal")
     # plant the opposite of coverage: nodule is led by plugin 2, consolidation by plugin 1;
-    # "normal" (both saw it) is an even mix; every other class keeps what coverage says
+    # "normal" (both saw it: coverage says 0.5 / 0.5) is best left to the base UNet
     planted = MixtureDenoiser(gen, plugins).weights.clone()
     planted[nodule] = torch.tensor([0.0, 1.0], dtype=planted.dtype)
     planted[consolidation] = torch.tensor([1.0, 0.0], dtype=planted.dtype)
+    planted[normal] = 0.0
     mixture = MixtureDenoiser(gen, plugins, planted)
     with torch.no_grad():
         draws.target = mixture(draws.z_t, draws.t, draws.labels, draws.labels)
@@ -78,6 +80,7 @@ def test_mixture_fit_routes_each_class_to_the_plugin_that_predicts_it(setting, s
     assert not fit.kept_default
     assert torch.allclose(fit.weights[nodule], planted[nodule], atol=0.02)
     assert torch.allclose(fit.weights[consolidation], planted[consolidation], atol=0.02)
+    assert fit.weights[normal].sum() < 0.02  # the base UNet answers "normal" again
     assert fit.loss_fitted < 1e-3 * fit.loss_default
     assert set(fit.per_class) == set(classes)
     assert fit.weights.sum(1)[: len(classes)].max() <= 1 + 1e-9
