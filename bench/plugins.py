@@ -11,6 +11,10 @@ one so that Mixture has something to route. Compared on ``site_e``'s holdout:
 - ``base``: the shipped generator as is;
 - ``fusion``: both plugins' deltas merged into the UNet (case-count weights);
 - ``mixture``: the plugins kept apart, their predictions mixed per requested class;
+- ``fusion_fitted`` / ``mixture_fitted``: the same, with merge weights fitted on a small
+  validation set (2 ``train`` cases per class per site, all five sites) instead of case counts;
+- ``sweep_*`` (``--sweep``): ``site_e``'s plugin alone at rank 2/4/8 on conv+linear or on
+  attention+time-embedding layers only (quality vs size);
 - ``retrain``: the demo's federated fine-tuning (Flower simulation, all five sites, the
   config's ``finetune_rounds`` diffusion rounds) — what synchronous rounds would do instead.
 
@@ -42,6 +46,7 @@ from synthct.eval.reference import evaluate_classifier
 from synthct.fed.simulation import train_federated
 from synthct.fed.task import tensors_to_bytes
 from synthct.plugins.adapter import export_plugin, train_plugin
+from synthct.plugins.fit import fit_fusion_weights, fit_mixture_weights, validation_draws
 from synthct.plugins.merge import MixtureDenoiser, fuse
 from synthct.plugins.registry import add_plugin, load_plugins
 from synthct.pretrained import load_phantom_reference, phantom_dir
@@ -80,6 +85,11 @@ def main() -> None:
     parser.add_argument("--budget-min", type=float, default=30.0, help="skip retraining past it")
     parser.add_argument("--steps", type=int, default=None, help="plugin steps (default: config)")
     parser.add_argument("--per-class", type=int, default=8)
+    parser.add_argument(
+        "--sweep",
+        action="store_true",
+        help="also: site_e plugins at rank 2/4/8 on conv+linear and attention+time, fused alone",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     start = time.perf_counter()
@@ -165,6 +175,74 @@ def main() -> None:
         denoiser=MixtureDenoiser(gen, plugins),
         sent_bytes=max(plugin_bytes.values()),
     )
+    # --- merge weights fitted on a small validation set (2 train cases per class per site)
+    train_all = load_cases(manifest, config, splits=("train",))
+    picks: dict[tuple[str, int], list[int]] = {}
+    for i, (site, label) in enumerate(zip(train_all.sites, train_all.labels.tolist(), strict=True)):
+        picks.setdefault((site, label), []).append(i)
+    validation = train_all.subset(sorted(i for rows in picks.values() for i in rows[:2]))
+    draws = validation_draws(gen, validation)
+    fits: dict[str, dict] = {}
+    t0 = time.perf_counter()
+    fit = fit_fusion_weights(gen, plugins, draws)
+    fits["fusion"] = fit.summary() | {"fit_s": round(time.perf_counter() - t0, 1)}
+    score(
+        "fusion_fitted",
+        fuse(gen, plugins, fit.weights.tolist()),
+        sent_bytes=max(plugin_bytes.values()),
+    )
+    t0 = time.perf_counter()
+    fit = fit_mixture_weights(gen, plugins, draws)
+    fits["mixture"] = fit.summary() | {
+        "fit_s": round(time.perf_counter() - t0, 1),
+        "per_class_loss": fit.per_class,
+    }
+    score(
+        "mixture_fitted",
+        gen,
+        denoiser=MixtureDenoiser(gen, plugins, fit.weights),
+        sent_bytes=max(plugin_bytes.values()),
+    )
+    print("fits", json.dumps({"validation_cases": len(validation), **fits}), flush=True)
+
+    sweep: dict[str, dict] = {}
+    if args.sweep:  # quality vs size: rank x targets, each site_e plugin fused on its own
+        cases_e = load_cases(manifest, config, splits=("train",), sites=("site_e",))
+        for targets in ("conv+linear", "attention+time"):
+            for rank in (2, 4, 8):
+                name = f"sweep_{targets}_r{rank}"
+                cfg = gen.config.plugins.model_copy(
+                    update={"rank": rank, "alpha": float(rank), "targets": targets}
+                    | ({"steps": args.steps} if args.steps else {})
+                )
+                plugin_dir = out / "sweep" / name
+                if not (plugin_dir / "plugin.json").is_file():
+                    t0 = time.perf_counter()
+                    unet = train_plugin(gen, cases_e, cfg, seed=0)
+                    train_s = round(time.perf_counter() - t0, 1)
+                    export_plugin(
+                        unet,
+                        plugin_dir,
+                        gen=gen,
+                        generator_dir=gen_dir,
+                        site="site_e",
+                        cases=cases_e,
+                        cfg=cfg,
+                    )
+                else:
+                    train_s = None
+                sweep_registry = out / "sweep" / f"registry_{name}"
+                if not sweep_registry.is_dir():
+                    add_plugin(sweep_registry, plugin_dir, gen, gen_dir)
+                plugin = load_plugins(sweep_registry, gen, gen_dir)
+                size = int(plugin[0].meta["weights_bytes"])
+                score(
+                    name,
+                    fuse(gen, plugin),
+                    sent_bytes=size,
+                    extra={"share_of_unet": round(size / unet_bytes, 4), "train_s": train_s},
+                )
+                sweep[name] = arms.pop(name)
     elapsed_min = (time.perf_counter() - start) / 60
     if elapsed_min < args.budget_min:
         fed = config.federated.model_copy(
@@ -196,6 +274,8 @@ def main() -> None:
         "plugin_train_s": plugin_s,
         "per_class": args.per_class,
         "arms": arms,
+        "sweep": sweep,
+        "fitted_weights": {"validation_cases": len(validation), "draws": len(draws), **fits},
         "wall_s": round(time.perf_counter() - start, 1),
     }
     (out / "plugins.json").write_text(json.dumps(result, indent=2))
