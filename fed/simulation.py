@@ -4,7 +4,9 @@ Every configured site becomes a virtual SuperNode (``partition-id`` = its index 
 ``data.sites``) running the same ClientApp a real hospital would run; the ServerApp drives the
 rounds in a thread of this process. Ray's temp dir lives under the run directory (or a short
 path when the run path is too long for Ray's sockets), telemetry and update checks are off,
-and Ray is shut down before returning, so no process is left behind.
+and Ray is shut down before returning, so no process is left behind. If the Simulation
+Runtime dies (e.g. Ray cannot start), the ServerApp thread stops at its next wait for replies
+instead of waiting out the round timeout and then committing an empty round.
 """
 
 from __future__ import annotations
@@ -14,12 +16,15 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable
+import threading
+import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TypeVar
 
 from synthct.checkpoint import Generator
 from synthct.config import SynthctConfig
+from synthct.fed.errors import FederatedError
 
 __all__ = ["simulate", "train_federated", "quiet_flower_environment"]
 
@@ -70,6 +75,38 @@ def _ray_temp_dir(run_dir: Path) -> tuple[Path, bool]:
     return short, True
 
 
+class AbortableGrid:
+    """Flower's in-memory grid whose waits for replies end as soon as ``stopped`` is set.
+
+    Flower's ``run_simulation`` raises when its runtime dies but leaves the ServerApp thread
+    polling for replies until the round timeout (30 min by default), after which synthct would
+    log a skipped round and write a checkpoint; with this grid the thread raises instead.
+    """
+
+    def __init__(self, grid, stopped: threading.Event) -> None:  # noqa: ANN001 - a flwr Grid
+        self._grid = grid
+        self._stopped = stopped
+
+    def __getattr__(self, name: str):
+        return getattr(self._grid, name)
+
+    def send_and_receive(self, messages: Iterable, *, timeout: float | None = None) -> list:
+        """Flower's ``send_and_receive`` (push, then poll until all replied or timeout)."""
+        waiting = set(self._grid.push_messages(messages))
+        end = time.time() + (timeout if timeout is not None else 0.0)
+        replies: list = []
+        while timeout is None or time.time() < end:
+            if self._stopped.is_set():
+                raise FederatedError("the simulation runtime stopped; the ServerApp ends here")
+            pulled = list(self._grid.pull_messages(waiting))
+            replies.extend(pulled)
+            waiting.difference_update(m.metadata.reply_to_message_id for m in pulled)
+            if not waiting:
+                break
+            time.sleep(self._grid.pull_interval)
+        return replies
+
+
 def simulate(
     server_main: Callable[..., T],
     client_app,  # noqa: ANN001 - a flwr ClientApp
@@ -91,9 +128,11 @@ def simulate(
     result: dict[str, T] = {}
     server_app = ServerApp()
 
+    stopped = threading.Event()
+
     @server_app.main()
     def _main(grid: Grid, context) -> None:  # noqa: ANN001 - Flower's Context
-        result["value"] = server_main(grid)
+        result["value"] = server_main(AbortableGrid(grid, stopped))
 
     cpus = os.cpu_count() or 1
     ray_dir, remove_ray_dir = _ray_temp_dir(run_dir)
@@ -116,6 +155,7 @@ def simulate(
             backend_config=backend_config,
         )
     finally:
+        stopped.set()  # a ServerApp thread still waiting (the runtime died) ends now
         sys.path[:] = saved_path
         if ray.is_initialized():
             ray.shutdown()

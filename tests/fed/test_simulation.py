@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import threading
 import time
 from collections import Counter
 
@@ -17,7 +18,8 @@ from safetensors.torch import load_file
 
 from synthct.checkpoint import build_generator, load_generator
 from synthct.data.dataset import load_cases
-from synthct.fed.simulation import train_federated
+from synthct.fed.errors import FederatedError
+from synthct.fed.simulation import AbortableGrid, train_federated
 from synthct.training import encode_latents
 
 pytestmark = pytest.mark.slow
@@ -235,3 +237,35 @@ def test_cli_train_defaults_to_federated(tmp_path, smoke_sites):
     state = json.loads((run / "fed_state.json").read_text())
     assert (state["phase"], state["round"]) == ("autoencoder", 1)
     assert main(args) == 2  # an existing run is not silently overwritten
+
+
+class _SilentGrid:
+    """Stands in for Flower's in-memory grid when no SuperNode will ever answer (its
+    runtime died): messages are accepted, replies never come."""
+
+    pull_interval = 0.05
+
+    def __init__(self) -> None:
+        self.pulls = 0
+
+    def push_messages(self, messages):
+        return [f"m{i}" for i, _ in enumerate(messages)]
+
+    def pull_messages(self, ids):
+        self.pulls += 1
+        return []
+
+    def get_node_ids(self):
+        return [1, 2]
+
+
+def test_a_dead_runtime_ends_the_server_wait_instead_of_the_round_timeout():
+    stopped = threading.Event()
+    grid = AbortableGrid(_SilentGrid(), stopped)
+    assert grid.get_node_ids() == [1, 2]  # everything else passes through
+    assert grid.send_and_receive(["a", "b"], timeout=0.2) == []  # plain timeout: no replies
+    threading.Timer(0.3, stopped.set).start()
+    start = time.monotonic()
+    with pytest.raises(FederatedError, match="simulation runtime stopped"):
+        grid.send_and_receive(["a", "b"], timeout=600)
+    assert time.monotonic() - start < 5
