@@ -7,7 +7,9 @@ the shipped pretrained phantom generator, or the config's whole schedule with
 ``--from-scratch`` or when no matching pretrained generator ships) -> synthetic cohort (per
 site, what it lacks) -> gate (``RUN/gate.json``; a failed gate is a valid result) ->
 downstream (federated classifiers on real data, and on real + the cohort only if it passed;
-evaluated per site on the real ``test`` split) -> ``RUN/report.html``.
+evaluated per site on the real ``test`` split) -> site plugin (the site with the most rare
+cases trains a LoRA plugin on its own ``train`` split, asynchronously, after the rounds; it is
+validated into a registry and fused) -> ``RUN/report.html``.
 Each later capability (federated generator, cohort, gate, downstream, report) adds a stage.
 A stage that errors stops the demo with a non-zero exit naming it.
 """
@@ -48,6 +50,7 @@ STAGES = (
     "synthetic cohort",
     "gate",
     "downstream",
+    "site plugin",
     "report",
 )
 
@@ -64,6 +67,7 @@ TYPICAL_STAGE_S = {
     "synthetic cohort": 66.0,
     "gate": 15.0,
     "downstream": 32.0,
+    "site plugin": 60.0,
     "report": 2.0,
 }
 
@@ -122,6 +126,7 @@ def run_demo(args: argparse.Namespace) -> int:
         downstream = _run_stage(
             "downstream", timings, lambda: _downstream(manifest, config, run, cohort, gate)
         )
+        plugin = _run_stage("site plugin", timings, lambda: _plugin(manifest, config, run, seed))
         summary = {
             "seed": seed,
             "generator": generator,
@@ -130,12 +135,13 @@ def run_demo(args: argparse.Namespace) -> int:
                 arm: {k: v for k, v in data["summary"].items() if k != "per_site_balanced_accuracy"}
                 for arm, data in downstream["arms"].items()
             },
+            "site plugin": {k: v for k, v in plugin.items() if k != "samples"},
             "stages_s": timings,
         }
         report = _run_stage(
             "report",
             timings,
-            lambda: _report(manifest, config, run, cohort, gate, downstream, summary),
+            lambda: _report(manifest, config, run, cohort, gate, downstream, summary, plugin),
         )
     except StageError as exc:
         console.print(f"[red]synthct demo: {exc}")
@@ -160,6 +166,12 @@ def run_demo(args: argparse.Namespace) -> int:
     from synthct.downstream import downstream_table
 
     console.print(downstream_table(downstream))
+    console.print(
+        f"site plugin from {plugin['site']}: {plugin['plugin_bytes'] / 1e3:.0f} KB "
+        f"({plugin['share_of_unet_update']:.1%} of a UNet update), trained in "
+        f"{plugin['train_s']:.0f} s; conditional accuracy base {plugin['base']['mean']:.2f} -> "
+        f"fused {plugin['fusion']['mean']:.2f}"
+    )
     write_json(
         run / "demo.json",
         {
@@ -174,6 +186,7 @@ def run_demo(args: argparse.Namespace) -> int:
                 "flags": len(gate["flags"]),
             },
             "downstream": {arm: data["summary"] for arm, data in downstream["arms"].items()},
+            "site_plugin": summary["site plugin"],
         },
         kind="demo-summary",
     )
@@ -222,6 +235,73 @@ def _downstream(manifest: Path, config: SynthctConfig, run: Path, cohort: Path, 
         )
 
 
+def _plugin(manifest: Path, config: SynthctConfig, run: Path, seed: int) -> dict:
+    """A site joins after the rounds: a LoRA plugin on its own ``train`` cases against the
+    run's generator, exported, accepted into ``RUN/plugins/registry`` and fused; samples of
+    every class from the base and the fused generator, scored by the reference classifier."""
+    import torch
+
+    from synthct.checkpoint import load_generator
+    from synthct.data.dataset import load_cases
+    from synthct.data.preprocess import hu_to_model
+    from synthct.eval.reference import evaluate_classifier, load_reference
+    from synthct.fed.task import tensors_to_bytes
+    from synthct.plugins.adapter import export_plugin, train_plugin
+    from synthct.plugins.merge import fuse
+    from synthct.plugins.registry import add_plugin, load_plugins
+    from synthct.sampling import sample_volumes
+
+    gen_dir = run / "generator"
+    gen = load_generator(gen_dir)
+    labels_cfg = gen.config.labels
+    rare = labels_cfg.index(labels_cfg.rare[0] if labels_cfg.rare else labels_cfg.classes[-1])
+    cases = load_cases(manifest, config, splits=("train",))
+    rare_sites = Counter(
+        s for s, y in zip(cases.sites, cases.labels.tolist(), strict=True) if y == rare
+    )
+    site = max(config.site_names, key=lambda name: rare_sites[name])  # first one on ties
+    own = cases.subset([i for i, s in enumerate(cases.sites) if s == site])
+    cfg = config.plugins
+    start = time.perf_counter()
+    with progress_bar(f"plugin ({site})", total=cfg.steps) as update:
+        unet = train_plugin(gen, own, cfg, seed=seed, progress=update)
+    train_s = time.perf_counter() - start
+    plugin_dir = export_plugin(
+        unet, run / "plugins" / site, gen=gen, generator_dir=gen_dir, site=site, cases=own, cfg=cfg
+    )
+    registry = run / "plugins" / "registry"
+    shutil.rmtree(registry, ignore_errors=True)  # the demo's own registry, rebuilt on a rerun
+    add_plugin(registry, plugin_dir, gen, gen_dir)
+    plugins = load_plugins(registry, gen, gen_dir)
+    reference = load_reference(run / "reference", vocabulary_hash=labels_cfg.vocabulary_hash)
+    n_classes = labels_cfg.num_classes
+    labels = torch.arange(n_classes).repeat_interleave(4)
+    result: dict = {
+        "site": site,
+        "rare_class": labels_cfg.classes[rare],
+        "train_s": round(train_s, 1),
+        "plugin_bytes": int(plugins[0].meta["weights_bytes"]),
+        "unet_update_bytes": len(tensors_to_bytes(dict(gen.ema.state_dict()))),
+        "rank": cfg.rank,
+        "targets": cfg.targets,
+        "steps": cfg.steps,
+    }
+    result["share_of_unet_update"] = round(result["plugin_bytes"] / result["unet_update_bytes"], 4)
+    for arm, g in (("base", gen), ("fusion", fuse(gen, plugins))):
+        hu = sample_volumes(g, labels, generator=torch.Generator().manual_seed(seed))
+        pred = reference.predict(hu_to_model(hu, config.data.hu_window))
+        acc = evaluate_classifier(pred, labels, n_classes)
+        result[arm] = {
+            "mean": round(acc["balanced_accuracy"], 3),
+            "per_class": {
+                labels_cfg.classes[c]: round(v, 3) for c, v in acc["per_class_recall"].items()
+            },
+        }
+        if arm == "fusion":
+            result["samples"] = hu[labels == rare][:3, 0].numpy()
+    return result
+
+
 def _report(
     manifest: Path,
     config: SynthctConfig,
@@ -230,6 +310,7 @@ def _report(
     gate: dict,
     downstream: dict,
     summary: dict,
+    plugin: dict | None = None,
 ) -> Path:
     """The self-contained ``RUN/report.html`` (phantoms: real volumes are shown too)."""
     import json
@@ -273,6 +354,7 @@ def _report(
         gate=gate,
         downstream=downstream,
         provenance=provenance,
+        plugin=plugin,
     )
 
 

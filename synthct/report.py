@@ -192,6 +192,30 @@ def _downstream_html(results: dict[str, Any]) -> str:
     return f"{note}<table><tr>{head}</tr>{''.join(rows)}</table>"
 
 
+def _plugin_html(plugin: dict[str, Any]) -> str:
+    """Plugin size against a full UNet update, and what fusing it did per class."""
+    classes = list(plugin["base"]["per_class"])
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in classes)
+
+    def row(arm: str) -> str:
+        cells = "".join(
+            f"<td>{plugin[arm]['per_class'].get(c, float('nan')):.2f}</td>" for c in classes
+        )
+        return f"<tr><td>{arm}</td><td>{plugin[arm]['mean']:.2f}</td>{cells}</tr>"
+
+    return (
+        f"<p>{html.escape(plugin['site'])} trained a rank-{plugin['rank']} "
+        f"{html.escape(plugin['targets'])} plugin ({plugin['steps']} steps, "
+        f"{plugin['train_s']:.0f} s) on its own <code>train</code> cases after the rounds: "
+        f"{plugin['plugin_bytes'] / 1e3:.0f} KB sent instead of a "
+        f"{plugin['unet_update_bytes'] / 1e6:.1f} MB UNet update "
+        f"({plugin['share_of_unet_update']:.1%}). The registry validated it (hash, base "
+        "generator, vocabulary, tensor shapes) and Fusion merged it. Conditional accuracy of "
+        "samples (reference classifier, 4 per class):</p>"
+        f"<table><tr><th>generator</th><th>mean</th>{head}</tr>{row('base')}{row('fusion')}</table>"
+    )
+
+
 def _flatten(data: Any, prefix: str = "") -> list[tuple[str, str]]:
     if isinstance(data, dict):
         if set(data) == {"mean", "sd"}:
@@ -224,9 +248,11 @@ def write_report(
     gate: dict[str, Any] | None,
     downstream: dict[str, Any] | None,
     provenance: dict[str, Any],
+    plugin: dict[str, Any] | None = None,
 ) -> Path:
     """Write the report. ``synthetic``/``real``: class -> N×X×Y×Z HU volumes (a few each);
-    ``real`` is None when real images must not be shown."""
+    ``real`` is None when real images must not be shown; ``plugin``: the demo's site-plugin
+    stage (sizes, conditional accuracy base vs fused, ``samples`` of the rare class)."""
     images: list[str] = []
     parts = [f"<h1>{html.escape(title)}</h1><p class='note'>{time.strftime('%Y-%m-%d %H:%M')}</p>"]
     parts.append("<h2>Summary</h2>" + _summary_table(summary))
@@ -266,6 +292,13 @@ def write_report(
             )
         parts.append(_downstream_html(downstream))
         add(downstream_bars(downstream), "downstream per site")
+    if plugin is not None:
+        parts.append("<h2>A site joins late: LoRA plugin</h2>" + _plugin_html(plugin))
+        if plugin.get("samples") is not None:
+            add(
+                montage(plugin["samples"], f"plugin-fused generator: {plugin['rare_class']}"),
+                "plugin-fused samples",
+            )
     prov = {**provenance, "versions": library_versions()}
     parts.append(
         "<h2>Provenance</h2><pre>" + html.escape(json.dumps(prov, indent=2, default=str)) + "</pre>"

@@ -37,10 +37,22 @@ def test_demo_stages_on_smoke(tmp_path, render_check):
     assert ("real+synthetic" in results["arms"]) == (gate["verdict"] == "pass")
     if gate["verdict"] != "pass":  # a failed gate is explained, not hidden
         assert "failed the gate" in (run / "report.html").read_text()
-    # the report: per class synthetic and real montages, HU histograms, curves, downstream bars
+    # a late site's plugin: from the site with the most rare train cases, validated, fused
+    plugin = summary["site_plugin"]
+    train = [r for r in read_manifest(run / "data" / "manifest.csv") if r.split == "train"]
+    rare = {
+        site: sum(r.site == site and r.label == "consolidation" for r in train)
+        for site in ("site_a", "site_b", "site_c")
+    }
+    assert rare[plugin["site"]] == max(rare.values())
+    assert (run / "plugins" / "registry" / "registry.json").is_file()
+    assert 0 < plugin["plugin_bytes"] < plugin["unet_update_bytes"]
+    assert set(plugin["fusion"]["per_class"]) == set(plugin["base"]["per_class"])
+    # the report: per class synthetic and real montages, HU histograms, curves, downstream
+    # bars, the plugin-fused rare-class montage
     seen = render_check(run / "report.html", tmp_path)
     n_syn = len({r.label for r in rows})
-    assert seen["expected"] == len(seen["images"]) == n_syn + 4 + 3
+    assert seen["expected"] == len(seen["images"]) == n_syn + 4 + 3 + 1
     assert all(img["range"] > 50 for img in seen["images"])
 
 
