@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -48,10 +49,30 @@ def meets_targets(report: dict) -> dict[str, bool]:
     }
 
 
-def ship(run: Path, report: dict, command: str, log: Path | None) -> None:
+def _wall_min(rounds_file: Path) -> float:
+    rounds = [json.loads(x) for x in rounds_file.read_text().splitlines()]
+    return sum(r.get("wall_s") or 0.0 for r in rounds) / 60
+
+
+def ship(run: Path, report: dict, command: str, log: Path | None, initial: Path | None) -> None:
     gen = load_generator(run / "generator")
+    history = ""
+    staged = None
+    if initial is not None and (initial.parent / "rounds.jsonl").is_file():
+        # a continuation ships its predecessor's round and console logs too (history/NAME/)
+        staged = Path(tempfile.mkdtemp(prefix="synthct-ship-"))
+        shutil.copy2(initial.parent / "rounds.jsonl", staged / "rounds.jsonl")
+        if initial.parent.with_suffix(".log").is_file():
+            shutil.copy2(initial.parent.with_suffix(".log"), staged / "training.log")
+        history = (
+            f"Continued from `{initial}` ({_wall_min(staged / 'rounds.jsonl'):.1f} min of "
+            f"federated rounds; its logs in `history/{initial.parent.name}/`). "
+        )
     if SHIP_DIR.exists():
         shutil.rmtree(SHIP_DIR)
+    if staged is not None:
+        shutil.copytree(staged, SHIP_DIR / "history" / initial.parent.name)
+        shutil.rmtree(staged)
     save_generator(
         gen,
         SHIP_DIR / "generator",
@@ -81,8 +102,8 @@ def ship(run: Path, report: dict, command: str, log: Path | None) -> None:
         SHIP_DIR / "TRAINING.md",
         "# Pretrained phantom generator\n\n"
         f"Trained federatedly (Flower simulation, {len(gen.config.site_names)} demo sites, "
-        f"FedAvg) on {time.strftime('%Y-%m-%d')}, CPU ({os.cpu_count()} cores), "
-        f"{train_wall_s / 60:.1f} min of federated rounds in total (`rounds.jsonl`; console log "
+        f"FedAvg) on {time.strftime('%Y-%m-%d')}, CPU ({os.cpu_count()} cores). {history}"
+        f"{train_wall_s / 60:.1f} min of federated rounds here (`rounds.jsonl`; console log "
         f"in `training.log`). {verdict}\n\n"
         f"Exact command (from the repository root, rerun to resume):\n\n    {command}\n\n"
         f"Generator sha256 (config.json): `{generator_sha256(SHIP_DIR / 'generator')}`; "
@@ -141,7 +162,7 @@ def main() -> None:
     write_json(run / "pretrained_quality.json", report, kind="pretrained-quality")
     print(json.dumps(report, indent=2))
     if args.ship:
-        ship(run, report, command, args.log)
+        ship(run, report, command, args.log, Path(args.initial) if args.initial else None)
 
 
 if __name__ == "__main__":
