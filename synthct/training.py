@@ -25,6 +25,7 @@ __all__ = [
     "encode_latents",
     "latent_scale_factor",
     "diffusion_loss",
+    "denoising_target",
     "diffusion_step",
     "proximal_term",
 ]
@@ -170,8 +171,15 @@ def diffusion_loss(
     drop = torch.rand(b, generator=generator).to(z0.device) < cfg.p_uncond
     cls = torch.where(drop, torch.full_like(labels, null_class), labels)
     pred = unet(z_t, t, class_labels=cls)
-    target = noise if cfg.prediction_type == "epsilon" else scheduler.get_velocity(z0, noise, t)
+    target = denoising_target(scheduler, cfg, z0, noise, t)
     return F.mse_loss(pred.float(), target.float())
+
+
+def denoising_target(
+    scheduler, cfg: DiffusionConfig, z0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor
+) -> torch.Tensor:
+    """What the UNet predicts for ``z_t``: the noise, or ``v`` for v-prediction."""
+    return noise if cfg.prediction_type == "epsilon" else scheduler.get_velocity(z0, noise, t)
 
 
 def diffusion_step(

@@ -35,7 +35,7 @@ from synthct.models.schedulers import training_scheduler
 from synthct.plugins.adapter import PluginError
 from synthct.plugins.merge import MixtureDenoiser, case_weights, mixture_weights, plugin_deltas
 from synthct.plugins.registry import Plugin
-from synthct.training import encode_latents
+from synthct.training import denoising_target, encode_latents
 
 __all__ = [
     "ValidationDraws",
@@ -97,11 +97,7 @@ def validation_draws(
     noise = torch.randn(z0.shape, generator=generator)
     t = torch.randint(0, scheduler.config.num_train_timesteps, (len(z0),), generator=generator)
     z_t = scheduler.add_noise(z0, noise, t)
-    target = (
-        noise
-        if gen.config.diffusion.prediction_type == "epsilon"
-        else (scheduler.get_velocity(z0, noise, t))
-    )
+    target = denoising_target(scheduler, gen.config.diffusion, z0, noise, t)
     return ValidationDraws(z_t=z_t, t=t, labels=labels, target=target)
 
 
@@ -198,26 +194,21 @@ def fit_mixture_weights(
     mixture = MixtureDenoiser(gen, plugins)
     classes = gen.config.labels.classes
     default = mixture_weights(plugins, classes)
-    preds = []
-    with torch.no_grad():
-        for name in mixture.names:
-            mixture.use_adapter(name)
-            preds.append(
-                torch.cat(
-                    [
-                        mixture.adapted(
-                            draws.z_t[rows], draws.t[rows], class_labels=draws.labels[rows]
-                        ).double()
-                        for rows in _batches(len(draws), batch_size)
-                    ]
-                )
-            )
-        base_pred = torch.cat(
+
+    @torch.no_grad()
+    def predict(unet: torch.nn.Module) -> torch.Tensor:
+        return torch.cat(
             [
-                mixture.base(draws.z_t[r], draws.t[r], class_labels=draws.labels[r]).double()
-                for r in _batches(len(draws), batch_size)
+                unet(draws.z_t[rows], draws.t[rows], class_labels=draws.labels[rows]).double()
+                for rows in _batches(len(draws), batch_size)
             ]
         )
+
+    preds = []
+    for name in mixture.names:
+        mixture.use_adapter(name)
+        preds.append(predict(mixture.adapted))
+    base_pred = predict(mixture.base)
     # candidates: the P plugins, then the base UNet (it gets what a row leaves)
     stacked = torch.stack([p.flatten(1) for p in [*preds, base_pred]])  # (P+1) x N x D
     target = draws.target.double().flatten(1)  # N x D
