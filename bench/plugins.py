@@ -110,6 +110,16 @@ def main() -> None:
     others = [s for s in config.site_names if s != "site_e"]
     holdout_o = load_cases(manifest, config, splits=("holdout",), sites=tuple(others))
 
+    def train_and_export(site: str, cases, cfg, plugin_dir: Path) -> float:
+        """Train ``site``'s plugin and export it to ``plugin_dir``; seconds of training."""
+        t0 = time.perf_counter()
+        unet = train_plugin(gen, cases, cfg, seed=0)
+        train_s = round(time.perf_counter() - t0, 1)
+        export_plugin(
+            unet, plugin_dir, gen=gen, generator_dir=gen_dir, site=site, cases=cases, cfg=cfg
+        )
+        return train_s
+
     # --- plugins (site_e: the late site; site_b: a second contributor without the rare class)
     registry = out / "registry"
     plugin_s: dict[str, float] = {}
@@ -117,19 +127,8 @@ def main() -> None:
         for site in ("site_e", "site_b"):
             cases = load_cases(manifest, config, splits=("train",), sites=(site,))
             cfg = gen.config.plugins.model_copy(update={"steps": args.steps} if args.steps else {})
-            t0 = time.perf_counter()
-            unet = train_plugin(gen, cases, cfg, seed=0)
-            plugin_s[site] = round(time.perf_counter() - t0, 1)
-            plugin_dir = export_plugin(
-                unet,
-                out / "plugins" / site,
-                gen=gen,
-                generator_dir=gen_dir,
-                site=site,
-                cases=cases,
-                cfg=cfg,
-            )
-            add_plugin(registry, plugin_dir, gen, gen_dir)
+            plugin_s[site] = train_and_export(site, cases, cfg, out / "plugins" / site)
+            add_plugin(registry, out / "plugins" / site, gen, gen_dir)
     plugins = load_plugins(registry, gen, gen_dir)
     plugin_bytes = {p.meta["site"]: int(p.meta["weights_bytes"]) for p in plugins}
     unet_bytes = len(tensors_to_bytes({k: v for k, v in gen.ema.state_dict().items()}))
@@ -216,21 +215,9 @@ def main() -> None:
                     | ({"steps": args.steps} if args.steps else {})
                 )
                 plugin_dir = out / "sweep" / name
+                train_s = None  # cached from an earlier run
                 if not (plugin_dir / "plugin.json").is_file():
-                    t0 = time.perf_counter()
-                    unet = train_plugin(gen, cases_e, cfg, seed=0)
-                    train_s = round(time.perf_counter() - t0, 1)
-                    export_plugin(
-                        unet,
-                        plugin_dir,
-                        gen=gen,
-                        generator_dir=gen_dir,
-                        site="site_e",
-                        cases=cases_e,
-                        cfg=cfg,
-                    )
-                else:
-                    train_s = None
+                    train_s = train_and_export("site_e", cases_e, cfg, plugin_dir)
                 sweep_registry = out / "sweep" / f"registry_{name}"
                 if not sweep_registry.is_dir():
                     add_plugin(sweep_registry, plugin_dir, gen, gen_dir)
