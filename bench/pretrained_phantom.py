@@ -59,7 +59,8 @@ def ship(run: Path, report: dict, command: str, log: Path | None, initial: Path 
     history = ""
     staged = None
     if initial is not None and (initial.parent / "rounds.jsonl").is_file():
-        # a continuation ships its predecessor's round and console logs too (history/NAME/)
+        # a continuation ships its predecessor's round and console logs too (history/NAME/);
+        # staged first because the predecessor may be the shipped folder replaced below
         staged = Path(tempfile.mkdtemp(prefix="synthct-ship-"))
         shutil.copy2(initial.parent / "rounds.jsonl", staged / "rounds.jsonl")
         if initial.parent.with_suffix(".log").is_file():
@@ -88,8 +89,6 @@ def ship(run: Path, report: dict, command: str, log: Path | None, initial: Path 
     shutil.copy2(run / "rounds.jsonl", SHIP_DIR / "rounds.jsonl")
     if log is not None and log.is_file():
         shutil.copy2(log, SHIP_DIR / "training.log")
-    rounds = [json.loads(x) for x in (run / "rounds.jsonl").read_text().splitlines()]
-    train_wall_s = sum(r.get("wall_s", 0.0) for r in rounds)
     met = report.get("targets_met", {})
     verdict = (
         "All generator quality targets are met."
@@ -103,7 +102,7 @@ def ship(run: Path, report: dict, command: str, log: Path | None, initial: Path 
         "# Pretrained phantom generator\n\n"
         f"Trained federatedly (Flower simulation, {len(gen.config.site_names)} demo sites, "
         f"FedAvg) on {time.strftime('%Y-%m-%d')}, CPU ({os.cpu_count()} cores). {history}"
-        f"{train_wall_s / 60:.1f} min of federated rounds here (`rounds.jsonl`; console log "
+        f"{_wall_min(run / 'rounds.jsonl'):.1f} min of federated rounds here (`rounds.jsonl`; console log "
         f"in `training.log`). {verdict}\n\n"
         f"Exact command (from the repository root, rerun to resume):\n\n    {command}\n\n"
         f"Generator sha256 (config.json): `{generator_sha256(SHIP_DIR / 'generator')}`; "
