@@ -90,8 +90,10 @@ def radiomics_features(hu_volumes: torch.Tensor) -> np.ndarray:
             # an empty window reports the edge nearest the body's median HU, where the last
             # voxels leave it as the tissue fades (continuous; the window centre made one
             # bone-free volume dominate a cubic-kernel KID)
-            fade_edge = float(np.clip(np.median(body_hu), lo, hi))
-            mean = float(inside.mean()) if inside.size else fade_edge
+            if inside.size:
+                mean = float(inside.mean())
+            else:
+                mean = float(np.clip(np.median(body_hu), lo, hi))
             std = float(inside.std()) if inside.size > 1 else 0.0
             feats += [frac, mean, std]
         feats.append(masks["lung"].sum() / max(masks["body"].sum(), 1))
