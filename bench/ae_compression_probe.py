@@ -24,7 +24,7 @@ from synthct.data.phantoms import write_phantom_sites
 from synthct.eval.reference import evaluate_classifier
 from synthct.models.autoencoder import build_autoencoder
 from synthct.pretrained import load_phantom_reference
-from synthct.training import BalancedSampler, autoencoder_step, encode_latents
+from synthct.training import BalancedSampler, autoencoder_step, detail_range, encode_latents
 
 
 def main() -> None:
@@ -47,9 +47,10 @@ def main() -> None:
     ae = build_autoencoder(ae_cfg)
     optimizer = torch.optim.AdamW(ae.parameters(), lr=config.train.ae_lr)
     sampler = BalancedSampler(train.labels, balanced=True, generator=generator)
+    detail = detail_range(ae_cfg, config.data.hu_window)
     start, step = time.time(), 0
     while time.time() - start < args.minutes * 60:
-        autoencoder_step(ae, optimizer, train.images[sampler(4)], ae_cfg)
+        autoencoder_step(ae, optimizer, train.images[sampler(4)], ae_cfg, detail=detail)
         step += 1
         if step % 500:
             continue

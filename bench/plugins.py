@@ -232,9 +232,7 @@ def main() -> None:
                 sweep[name] = arms.pop(name)
     elapsed_min = (time.perf_counter() - start) / 60
     if elapsed_min < args.budget_min:
-        fed = config.federated.model_copy(
-            update={"ae_rounds": 0, "diffusion_rounds": config.federated.finetune_rounds}
-        )
+        fed = config.federated.finetune_schedule()
         run = out / "retrain"
         t0 = time.perf_counter()
         retrained = train_federated(

@@ -65,14 +65,20 @@ def ship(run: Path, report: dict, command: str, log: Path | None, initial: Path 
         shutil.copy2(initial.parent / "rounds.jsonl", staged / "rounds.jsonl")
         if initial.parent.with_suffix(".log").is_file():
             shutil.copy2(initial.parent.with_suffix(".log"), staged / "training.log")
+        for earlier in sorted((initial.parent / "history").glob("*")):  # its own predecessors
+            shutil.copytree(earlier, staged.parent / f"{staged.name}-{earlier.name}")
         history = (
             f"Continued from `{initial}` ({_wall_min(staged / 'rounds.jsonl'):.1f} min of "
-            f"federated rounds; its logs in `history/{initial.parent.name}/`). "
+            f"federated rounds; its logs, and those of runs it continued, in `history/`). "
         )
     if SHIP_DIR.exists():
         shutil.rmtree(SHIP_DIR)
     if staged is not None:
         shutil.copytree(staged, SHIP_DIR / "history" / initial.parent.name)
+        for earlier in sorted(staged.parent.glob(f"{staged.name}-*")):
+            name = earlier.name[len(staged.name) + 1 :]
+            shutil.copytree(earlier, SHIP_DIR / "history" / name)
+            shutil.rmtree(earlier)
         shutil.rmtree(staged)
     save_generator(
         gen,

@@ -28,6 +28,7 @@ from synthct.fed.task import (
     site_latents,
     tensors_from_bytes,
     train_autoencoder_round,
+    train_decoder_round,
     train_diffusion_round,
     write_audit,
 )
@@ -153,6 +154,19 @@ def train(msg: Message, context: Context) -> Message:
             result = train_autoencoder_round(
                 config,
                 weights,
+                cases,
+                steps=steps,
+                seed=seed,
+                proximal_mu=mu,
+                device=device,
+                optimizer_state=optimizer_state,
+            )
+        elif phase == "decoder":
+            ae_weights, ae_sha = _frozen_autoencoder(cfg)
+            result = train_decoder_round(
+                config,
+                weights,
+                site_latents(config, ae_weights, ae_sha, cases, device),
                 cases,
                 steps=steps,
                 seed=seed,

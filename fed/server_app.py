@@ -43,7 +43,7 @@ from synthct.fed.task import (
     pooled_scale_factor,
     tensors_to_bytes,
 )
-from synthct.training import EMA
+from synthct.training import EMA, LatentDecoder
 
 __all__ = ["app", "FederatedJob", "FederatedError", "run_federated", "make_strategy"]
 
@@ -185,7 +185,8 @@ def _truncate_rounds_log(path: Path, state: _RunState) -> None:
         return
     import json
 
-    order = {name: i for i, name in enumerate(("autoencoder", "scale", "diffusion", "done"))}
+    phases = ("autoencoder", "decoder", "scale", "diffusion", "done")
+    order = {name: i for i, name in enumerate(phases)}
     kept = []
     for line in path.read_text(encoding="utf-8").splitlines():
         rec = json.loads(line)
@@ -256,9 +257,14 @@ class _Driver:
         if state.phase == "autoencoder":
             if not self._rounds(gen, "autoencoder", config.federated.ae_rounds):
                 return gen
-            state.phase, state.round = "diffusion", 0
+            state.phase, state.round = "decoder", 0
             if config.federated.ae_rounds > 0:
                 state.scale_factor = None  # the autoencoder changed: pool a new scale factor
+            self._commit(gen)
+        if state.phase == "decoder":
+            if not self._rounds(gen, "decoder", config.federated.decoder_rounds):
+                return gen
+            state.phase, state.round = "diffusion", 0
             self._commit(gen)
         if state.phase == "diffusion":
             if state.scale_factor is None:
@@ -294,7 +300,11 @@ class _Driver:
     def _rounds(self, gen: Generator, phase: str, total: int) -> bool:
         """Run the phase's remaining rounds; False if stopped early (resumable)."""
         config, state = self.config, self.state
-        model = gen.autoencoder if phase == "autoencoder" else gen.unet
+        model = {
+            "autoencoder": gen.autoencoder,
+            "decoder": LatentDecoder(gen.autoencoder),  # shares the autoencoder's modules
+            "diffusion": gen.unet,
+        }[phase]
         strategy = make_strategy(config, phase, len(config.site_names))
         accountant = getattr(strategy, "accountant", None)
         if accountant is not None and state.accountant:
@@ -341,11 +351,14 @@ class _Driver:
         t0 = time.perf_counter()
         wait_for_sites(self.grid, config)
         cfg = self._base_config(phase)
-        cfg["local-steps"] = (
-            fed.local_steps_ae if phase == "autoencoder" else fed.local_steps_diffusion
-        )
-        if phase == "diffusion":
+        cfg["local-steps"] = {
+            "autoencoder": fed.local_steps_ae,
+            "decoder": fed.local_steps_decoder,
+            "diffusion": fed.local_steps_diffusion,
+        }[phase]
+        if phase in ("decoder", "diffusion"):  # sites encode their cases with this encoder
             cfg = self._with_frozen_autoencoder(cfg, gen)
+        if phase == "diffusion":
             cfg["scale-factor"] = float(gen.scale_factor)
         arrays = ArrayRecord(_state_of(model))
         messages = list(strategy.configure_train(server_round, arrays, cfg, self.grid))

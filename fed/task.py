@@ -31,7 +31,10 @@ from synthct.models.schedulers import training_scheduler
 from synthct.models.unet import build_unet
 from synthct.training import (
     BalancedSampler,
+    LatentDecoder,
     autoencoder_step,
+    decoder_step,
+    detail_range,
     diffusion_step,
     encode_latents,
     proximal_term,
@@ -50,6 +53,7 @@ __all__ = [
     "round_seed",
     "build_phase_model",
     "train_autoencoder_round",
+    "train_decoder_round",
     "train_diffusion_round",
     "site_latents",
     "latent_moments",
@@ -60,7 +64,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-PHASES = ("autoencoder", "diffusion")
+PHASES = ("autoencoder", "decoder", "diffusion")
 
 
 @dataclass
@@ -132,9 +136,11 @@ def round_seed(seed: int, phase: str, server_round: int, site: str) -> int:
 
 
 def build_phase_model(config: SynthctConfig, phase: str) -> nn.Module:
-    """The network a phase trains: the autoencoder, or the diffusion UNet."""
+    """The network a phase trains: the autoencoder, its decoding half, or the diffusion UNet."""
     if phase == "autoencoder":
         return build_autoencoder(config.autoencoder)
+    if phase == "decoder":
+        return LatentDecoder(build_autoencoder(config.autoencoder))
     if phase == "diffusion":
         return build_unet(
             config.unet,
@@ -273,14 +279,63 @@ def train_autoencoder_round(
     ae = build_phase_model(config, "autoencoder")
     torch.manual_seed(seed)  # the KL sampling noise inside AutoencoderKL
 
+    detail = detail_range(config.autoencoder, config.data.hu_window)
+
     def step(optimizer, idx, _generator, extra):
         x = cases.images[idx].to(device)
-        return autoencoder_step(ae, optimizer, x, config.autoencoder, extra_loss=extra)
+        return autoencoder_step(
+            ae, optimizer, x, config.autoencoder, extra_loss=extra, detail=detail
+        )
 
     return _local_training(
         ae,
         weights,
         "autoencoder",
+        cases,
+        lr=config.train.ae_lr,
+        batch_size=config.train.batch_size,
+        balanced=config.train.balanced,
+        steps=steps,
+        seed=seed,
+        proximal_mu=proximal_mu,
+        device=device,
+        step=step,
+        optimizer_state=optimizer_state,
+    )
+
+
+def train_decoder_round(
+    config: SynthctConfig,
+    weights: dict[str, torch.Tensor],
+    latents: torch.Tensor,
+    cases: CaseSet,
+    *,
+    steps: int,
+    seed: int,
+    proximal_mu: float = 0.0,
+    device: torch.device | str = "cpu",
+    optimizer_state: tuple[OptimizerStateStore, int] | None = None,
+) -> RoundResult:
+    """``steps`` decoder-only steps from the global decoder, decoding this site's unscaled
+    latents (under the frozen encoder) back to its cases."""
+    decoder = build_phase_model(config, "decoder")
+    detail = detail_range(config.autoencoder, config.data.hu_window)
+
+    def step(optimizer, idx, _generator, extra):
+        return decoder_step(
+            decoder,
+            optimizer,
+            latents[idx].to(device),
+            cases.images[idx].to(device),
+            config.autoencoder,
+            detail=detail,
+            extra_loss=extra,
+        )
+
+    return _local_training(
+        decoder,
+        weights,
+        "decoder",
         cases,
         lr=config.train.ae_lr,
         batch_size=config.train.batch_size,

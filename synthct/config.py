@@ -152,6 +152,19 @@ class DataConfig(_Strict):
         return self
 
 
+# Fields that shape a training loss, not a network: weights trained under one value load
+# under another (e.g. a continuation that adds the detail term).
+_LOSS_ONLY = {
+    "autoencoder": {
+        "kl_weight",
+        "edge_weight",
+        "perceptual_weight",
+        "detail_weight",
+        "detail_window_hu",
+    }
+}
+
+
 class AutoencoderConfig(_Strict):
     """MONAI ``AutoencoderKL`` (3D). ``len(channels) - 1`` halvings per axis (3 levels = 4x)."""
 
@@ -165,6 +178,13 @@ class AutoencoderConfig(_Strict):
     perceptual_weight: float = Field(
         default=0.0, ge=0, description="feature loss through the frozen reference encoder"
     )
+    detail_weight: float = Field(
+        default=0.0,
+        ge=0,
+        description="extra L1 inside detail_window_hu (lung parenchyma): subtle haze is a small "
+        "error in the full window and the decoder attenuates it unless it costs more",
+    )
+    detail_window_hu: tuple[float, float] = (-1000.0, -300.0)
 
     @model_validator(mode="after")
     def _groups_divide(self) -> AutoencoderConfig:
@@ -173,6 +193,13 @@ class AutoencoderConfig(_Strict):
                 raise ValueError(
                     f"channels {list(self.channels)} must be multiples of norm_num_groups"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _detail_window_ordered(self) -> AutoencoderConfig:
+        low, high = self.detail_window_hu
+        if not low < high:
+            raise ValueError(f"detail_window_hu {list(self.detail_window_hu)} must be [low, high]")
         return self
 
     @property
@@ -242,7 +269,7 @@ class FaultConfig(_Strict):
     """Injected failure (tests and drills): ``site`` errors or stalls in one round."""
 
     site: str
-    phase: Literal["autoencoder", "diffusion"] = "autoencoder"
+    phase: Literal["autoencoder", "decoder", "diffusion"] = "autoencoder"
     round: int = Field(ge=1)
     kind: Literal["error", "delay"] = "error"
     delay_s: float = Field(default=0.0, ge=0)
@@ -268,6 +295,13 @@ class FederatedConfig(_Strict):
     diffusion_rounds: int = Field(default=30, ge=0)
     local_steps_ae: int = Field(default=50, ge=0)
     local_steps_diffusion: int = Field(default=125, ge=0)
+    decoder_rounds: int = Field(
+        default=0,
+        ge=0,
+        description="decoder-only rounds after the autoencoder phase: the encoder stays frozen, "
+        "so latents and any trained UNet stay valid",
+    )
+    local_steps_decoder: int = Field(default=100, ge=0)
     finetune_rounds: int = Field(
         default=2, ge=0, description="diffusion rounds when fine-tuning a pretrained generator"
     )
@@ -285,6 +319,13 @@ class FederatedConfig(_Strict):
     )
     privacy: DPConfig = DPConfig()
     faults: list[FaultConfig] = Field(default_factory=list)
+
+    def finetune_schedule(self) -> FederatedConfig:
+        """This schedule for fine-tuning a pretrained generator: ``finetune_rounds`` diffusion
+        rounds, the autoencoder left as shipped."""
+        return self.model_copy(
+            update={"ae_rounds": 0, "decoder_rounds": 0, "diffusion_rounds": self.finetune_rounds}
+        )
 
 
 class DownstreamConfig(_Strict):
@@ -380,7 +421,9 @@ class SynthctConfig(_Strict):
         """Why weights trained under ``other`` cannot be used under this config, or None:
         networks, label vocabulary, noise schedule and volume shape must be identical."""
         for section in ("labels", "autoencoder", "unet", "diffusion"):
-            if getattr(self, section) != getattr(other, section):
+            loss_only = _LOSS_ONLY.get(section, set())
+            mine = getattr(self, section).model_dump(exclude=loss_only)
+            if mine != getattr(other, section).model_dump(exclude=loss_only):
                 return f"the {section!r} sections differ"
         if self.data.shape != other.data.shape:
             return f"volume shape {other.data.shape} != {self.data.shape}"

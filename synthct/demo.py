@@ -444,11 +444,9 @@ def _generator(manifest: Path, config: SynthctConfig, run: Path, from_scratch: b
 
     initial = None if from_scratch else _pretrained_matches(config)
     if initial is not None:
-        fed = config.federated.model_copy(
-            update={"ae_rounds": 0, "diffusion_rounds": config.federated.finetune_rounds}
-        )
-        config = config.model_copy(update={"federated": fed})
-    total = config.federated.ae_rounds + config.federated.diffusion_rounds
+        config = config.model_copy(update={"federated": config.federated.finetune_schedule()})
+    fed = config.federated
+    total = fed.ae_rounds + fed.decoder_rounds + fed.diffusion_rounds
     with progress_bar("federated", total=total) as update:
         done = {"n": 0}
 

@@ -94,7 +94,9 @@ def hu_histograms(real: dict[str, np.ndarray], synthetic: dict[str, np.ndarray])
 
 def training_curves(rounds: list[dict[str, Any]]) -> str | None:
     """Per phase, each site's local training loss by round."""
-    phases = [p for p in ("autoencoder", "diffusion") if any(r["phase"] == p for r in rounds)]
+    phases = [
+        p for p in ("autoencoder", "decoder", "diffusion") if any(r["phase"] == p for r in rounds)
+    ]
     if not phases:
         return None
     fig, axes = plt.subplots(1, len(phases), figsize=(5 * len(phases), 3), squeeze=False)

@@ -33,6 +33,7 @@ from synthct.training import (
     EMA,
     BalancedSampler,
     autoencoder_step,
+    detail_range,
     diffusion_step,
     encode_latents,
     latent_scale_factor,
@@ -175,10 +176,15 @@ def train_central(
     if state.phase == "autoencoder":
         start = time.perf_counter()
         total = config.train.ae_steps
+        detail = detail_range(config.autoencoder, config.data.hu_window)
         while state.step < total:
             idx = sampler(bs)
             parts = autoencoder_step(
-                gen.autoencoder, ae_opt, train.images[idx].to(device), config.autoencoder
+                gen.autoencoder,
+                ae_opt,
+                train.images[idx].to(device),
+                config.autoencoder,
+                detail=detail,
             )
             state.step += 1
             append_jsonl(metrics_path, {"phase": "autoencoder", "step": state.step, **parts})

@@ -22,6 +22,10 @@ __all__ = [
     "EMA",
     "autoencoder_loss",
     "autoencoder_step",
+    "detail_range",
+    "reconstruction_loss",
+    "LatentDecoder",
+    "decoder_step",
     "encode_latents",
     "latent_scale_factor",
     "diffusion_loss",
@@ -94,21 +98,50 @@ def _edges(x: torch.Tensor) -> list[torch.Tensor]:
     return [x.diff(dim=d) for d in (2, 3, 4)]
 
 
+def detail_range(ae_cfg: AutoencoderConfig, hu_window: tuple[float, float]) -> tuple[float, float]:
+    """``detail_window_hu`` in model units ([-1, 1] over the data's ``hu_window``)."""
+    low, high = hu_window
+    return tuple(float(2 * (v - low) / (high - low) - 1) for v in ae_cfg.detail_window_hu)
+
+
+def reconstruction_loss(
+    recon: torch.Tensor,
+    x: torch.Tensor,
+    cfg: AutoencoderConfig,
+    detail: tuple[float, float] | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """L1 + gradient difference (keeps lesion edges) + L1 inside the detail window, rescaled to
+    [-1, 1] (amplifies parenchymal haze that the full window makes a small error)."""
+    l1 = F.l1_loss(recon, x)
+    edge = sum(F.l1_loss(a, b) for a, b in zip(_edges(recon), _edges(x), strict=True)) / 3
+    loss = l1 + cfg.edge_weight * edge
+    parts = {"l1": l1.item(), "edge": edge.item()}
+    if cfg.detail_weight > 0:
+        if detail is None:
+            raise ValueError("autoencoder.detail_weight > 0 needs the detail range (detail_range)")
+        low, high = detail
+        scale = 2.0 / (high - low)
+        in_window = F.l1_loss(recon.clamp(low, high) * scale, x.clamp(low, high) * scale)
+        loss = loss + cfg.detail_weight * in_window
+        parts["detail"] = in_window.item()
+    return loss, parts
+
+
 def autoencoder_loss(
     ae: nn.Module,
     x: torch.Tensor,
     cfg: AutoencoderConfig,
     feature_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    detail: tuple[float, float] | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """L1 reconstruction + gradient-difference (keeps lesion edges) + KL (+ optional feature
-    loss through a frozen reference encoder). ``x``: B×1×X×Y×Z in [-1, 1]."""
+    """Reconstruction loss + KL (+ optional feature loss through a frozen reference encoder).
+    ``x``: B×1×X×Y×Z in [-1, 1]; ``detail``: :func:`detail_range` when ``detail_weight > 0``."""
     recon, mu, sigma = ae(x)
-    l1 = F.l1_loss(recon, x)
-    edge = sum(F.l1_loss(a, b) for a, b in zip(_edges(recon), _edges(x), strict=True)) / 3
+    loss, parts = reconstruction_loss(recon, x, cfg, detail)
     kl = 0.5 * (mu.pow(2) + sigma.pow(2) - torch.log(sigma.pow(2) + 1e-8) - 1).sum(dim=(1, 2, 3, 4))
     kl = kl.mean()
-    loss = l1 + cfg.edge_weight * edge + cfg.kl_weight * kl
-    parts = {"l1": l1.item(), "edge": edge.item(), "kl": kl.item()}
+    loss = loss + cfg.kl_weight * kl
+    parts["kl"] = kl.item()
     if feature_fn is not None and cfg.perceptual_weight > 0:
         perceptual = F.mse_loss(feature_fn(recon), feature_fn(x).detach())
         loss = loss + cfg.perceptual_weight * perceptual
@@ -125,18 +158,62 @@ def autoencoder_step(
     *,
     feature_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
     extra_loss: Callable[[], torch.Tensor] | None = None,
+    detail: tuple[float, float] | None = None,
 ) -> dict[str, float]:
     """One optimiser step on a batch; ``extra_loss`` is e.g. a FedProx proximal term."""
     ae.train()
     optimizer.zero_grad(set_to_none=True)
     with autocast(x.device):  # bf16 on GPU only
-        loss, parts = autoencoder_loss(ae, x, cfg, feature_fn)
+        loss, parts = autoencoder_loss(ae, x, cfg, feature_fn, detail)
+    _optimise(ae, optimizer, loss, extra_loss)
+    return parts
+
+
+class LatentDecoder(nn.Module):
+    """The decoding half of an ``AutoencoderKL`` (``post_quant_conv`` + ``decoder``), sharing
+    its modules: the decoder phase trains and sends only these (same state-dict names)."""
+
+    def __init__(self, ae: nn.Module) -> None:
+        super().__init__()
+        self.post_quant_conv = ae.post_quant_conv
+        self.decoder = ae.decoder
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.post_quant_conv(z))
+
+
+def decoder_step(
+    decoder: LatentDecoder,
+    optimizer: torch.optim.Optimizer,
+    z: torch.Tensor,
+    x: torch.Tensor,
+    cfg: AutoencoderConfig,
+    *,
+    detail: tuple[float, float] | None = None,
+    extra_loss: Callable[[], torch.Tensor] | None = None,
+) -> dict[str, float]:
+    """One decoder-only step: reconstruct ``x`` from its frozen encoder's posterior means
+    ``z`` (what sampling decodes), so the encoder's latents and a UNet trained on them stay valid."""
+    decoder.train()
+    optimizer.zero_grad(set_to_none=True)
+    with autocast(x.device):
+        loss, parts = reconstruction_loss(decoder(z), x, cfg, detail)
+    parts["loss"] = loss.item()
+    _optimise(decoder, optimizer, loss, extra_loss)
+    return parts
+
+
+def _optimise(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loss: torch.Tensor,
+    extra_loss: Callable[[], torch.Tensor] | None,
+) -> None:
     if extra_loss is not None:
         loss = loss + extra_loss()
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(ae.parameters(), 1.0)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     optimizer.step()
-    return parts
 
 
 @torch.no_grad()

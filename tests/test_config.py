@@ -94,3 +94,19 @@ def test_label_mapping_and_unmapped_label(demo_config):
     assert demo_config.resolve_label("site_a", "nodule") == "nodule"
     with pytest.raises(KeyError, match="site 'site_a': label 'GGO'"):
         demo_config.resolve_label("site_a", "GGO")
+
+
+def test_loss_only_fields_do_not_block_reusing_weights(smoke_config):
+    doc = smoke_config.model_dump()
+    doc["autoencoder"].update({"detail_weight": 3.0, "kl_weight": 1e-4, "edge_weight": 0.1})
+    assert type(smoke_config).model_validate(doc).network_mismatch(smoke_config) is None
+    doc["autoencoder"]["latent_channels"] = 3
+    mismatch = type(smoke_config).model_validate(doc).network_mismatch(smoke_config)
+    assert mismatch == "the 'autoencoder' sections differ"
+
+
+def test_detail_window_must_be_ordered(smoke_config):
+    doc = smoke_config.model_dump()
+    doc["autoencoder"]["detail_window_hu"] = (-300.0, -1000.0)
+    with pytest.raises(ValueError, match="detail_window_hu"):
+        type(smoke_config).model_validate(doc)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from synthct.checkpoint import build_generator
@@ -9,11 +10,15 @@ from synthct.models.schedulers import training_scheduler
 from synthct.training import (
     EMA,
     BalancedSampler,
+    LatentDecoder,
     autoencoder_step,
+    decoder_step,
+    detail_range,
     diffusion_step,
     encode_latents,
     latent_scale_factor,
     proximal_term,
+    reconstruction_loss,
 )
 
 
@@ -30,10 +35,11 @@ def test_steps_reduce_loss_on_a_fixed_batch(smoke_config):
     gen = build_generator(smoke_config, seed=0)
     x = torch.rand(2, 1, *smoke_config.data.shape) * 2 - 1
     opt = torch.optim.Adam(gen.autoencoder.parameters(), lr=3e-3)
-    first = autoencoder_step(gen.autoencoder, opt, x, smoke_config.autoencoder)["l1"]
+    detail = detail_range(smoke_config.autoencoder, smoke_config.data.hu_window)
+    first = autoencoder_step(gen.autoencoder, opt, x, smoke_config.autoencoder, detail=detail)
     for _ in range(15):
-        last = autoencoder_step(gen.autoencoder, opt, x, smoke_config.autoencoder)["l1"]
-    assert last < first
+        last = autoencoder_step(gen.autoencoder, opt, x, smoke_config.autoencoder, detail=detail)
+    assert last["loss"] < first["loss"] and last["detail"] > 0
     z = encode_latents(gen.autoencoder, x)
     scale = latent_scale_factor(z)
     assert abs(float((z * scale).std()) - 1.0) < 1e-4
@@ -73,3 +79,49 @@ def test_proximal_term_is_half_mu_squared_distance():
     ref = [p.detach().clone() - 1.0 for p in model.parameters()]
     term = proximal_term(model, ref, mu=0.2)()
     assert torch.isclose(term, torch.tensor(0.5 * 0.2 * 2.0))
+
+
+def test_detail_term_weights_haze_inside_the_lung_window(smoke_config):
+    cfg = smoke_config.autoencoder
+    detail = detail_range(cfg, smoke_config.data.hu_window)
+    assert detail == pytest.approx(((-1000 + 1024) / 1024 - 1, (-300 + 1024) / 1024 - 1))
+    x = torch.full((1, 1, 8, 8, 8), detail[0] + 0.05)  # lung parenchyma
+    haze = x.clone()
+    haze[..., 2:6, 2:6, 2:6] += 0.1  # +100 HU inside the window
+    bone = torch.full_like(x, 0.5)
+    bone_err = bone.clone()
+    bone_err[..., 2:6, 2:6, 2:6] += 0.1  # the same error outside it
+    plain = cfg.model_copy(update={"detail_weight": 0.0})
+    base_haze, _ = reconstruction_loss(haze, x, plain)
+    base_bone, _ = reconstruction_loss(bone_err, bone, plain)
+    assert float(base_haze) == pytest.approx(float(base_bone))
+    haze_loss, parts = reconstruction_loss(haze, x, cfg, detail)
+    bone_loss, _ = reconstruction_loss(bone_err, bone, cfg, detail)
+    assert parts["detail"] > 0 and float(bone_loss) == pytest.approx(float(base_bone))
+    assert float(haze_loss) > 3 * float(base_haze)  # 2048/700 HU scale + the plain terms
+    with pytest.raises(ValueError, match="detail"):
+        reconstruction_loss(haze, x, cfg)
+
+
+def test_decoder_step_trains_the_decoding_half_only(smoke_config):
+    gen = build_generator(smoke_config, seed=0)
+    ae = gen.autoencoder
+    decoder = LatentDecoder(ae)
+    names = set(decoder.state_dict())
+    assert names and names <= set(ae.state_dict())
+    assert all(k.startswith(("decoder.", "post_quant_conv.")) for k in names)
+    x = torch.rand(2, 1, *smoke_config.data.shape) * 2 - 1
+    z = encode_latents(ae, x)
+    before = {k: v.clone() for k, v in ae.state_dict().items()}
+    opt = torch.optim.Adam(decoder.parameters(), lr=3e-3)
+    detail = detail_range(smoke_config.autoencoder, smoke_config.data.hu_window)
+    steps = [decoder_step(decoder, opt, z, x, smoke_config.autoencoder, detail=detail)]
+    steps += [
+        decoder_step(decoder, opt, z, x, smoke_config.autoencoder, detail=detail) for _ in range(15)
+    ]
+    assert steps[-1]["loss"] < steps[0]["loss"]
+    after = ae.state_dict()
+    for k, v in before.items():
+        assert torch.equal(v, after[k]) != (k in names), k  # decoder moved, encoder did not
+    assert torch.equal(encode_latents(ae, x), z)
+    assert torch.allclose(decoder(z), ae.decode(z))

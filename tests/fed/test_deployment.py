@@ -190,6 +190,7 @@ def test_superlink_and_supernodes_with_tls_and_node_auth(tmp_path, smoke_sites):
     train_rounds = [r for r in rounds if r["phase"] != "scale"]
     assert [(r["phase"], r["round"]) for r in train_rounds] == [
         ("autoencoder", 1),
+        ("decoder", 1),
         ("diffusion", 1),
     ]
     for r in train_rounds:
@@ -197,5 +198,5 @@ def test_superlink_and_supernodes_with_tls_and_node_auth(tmp_path, smoke_sites):
         assert {s["site"] for s in r["sites"]} == set(SITES)
     for site in SITES:  # each site's own audit log, in its own folder
         audit = (tmp_path / site / "audit" / "audit.jsonl").read_text().splitlines()
-        assert len(audit) == 3  # autoencoder round, scale moments, diffusion round
+        assert len(audit) == 4  # autoencoder, decoder, scale moments, diffusion
     assert load_generator(run_dir / "generator").scale_factor > 0

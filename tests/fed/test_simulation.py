@@ -65,6 +65,7 @@ def test_rounds_are_logged_with_sites_bytes_and_audit(fed_run, smoke_config, smo
     assert [(r["phase"], r["round"]) for r in rounds] == [
         ("autoencoder", 1),
         ("autoencoder", 2),
+        ("decoder", 1),
         ("scale", 0),
         ("diffusion", 1),
         ("diffusion", 2),
@@ -86,12 +87,18 @@ def test_rounds_are_logged_with_sites_bytes_and_audit(fed_run, smoke_config, smo
             ]
             assert len(sent) == 1 and sent[0]["sha256"] == s["sha256_up"]
             assert sent[0]["bytes"] == s["bytes_up"]
+    # the decoder phase sends the decoding half only
+    by_key = {(r["phase"], r["round"]): r for r in rounds}
+    assert by_key[("decoder", 1)]["bytes_up"] < by_key[("autoencoder", 2)]["bytes_up"]
+    sent = _payload(run, "site_a", "decoder", 1)
+    assert sent and all(k.startswith(("decoder.", "post_quant_conv.")) for k in sent)
 
 
 def test_aggregate_is_the_case_weighted_mean(fed_run):
     run, gen = fed_run
     by_key = {(r["phase"], r["round"]): r for r in _rounds(run)}
     expected_ae = _weighted_mean(run, by_key[("autoencoder", 2)])
+    expected_ae.update(_weighted_mean(run, by_key[("decoder", 1)]))  # encoder left as it was
     for k, v in gen.autoencoder.state_dict().items():
         assert torch.allclose(v.double(), expected_ae[k], atol=1e-6), k
     expected_unet = _weighted_mean(run, by_key[("diffusion", 2)])
@@ -122,9 +129,9 @@ def test_server_ema_and_pooled_scale_factor(fed_run, smoke_config, smoke_sites):
 def test_resumed_run_equals_uninterrupted(tmp_path, fed_run, smoke_config, smoke_sites):
     full_run, full = fed_run
     part = tmp_path / "part"
-    train_federated(smoke_config, smoke_sites, part, max_rounds=2)
+    train_federated(smoke_config, smoke_sites, part, max_rounds=3)
     state = json.loads((part / "fed_state.json").read_text())
-    # both autoencoder rounds done and the scale factor pooled; no diffusion round yet
+    # autoencoder and decoder rounds done and the scale factor pooled; no diffusion round yet
     assert (state["phase"], state["round"]) == ("diffusion", 0) and state["scale_factor"] > 0
     resumed = train_federated(smoke_config, smoke_sites, part, resume=True)
     for name in ("autoencoder", "unet", "ema"):
@@ -184,7 +191,12 @@ def test_failed_and_slow_sites_do_not_stop_rounds(tmp_path, smoke_config, smoke_
 def _dp_config(smoke_config, **privacy):
     doc = smoke_config.model_dump()
     doc["federated"].update(
-        {"ae_rounds": 0, "diffusion_rounds": 1, "privacy": {"enabled": True, **privacy}}
+        {
+            "ae_rounds": 0,
+            "decoder_rounds": 0,
+            "diffusion_rounds": 1,
+            "privacy": {"enabled": True, **privacy},
+        }
     )
     return type(smoke_config).model_validate(doc)
 
