@@ -42,7 +42,10 @@ def _schedule(config: SynthctConfig, fraction: float) -> SynthctConfig:
     doc = config.model_dump()
     doc["train"].update({"ae_steps": ae_rounds * n * fed.local_steps_ae})
     doc["train"].update({"diffusion_steps": diff_rounds * n * fed.local_steps_diffusion})
-    doc["federated"].update({"ae_rounds": ae_rounds, "diffusion_rounds": diff_rounds})
+    # no decoder-only phase: the central trainer has none, and every arm gets the same steps
+    doc["federated"].update(
+        {"ae_rounds": ae_rounds, "decoder_rounds": 0, "diffusion_rounds": diff_rounds}
+    )
     return type(config).model_validate(doc)
 
 
@@ -57,6 +60,14 @@ def _bytes_per_round_per_site(run: Path) -> dict[str, float]:
                 "down": sum(r["bytes_down"] / r["sent"] for r in rs) / len(rs),
             }
     return out
+
+
+def _steps_done(run: Path) -> int:
+    """Optimiser steps this arm really ran (an arm stopped by its budget did fewer)."""
+    if (run / "rounds.jsonl").is_file():
+        rounds = [json.loads(x) for x in (run / "rounds.jsonl").read_text().splitlines()]
+        return sum(s["steps"] for r in rounds for s in r.get("sites", []))
+    return len((run / "metrics.jsonl").read_text().splitlines())
 
 
 def main() -> None:
@@ -105,12 +116,19 @@ def main() -> None:
             extra["bytes_per_round_per_site"] = _bytes_per_round_per_site(run)
             extra["rounds_done"] = json.loads((run / "fed_state.json").read_text())
         wall = time.perf_counter() - t0
+        steps = _steps_done(run)
         report = generator_report(gen, reference, holdout, per_class=args.samples_per_class)
-        results[arm] = {"wall_s": round(wall, 1), **extra, **report}
+        results[arm] = {
+            "wall_s": round(wall, 1),
+            "steps_done": steps,
+            "s_per_step": round(wall / max(steps, 1), 4),
+            **extra,
+            **report,
+        }
         print(json.dumps({arm: results[arm]}, indent=2), flush=True)
-    central_wall = results["central"]["wall_s"]
+    central = results["central"]["s_per_step"]  # per step: a budget may stop arms early
     for arm in ("fedavg", "fedprox"):
-        results[arm]["overhead_vs_central"] = round(results[arm]["wall_s"] / central_wall, 2)
+        results[arm]["overhead_vs_central"] = round(results[arm]["s_per_step"] / central, 2)
     summary = {
         "date": time.strftime("%Y-%m-%d"),
         "device": "cpu",
@@ -120,11 +138,12 @@ def main() -> None:
         "arms": results,
     }
     write_json(out / "results.json", summary, kind="bench-fed-vs-central")
-    print("| arm | wall s | AE ceiling min | cond. acc mean | cond. acc min | overhead |")
-    print("|---|---|---|---|---|---|")
+    print("| arm | wall s | steps | AE ceiling min | cond. acc mean | cond. acc min | overhead |")
+    print("|---|---|---|---|---|---|---|")
     for arm, r in results.items():
         print(
-            f"| {arm} | {r['wall_s']} | {min(r['ae_ceiling_per_class'].values()):.2f} | "
+            f"| {arm} | {r['wall_s']} | {r['steps_done']} | "
+            f"{min(r['ae_ceiling_per_class'].values()):.2f} | "
             f"{r['conditional_accuracy_mean']:.2f} | "
             f"{min(r['conditional_accuracy_per_class'].values()):.2f} | "
             f"{r.get('overhead_vs_central', 1.0)} |"
