@@ -23,7 +23,7 @@ from safetensors.torch import save as save_safetensors_bytes
 from torch import nn
 
 from synthct.artifacts import append_jsonl, atomic_write_bytes, sha256_bytes
-from synthct.config import SynthctConfig, config_from_dict
+from synthct.config import SynthctConfig, TrainConfig, config_from_dict
 from synthct.data.dataset import CaseSet, load_cases
 from synthct.fed.errors import SiteError
 from synthct.models.autoencoder import build_autoencoder
@@ -232,9 +232,8 @@ def _local_training(
     what: str,
     cases: CaseSet,
     *,
+    train: TrainConfig,
     lr: float,
-    batch_size: int,
-    balanced: bool,
     steps: int,
     seed: int,
     proximal_mu: float,
@@ -247,13 +246,15 @@ def _local_training(
     _load_weights(model, weights, what)
     model.to(device)
     generator = torch.Generator().manual_seed(seed)
-    sampler = BalancedSampler(cases.labels, balanced=balanced, generator=generator)
+    sampler = BalancedSampler(cases.labels, balanced=train.balanced, generator=generator)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     if optimizer_state is not None:
         store, server_round = optimizer_state
         store.load_into(optimizer, server_round)
     extra = _prox(model, proximal_mu)
-    losses = [step(optimizer, sampler(batch_size), generator, extra)["loss"] for _ in range(steps)]
+    losses = [
+        step(optimizer, sampler(train.batch_size), generator, extra)["loss"] for _ in range(steps)
+    ]
     if optimizer_state is not None and steps:
         store.save(optimizer, server_round)
     return RoundResult(
@@ -292,9 +293,8 @@ def train_autoencoder_round(
         weights,
         "autoencoder",
         cases,
+        train=config.train,
         lr=config.train.ae_lr,
-        batch_size=config.train.batch_size,
-        balanced=config.train.balanced,
         steps=steps,
         seed=seed,
         proximal_mu=proximal_mu,
@@ -337,9 +337,8 @@ def train_decoder_round(
         weights,
         "decoder",
         cases,
+        train=config.train,
         lr=config.train.ae_lr,
-        batch_size=config.train.batch_size,
-        balanced=config.train.balanced,
         steps=steps,
         seed=seed,
         proximal_mu=proximal_mu,
@@ -421,9 +420,8 @@ def train_diffusion_round(
         weights,
         "unet",
         cases,
+        train=config.train,
         lr=config.train.diffusion_lr,
-        batch_size=config.train.batch_size,
-        balanced=config.train.balanced,
         steps=steps,
         seed=seed,
         proximal_mu=proximal_mu,
