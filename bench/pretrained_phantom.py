@@ -67,9 +67,13 @@ def ship(run: Path, report: dict, command: str, log: Path | None, initial: Path 
             shutil.copy2(initial.parent.with_suffix(".log"), staged / "training.log")
         for earlier in sorted((initial.parent / "history").glob("*")):  # its own predecessors
             shutil.copytree(earlier, staged.parent / f"{staged.name}-{earlier.name}")
+        earlier_min = sum(
+            _wall_min(log) for log in staged.parent.glob(f"{staged.name}-*/rounds.jsonl")
+        )
         history = (
             f"Continued from `{initial}` ({_wall_min(staged / 'rounds.jsonl'):.1f} min of "
-            f"federated rounds; its logs, and those of runs it continued, in `history/`). "
+            f"federated rounds, {earlier_min:.1f} min more in the runs it continued; their logs "
+            f"in `history/`). "
         )
     if SHIP_DIR.exists():
         shutil.rmtree(SHIP_DIR)
@@ -149,6 +153,8 @@ def main() -> None:
         initial=args.initial,
         progress=log_round,
     )
+    # sampling defaults come from this command's config: they do not touch the weights
+    gen.config = gen.config.model_copy(update={"sampling": config.sampling})
     state = read_json(run / "fed_state.json")
     if state["phase"] != "done":
         print(f"stopped at {state['phase']} round {state['round']}; rerun with --resume")
