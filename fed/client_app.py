@@ -19,6 +19,7 @@ from flwr.clientapp import ClientApp
 
 from synthct.config import SynthctConfig
 from synthct.fed.task import (
+    LocalRun,
     OptimizerStateStore,
     SiteError,
     config_from_json,
@@ -141,54 +142,30 @@ def train(msg: Message, context: Context) -> Message:
         _inject_fault(config, site.name, phase, server_round)
         cases = load_site_cases(config, site.manifest, site.name)
         weights = msg.content["arrays"].to_torch_state_dict()
-        seed = round_seed(config.seed, phase, server_round, site.name)
-        mu = float(cfg.get("proximal-mu", 0.0))
-        steps = int(cfg["local-steps"])
         device = resolve_device(config.train.device)
-        optimizer_state = (
-            (OptimizerStateStore(site.audit_dir / "optimizer", phase), server_round)
-            if config.federated.keep_optimizer_state
-            else None
+        run = LocalRun(
+            steps=int(cfg["local-steps"]),
+            seed=round_seed(config.seed, phase, server_round, site.name),
+            proximal_mu=float(cfg.get("proximal-mu", 0.0)),
+            device=device,
+            optimizer_state=(
+                (OptimizerStateStore(site.audit_dir / "optimizer", phase), server_round)
+                if config.federated.keep_optimizer_state
+                else None
+            ),
         )
         if phase == "autoencoder":
-            result = train_autoencoder_round(
-                config,
-                weights,
-                cases,
-                steps=steps,
-                seed=seed,
-                proximal_mu=mu,
-                device=device,
-                optimizer_state=optimizer_state,
-            )
-        elif phase == "decoder":
-            ae_weights, ae_sha = _frozen_autoencoder(cfg)
-            result = train_decoder_round(
-                config,
-                weights,
-                site_latents(config, ae_weights, ae_sha, cases, device),
-                cases,
-                steps=steps,
-                seed=seed,
-                proximal_mu=mu,
-                device=device,
-                optimizer_state=optimizer_state,
-            )
-        elif phase == "diffusion":
+            result = train_autoencoder_round(config, weights, cases, run)
+        elif phase in ("decoder", "diffusion"):
             ae_weights, ae_sha = _frozen_autoencoder(cfg)
             latents = site_latents(config, ae_weights, ae_sha, cases, device)
-            result = train_diffusion_round(
-                config,
-                weights,
-                latents,
-                cases,
-                scale_factor=float(cfg["scale-factor"]),
-                steps=steps,
-                seed=seed,
-                proximal_mu=mu,
-                device=device,
-                optimizer_state=optimizer_state,
-            )
+            if phase == "decoder":
+                result = train_decoder_round(config, weights, latents, cases, run)
+            else:
+                scale = float(cfg["scale-factor"])
+                result = train_diffusion_round(
+                    config, weights, latents, cases, run, scale_factor=scale
+                )
         else:
             raise SiteError(f"unknown phase {phase!r}")
     except SiteError as exc:

@@ -44,6 +44,7 @@ __all__ = [
     "PHASES",
     "SiteError",
     "RoundResult",
+    "LocalRun",
     "config_to_json",
     "config_from_json",
     "tensors_to_bytes",
@@ -226,42 +227,50 @@ class OptimizerStateStore:
             self._files()[old].unlink(missing_ok=True)
 
 
+@dataclass(frozen=True)
+class LocalRun:
+    """How one site's round runs: length, seed, FedProx strength, device, and where the
+    site keeps its optimiser state (store, server round) if it keeps it."""
+
+    steps: int
+    seed: int
+    proximal_mu: float = 0.0
+    device: torch.device | str = "cpu"
+    optimizer_state: tuple[OptimizerStateStore, int] | None = None
+
+
 def _local_training(
     model: nn.Module,
     weights: dict[str, torch.Tensor],
     what: str,
     cases: CaseSet,
-    *,
     train: TrainConfig,
     lr: float,
-    steps: int,
-    seed: int,
-    proximal_mu: float,
-    device: torch.device | str,
+    run: LocalRun,
     step: Callable[..., dict[str, float]],
-    optimizer_state: tuple[OptimizerStateStore, int] | None = None,
 ) -> RoundResult:
-    """Start ``model`` from the global ``weights`` and run ``steps`` of
+    """Start ``model`` from the global ``weights`` and run ``run.steps`` of
     ``step(optimizer, batch_index, generator, extra_loss)`` on class-balanced batches."""
     _load_weights(model, weights, what)
-    model.to(device)
-    generator = torch.Generator().manual_seed(seed)
+    model.to(run.device)
+    generator = torch.Generator().manual_seed(run.seed)
     sampler = BalancedSampler(cases.labels, balanced=train.balanced, generator=generator)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
-    if optimizer_state is not None:
-        store, server_round = optimizer_state
+    if run.optimizer_state is not None:
+        store, server_round = run.optimizer_state
         store.load_into(optimizer, server_round)
-    extra = _prox(model, proximal_mu)
+    extra = _prox(model, run.proximal_mu)
     losses = [
-        step(optimizer, sampler(train.batch_size), generator, extra)["loss"] for _ in range(steps)
+        step(optimizer, sampler(train.batch_size), generator, extra)["loss"]
+        for _ in range(run.steps)
     ]
-    if optimizer_state is not None and steps:
+    if run.optimizer_state is not None and run.steps:
         store.save(optimizer, server_round)
     return RoundResult(
         state={k: v.detach().cpu() for k, v in model.state_dict().items()},
         cases=len(cases),
         loss=float(sum(losses) / len(losses)) if losses else float("nan"),
-        steps=steps,
+        steps=run.steps,
     )
 
 
@@ -269,38 +278,21 @@ def train_autoencoder_round(
     config: SynthctConfig,
     weights: dict[str, torch.Tensor],
     cases: CaseSet,
-    *,
-    steps: int,
-    seed: int,
-    proximal_mu: float = 0.0,
-    device: torch.device | str = "cpu",
-    optimizer_state: tuple[OptimizerStateStore, int] | None = None,
+    run: LocalRun,
 ) -> RoundResult:
-    """``steps`` autoencoder steps from the global weights on this site's cases."""
+    """``run.steps`` autoencoder steps from the global weights on this site's cases."""
     ae = build_phase_model(config, "autoencoder")
-    torch.manual_seed(seed)  # the KL sampling noise inside AutoencoderKL
-
+    torch.manual_seed(run.seed)  # the KL sampling noise inside AutoencoderKL
     detail = detail_range(config.autoencoder, config.data.hu_window)
 
     def step(optimizer, idx, _generator, extra):
-        x = cases.images[idx].to(device)
+        x = cases.images[idx].to(run.device)
         return autoencoder_step(
             ae, optimizer, x, config.autoencoder, extra_loss=extra, detail=detail
         )
 
     return _local_training(
-        ae,
-        weights,
-        "autoencoder",
-        cases,
-        train=config.train,
-        lr=config.train.ae_lr,
-        steps=steps,
-        seed=seed,
-        proximal_mu=proximal_mu,
-        device=device,
-        step=step,
-        optimizer_state=optimizer_state,
+        ae, weights, "autoencoder", cases, config.train, config.train.ae_lr, run, step
     )
 
 
@@ -309,14 +301,9 @@ def train_decoder_round(
     weights: dict[str, torch.Tensor],
     latents: torch.Tensor,
     cases: CaseSet,
-    *,
-    steps: int,
-    seed: int,
-    proximal_mu: float = 0.0,
-    device: torch.device | str = "cpu",
-    optimizer_state: tuple[OptimizerStateStore, int] | None = None,
+    run: LocalRun,
 ) -> RoundResult:
-    """``steps`` decoder-only steps from the global decoder, decoding this site's unscaled
+    """``run.steps`` decoder-only steps from the global decoder, decoding this site's unscaled
     latents (under the frozen encoder) back to its cases."""
     decoder = build_phase_model(config, "decoder")
     detail = detail_range(config.autoencoder, config.data.hu_window)
@@ -325,26 +312,15 @@ def train_decoder_round(
         return decoder_step(
             decoder,
             optimizer,
-            latents[idx].to(device),
-            cases.images[idx].to(device),
+            latents[idx].to(run.device),
+            cases.images[idx].to(run.device),
             config.autoencoder,
             detail=detail,
             extra_loss=extra,
         )
 
     return _local_training(
-        decoder,
-        weights,
-        "decoder",
-        cases,
-        train=config.train,
-        lr=config.train.ae_lr,
-        steps=steps,
-        seed=seed,
-        proximal_mu=proximal_mu,
-        device=device,
-        step=step,
-        optimizer_state=optimizer_state,
+        decoder, weights, "decoder", cases, config.train, config.train.ae_lr, run, step
     )
 
 
@@ -389,25 +365,21 @@ def train_diffusion_round(
     weights: dict[str, torch.Tensor],
     latents: torch.Tensor,
     cases: CaseSet,
+    run: LocalRun,
     *,
     scale_factor: float,
-    steps: int,
-    seed: int,
-    proximal_mu: float = 0.0,
-    device: torch.device | str = "cpu",
-    optimizer_state: tuple[OptimizerStateStore, int] | None = None,
 ) -> RoundResult:
-    """``steps`` latent-diffusion steps from the global UNet on this site's scaled latents."""
+    """``run.steps`` latent-diffusion steps from the global UNet on this site's scaled latents."""
     unet = build_phase_model(config, "diffusion")
     scheduler = training_scheduler(config.diffusion)
-    z0 = (latents * scale_factor).to(device)
+    z0 = (latents * scale_factor).to(run.device)
 
     def step(optimizer, idx, generator, extra):
         return diffusion_step(
             unet,
             optimizer,
             z0[idx],
-            cases.labels[idx].to(device),
+            cases.labels[idx].to(run.device),
             scheduler,
             config.diffusion,
             null_class=config.labels.num_classes,
@@ -416,18 +388,7 @@ def train_diffusion_round(
         )
 
     return _local_training(
-        unet,
-        weights,
-        "unet",
-        cases,
-        train=config.train,
-        lr=config.train.diffusion_lr,
-        steps=steps,
-        seed=seed,
-        proximal_mu=proximal_mu,
-        device=device,
-        step=step,
-        optimizer_state=optimizer_state,
+        unet, weights, "unet", cases, config.train, config.train.diffusion_lr, run, step
     )
 
 

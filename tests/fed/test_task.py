@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from synthct.fed.task import (
+    LocalRun,
     OptimizerStateStore,
     SiteError,
     build_phase_model,
@@ -70,8 +71,8 @@ def test_round_seed_is_stable_and_distinct():
 def test_local_round_is_deterministic_and_moves_weights(smoke_config, smoke_sites):
     cases = load_site_cases(smoke_config, smoke_sites, "site_c")
     start = build_phase_model(smoke_config, "autoencoder").state_dict()
-    a = train_autoencoder_round(smoke_config, start, cases, steps=2, seed=7)
-    b = train_autoencoder_round(smoke_config, start, cases, steps=2, seed=7)
+    a = train_autoencoder_round(smoke_config, start, cases, LocalRun(steps=2, seed=7))
+    b = train_autoencoder_round(smoke_config, start, cases, LocalRun(steps=2, seed=7))
     assert a.cases == len(cases) and a.steps == 2 and a.loss > 0
     for k in start:
         assert torch.equal(a.state[k], b.state[k])
@@ -83,7 +84,9 @@ def test_fedprox_term_pulls_towards_the_global_weights(smoke_config, smoke_sites
     start = build_phase_model(smoke_config, "autoencoder").state_dict()
 
     def drift(mu: float) -> float:
-        out = train_autoencoder_round(smoke_config, start, cases, steps=3, seed=1, proximal_mu=mu)
+        out = train_autoencoder_round(
+            smoke_config, start, cases, LocalRun(steps=3, seed=1, proximal_mu=mu)
+        )
         return sum(float((out.state[k] - start[k]).pow(2).sum()) for k in start)
 
     assert drift(1e4) < drift(0.0)
@@ -139,12 +142,12 @@ def test_site_optimizer_state_carries_over_rounds(tmp_path, smoke_config, smoke_
 
     def round_(r: int, state=start):
         return train_autoencoder_round(
-            smoke_config, state, cases, steps=2, seed=r, optimizer_state=(store, r)
+            smoke_config, state, cases, LocalRun(steps=2, seed=r, optimizer_state=(store, r))
         )
 
     r1 = round_(1)
     assert sorted(p.name for p in store.root.iterdir()) == ["autoencoder-round0001.safetensors"]
-    fresh = train_autoencoder_round(smoke_config, r1.state, cases, steps=2, seed=2)
+    fresh = train_autoencoder_round(smoke_config, r1.state, cases, LocalRun(steps=2, seed=2))
     carried = round_(2, r1.state)
     assert any(not torch.equal(fresh.state[k], carried.state[k]) for k in start)
     again = round_(2, r1.state)  # a resumed round 2 loads round 1's moments again
