@@ -60,12 +60,19 @@ def main() -> None:
     report = generator_report(
         gen, reference, holdout, per_class=args.samples_per_class, device=device
     )
+    state = json.loads((run / "train_state" / "state.json").read_text())
+    steps = {"autoencoder": 0, "diffusion": 0}
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        steps[row["phase"]] = max(steps[row["phase"]], row["step"])
     result = {
         "date": time.strftime("%Y-%m-%d"),
         "device": str(device),
         "cores": os.cpu_count(),
         "budget_min": args.budget_min,
-        "train_wall_s": round(train_s, 1),
+        "train_wall_s": round(train_s, 1),  # this process, reference models included
+        "generator_train_min": round(state["wall_s"] / 60, 1),  # all sessions, generator only
+        "steps_done": steps,
         **report,
     }
     write_json(run / "bench_generator_quality.json", result, kind="bench-generator-quality")

@@ -76,6 +76,12 @@ class _State:
     def __init__(self, run: Path) -> None:
         self.dir = run / "train_state"
         self.phase, self.step = "autoencoder", 0
+        self.wall_s = 0.0  # generator training seconds so far, summed over resumed sessions
+        self._since = time.perf_counter()
+
+    def elapsed_s(self) -> float:
+        """Training wall seconds so far, this session's included (what a budget counts)."""
+        return self.wall_s + time.perf_counter() - self._since
 
     def save(
         self,
@@ -88,7 +94,12 @@ class _State:
             gen, run / "generator", extra={"trained": {"phase": self.phase, "step": self.step}}
         )
         tensors: dict[str, torch.Tensor] = {"rng": generator.get_state()}
-        meta: dict[str, Any] = {"phase": self.phase, "step": self.step, "optimizers": {}}
+        meta: dict[str, Any] = {
+            "phase": self.phase,
+            "step": self.step,
+            "wall_s": round(self.elapsed_s(), 3),
+            "optimizers": {},
+        }
         for name, opt in optimizers.items():
             t, m = optimizer_tensors(opt)
             tensors.update({f"{name}.{k}": v for k, v in t.items()})
@@ -109,6 +120,7 @@ class _State:
             if sub:
                 load_optimizer_tensors(opt, sub, meta["optimizers"][name])
         self.phase, self.step = meta["phase"], int(meta["step"])
+        self.wall_s, self._since = float(meta.get("wall_s", 0.0)), time.perf_counter()
 
 
 def ensure_reference(
@@ -148,7 +160,8 @@ def train_central(
     """Train reference models and the generator on the pooled ``train`` split.
 
     ``progress(phase, step, total, **metrics)`` is called every step. ``budget_min`` caps wall
-    time: half for the autoencoder, the rest for diffusion (steps not reached are skipped).
+    time (reference training excluded, resumed sessions summed): the autoencoder stops at half,
+    diffusion gets whatever is left (steps not reached are skipped).
     """
     run = Path(run)
     device = resolve_device(config.train.device)
@@ -174,7 +187,6 @@ def train_central(
     metrics_path = run / "metrics.jsonl"
 
     if state.phase == "autoencoder":
-        start = time.perf_counter()
         total = config.train.ae_steps
         detail = detail_range(config.autoencoder, config.data.hu_window)
         while state.step < total:
@@ -192,7 +204,7 @@ def train_central(
                 progress("autoencoder", state.step, total, loss=parts["loss"])
             if state.step % every == 0:
                 state.save(gen, optimizers, generator, run)
-            if budget_s and time.perf_counter() - start > budget_s / 2:
+            if budget_s and state.elapsed_s() > budget_s / 2:
                 logger.info("autoencoder budget reached at step %d", state.step)
                 break
         state.phase, state.step = "diffusion", 0
@@ -205,7 +217,6 @@ def train_central(
     scheduler = training_scheduler(config.diffusion)
     latents = raw_latents * gen.scale_factor
     ema = EMA(gen.unet, config.diffusion.ema_decay, target=gen.ema)
-    start = time.perf_counter()
     total = config.train.diffusion_steps
     while state.step < total:
         idx = sampler(bs)
@@ -226,7 +237,7 @@ def train_central(
             progress("diffusion", state.step, total, loss=parts["loss"])
         if state.step % every == 0:
             state.save(gen, optimizers, generator, run)
-        if budget_s and time.perf_counter() - start > budget_s / 2:
+        if budget_s and state.elapsed_s() > budget_s:
             logger.info("diffusion budget reached at step %d", state.step)
             break
     state.phase = "done" if state.step >= total else "diffusion"

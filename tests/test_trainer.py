@@ -31,6 +31,20 @@ def test_resume_equals_uninterrupted(tmp_path, smoke_config, smoke_sites):
 
 
 @pytest.mark.slow
+def test_budget_stops_each_phase_and_resumed_sessions_add_up(tmp_path, smoke_config, smoke_sites):
+    run = tmp_path / "run"
+    train_central(smoke_config, smoke_sites, run, budget_min=1e-6)  # spent after one step
+    steps = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [(x["phase"], x["step"]) for x in steps] == [("autoencoder", 1), ("diffusion", 1)]
+    first = json.loads((run / "train_state" / "state.json").read_text())
+    assert first["phase"] == "diffusion" and first["wall_s"] > 0
+    train_central(smoke_config, smoke_sites, run, resume=True)  # no budget: runs to the end
+    done = json.loads((run / "train_state" / "state.json").read_text())
+    assert done["phase"] == "done" and done["step"] == smoke_config.train.diffusion_steps
+    assert done["wall_s"] > first["wall_s"]
+
+
+@pytest.mark.slow
 def test_cli_train_and_sample(tmp_path, smoke_sites):
     smoke = str(packaged_config_path("smoke"))
     run = tmp_path / "run"
