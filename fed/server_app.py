@@ -123,6 +123,8 @@ class _RunState:
         self.phase, self.round = PHASES[0], 0
         self.scale_factor: float | None = None
         self.accountant: dict[str, Any] | None = None
+        # optimiser steps in the server EMA (its warm-up); None: a fine-tuned, trained EMA
+        self.ema_steps: int | None = 0
 
     @property
     def exists(self) -> bool:
@@ -133,6 +135,7 @@ class _RunState:
         self.phase, self.round = data["phase"], int(data["round"])
         self.scale_factor = data.get("scale_factor")
         self.accountant = data.get("accountant")
+        self.ema_steps = data.get("ema_steps")  # absent: a run from before the warm-up
 
     def save(self) -> None:
         write_json(
@@ -142,6 +145,7 @@ class _RunState:
                 "round": self.round,
                 "scale_factor": self.scale_factor,
                 "accountant": self.accountant,
+                "ema_steps": self.ema_steps,
             },
             kind="federated-state",
         )
@@ -250,6 +254,7 @@ class _Driver:
                         f"config: {mismatch}"
                     )
                 gen.config = config  # the run's schedule, same networks
+                state.ema_steps = None  # continue its trained EMA: no warm-up
                 if config.federated.ae_rounds == 0:  # frozen autoencoder: keep its scale factor
                     state.scale_factor = gen.scale_factor
             else:
@@ -310,9 +315,9 @@ class _Driver:
         if accountant is not None and state.accountant:
             accountant.load_state_dict(state.accountant)
         ema = None
+        steps = config.federated.local_steps_diffusion
         if phase == "diffusion":
-            steps = config.federated.local_steps_diffusion
-            ema = EMA(gen.unet, config.diffusion.ema_decay**steps, target=gen.ema)
+            ema = EMA(gen.unet, config.diffusion.ema_decay, target=gen.ema, step=state.ema_steps)
         for server_round in range(state.round + 1, total + 1):
             if self._should_stop():
                 self.job.stopped_early = True
@@ -320,7 +325,8 @@ class _Driver:
                 return False
             record = self._one_round(gen, model, strategy, phase, server_round)
             if record["aggregated"] and ema is not None:
-                ema.update(gen.unet)
+                ema.update(gen.unet, steps)  # one round = local_steps optimiser steps
+                state.ema_steps = ema.step
             if phase == "diffusion" and config.federated.privacy.enabled:
                 dp: dict[str, Any] = {
                     "epsilon": None,  # Flower's accountant supports FedAvg only

@@ -216,7 +216,8 @@ def train_central(
 
     scheduler = training_scheduler(config.diffusion)
     latents = raw_latents * gen.scale_factor
-    ema = EMA(gen.unet, config.diffusion.ema_decay, target=gen.ema)
+    # the EMA has averaged state.step steps so far (its warm-up resumes where it stopped)
+    ema = EMA(gen.unet, config.diffusion.ema_decay, target=gen.ema, step=state.step)
     total = config.train.diffusion_steps
     while state.step < total:
         idx = sampler(bs)

@@ -20,6 +20,7 @@ __all__ = [
     "autocast",
     "BalancedSampler",
     "EMA",
+    "ema_decay_at",
     "autoencoder_loss",
     "autoencoder_step",
     "detail_range",
@@ -76,20 +77,54 @@ class BalancedSampler:
         return out
 
 
-class EMA:
-    """Exponential moving average of a model's parameters (the weights we sample with)."""
+def ema_decay_at(decay: float, step: int) -> float:
+    """EMA decay for the ``step``-th averaged optimiser step (1-based), with diffusers'
+    ``EMAModel`` warm-up ``min(decay, (1 + n) / (10 + n))``, ``n = step - 1``: the first step
+    copies the weights and early steps forget the random start quickly, so a short run's EMA
+    is not mostly its initialisation (0.999 alone keeps 37 % of it after 1000 steps)."""
+    n = step - 1
+    return 0.0 if n <= 0 else min(decay, (1 + n) / (10 + n))
 
-    def __init__(self, model: nn.Module, decay: float, *, target: nn.Module | None = None) -> None:
+
+class EMA:
+    """Exponential moving average of a model's parameters (the weights we sample with).
+
+    ``step`` counts the optimiser steps averaged so far (restored on resume). ``step=None``
+    turns the warm-up off: the target is already a trained EMA being continued or fine-tuned,
+    so restarting the warm-up would throw its average away.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        decay: float,
+        *,
+        target: nn.Module | None = None,
+        step: int | None = 0,
+    ) -> None:
         """Average into ``target`` (same architecture) or into a fresh copy of ``model``."""
         self.decay = decay
+        self.step = step
         self.model = (
             (target if target is not None else copy.deepcopy(model)).eval().requires_grad_(False)
         )
 
+    def _decay_over(self, steps: int) -> float:
+        if self.step is None:
+            return self.decay**steps
+        product = 1.0
+        for i in range(1, steps + 1):
+            product *= ema_decay_at(self.decay, self.step + i)
+        self.step += steps
+        return product
+
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
+    def update(self, model: nn.Module, steps: int = 1) -> None:
+        """Fold in ``model`` as it stands after ``steps`` optimiser steps (a federated round's
+        aggregate: the per-step decays multiplied, as if averaged step by step)."""
+        decay = self._decay_over(steps)
         for ema_p, p in zip(self.model.parameters(), model.parameters(), strict=True):
-            ema_p.lerp_(p.detach(), 1.0 - self.decay)
+            ema_p.lerp_(p.detach(), 1.0 - decay)
         for ema_b, b in zip(self.model.buffers(), model.buffers(), strict=True):
             ema_b.copy_(b)
 

@@ -15,6 +15,7 @@ from synthct.training import (
     decoder_step,
     detail_range,
     diffusion_step,
+    ema_decay_at,
     encode_latents,
     latent_scale_factor,
     proximal_term,
@@ -66,12 +67,33 @@ def test_steps_reduce_loss_on_a_fixed_batch(smoke_config):
 
 def test_ema_moves_towards_weights():
     model = torch.nn.Linear(2, 1)
-    ema = EMA(model, decay=0.5)
+    ema = EMA(model, decay=0.5, step=None)  # no warm-up: a trained EMA being continued
     before = ema.model.weight.clone()
     with torch.no_grad():
         model.weight.add_(1.0)
     ema.update(model)
     assert torch.allclose(ema.model.weight, before + 0.5)
+
+
+def test_ema_warm_up_copies_first_then_follows_diffusers_schedule():
+    assert ema_decay_at(0.999, 1) == 0.0
+    assert ema_decay_at(0.999, 2) == pytest.approx(2 / 11)
+    assert ema_decay_at(0.999, 100_000) == 0.999
+    model = torch.nn.Linear(2, 1)
+    ema = EMA(model, decay=0.999)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.update(model)  # first step: the EMA is the model
+    assert torch.equal(ema.model.weight, model.weight)
+    # a round of k steps folds in like k single steps towards the same weights
+    one, many = EMA(model, 0.999, step=5), EMA(model, 0.999, step=5)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    for _ in range(3):
+        one.update(model)
+    many.update(model, steps=3)
+    assert one.step == many.step == 8
+    assert torch.allclose(one.model.weight, many.model.weight, atol=1e-6)
 
 
 def test_proximal_term_is_half_mu_squared_distance():
