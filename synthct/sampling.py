@@ -20,7 +20,7 @@ from torch import nn
 
 from synthct.checkpoint import Generator
 from synthct.data.preprocess import model_to_hu
-from synthct.models.schedulers import sampling_scheduler
+from synthct.models.schedulers import sampling_scheduler, set_timesteps
 
 __all__ = ["sample_latents", "decode_latents", "sample_volumes", "labels_to_indices"]
 
@@ -63,7 +63,7 @@ def sample_latents(
 ) -> torch.Tensor:
     """Run the reverse process for ``len(class_labels)`` latents (scaled space)."""
     n = len(class_labels)
-    scheduler.set_timesteps(steps, device=device)
+    set_timesteps(scheduler, steps, device)
     z = torch.randn((n, *latent_shape), generator=generator).to(device) * scheduler.init_noise_sigma
     cond = class_labels.to(device)
     null = torch.full_like(cond, null_class)

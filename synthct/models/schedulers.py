@@ -6,8 +6,11 @@ them. ``clip_sample``/``thresholding`` are off: latents are not bounded to [-1, 
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from collections.abc import Iterator
 
+import torch
 from diffusers import (
     DDIMScheduler,
     DDPMScheduler,
@@ -18,7 +21,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from synthct.config import DiffusionConfig
 
-__all__ = ["SAMPLERS", "training_scheduler", "sampling_scheduler"]
+__all__ = ["SAMPLERS", "training_scheduler", "sampling_scheduler", "set_timesteps"]
 
 SAMPLERS = ("dpmpp", "unipc", "ddim", "ddpm")
 
@@ -38,11 +41,28 @@ def training_scheduler(cfg: DiffusionConfig) -> DDPMScheduler:
     return DDPMScheduler(**_common(cfg), clip_sample=False)
 
 
+@contextlib.contextmanager
+def _without_numpy2_copy_notice() -> Iterator[None]:
+    """diffusers' solvers call ``np.array`` on torch tensors in ``__init__`` and
+    ``set_timesteps``; numpy 2 then warns that ``Tensor.__array__`` lacks ``copy=`` (harmless:
+    the array is copied anyway). Silence that one notice, nothing else."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message=r"__array__ implementation doesn't accept a copy keyword"
+        )
+        yield
+
+
 def sampling_scheduler(cfg: DiffusionConfig, sampler: str) -> SchedulerMixin:
     """A reverse-process solver: ``dpmpp`` (DPM-Solver++ 2M), ``unipc``, ``ddim`` or ``ddpm``."""
-    with warnings.catch_warnings():  # numpy-2 copy-keyword notice inside diffusers' __init__
-        warnings.simplefilter("ignore", DeprecationWarning)
+    with _without_numpy2_copy_notice():
         return _sampling_scheduler(cfg, sampler)
+
+
+def set_timesteps(scheduler: SchedulerMixin, steps: int, device: torch.device | str) -> None:
+    """``scheduler.set_timesteps`` without diffusers' numpy-2 notice (once per batch)."""
+    with _without_numpy2_copy_notice():
+        scheduler.set_timesteps(steps, device=device)
 
 
 def _sampling_scheduler(cfg: DiffusionConfig, sampler: str) -> SchedulerMixin:

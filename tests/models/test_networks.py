@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
 from synthct.models.autoencoder import build_autoencoder
-from synthct.models.schedulers import sampling_scheduler, training_scheduler
+from synthct.models.schedulers import sampling_scheduler, set_timesteps, training_scheduler
 from synthct.models.unet import build_unet, num_class_embeds
 
 
@@ -37,3 +39,14 @@ def test_samplers_share_training_betas(smoke_config, sampler):
 def test_unknown_sampler(smoke_config):
     with pytest.raises(ValueError, match="sampler must be one of"):
         sampling_scheduler(smoke_config.diffusion, "euler")
+
+
+@pytest.mark.parametrize("sampler", ["dpmpp", "unipc", "ddim", "ddpm"])
+def test_samplers_do_not_print_numpy2_notices(smoke_config, sampler):
+    # diffusers' np.array(tensor) warned ~20 times in a demo log; nothing may reach the user
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        scheduler = sampling_scheduler(smoke_config.diffusion, sampler)
+        set_timesteps(scheduler, 15, "cpu")
+    assert len(scheduler.timesteps) == 15
+    assert [str(w.message) for w in caught] == []
