@@ -109,7 +109,8 @@ class EMA:
             (target if target is not None else copy.deepcopy(model)).eval().requires_grad_(False)
         )
 
-    def _decay_over(self, steps: int) -> float:
+    def _advance(self, steps: int) -> float:
+        """Count ``steps`` more averaged steps; the decay that folds them in at once."""
         if self.step is None:
             return self.decay**steps
         product = 1.0
@@ -122,7 +123,7 @@ class EMA:
     def update(self, model: nn.Module, steps: int = 1) -> None:
         """Fold in ``model`` as it stands after ``steps`` optimiser steps (a federated round's
         aggregate: the per-step decays multiplied, as if averaged step by step)."""
-        decay = self._decay_over(steps)
+        decay = self._advance(steps)
         for ema_p, p in zip(self.model.parameters(), model.parameters(), strict=True):
             ema_p.lerp_(p.detach(), 1.0 - decay)
         for ema_b, b in zip(self.model.buffers(), model.buffers(), strict=True):
