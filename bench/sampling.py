@@ -123,7 +123,7 @@ def _arm(args: argparse.Namespace) -> dict:
                     sampler,
                     lab,
                     latent_shape=config.latent_shape,
-                    null_class=gen.null_class,
+                    conditioning=gen.conditioning,
                     guidance=guidance,
                     steps=config.sampling.steps,
                     generator=generator,

@@ -65,7 +65,11 @@ def fresh_real_cohort(
         for _ in range(n):
             site = config.site(names[k % len(names)])
             hu, spacing = render_phantom(
-                np.random.default_rng([seed, k, 104729]), label, site, config.data.shape
+                np.random.default_rng([seed, k, 104729]),
+                label,
+                site,
+                config.data.shape,
+                config.data.lesions,
             )
             volumes.append(hu)
             labels.append(label)

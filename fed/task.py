@@ -28,7 +28,7 @@ from synthct.data.dataset import CaseSet, load_cases
 from synthct.fed.errors import SiteError
 from synthct.models.autoencoder import build_autoencoder
 from synthct.models.schedulers import training_scheduler
-from synthct.models.unet import build_unet
+from synthct.models.unet import build_unet, conditioning_for
 from synthct.training import (
     BalancedSampler,
     LatentDecoder,
@@ -147,6 +147,7 @@ def build_phase_model(config: SynthctConfig, phase: str) -> nn.Module:
             config.unet,
             latent_channels=config.autoencoder.latent_channels,
             num_classes=config.labels.num_classes,
+            num_sites=len(config.site_names),
         )
     raise SiteError(f"unknown phase {phase!r} (expected one of {PHASES})")
 
@@ -373,6 +374,8 @@ def train_diffusion_round(
     unet = build_phase_model(config, "diffusion")
     scheduler = training_scheduler(config.diffusion)
     z0 = (latents * scale_factor).to(run.device)
+    conditioning = conditioning_for(config)
+    sites = conditioning.site_indices(cases.sites)
 
     def step(optimizer, idx, generator, extra):
         return diffusion_step(
@@ -382,7 +385,8 @@ def train_diffusion_round(
             cases.labels[idx].to(run.device),
             scheduler,
             config.diffusion,
-            null_class=config.labels.num_classes,
+            conditioning=conditioning,
+            sites=None if sites is None else sites[idx],
             generator=generator,
             extra_loss=extra,
         )

@@ -20,7 +20,8 @@ from torch import nn
 from synthct.artifacts import atomic_path, read_json, sha256_file, write_json
 from synthct.config import SynthctConfig, config_from_dict
 from synthct.models.autoencoder import build_autoencoder
-from synthct.models.unet import build_unet
+from synthct.models.conditioning import Conditioning
+from synthct.models.unet import build_unet, conditioning_for
 
 __all__ = [
     "CheckpointError",
@@ -60,6 +61,11 @@ class Generator:
     def null_class(self) -> int:
         return self.config.labels.num_classes
 
+    @property
+    def conditioning(self) -> Conditioning:
+        """Class (and site) names -> the UNet's conditioning indices."""
+        return conditioning_for(self.config)
+
     def to(self, device: torch.device | str) -> Generator:
         for m in (self.autoencoder, self.unet, self.ema):
             m.to(device)
@@ -75,11 +81,13 @@ def build_generator(config: SynthctConfig, *, seed: int | None = None) -> Genera
         config.unet,
         latent_channels=config.autoencoder.latent_channels,
         num_classes=config.labels.num_classes,
+        num_sites=len(config.site_names),
     )
     ema = build_unet(
         config.unet,
         latent_channels=config.autoencoder.latent_channels,
         num_classes=config.labels.num_classes,
+        num_sites=len(config.site_names),
     )
     ema.load_state_dict(unet.state_dict())
     ema.eval().requires_grad_(False)

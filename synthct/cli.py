@@ -149,7 +149,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     from synthct.checkpoint import load_generator
     from synthct.data.volume_io import write_nifti
-    from synthct.sampling import labels_to_indices, sample_volumes
+    from synthct.sampling import labels_to_indices, sample_volumes, sites_to_indices
     from synthct.training import resolve_device
 
     device = resolve_device(args.device)
@@ -158,7 +158,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     gen, denoiser, _note = _with_plugins(gen, gen_dir, args)
     try:
         labels = labels_to_indices(gen, [args.label] * args.n)
-    except ValueError as exc:
+        sites = sites_to_indices(gen, [args.site] * args.n)
+    except (ValueError, KeyError) as exc:
         print(f"synthct: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     volumes = sample_volumes(
@@ -170,6 +171,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         generator=torch.Generator().manual_seed(args.seed),
         device=device,
         denoiser=denoiser,
+        sites=sites,
     )
     out = Path(args.out)
     for i, vol in enumerate(volumes):
@@ -492,6 +494,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample", help="sample class-conditional volumes from a trained run")
     p.add_argument("--run", required=True)
     p.add_argument("--label", required=True, help="class name from the vocabulary")
+    p.add_argument(
+        "--site",
+        default=None,
+        help="render in this site's scanner style (site-conditioned generators; default: "
+        "site-agnostic)",
+    )
     p.add_argument("--n", type=int, default=8)
     p.add_argument("--out", required=True)
     p.add_argument("--sampler", choices=["dpmpp", "unipc", "ddim", "ddpm"], default=None)

@@ -1,9 +1,10 @@
 """Class-balanced synthetic cohorts: plan what each class (and site) lacks, sample it, write it.
 
 A cohort is a folder: ``cases/<site>/<label>/<case_id>.nii.gz``, ``manifest.csv``
-(``path,label,site,split,source,seed,sampler,steps,guidance``; ``site`` is the site a case is
-meant for, ``pooled`` when it is meant for everyone, ``split`` is ``train`` because synthetic
-cases only ever train) and ``cohort.json`` (plan, generator sha256, versions). The plan is
+(``path,label,site,split,source,seed,sampler,steps,guidance,site_condition``; ``site`` is the
+site a case is meant for, ``pooled`` when it is meant for everyone, ``site_condition`` the site
+a site-conditioned generator was asked to render it for (``null``: site-agnostic, ``none``: a
+class-only generator), ``split`` is ``train`` because synthetic cases only ever train) and ``cohort.json`` (plan, generator sha256, versions). The plan is
 fixed when the cohort starts; a rerun generates only cases that are not yet on disk, so an
 interrupted cohort resumes without redoing or duplicating anything.
 """
@@ -24,7 +25,8 @@ from synthct.checkpoint import Generator, generator_sha256
 from synthct.config import SynthctConfig
 from synthct.data.manifest import ManifestError, ManifestRow, read_manifest, write_manifest
 from synthct.data.volume_io import write_nifti
-from synthct.sampling import labels_to_indices, sample_volumes
+from synthct.models.conditioning import UnknownSiteError
+from synthct.sampling import labels_to_indices, sample_volumes, sites_to_indices
 
 __all__ = [
     "POOLED",
@@ -172,6 +174,11 @@ def generate_cohort(
     sampler, steps = sampler or cfg.sampler, steps or cfg.steps
     guidance = cfg.guidance if guidance is None else guidance
     labels_to_indices(gen, sorted({c.label for c in plan}))  # unknown classes fail first
+    try:  # and unknown sites, naming the ones the generator knows
+        sites_to_indices(gen, sorted({c.site for c in plan}))
+    except UnknownSiteError as exc:
+        raise CohortError(str(exc)) from None
+    conditioned = gen.conditioning.site_conditioned
     source = generator_sha256(generator_dir) + (f"+{plugins}" if plugins else "")
     settings = {
         "format": COHORT_FORMAT,
@@ -203,6 +210,7 @@ def generate_cohort(
             generator=torch.Generator().manual_seed(batch_seed),
             device=device,
             denoiser=denoiser,
+            sites=sites_to_indices(gen, [c.site for c in batch]),
         )
         for case, volume in zip(batch, volumes, strict=True):
             path = _case_path(case)
@@ -213,6 +221,9 @@ def generate_cohort(
                 "sampler": sampler,
                 "steps": str(steps),
                 "guidance": f"{guidance:g}",
+                "site_condition": (
+                    ("null" if case.site == POOLED else case.site) if conditioned else "none"
+                ),
             }
             rows.append(ManifestRow(path, case.label, case.site, "train", extra))
         write_manifest(out / "manifest.csv", _in_plan_order(rows, plan))

@@ -21,6 +21,7 @@ __all__ = [
     "LabelConfig",
     "SiteProfile",
     "SplitFractions",
+    "LesionProfile",
     "DataConfig",
     "AutoencoderConfig",
     "UNetConfig",
@@ -105,11 +106,14 @@ class SiteProfile(_Strict):
 
 
 class SplitFractions(_Strict):
-    """The one split contract: train (learn), holdout (gate compares), test (downstream)."""
+    """The one split contract: train (learn), holdout (gate compares), test (downstream).
+
+    ``test`` may be 0 when the test split is a separate balanced set (``data.test_per_class``).
+    """
 
     train: float = Field(default=0.6, gt=0, lt=1)
     holdout: float = Field(default=0.2, gt=0, lt=1)
-    test: float = Field(default=0.2, gt=0, lt=1)
+    test: float = Field(default=0.2, ge=0, lt=1)
 
     @model_validator(mode="after")
     def _sums_to_one(self) -> SplitFractions:
@@ -119,14 +123,60 @@ class SplitFractions(_Strict):
         return self
 
 
+def _ordered(name: str, v: tuple[float, float]) -> tuple[float, float]:
+    if not v[0] <= v[1]:
+        raise ValueError(f"{name} must be [low, high] with low <= high, got {list(v)}")
+    return v
+
+
+class LesionProfile(_Strict):
+    """How visible each phantom lesion is: the difficulty of the phantom benchmark.
+
+    Each pair is a ``[low, high]`` range a case draws from uniformly. The defaults are the
+    original, easy phantoms (a converged classifier scores 1.0); ``configs/demo.yaml`` sets
+    subtler lesions so a real-only classifier has room to gain (see docs/benchmarks.md).
+    """
+
+    nodule_radius_mm: tuple[PositiveFloat, PositiveFloat] = (33.0, 37.0)
+    nodule_hu: tuple[float, float] = (25.0, 60.0)
+    ground_glass_radius_mm: tuple[PositiveFloat, PositiveFloat] = (48.0, 62.0)
+    ground_glass_hu: tuple[float, float] = Field(
+        default=(-600.0, -430.0), description="target HU of the haze centre (lung is -860)"
+    )
+    consolidation_cut: tuple[float, float] = Field(
+        default=(-0.15, 0.15),
+        description="the dense region is where the dependent-lung coordinate exceeds the cut "
+        "(higher = a smaller region; about -0.15 is half a lung)",
+    )
+
+    @field_validator(
+        "nodule_radius_mm",
+        "nodule_hu",
+        "ground_glass_radius_mm",
+        "ground_glass_hu",
+        "consolidation_cut",
+    )
+    @classmethod
+    def _low_high(cls, v: tuple[float, float], info) -> tuple[float, float]:
+        return _ordered(info.field_name, v)
+
+
 class DataConfig(_Strict):
-    """Geometry of model input and the sites. Spatial axes are RAS voxel order (x, y, z)."""
+    """Geometry of model input and the sites. Spatial axes are RAS voxel order (x, y, z).
+
+    ``test_per_class`` > 0 gives every site a balanced ``test`` split of that many phantoms per
+    class (also of classes the site never has in ``train``), rendered apart from ``counts``,
+    which then fill ``train`` and ``holdout`` only (``splits.test`` must be 0): rare-class
+    recall per site needs more than the one or two rare test cases a fraction leaves.
+    """
 
     shape: tuple[int, int, int] = (32, 32, 32)
     spacing_mm: tuple[PositiveFloat, PositiveFloat, PositiveFloat] = (11.0, 11.0, 10.0)
     hu_window: tuple[float, float] = (-1024.0, 1024.0)
     roi: Literal["none", "lung"] = "none"
     splits: SplitFractions = SplitFractions()
+    test_per_class: int = Field(default=0, ge=0, le=1000)
+    lesions: LesionProfile = LesionProfile()
     sites: list[SiteProfile] = Field(min_length=1)
 
     @field_validator("shape")
@@ -143,6 +193,16 @@ class DataConfig(_Strict):
         if v[0] >= v[1]:
             raise ValueError(f"hu_window must be (low, high) with low < high, got {list(v)}")
         return v
+
+    @model_validator(mode="after")
+    def _one_test_source(self) -> DataConfig:
+        if self.test_per_class > 0 and self.splits.test > 0:
+            raise ValueError(
+                "splits.test must be 0 when test_per_class > 0 (the balanced set is the test split)"
+            )
+        if self.test_per_class == 0 and self.splits.test == 0:
+            raise ValueError("no test split: set splits.test > 0 or test_per_class > 0")
+        return self
 
     @model_validator(mode="after")
     def _unique_sites(self) -> DataConfig:
@@ -218,6 +278,14 @@ class UNetConfig(_Strict):
     spare_class_slots: int = Field(
         default=1, ge=0, description="embeddings reserved for new classes"
     )
+    site_conditioning: bool = Field(
+        default=False,
+        description="condition on the site (scanner) beside the class: a class embedding and a "
+        "site embedding, summed, each with a null entry (data.sites is the site vocabulary)",
+    )
+    spare_site_slots: int = Field(
+        default=1, ge=0, description="site embeddings reserved for sites that join later"
+    )
 
     @model_validator(mode="after")
     def _levels_match(self) -> UNetConfig:
@@ -235,6 +303,13 @@ class DiffusionConfig(_Strict):
     beta_end: float = Field(default=0.0195, gt=0, lt=1)
     prediction_type: Literal["epsilon", "v_prediction"] = "v_prediction"
     p_uncond: float = Field(default=0.15, ge=0, lt=1, description="label dropout for CFG")
+    p_site_uncond: float = Field(
+        default=0.15,
+        ge=0,
+        lt=1,
+        description="site dropout (site-conditioned UNets): teaches "
+        "the null site, used for site-agnostic cases and sites the generator never saw",
+    )
     ema_decay: float = Field(default=0.999, ge=0, lt=1)
 
 
@@ -330,7 +405,10 @@ class FederatedConfig(_Strict):
 
 class DownstreamConfig(_Strict):
     """The downstream classifier (a small MONAI ``Classifier``) and how it is trained: centrally
-    for ``epochs``, or federatedly (FedAvg) for ``rounds`` of ``local_epochs`` per site."""
+    for at most ``epochs``, or federatedly (FedAvg) for at most ``rounds`` of ``local_epochs``
+    per site. Every arm stops when its ``holdout`` balanced accuracy (ties: holdout loss) has
+    not improved for ``patience`` epochs or rounds and keeps its best checkpoint, so an arm is
+    judged converged, not after an arbitrary budget (``patience: 0`` trains the full budget)."""
 
     channels: list[int] = Field(default_factory=lambda: [8, 16, 32])
     strides: list[int] = Field(default_factory=lambda: [2, 2, 2])
@@ -338,6 +416,12 @@ class DownstreamConfig(_Strict):
     epochs: int = Field(default=30, ge=1)
     rounds: int = Field(default=10, ge=1)
     local_epochs: int = Field(default=3, ge=1)
+    patience: int = Field(
+        default=8,
+        ge=0,
+        description="epochs (central, local) or rounds (federated) without a "
+        "holdout improvement before stopping; 0 = no early stopping",
+    )
     batch_size: int = Field(default=8, ge=1)
     lr: float = Field(default=1e-3, gt=0)
     balanced: bool = Field(
@@ -427,6 +511,8 @@ class SynthctConfig(_Strict):
                 return f"the {section!r} sections differ"
         if self.data.shape != other.data.shape:
             return f"volume shape {other.data.shape} != {self.data.shape}"
+        if self.unet.site_conditioning and self.site_names != other.site_names:
+            return f"site vocabulary {other.site_names} != {self.site_names}"
         return None
 
     def site(self, name: str) -> SiteProfile:

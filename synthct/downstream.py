@@ -37,6 +37,11 @@ __all__ = [
     "load_cohort_for",
     "check_cohort_gate",
     "ArmResult",
+    "EarlyStopping",
+    "train_converged",
+    "holdout_score",
+    "score_from_counts",
+    "class_counts",
     "join",
     "run_downstream",
     "downstream_table",
@@ -72,28 +77,134 @@ def train_epochs(
 ) -> float:
     """``epochs`` passes over ``cases`` (augmented; class-balanced only if configured); returns
     the mean loss of the last epoch. A fresh AdamW each call (a federated round)."""
-    d = config.downstream
-    generator = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=d.lr, weight_decay=1e-4)
-    sampler = BalancedSampler(cases.labels, balanced=d.balanced, generator=generator)
-    steps = max(len(cases) // d.batch_size, 1)
-    model.train()
-    losses: list[float] = []
+    loop = _EpochLoop(model, cases, config, seed)
+    loss = float("nan")
     for epoch in range(epochs):
-        losses = []
-        for _ in range(steps):
-            idx = sampler(d.batch_size)
-            x = augment(cases.images[idx], generator)
-            loss = F.cross_entropy(model(x), cases.labels[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
+        loss = loop.epoch()
         if progress is not None:
             progress(epoch + 1, epochs)
     model.eval()
-    return float(np.mean(losses)) if losses else float("nan")
+    return loss
+
+
+class _EpochLoop:
+    """One optimiser and sampler over ``cases``; ``epoch()`` makes one pass."""
+
+    def __init__(self, model: nn.Module, cases: CaseSet, config: SynthctConfig, seed: int) -> None:
+        d = config.downstream
+        self.model, self.cases, self.batch_size = model, cases, d.batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+        torch.manual_seed(seed)
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=d.lr, weight_decay=1e-4)
+        self.sampler = BalancedSampler(cases.labels, balanced=d.balanced, generator=self.generator)
+        self.steps = max(len(cases) // d.batch_size, 1)
+
+    def epoch(self) -> float:
+        self.model.train()
+        losses = []
+        for _ in range(self.steps):
+            idx = self.sampler(self.batch_size)
+            x = augment(self.cases.images[idx], self.generator)
+            loss = F.cross_entropy(self.model(x), self.cases.labels[idx])
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            losses.append(loss.item())
+        self.model.eval()
+        return float(np.mean(losses))
+
+
+def holdout_score(model: nn.Module, holdout: CaseSet, num_classes: int) -> tuple[float, float]:
+    """``(balanced accuracy, -loss)`` on ``holdout``: what early stopping maximises (the
+    balanced accuracy first; the loss breaks the ties a small holdout makes common)."""
+    probs = predict(model, holdout.images)
+    labels = holdout.labels.numpy()
+    return score_from_counts(*class_counts(probs, labels, num_classes))
+
+
+def class_counts(
+    probs: np.ndarray, labels: np.ndarray, num_classes: int
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """Per-class correct and total counts and the summed cross-entropy (sufficient
+    statistics: sites can send them and the server pools them exactly)."""
+    pred = probs.argmax(1)
+    correct = np.bincount(labels[pred == labels], minlength=num_classes).astype(float)
+    total = np.bincount(labels, minlength=num_classes).astype(float)
+    nll = float(-np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None)).sum())
+    return correct, total, nll
+
+
+def score_from_counts(correct: np.ndarray, total: np.ndarray, nll: float) -> tuple[float, float]:
+    """``(balanced accuracy over the classes present, -mean loss)`` from pooled counts."""
+    present = total > 0
+    if not present.any():
+        return float("nan"), float("nan")
+    return float((correct[present] / total[present]).mean()), -nll / float(total.sum())
+
+
+class EarlyStopping:
+    """Keep the best state by holdout score; ``stop`` after ``patience`` checks without
+    improvement (``patience`` 0: never stop early, still keep the best)."""
+
+    def __init__(self, patience: int) -> None:
+        self.patience = patience
+        self.best: tuple[float, float] | None = None
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.best_at = 0
+        self.checks = 0
+        self.since_best = 0
+
+    def update(self, score: tuple[float, float], state: dict[str, torch.Tensor]) -> bool:
+        """Record a check; True if it is the best so far."""
+        self.checks += 1
+        if self.best is None or score > self.best:
+            self.best, self.best_at, self.since_best = score, self.checks, 0
+            self.best_state = {k: v.detach().clone() for k, v in state.items()}
+            return True
+        self.since_best += 1
+        return False
+
+    @property
+    def stop(self) -> bool:
+        return self.patience > 0 and self.since_best >= self.patience
+
+    def summary(self) -> dict[str, Any]:
+        bal, neg_loss = self.best if self.best is not None else (float("nan"), float("nan"))
+        return {
+            "best_at": self.best_at,
+            "checks": self.checks,
+            "holdout_balanced_accuracy": bal,
+            "holdout_loss": -neg_loss,
+        }
+
+
+def train_converged(
+    model: nn.Module,
+    cases: CaseSet,
+    holdout: CaseSet,
+    config: SynthctConfig,
+    *,
+    seed: int,
+) -> dict[str, Any]:
+    """Train for at most ``downstream.epochs`` epochs, stop when the holdout score has not
+    improved for ``downstream.patience`` epochs, and leave ``model`` at its best epoch.
+    Returns where it stopped and the best holdout score (the test split is never looked at)."""
+    d = config.downstream
+    loop = _EpochLoop(model, cases, config, seed)
+    stopper = EarlyStopping(d.patience)
+    epochs_run = 0
+    for _ in range(d.epochs):
+        loop.epoch()
+        epochs_run += 1
+        if len(holdout):
+            score = holdout_score(model, holdout, config.labels.num_classes)
+            stopper.update(score, model.state_dict())
+            if stopper.stop:
+                break
+    if stopper.best_state is not None:
+        model.load_state_dict(stopper.best_state)
+    model.eval()
+    return {"epochs_run": epochs_run, **stopper.summary()}
 
 
 @torch.no_grad()
@@ -152,16 +263,21 @@ class ArmResult:
     sites: list[str]  # N sites
     train_cases: dict[str, int]
     wall_s: float
+    stopping: dict[str, dict[str, Any]] | None = None  # where early stopping left each model
 
 
 def _central_arm(
-    config: SynthctConfig, real: CaseSet, cohort: CaseSet | None, test: CaseSet, seed: int
+    config: SynthctConfig,
+    real: CaseSet,
+    holdout: CaseSet,
+    cohort: CaseSet | None,
+    test: CaseSet,
+    seed: int,
 ) -> ArmResult:
     start = time.perf_counter()
     torch.manual_seed(seed)
     model = build_classifier(config)
-    data = join(real, cohort)
-    train_epochs(model, data, config, epochs=config.downstream.epochs, seed=seed)
+    stopping = train_converged(model, join(real, cohort), holdout, config, seed=seed)
     counts = {"real": len(real), "synthetic": len(cohort) if cohort is not None else 0}
     return ArmResult(
         predict(model, test.images),
@@ -169,6 +285,7 @@ def _central_arm(
         list(test.sites),
         counts,
         time.perf_counter() - start,
+        {"all": stopping},
     )
 
 
@@ -179,24 +296,27 @@ def _local_arm(
     test: CaseSet,
     seed: int,
 ) -> ArmResult:
-    """Each site alone: trained on its own cases (+ its cohort cases), tested on its own."""
+    """Each site alone: trained on its own cases (+ its cohort cases), stopped on its own
+    holdout, tested on its own test cases."""
     start = time.perf_counter()
     probs = np.zeros((len(test), config.labels.num_classes))
     counts = {"real": 0, "synthetic": 0}
+    stopping = {}
     for site in config.site_names:
         real = load_cases(real_manifest, config, splits=("train",), sites=(site,))
+        holdout = load_cases(real_manifest, config, splits=("holdout",), sites=(site,))
         rows = [i for i, s in enumerate(test.sites) if s == site]
         if len(real) == 0 or not rows:
             continue
         cohort = load_cohort_for(cohort_manifest, config, site) if cohort_manifest else None
         torch.manual_seed(seed)
         model = build_classifier(config)
-        train_epochs(model, join(real, cohort), config, epochs=config.downstream.epochs, seed=seed)
+        stopping[site] = train_converged(model, join(real, cohort), holdout, config, seed=seed)
         probs[rows] = predict(model, test.images[rows])
         counts["real"] += len(real)
         counts["synthetic"] += 0 if cohort is None else len(cohort)
     return ArmResult(
-        probs, test.labels.numpy(), list(test.sites), counts, time.perf_counter() - start
+        probs, test.labels.numpy(), list(test.sites), counts, time.perf_counter() - start, stopping
     )
 
 
@@ -247,14 +367,16 @@ def run_downstream(
                 result = train_downstream_federated(config, real_manifest, use, out, seed)
             else:
                 real = load_cases(real_manifest, config, splits=("train",))
+                holdout = load_cases(real_manifest, config, splits=("holdout",))
                 cohort = load_cohort_for(use, config, None) if use is not None else None
-                result = _central_arm(config, real, cohort, test, seed)
+                result = _central_arm(config, real, holdout, cohort, test, seed)
             metrics = per_site_metrics(result.probs, result.labels, result.sites, classes, rare)
             runs.append(
                 {
                     "seed": seed,
                     "train_cases": result.train_cases,
                     "wall_s": round(result.wall_s, 1),
+                    "stopping": result.stopping,
                     **metrics,
                 }
             )

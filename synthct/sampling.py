@@ -20,9 +20,16 @@ from torch import nn
 
 from synthct.checkpoint import Generator
 from synthct.data.preprocess import model_to_hu
+from synthct.models.conditioning import Conditioning
 from synthct.models.schedulers import sampling_scheduler, set_timesteps
 
-__all__ = ["sample_latents", "decode_latents", "sample_volumes", "labels_to_indices"]
+__all__ = [
+    "sample_latents",
+    "decode_latents",
+    "sample_volumes",
+    "labels_to_indices",
+    "sites_to_indices",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +37,12 @@ logger = logging.getLogger(__name__)
 # each row is sampled for (for a null-class row, the class of the sample it guides), so a
 # Mixture of plugins can route both guidance branches of a sample the same way.
 Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def sites_to_indices(gen: Generator, sites: Sequence[str | None]) -> torch.Tensor | None:
+    """Site names -> the generator's site indices (None for a class-only generator); None or
+    ``pooled`` = the null site; an unknown site is an error listing the known ones."""
+    return gen.conditioning.site_indices(sites)
 
 
 def labels_to_indices(gen: Generator, labels: Sequence[str]) -> torch.Tensor:
@@ -55,30 +68,34 @@ def sample_latents(
     class_labels: torch.Tensor,
     *,
     latent_shape: Sequence[int],
-    null_class: int,
+    conditioning: Conditioning,
     guidance: float,
     steps: int,
     generator: torch.Generator,
     device: torch.device,
+    sites: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Run the reverse process for ``len(class_labels)`` latents (scaled space)."""
+    """Run the reverse process for ``len(class_labels)`` latents (scaled space). ``sites``
+    (site-conditioned UNets) stay on in both guidance branches: guidance amplifies the class,
+    the site's style is not exaggerated."""
     n = len(class_labels)
     set_timesteps(scheduler, steps, device)
     z = torch.randn((n, *latent_shape), generator=generator).to(device) * scheduler.init_noise_sigma
-    cond = class_labels.to(device)
-    null = torch.full_like(cond, null_class)
+    requested = class_labels.to(device)
+    cond = conditioning.encode(requested, sites)
+    null = conditioning.encode(torch.full_like(requested, conditioning.null_class), sites)
     for t in scheduler.timesteps:
         z_in = scheduler.scale_model_input(z, t)
         if guidance == 1.0:
-            out = denoiser(z_in, t.expand(n), cond, cond)
+            out = denoiser(z_in, t.expand(n), cond, requested)
         elif guidance == 0.0:
-            out = denoiser(z_in, t.expand(n), null, cond)
+            out = denoiser(z_in, t.expand(n), null, requested)
         else:
             both = denoiser(
                 torch.cat([z_in, z_in]),
                 t.expand(2 * n),
                 torch.cat([cond, null]),
-                torch.cat([cond, cond]),
+                torch.cat([requested, requested]),
             )
             out_cond, out_uncond = both.chunk(2)
             out = out_uncond + guidance * (out_cond - out_uncond)
@@ -116,8 +133,10 @@ def sample_volumes(
     generator: torch.Generator,
     device: torch.device | str = "cpu",
     denoiser: Denoiser | None = None,
+    sites: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Sample HU volumes N×1×X×Y×Z (on ``config.data.spacing_mm``); ``None`` = config value."""
+    """Sample HU volumes N×1×X×Y×Z (on ``config.data.spacing_mm``); ``None`` = config value.
+    ``sites``: N site indices (:func:`sites_to_indices`) for a site-conditioned generator."""
     cfg = gen.config.sampling
     sampler, steps = sampler or cfg.sampler, steps or cfg.steps
     guidance = cfg.guidance if guidance is None else guidance
@@ -132,8 +151,9 @@ def sample_volumes(
             denoise,
             scheduler,
             labels,
+            sites=None if sites is None else sites[start : start + batch_size],
             latent_shape=gen.config.latent_shape,
-            null_class=gen.null_class,
+            conditioning=gen.conditioning,
             guidance=guidance,
             steps=steps,
             generator=generator,

@@ -216,6 +216,8 @@ def train_central(
 
     scheduler = training_scheduler(config.diffusion)
     latents = raw_latents * gen.scale_factor
+    conditioning = gen.conditioning
+    sites = conditioning.site_indices(train.sites)
     # the EMA has averaged state.step steps so far (its warm-up resumes where it stopped)
     ema = EMA(gen.unet, config.diffusion.ema_decay, target=gen.ema, step=state.step)
     total = config.train.diffusion_steps
@@ -228,7 +230,8 @@ def train_central(
             train.labels[idx].to(device),
             scheduler,
             config.diffusion,
-            null_class=gen.null_class,
+            conditioning=conditioning,
+            sites=None if sites is None else sites[idx],
             generator=generator,
         )
         ema.update(gen.unet)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from synthct.config import AutoencoderConfig, DiffusionConfig
+from synthct.models.conditioning import Conditioning
 
 __all__ = [
     "resolve_device",
@@ -271,18 +272,21 @@ def diffusion_loss(
     scheduler,
     cfg: DiffusionConfig,
     *,
-    null_class: int,
+    conditioning: Conditioning,
     generator: torch.Generator,
+    sites: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Denoising loss on scaled latents ``z0`` (B×C×x×y×z) with label dropout for CFG."""
+    """Denoising loss on scaled latents ``z0`` (B×C×x×y×z) with label dropout for CFG
+    (``sites``: B site indices for a site-conditioned UNet, dropped independently)."""
     b = z0.shape[0]
     noise = torch.randn(z0.shape, generator=generator).to(z0)
     t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=generator).to(
         z0.device
     )
     z_t = scheduler.add_noise(z0, noise, t)  # z_t = sqrt(abar_t) z0 + sqrt(1 - abar_t) eps
-    drop = torch.rand(b, generator=generator).to(z0.device) < cfg.p_uncond
-    cls = torch.where(drop, torch.full_like(labels, null_class), labels)
+    cls = conditioning.drop(
+        labels, sites, p_class=cfg.p_uncond, p_site=cfg.p_site_uncond, generator=generator
+    )
     pred = unet(z_t, t, class_labels=cls)
     target = denoising_target(scheduler, cfg, z0, noise, t)
     return F.mse_loss(pred.float(), target.float())
@@ -303,8 +307,9 @@ def diffusion_step(
     scheduler,
     cfg: DiffusionConfig,
     *,
-    null_class: int,
+    conditioning: Conditioning,
     generator: torch.Generator,
+    sites: torch.Tensor | None = None,
     extra_loss: Callable[[], torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """One optimiser step; ``extra_loss`` is added to the loss (e.g. FedProx's term)."""
@@ -312,7 +317,14 @@ def diffusion_step(
     optimizer.zero_grad(set_to_none=True)
     with autocast(z0.device):  # bf16 on GPU only; the loss itself is taken in float32
         loss = diffusion_loss(
-            unet, z0, labels, scheduler, cfg, null_class=null_class, generator=generator
+            unet,
+            z0,
+            labels,
+            scheduler,
+            cfg,
+            conditioning=conditioning,
+            generator=generator,
+            sites=sites,
         )
     total = loss + extra_loss() if extra_loss is not None else loss
     total.backward()

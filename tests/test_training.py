@@ -56,7 +56,7 @@ def test_steps_reduce_loss_on_a_fixed_batch(smoke_config):
             labels,
             sched,
             smoke_config.diffusion,
-            null_class=4,
+            conditioning=gen.conditioning,
             generator=torch.Generator().manual_seed(1),
         )["loss"]
         for _ in range(15)

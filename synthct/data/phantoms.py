@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from synthct.config import SiteProfile, SynthctConfig
+from synthct.config import LesionProfile, SiteProfile, SynthctConfig
 
 __all__ = [
     "HU_MIN",
@@ -111,6 +111,7 @@ def render_phantom(
     label: str,
     site: SiteProfile,
     shape: tuple[int, int, int],
+    lesions: LesionProfile | None = None,
 ) -> tuple[np.ndarray, tuple[float, float, float]]:
     """Render one chest CT in HU on the site's native grid.
 
@@ -119,12 +120,14 @@ def render_phantom(
         label: vocabulary class (``normal``, ``nodule``, ``ground_glass``, ``consolidation``).
         site: scanner profile (noise, offset, blur, slice thickness, field of view).
         shape: matrix (x, y, z).
+        lesions: lesion size and contrast ranges (default: the original, easy phantoms).
 
     Returns:
         ``(hu, spacing)``: float32 array X×Y×Z in RAS voxel order, spacing in mm.
     """
     if label not in ("normal", "nodule", "ground_glass", "consolidation"):
         raise ValueError(f"phantoms know no class {label!r}")
+    les = lesions or LesionProfile()
     spacing = site_geometry(site, shape)
     ss = _SUPERSAMPLE
     axes = tuple(
@@ -186,24 +189,24 @@ def render_phantom(
     side_idx = int(rng.integers(0, 2))
     _, lc, ls, lmask = lungs[side_idx]
     if label == "nodule":
-        radius = rng.uniform(33, 37)
+        radius = rng.uniform(*les.nodule_radius_mm)
         offset = np.array(
             [rng.uniform(-1, 1) * max(ls[i] - 0.8 * radius, 0) * 0.6 for i in range(3)]
         )
         centre = lc + offset
         wobble = 1.0 + 0.08 * np.sin(3 * np.arctan2(y - centre[1], x - centre[0]))
         inside = _ellipsoid(x, y, z, centre, (radius * wobble,) * 3) < 1
-        lung_hu = np.where(inside & lmask, rng.uniform(25, 60), lung_hu)
+        lung_hu = np.where(inside & lmask, rng.uniform(*les.nodule_hu), lung_hu)
     elif label == "ground_glass":
-        radius = rng.uniform(48, 62)
+        radius = rng.uniform(*les.ground_glass_radius_mm)
         offset = np.array([rng.uniform(-1, 1) * ls[i] * 0.35 for i in range(3)])
         d2 = _ellipsoid(x, y, z, lc + offset, (radius,) * 3)
         weight = np.exp(-(d2**2)).astype(np.float32) * lmask
-        target = rng.uniform(-600, -430) + texture * 0.8
+        target = rng.uniform(*les.ground_glass_hu) + texture * 0.8
         lung_hu = lung_hu * (1 - weight) + target * weight
     elif label == "consolidation":
         # dependent region of one lung: posterior-inferior half-space intersected with the lung
-        t = rng.uniform(-0.15, 0.15)
+        t = rng.uniform(*les.consolidation_cut)
         u = -(y - lc[1]) / ls[1] * rng.uniform(0.5, 0.8) - (z - lc[2]) / ls[2] * rng.uniform(
             0.6, 0.9
         )
@@ -242,8 +245,17 @@ def render_phantom(
     return np.clip(hu, HU_MIN, HU_MAX).astype(np.float32), spacing
 
 
+# Seed offset of the balanced test cases: far from any site's case count, so their seeds never
+# coincide with a train/holdout case's.
+_TEST_SEED_OFFSET = 1_000_000
+
+
 def plan_site_cases(config: SynthctConfig, seed: int) -> list[PhantomCase]:
-    """Every phantom case of every site with its split; same seed, same plan."""
+    """Every phantom case of every site with its split; same seed, same plan.
+
+    With ``data.test_per_class`` each site also gets that many ``test`` cases of every class
+    (its own seeds, so train/holdout cases are the same whatever the test size).
+    """
     cases: list[PhantomCase] = []
     for site_index, site in enumerate(config.data.sites):
         labels = [name for name in config.labels.classes for _ in range(site.counts.get(name, 0))]
@@ -261,6 +273,19 @@ def plan_site_cases(config: SynthctConfig, seed: int) -> list[PhantomCase]:
                     seed=(seed, site_index, k),
                 )
             )
+        per_class = config.data.test_per_class
+        for c, label in enumerate(config.labels.classes):
+            for j in range(per_class):
+                k = c * per_class + j
+                cases.append(
+                    PhantomCase(
+                        case_id=f"{site.name}_test{k:04d}",
+                        site=site.name,
+                        label=label,
+                        split="test",
+                        seed=(seed, site_index, _TEST_SEED_OFFSET + k),
+                    )
+                )
     return cases
 
 
@@ -271,10 +296,15 @@ def assign_splits(labels: list[str], fractions, rng: np.random.Generator) -> lis
         idx = [i for i, lab in enumerate(labels) if lab == name]
         idx = [idx[j] for j in rng.permutation(len(idx))]
         n = len(idx)
-        n_test = round(n * fractions.test)
-        n_hold = round(n * fractions.holdout)
-        if n >= 3:
-            n_test, n_hold = max(n_test, 1), max(n_hold, 1)
+        if fractions.test == 0:  # the test split is a separate balanced set
+            n_test = 0
+            n_hold = round(n * fractions.holdout / (fractions.train + fractions.holdout))
+            n_hold = max(n_hold, 1) if n >= 2 else 0
+        else:
+            n_test = round(n * fractions.test)
+            n_hold = round(n * fractions.holdout)
+            if n >= 3:
+                n_test, n_hold = max(n_test, 1), max(n_hold, 1)
         n_test = min(n_test, max(n - 1, 0))
         n_hold = min(n_hold, max(n - 1 - n_test, 0))
         for j, i in enumerate(idx):
@@ -304,7 +334,11 @@ def write_phantom_sites(
     for i, case in enumerate(cases):
         site = config.site(case.site)
         hu, spacing = render_phantom(
-            np.random.default_rng(case.seed), case.label, site, config.data.shape
+            np.random.default_rng(case.seed),
+            case.label,
+            site,
+            config.data.shape,
+            config.data.lesions,
         )
         rel = Path(case.site) / f"{case.case_id}.nii.gz"
         write_nifti(out / rel, hu, spacing, orientation=site.orientation)

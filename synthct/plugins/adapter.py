@@ -119,6 +119,8 @@ def train_plugin(
     z0 = encode_latents(gen.autoencoder.eval(), cases.images) * gen.scale_factor
     scheduler = training_scheduler(gen.config.diffusion)
     sampler = BalancedSampler(cases.labels, balanced=True, generator=generator)
+    # a late site is not in the generator's site vocabulary: it adapts the null-site branch
+    sites = gen.conditioning.site_indices(cases.sites, unknown_as_null=True)
     for step in range(cfg.steps):
         idx = sampler(batch_size)
         out = diffusion_step(
@@ -128,7 +130,8 @@ def train_plugin(
             cases.labels[idx],
             scheduler,
             gen.config.diffusion,
-            null_class=gen.null_class,
+            conditioning=gen.conditioning,
+            sites=None if sites is None else sites[idx],
             generator=generator,
         )
         if progress is not None:

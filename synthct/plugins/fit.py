@@ -50,12 +50,14 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class ValidationDraws:
-    """Fixed denoising problems: noised latents, timesteps, class labels, targets."""
+    """Fixed denoising problems: noised latents, timesteps, class labels (``conditions``: the
+    UNet's conditioning indices for them, null site for a site-conditioned UNet), targets."""
 
     z_t: torch.Tensor
     t: torch.Tensor
     labels: torch.Tensor
     target: torch.Tensor
+    conditions: torch.Tensor
 
     def __len__(self) -> int:
         return len(self.t)
@@ -98,7 +100,8 @@ def validation_draws(
     t = torch.randint(0, scheduler.config.num_train_timesteps, (len(z0),), generator=generator)
     z_t = scheduler.add_noise(z0, noise, t)
     target = denoising_target(scheduler, gen.config.diffusion, z0, noise, t)
-    return ValidationDraws(z_t=z_t, t=t, labels=labels, target=target)
+    conditions = gen.conditioning.encode(labels)
+    return ValidationDraws(z_t=z_t, t=t, labels=labels, target=target, conditions=conditions)
 
 
 def _batches(n: int, size: int):
@@ -129,7 +132,7 @@ def fit_fusion_weights(
             n: base[n] + sum(w[i] * d[n] for i, d in enumerate(deltas) if n in d) for n in names
         }
         pred = torch.func.functional_call(
-            unet, params, (draws.z_t[rows], draws.t[rows]), {"class_labels": draws.labels[rows]}
+            unet, params, (draws.z_t[rows], draws.t[rows]), {"class_labels": draws.conditions[rows]}
         )
         return F.mse_loss(pred.float(), draws.target[rows].float(), reduction="sum")
 
@@ -199,7 +202,7 @@ def fit_mixture_weights(
     def predict(unet: torch.nn.Module) -> torch.Tensor:
         return torch.cat(
             [
-                unet(draws.z_t[rows], draws.t[rows], class_labels=draws.labels[rows]).double()
+                unet(draws.z_t[rows], draws.t[rows], class_labels=draws.conditions[rows]).double()
                 for rows in _batches(len(draws), batch_size)
             ]
         )

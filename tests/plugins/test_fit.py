@@ -23,7 +23,9 @@ def _draws(gen, config, n: int = 16, seed: int = 0) -> ValidationDraws:
     z_t = torch.randn(n, *config.latent_shape, generator=g)
     t = torch.randint(0, 1000, (n,), generator=g)
     labels = torch.arange(n) % config.labels.num_classes
-    return ValidationDraws(z_t=z_t, t=t, labels=labels, target=torch.zeros_like(z_t))
+    return ValidationDraws(
+        z_t=z_t, t=t, labels=labels, target=torch.zeros_like(z_t), conditions=labels
+    )
 
 
 @pytest.fixture
