@@ -19,6 +19,7 @@ from synthct.eval import distribution as dist
 from synthct.eval.diversity import pairwise_msssim
 from synthct.eval.features import TISSUES, FeatureSet
 from synthct.eval.privacy import MatchSet, copy_scores, dcr_share, membership_auc
+from synthct.eval.site_style import class_means, site_sums, style_match
 
 __all__ = [
     "MIN_PER_CLASS",
@@ -320,6 +321,12 @@ def cohort_metrics(
             "baseline_per_site": {k: clean_number(v) for k, v in per_site_base.items()},
         },
     )
+    # class-adjusted style per target site (standardised on holdout like site_fidelity_ratio)
+    means = class_means(real, ev.holdout.labels, k)
+    real_sums = site_sums(real, ev.holdout.labels, ev.holdout.sites, means)
+    style, style_detail = style_match(site_sums(syn, requested, ev.cohort.sites, means), real_sums)
+    base_style, _ = style_match(site_sums(base, ev.train.labels, ev.train.sites, means), real_sums)
+    m["site_style_match"] = MetricValue(style, base_style, None, {"per_site": style_detail})
     evidence = {
         "near_copy": copies,
         "copy_ncc": to_train.score,

@@ -39,6 +39,12 @@ from synthct.eval.cohort_metrics import (
 from synthct.eval.diversity import pairwise_msssim
 from synthct.eval.features import FeatureSet
 from synthct.eval.privacy import MatchSet, copy_scores
+from synthct.eval.site_style import (
+    adjusted_sums_from_blocks,
+    class_means_from_sums,
+    site_sums,
+    style_match,
+)
 
 __all__ = [
     "SPACES",
@@ -654,6 +660,30 @@ def combine_evidence(
             "baseline_per_site": {s: clean_number(v) for s, v in per_site_base.items()},
             "federated": "value exact (distances unscaled); baseline " + SITE_LOCAL,
         },
+    )
+    # site style: exact from the per-(split, class) feature sums every site sent in round 2
+    s1 = {s: r["radiomics_s1"] for s, r in zip(sites, replies, strict=True)}
+    nb = {s: r["radiomics_n"] for s, r in zip(sites, replies, strict=True)}
+    hold = slice(k, 2 * k)
+    means = class_means_from_sums(
+        np.sum([v[hold] for v in s1.values()], axis=0),
+        np.sum([v[hold] for v in nb.values()], axis=0),
+    )
+    real_style = adjusted_sums_from_blocks(
+        {s: v[hold] for s, v in s1.items()}, {s: v[hold] for s, v in nb.items()}, means
+    )
+    train_style = adjusted_sums_from_blocks(
+        {s: v[:k] for s, v in s1.items()}, {s: v[:k] for s, v in nb.items()}, means
+    )
+    syn_z = _z(cohort.features.radiomics, plan, "radiomics")
+    style, style_detail = style_match(
+        site_sums(syn_z, requested, cohort.features.sites, means), real_style
+    )
+    m["site_style_match"] = MetricValue(
+        style,
+        style_match(train_style, real_style)[0],
+        None,
+        {"per_site": style_detail, "federated": "exact"},
     )
     evidence = {
         "near_copy": copies,

@@ -166,6 +166,15 @@ DEFAULT_RULES: dict[str, RuleSpec] = {
         "nearest-site / farthest-site median distance from a site's holdout cases to the cohort "
         "(HU/texture features), at most 0.5 below real's: a cohort in one hospital's style fails",
     ),
+    "site_style": RuleSpec(
+        "site_style_match",
+        "min",
+        0.0,
+        True,
+        "the cases made for each site (class-adjusted HU/texture features) must sit nearest to "
+        "that site's own holdout scans, for as large a share of sites as real train cases do: "
+        "cases in another site's scanner style fail (pooled cohorts are not judged)",
+    ),
 }
 
 

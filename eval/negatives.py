@@ -4,7 +4,9 @@
 a good gate must pass. The hard negatives each break one property: ``near_copies`` (flipped,
 shifted, noised train cases, for all or part of a cohort), ``mode_collapse`` (one volume per
 class, lightly noised), ``hu_shift`` (every volume offset by some HU), ``relabelled`` (labels
-permuted), and ``single_site`` (every case in one hospital's scanner style).
+permuted), ``single_site`` (every case in one hospital's scanner style), ``sites_shuffled``
+(each case claims to be made for another site) and ``single_style_for_all`` (cases claimed
+for every site, all in one site's style).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ __all__ = [
     "mode_collapse",
     "hu_shift",
     "relabelled",
+    "sites_shuffled",
 ]
 
 
@@ -37,14 +40,17 @@ def write_cohort(
     spacings: Sequence[tuple[float, float, float]],
     *,
     source: str,
+    sites: Sequence[str] | None = None,
 ) -> Path:
-    """Write HU volumes (RAS) as a cohort folder with ``manifest.csv``; returns the manifest."""
+    """Write HU volumes (RAS) as a cohort folder with ``manifest.csv``; returns the manifest.
+    ``sites``: the site each case is for (default: ``pooled``, for everyone)."""
     out = Path(out)
     rows = []
+    sites = list(sites) if sites is not None else ["pooled"] * len(volumes)
     for i, (hu, label, spacing) in enumerate(zip(volumes, labels, spacings, strict=True)):
         rel = f"cases/{label}/{i:04d}.nii.gz"
         write_nifti(out / rel, np.clip(hu, HU_MIN, HU_MAX), spacing)
-        rows.append(ManifestRow(rel, label, "pooled", "train", {"source": source}))
+        rows.append(ManifestRow(rel, label, sites[i], "train", {"source": source}))
     write_manifest(out / "manifest.csv", rows)
     return out / "manifest.csv"
 
@@ -56,10 +62,13 @@ def fresh_real_cohort(
     *,
     seed: int,
     sites: Sequence[str] | None = None,
+    claim_sites: Sequence[str] | None = None,
 ) -> Path:
-    """New phantoms of ``counts`` per class, cycling over ``sites`` (default: every site)."""
+    """New phantoms of ``counts`` per class, cycling over ``sites`` (default: every site).
+    Each case is for the site it was rendered at; ``claim_sites`` instead cycles the claimed
+    site over those names (a style mismatch on purpose). A single-site cohort is pooled."""
     names = list(sites) if sites else config.site_names
-    volumes, labels, spacings = [], [], []
+    volumes, labels, spacings, rendered_at = [], [], [], []
     k = 0
     for label, n in counts.items():
         for _ in range(n):
@@ -74,9 +83,19 @@ def fresh_real_cohort(
             volumes.append(hu)
             labels.append(label)
             spacings.append(spacing)
+            rendered_at.append(site.name)
             k += 1
     tag = "single-site" if sites and len(names) == 1 else "fresh-real"
-    return write_cohort(out, volumes, labels, spacings, source=f"phantoms:{tag}:{seed}")
+    if claim_sites:
+        claimed = [claim_sites[i % len(claim_sites)] for i in range(len(volumes))]
+        tag = "claimed-sites"
+    elif len(names) == 1:
+        claimed = None  # pooled: one site's style offered to everyone
+    else:
+        claimed = rendered_at
+    return write_cohort(
+        out, volumes, labels, spacings, source=f"phantoms:{tag}:{seed}", sites=claimed
+    )
 
 
 def _volumes(paths: Sequence[str | Path]) -> list[tuple[np.ndarray, tuple[float, float, float]]]:
@@ -162,6 +181,25 @@ def relabelled(
     rotate = {c: classes[(i + 1) % len(classes)] for i, c in enumerate(classes)}
     return write_cohort(
         out, volumes, [rotate[x] for x in labels], spacings, source="negative:relabelled"
+    )
+
+
+def sites_shuffled(manifest: str | Path, out: str | Path) -> Path:
+    """The same cases, each claimed for the next site in sorted order (every site's cases now
+    carry another site's scanner style)."""
+    from synthct.data.manifest import read_manifest
+
+    rows = read_manifest(manifest)
+    names = sorted({r.site for r in rows})
+    rotate = {s: names[(i + 1) % len(names)] for i, s in enumerate(names)}
+    volumes = _volumes([r.resolve(Path(manifest).parent) for r in rows])
+    return write_cohort(
+        out,
+        [v for v, _ in volumes],
+        [r.label for r in rows],
+        [s for _, s in volumes],
+        source="negative:sites-shuffled",
+        sites=[rotate[r.site] for r in rows],
     )
 
 

@@ -1,10 +1,13 @@
 """Federated downstream classifier on Flower: FedAvg over the sites, then per-site evaluation.
 
 Each site trains on its own real ``train`` cases plus the cohort cases meant for it (``site`` =
-itself or ``pooled``), and evaluates the final global model on its own ``test`` split; only
-weights and the test-set class probabilities (with their labels) leave a site. The training
-loop is Flower's own ``FedAvg.start`` (weighted by cases); the final evaluation round is sent
-explicitly so every site's results are collected, not just their average.
+itself or ``pooled``). After every round it scores the global model on its own ``holdout``
+split and sends per-class counts only; the server stops when the pooled holdout score stalls
+(``downstream.patience``) and keeps the best round. Each site then evaluates that model on its
+own ``test`` split; only weights, holdout counts and the test-set class probabilities (with
+their labels) leave a site. The training loop is Flower's own ``FedAvg.start`` (weighted by
+cases); the final evaluation round is sent explicitly so every site's results are collected,
+not just their average.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from synthct.data.manifest import read_manifest
 from synthct.downstream import (
     ArmResult,
     build_classifier,
+    class_counts,
     join,
     load_cohort_for,
     predict,
@@ -39,7 +43,7 @@ from synthct.downstream import (
 )
 from synthct.fed.client_app import prepare_site
 from synthct.fed.errors import SiteError
-from synthct.fed.fedavg_run import fedavg_then_evaluate
+from synthct.fed.fedavg_run import fedavg_then_evaluate, holdout_count_metrics
 from synthct.fed.server_app import wait_for_sites
 from synthct.fed.task import config_to_json, load_site_cases, round_seed
 
@@ -83,17 +87,29 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    """The global model on this site's own test split: probabilities and true labels."""
-    config, _cfg, site = prepare_site(msg, context)
+    """The global model on this site's own split: on ``holdout`` (every round) per-class
+    counts only; on ``test`` (once, at the end) probabilities and true labels."""
+    config, cfg, site = prepare_site(msg, context)
+    split = str(cfg.get("eval-split", "test"))
     try:
-        test = load_cases(site.manifest, config, splits=("test",), sites=(site.name,))
+        if split not in ("holdout", "test"):
+            raise SiteError(f"site {site.name!r}: unknown eval-split {split!r}")
+        cases = load_cases(site.manifest, config, splits=(split,), sites=(site.name,))
         model = build_classifier(config)
         model.load_state_dict(msg.content["arrays"].to_torch_state_dict(), strict=True)
-        probs = torch.from_numpy(predict(model, test.images)).float()
+        probs_np = predict(model, cases.images)
+    except SiteError:
+        raise
     except Exception as exc:
         raise SiteError(f"site {site.name!r}: {type(exc).__name__}: {exc}") from exc
-    arrays = ArrayRecord({"probs": probs, "labels": test.labels.clone()})
-    metrics = MetricRecord({"num-examples": len(test), "site-index": site.index})
+    if split == "holdout":
+        k = config.labels.num_classes
+        counts = class_counts(probs_np.reshape(-1, k), cases.labels.numpy(), k)
+        metrics = MetricRecord(holdout_count_metrics(*counts, cases=len(cases)))
+        return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
+    probs = torch.from_numpy(probs_np).float()
+    arrays = ArrayRecord({"probs": probs, "labels": cases.labels.clone()})
+    metrics = MetricRecord({"num-examples": len(cases), "site-index": site.index})
     return Message(content=RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
 
 
@@ -114,7 +130,7 @@ def _server(
             "local-epochs": config.downstream.local_epochs,
         }
     )
-    _, replies = fedavg_then_evaluate(
+    _, replies, converged = fedavg_then_evaluate(
         grid,
         nodes,
         config,
@@ -122,6 +138,7 @@ def _server(
         rounds=config.downstream.rounds,
         train_config=base,
         what="downstream",
+        holdout_patience=config.downstream.patience,
     )
     probs, labels, sites = [], [], []
     for content in replies:
@@ -139,6 +156,7 @@ def _server(
         sites=sites,
         train_cases=train_cases,
         wall_s=time.perf_counter() - start,
+        stopping={"all": converged.as_dict()} if converged is not None else None,
     )
 
 

@@ -4,18 +4,115 @@ The downstream classifier and the federated reference models both train this way
 ``FedAvg.start`` (weighted by cases), then the final global weights go to every site once so
 each site's own evaluation comes back (not just their average, which is all
 ``FedAvg``'s evaluate round would return).
+
+With ``holdout_patience`` every round also asks each site to score the new global model on its
+own ``holdout`` split and send per-class counts only; the server pools them into the holdout
+balanced accuracy (ties: loss), keeps the best round's weights, and once ``patience`` rounds
+pass without improvement the remaining rounds send nothing (Flower's FedAvg has no stopping
+hook; an empty round costs nothing). The final evaluation then uses the best weights.
 """
 
 from __future__ import annotations
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result
 
 from synthct.config import SynthctConfig
+from synthct.downstream import EarlyStopping, score_from_counts
 from synthct.fed.errors import FederatedError
 
-__all__ = ["fedavg_then_evaluate"]
+__all__ = ["fedavg_then_evaluate", "holdout_count_metrics", "Converged"]
+
+logger = logging.getLogger(__name__)
+
+
+def holdout_count_metrics(
+    correct: np.ndarray, total: np.ndarray, nll: float, cases: int
+) -> dict[str, float]:
+    """What a site sends about its holdout: per-class correct / total counts and summed loss."""
+    out: dict[str, float] = {"num-examples": cases, "nll-sum": float(nll)}
+    for c in range(len(total)):
+        out[f"correct-{c}"], out[f"total-{c}"] = float(correct[c]), float(total[c])
+    return out
+
+
+def _pooled_score(contents: list[RecordDict], num_classes: int) -> tuple[float, float]:
+    correct, total, nll = np.zeros(num_classes), np.zeros(num_classes), 0.0
+    for content in contents:
+        m = content["metrics"]
+        nll += float(m["nll-sum"])
+        for c in range(num_classes):
+            correct[c] += float(m[f"correct-{c}"])
+            total[c] += float(m[f"total-{c}"])
+    return score_from_counts(correct, total, nll)
+
+
+@dataclass
+class Converged:
+    """Where holdout early stopping left a federated run."""
+
+    rounds_run: int
+    best_round: int
+    holdout_balanced_accuracy: float
+    holdout_loss: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "epochs_run": self.rounds_run,  # rounds: named like the central arms' record
+            "best_at": self.best_round,
+            "holdout_balanced_accuracy": self.holdout_balanced_accuracy,
+            "holdout_loss": self.holdout_loss,
+        }
+
+
+class _HoldoutStoppingFedAvg(FedAvg):
+    """FedAvg whose evaluate round scores each global model on the sites' holdout splits and
+    which stops sending work once the pooled holdout score stalls."""
+
+    def __init__(self, num_classes: int, patience: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.num_classes = num_classes
+        self.stopper = EarlyStopping(patience, snapshot=lambda arrays: arrays)
+        self._evaluated: ArrayRecord | None = None
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return (
+            [] if self.stopper.stop else super().configure_train(server_round, arrays, config, grid)
+        )
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        if self.stopper.stop:
+            return []
+        self._evaluated = arrays
+        return super().configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        valid, _ = self._check_and_log_replies(replies, is_train=False)
+        if not valid or self._evaluated is None:
+            return None
+        score = _pooled_score([msg.content for msg in valid], self.num_classes)
+        self.stopper.update(score, self._evaluated)
+        logger.info(
+            "round %d holdout balanced accuracy %.3f, loss %.3f (best round %d)",
+            server_round,
+            score[0],
+            -score[1],
+            self.stopper.best_at,
+        )
+        return MetricRecord({"holdout-balanced-accuracy": score[0], "holdout-loss": -score[1]})
 
 
 def fedavg_then_evaluate(
@@ -27,25 +124,52 @@ def fedavg_then_evaluate(
     rounds: int,
     train_config: ConfigRecord,
     what: str,
-) -> tuple[Result, list[RecordDict]]:
+    holdout_patience: int | None = None,
+) -> tuple[Result, list[RecordDict], Converged | None]:
     """``rounds`` of FedAvg from ``initial``, then every node evaluates the final weights;
-    returns Flower's result and each site's reply content. A site error stops with a
-    :class:`FederatedError` naming ``what`` was being evaluated."""
-    strategy = FedAvg(
-        fraction_evaluate=0.0,
-        min_train_nodes=config.federated.min_sites,
-        min_available_nodes=min(len(nodes), len(config.site_names)),
-    )
+    returns Flower's result, each site's reply content and, with ``holdout_patience`` (0 =
+    keep the best round but never stop early), where holdout early stopping left it. The
+    final evaluation message carries ``eval-split = test``; the per-round ones ``holdout``.
+    A site error stops with a :class:`FederatedError` naming ``what`` was being evaluated."""
+    common = {
+        "min_train_nodes": config.federated.min_sites,
+        "min_available_nodes": min(len(nodes), len(config.site_names)),
+    }
+    evaluate_config = None
+    if holdout_patience is None:
+        strategy: FedAvg = FedAvg(fraction_evaluate=0.0, **common)
+    else:
+        strategy = _HoldoutStoppingFedAvg(
+            config.labels.num_classes,
+            holdout_patience,
+            fraction_evaluate=1.0,
+            min_evaluate_nodes=config.federated.min_sites,
+            **common,
+        )
+        evaluate_config = ConfigRecord({**dict(train_config), "eval-split": "holdout"})
     result = strategy.start(
         grid=grid,
         initial_arrays=initial,
         num_rounds=rounds,
         timeout=config.federated.round_timeout_s,
         train_config=train_config,
+        evaluate_config=evaluate_config,
     )
+    final, converged = result.arrays, None
+    if isinstance(strategy, _HoldoutStoppingFedAvg) and strategy.stopper.best_state is not None:
+        stopper = strategy.stopper
+        final = stopper.best_state
+        summary = stopper.summary()
+        converged = Converged(
+            rounds_run=stopper.checks,
+            best_round=stopper.best_at,
+            holdout_balanced_accuracy=summary["holdout_balanced_accuracy"],
+            holdout_loss=summary["holdout_loss"],
+        )
+    final_config = ConfigRecord({**dict(train_config), "eval-split": "test"})
     messages = [
         Message(
-            content=RecordDict({"arrays": result.arrays, "config": train_config}),
+            content=RecordDict({"arrays": final, "config": final_config}),
             message_type=MessageType.EVALUATE,
             dst_node_id=node,
         )
@@ -58,4 +182,4 @@ def fedavg_then_evaluate(
         contents.append(reply.content)
     if not contents:
         raise FederatedError(f"no site returned its {what} evaluation")
-    return result, contents
+    return result, contents, converged

@@ -175,7 +175,7 @@ def _server(
             "local-epochs": config.federated.local_epochs_reference,
         }
     )
-    result, replies = fedavg_then_evaluate(
+    result, replies, _ = fedavg_then_evaluate(
         grid,
         nodes,
         config,

@@ -158,7 +158,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     gen, denoiser, _note = _with_plugins(gen, gen_dir, args)
     try:
         labels = labels_to_indices(gen, [args.label] * args.n)
-        sites = sites_to_indices(gen, [args.site] * args.n)
+        sites_to_indices(gen, [args.site])  # an unknown site fails before any work
+        sites = [args.site] * args.n
     except (ValueError, KeyError) as exc:
         print(f"synthct: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

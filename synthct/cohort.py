@@ -210,7 +210,7 @@ def generate_cohort(
             generator=torch.Generator().manual_seed(batch_seed),
             device=device,
             denoiser=denoiser,
-            sites=sites_to_indices(gen, [c.site for c in batch]),
+            sites=[c.site for c in batch],
         )
         for case, volume in zip(batch, volumes, strict=True):
             path = _case_path(case)

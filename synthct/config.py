@@ -323,6 +323,7 @@ class SamplingConfig(_Strict):
     )
 
 
+
 class TrainConfig(_Strict):
     """Centralised training schedule (federated runs split these steps over rounds)."""
 

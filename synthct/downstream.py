@@ -144,22 +144,24 @@ def score_from_counts(correct: np.ndarray, total: np.ndarray, nll: float) -> tup
 
 class EarlyStopping:
     """Keep the best state by holdout score; ``stop`` after ``patience`` checks without
-    improvement (``patience`` 0: never stop early, still keep the best)."""
+    improvement (``patience`` 0: never stop early, still keep the best). ``snapshot`` copies a
+    state worth keeping (default: clones a tensor dict)."""
 
-    def __init__(self, patience: int) -> None:
+    def __init__(self, patience: int, snapshot: Callable[[Any], Any] | None = None) -> None:
         self.patience = patience
+        self.snapshot = snapshot or (lambda s: {k: v.detach().clone() for k, v in s.items()})
         self.best: tuple[float, float] | None = None
-        self.best_state: dict[str, torch.Tensor] | None = None
+        self.best_state: Any = None
         self.best_at = 0
         self.checks = 0
         self.since_best = 0
 
-    def update(self, score: tuple[float, float], state: dict[str, torch.Tensor]) -> bool:
+    def update(self, score: tuple[float, float], state: Any) -> bool:
         """Record a check; True if it is the best so far."""
         self.checks += 1
         if self.best is None or score > self.best:
             self.best, self.best_at, self.since_best = score, self.checks, 0
-            self.best_state = {k: v.detach().clone() for k, v in state.items()}
+            self.best_state = self.snapshot(state)
             return True
         self.since_best += 1
         return False

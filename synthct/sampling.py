@@ -133,14 +133,19 @@ def sample_volumes(
     generator: torch.Generator,
     device: torch.device | str = "cpu",
     denoiser: Denoiser | None = None,
-    sites: torch.Tensor | None = None,
+    sites: Sequence[str | None] | None = None,
 ) -> torch.Tensor:
     """Sample HU volumes N×1×X×Y×Z (on ``config.data.spacing_mm``); ``None`` = config value.
-    ``sites``: N site indices (:func:`sites_to_indices`) for a site-conditioned generator."""
+    ``sites``: the site each volume is for (None or ``pooled``: site-agnostic); a
+    site-conditioned generator renders that site's style."""
     cfg = gen.config.sampling
     sampler, steps = sampler or cfg.sampler, steps or cfg.steps
     guidance = cfg.guidance if guidance is None else guidance
     batch_size = batch_size or cfg.batch_size
+    names = list(sites) if sites is not None else [None] * len(class_labels)
+    if len(names) != len(class_labels):
+        raise ValueError(f"{len(names)} sites given for {len(class_labels)} labels")
+    site_index = sites_to_indices(gen, names)
     device = torch.device(device)
     scheduler = sampling_scheduler(gen.config.diffusion, sampler)
     denoise = denoiser or _unet_denoiser(gen.ema.eval())
@@ -151,7 +156,7 @@ def sample_volumes(
             denoise,
             scheduler,
             labels,
-            sites=None if sites is None else sites[start : start + batch_size],
+            sites=None if site_index is None else site_index[start : start + batch_size],
             latent_shape=gen.config.latent_shape,
             conditioning=gen.conditioning,
             guidance=guidance,

@@ -58,6 +58,7 @@ def test_fresh_real_cohorts_pass(tmp_path, fresh, real, demo_config, reference):
     report = _gate(fresh, real, demo_config, reference)
     assert report["verdict"] == "pass", report["failed_rules"]
     assert report["flags"] == []
+    assert report["metrics"]["site_style_match"]["value"] == 1.0  # judged, every site its own
     other = negatives.fresh_real_cohort(demo_config, COUNTS, tmp_path / "b", seed=777)
     assert _gate(other, real, demo_config, reference)["verdict"] == "pass"
     # every rule is reported with value, threshold and reason
@@ -92,7 +93,21 @@ def test_each_hard_negative_fails_its_rule(tmp_path, fresh, real, demo_config, r
         "site_balance": negatives.fresh_real_cohort(
             demo_config, COUNTS, tmp_path / "single", seed=5, sites=["site_d"]
         ),
+        # cases made for every site but in other sites' styles
+        "site_style": negatives.sites_shuffled(fresh, tmp_path / "shuffled"),
     }
+    one_style = negatives.fresh_real_cohort(
+        demo_config,
+        COUNTS,
+        tmp_path / "one_style",
+        seed=6,
+        sites=["site_b"],
+        claim_sites=demo_config.site_names,
+    )
+    report = _gate(one_style, real, demo_config, reference)
+    assert "site_style" in _failed(report), _failed(report)
+    style = report["metrics"]["site_style_match"]
+    assert style["value"] == pytest.approx(0.25) and style["baseline"] == 1.0  # site_b only
     for rule, manifest in cases.items():
         report = _gate(manifest, real, demo_config, reference)
         assert report["verdict"] == "fail" and rule in _failed(report), (rule, _failed(report))

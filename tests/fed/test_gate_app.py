@@ -17,7 +17,14 @@ from synthct.pretrained import load_phantom_reference
 pytestmark = pytest.mark.slow
 
 COUNTS = {"nodule": 20, "ground_glass": 20, "consolidation": 30}
-EXACT = ("kid_encoder", "kid_radiomics", "hu_insane_rate", "conditioning_gap", "proportion_tv")
+EXACT = (
+    "kid_encoder",
+    "kid_radiomics",
+    "hu_insane_rate",
+    "conditioning_gap",
+    "proportion_tv",
+    "site_style_match",
+)
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +49,7 @@ def cohorts(tmp_path_factory, demo_config, demo_sites):
             "site_balance": negatives.fresh_real_cohort(
                 demo_config, COUNTS, out / "single", seed=5, sites=["site_d"]
             ),
+            "site_style": negatives.sites_shuffled(fresh, out / "shuffled"),
         },
         real,
         reference,
@@ -70,6 +78,9 @@ def test_federated_verdicts_agree_with_central(cohorts, demo_config, demo_sites,
         assert set(fed["failed_rules"]) & exact_rules == set(central["failed_rules"]) & exact_rules
         for metric in EXACT:
             c, f = central["metrics"][metric]["value"], fed["metrics"][metric]["value"]
+            if c is None:  # not computable in either mode (site_style of a pooled cohort)
+                assert f is None, (name, metric)
+                continue
             assert f == pytest.approx(c, rel=1e-5, abs=1e-6), (name, metric)
         assert fed["real"]["mode"] == "federated"
     copies = reports[names.index("near_copies")]
