@@ -408,8 +408,9 @@ class DownstreamConfig(_Strict):
     """The downstream classifier (a small MONAI ``Classifier``) and how it is trained: centrally
     for at most ``epochs``, or federatedly (FedAvg) for at most ``rounds`` of ``local_epochs``
     per site. Every arm stops when its ``holdout`` balanced accuracy (ties: holdout loss) has
-    not improved for ``patience`` epochs or rounds and keeps its best checkpoint, so an arm is
-    judged converged, not after an arbitrary budget (``patience: 0`` trains the full budget)."""
+    not improved for ``patience`` epochs (``patience_rounds`` rounds) and keeps its best
+    checkpoint, so an arm is
+    judged converged, not after an arbitrary budget (0 trains the full budget)."""
 
     channels: list[int] = Field(default_factory=lambda: [8, 16, 32])
     strides: list[int] = Field(default_factory=lambda: [2, 2, 2])
@@ -420,8 +421,13 @@ class DownstreamConfig(_Strict):
     patience: int = Field(
         default=8,
         ge=0,
-        description="epochs (central, local) or rounds (federated) without a "
-        "holdout improvement before stopping; 0 = no early stopping",
+        description="central and local arms: epochs without a holdout improvement before "
+        "stopping; 0 = no early stopping",
+    )
+    patience_rounds: int = Field(
+        default=5,
+        ge=0,
+        description="federated arms: rounds without a holdout improvement before stopping",
     )
     batch_size: int = Field(default=8, ge=1)
     lr: float = Field(default=1e-3, gt=0)

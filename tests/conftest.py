@@ -92,7 +92,8 @@ def smoke_sites(tmp_path_factory, smoke_config) -> Path:
 
 @pytest.fixture(scope="session")
 def demo_sites(tmp_path_factory, demo_config) -> Path:
-    """The full demo phantom sites (240 volumes at 32^3, ~10 s); returns the manifest path."""
+    """The full demo phantom sites (240 train/holdout + 400 test volumes at 32^3, ~30 s);
+    returns the manifest path."""
     from synthct.data.phantoms import write_phantom_sites
 
     return write_phantom_sites(demo_config, tmp_path_factory.mktemp("demo_sites"))

@@ -48,6 +48,15 @@ def test_demo_rare_class_share_and_a_site_without_it(demo_config):
         (lambda d: d["data"].__setitem__("shpe", [32, 32, 32]), "data.shpe"),
         (lambda d: d["data"].__setitem__("shape", [30, 32, 32]), "data.shape"),
         (lambda d: d["data"]["splits"].__setitem__("test", 0.5), "data.splits"),
+        (  # a test fraction beside a balanced test set: two sources of test cases
+            lambda d: d["data"].__setitem__("splits", {"train": 0.6, "holdout": 0.2, "test": 0.2}),
+            "splits.test must be 0 when test_per_class > 0",
+        ),
+        (lambda d: d["data"].__setitem__("test_per_class", 0), "no test split"),
+        (
+            lambda d: d["data"]["lesions"].__setitem__("consolidation_cut", [0.7, 0.45]),
+            "data.lesions.consolidation_cut",
+        ),
         (
             lambda d: d["data"]["sites"][0]["counts"].__setitem__("tumour", 3),
             "data.sites[0].counts.tumour",

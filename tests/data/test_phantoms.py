@@ -9,6 +9,7 @@ import pytest
 from scipy import ndimage
 from skimage.morphology import convex_hull_image
 
+from synthct.config import LesionProfile
 from synthct.data.dataset import load_cases
 from synthct.data.manifest import read_manifest
 from synthct.data.phantoms import plan_site_cases, render_phantom
@@ -46,23 +47,46 @@ def test_unknown_class_rejected(demo_config):
         render_phantom(np.random.default_rng(0), "tumour", demo_config.data.sites[0], (16, 16, 16))
 
 
-def test_splits_stratified_per_site_and_class(demo_config):
-    cases = plan_site_cases(demo_config, 0)
-    groups = Counter((c.site, c.label, c.split) for c in cases)
-    for site in demo_config.data.sites:
+def test_splits_stratified_per_site_and_class(demo_config, smoke_config):
+    # smoke: the test split is a fraction of each site's cases
+    groups = Counter((c.site, c.label, c.split) for c in plan_site_cases(smoke_config, 0))
+    for site in smoke_config.data.sites:
         for label, n in site.counts.items():
             if n >= 3:
                 for split in ("train", "holdout", "test"):
                     assert groups[(site.name, label, split)] >= 1, (site.name, label, split)
             got = sum(groups[(site.name, label, s)] for s in ("train", "holdout", "test"))
             assert got == n
+    # demo: counts fill train and holdout; test is a balanced set per site and class, the
+    # rare class included where the site has none in train (site_b)
+    cases = plan_site_cases(demo_config, 0)
+    groups = Counter((c.site, c.label, c.split) for c in cases)
+    per_class = demo_config.data.test_per_class
+    for site in demo_config.data.sites:
+        for label in demo_config.labels.classes:
+            n = site.counts.get(label, 0)
+            assert groups[(site.name, label, "train")] + groups[(site.name, label, "holdout")] == n
+            if n >= 2:
+                assert groups[(site.name, label, "holdout")] >= 1, (site.name, label)
+            assert groups[(site.name, label, "test")] == per_class, (site.name, label)
+    train_seeds = {c.seed for c in cases if c.split != "test"}
+    assert not train_seeds & {c.seed for c in cases if c.split == "test"}
+    # the train/holdout plan does not depend on the size of the test set
+    smaller = demo_config.model_copy(
+        update={"data": demo_config.data.model_copy(update={"test_per_class": 3})}
+    )
+    assert [c for c in plan_site_cases(smaller, 0) if c.split != "test"] == [
+        c for c in cases if c.split != "test"
+    ]
 
 
 def test_manifest_uses_site_label_names(demo_sites, demo_config):
     rows = read_manifest(demo_sites)
-    assert len(rows) == 240
-    site_b = {r.label for r in rows if r.site == "site_b"}
-    assert site_b == {"normal", "mass", "GGO"}
+    assert len(rows) == 240 + 4 * 4 * demo_config.data.test_per_class
+    site_b = {r.label for r in rows if r.site == "site_b" and r.split != "test"}
+    assert site_b == {"normal", "mass", "GGO"}  # its own names; it has no consolidation
+    tested = {r.label for r in rows if r.site == "site_b" and r.split == "test"}
+    assert tested == {"normal", "mass", "GGO", "consolidation"}
     assert all((demo_sites.parent / r.path).is_file() for r in rows)
 
 
@@ -135,3 +159,21 @@ def test_classes_separable_from_images(demo_sites, demo_config):
     balanced = float(np.mean(per_class))
     assert balanced >= 0.5, per_class
     assert min(per_class) > 0.25, per_class
+
+
+def test_lesion_profile_sets_how_visible_a_lesion_is(demo_config):
+    site = demo_config.data.sites[0]
+
+    def lesion_voxels(lesions: LesionProfile) -> int:
+        """Dense voxels where the same patient's normal scan has lung."""
+        sick, _ = render_phantom(
+            np.random.default_rng((3, 1, 4)), "consolidation", site, (32, 32, 32), lesions
+        )
+        normal, _ = render_phantom(
+            np.random.default_rng((3, 1, 4)), "normal", site, (32, 32, 32), lesions
+        )
+        return int(((sick > -300) & (normal < -600)).sum())
+
+    original = lesion_voxels(LesionProfile())
+    benchmark = lesion_voxels(demo_config.data.lesions)
+    assert 0 < benchmark < 0.6 * original, (benchmark, original)
