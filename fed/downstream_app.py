@@ -3,7 +3,7 @@
 Each site trains on its own real ``train`` cases plus the cohort cases meant for it (``site`` =
 itself or ``pooled``). After every round it scores the global model on its own ``holdout``
 split and sends per-class counts only; the server stops when the pooled holdout score stalls
-(``downstream.patience``) and keeps the best round. Each site then evaluates that model on its
+(``downstream.patience_rounds``) and keeps the best round. Each site then evaluates that model on its
 own ``test`` split; only weights, holdout counts and the test-set class probabilities (with
 their labels) leave a site. The training loop is Flower's own ``FedAvg.start`` (weighted by
 cases); the final evaluation round is sent explicitly so every site's results are collected,
@@ -138,7 +138,7 @@ def _server(
         rounds=config.downstream.rounds,
         train_config=base,
         what="downstream",
-        holdout_patience=config.downstream.patience,
+        holdout_patience=config.downstream.patience_rounds,
     )
     probs, labels, sites = [], [], []
     for content in replies:
