@@ -13,6 +13,8 @@ import numpy as np
 
 __all__ = [
     "standardise",
+    "safe_std",
+    "STD_FLOOR_OF_MEDIAN",
     "frechet_distance",
     "kid",
     "weighted_kid",
@@ -28,11 +30,25 @@ __all__ = [
 ]
 
 
+# A feature whose real spread is below this share of the median feature's is (nearly) dead on
+# real data: a reference-encoder unit that fires for almost no holdout case. Dividing by its
+# tiny std made one fresh real case 116 standard units away and its cohort's KID 67 (real
+# baseline -0.1); its spread is floored instead, so it weighs like a quiet feature.
+STD_FLOOR_OF_MEDIAN = 0.05
+
+
+def safe_std(std: np.ndarray) -> np.ndarray:
+    """Per-feature std with near-dead features floored (see ``STD_FLOOR_OF_MEDIAN``) and dead
+    ones set to 1 (every value then equals the mean)."""
+    alive = std[std > 1e-12]
+    floor = STD_FLOOR_OF_MEDIAN * float(np.median(alive)) if alive.size else 0.0
+    return np.where(std > 1e-12, np.maximum(std, floor), 1.0)
+
+
 def standardise(real: np.ndarray, *others: np.ndarray) -> list[np.ndarray]:
-    """Centre and scale every array by ``real``'s per-feature mean and std."""
+    """Centre and scale every array by ``real``'s per-feature mean and (floored) std."""
     mean = real.mean(0)
-    std = real.std(0)
-    std = np.where(std > 1e-12, std, 1.0)
+    std = safe_std(real.std(0))
     return [(a - mean) / std for a in (real, *others)]
 
 

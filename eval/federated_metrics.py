@@ -134,7 +134,7 @@ def combine_summary(replies: list[Arrays]) -> Plan:
         m = total(f"{space}_sum") / n
         var = np.clip(total(f"{space}_sumsq") / n - m * m, 0, None)
         s = np.sqrt(var)
-        mean[space], std[space] = m, np.where(s > 1e-12, s, 1.0)
+        mean[space], std[space] = m, dist.safe_std(s)
 
     def ranges(name: str) -> np.ndarray:
         lo = np.min([r[f"median_{name}_min"] for r in replies], axis=0)

@@ -34,24 +34,23 @@ logger = logging.getLogger(__name__)
 
 
 def holdout_count_metrics(
-    correct: np.ndarray, total: np.ndarray, nll: float, cases: int
+    correct: np.ndarray, total: np.ndarray, nll: np.ndarray, cases: int
 ) -> dict[str, float]:
     """What a site sends about its holdout: per-class correct / total counts and summed loss."""
-    out: dict[str, float] = {"num-examples": cases, "nll-sum": float(nll)}
+    out: dict[str, float] = {"num-examples": cases}
     for c in range(len(total)):
         out[f"correct-{c}"], out[f"total-{c}"] = float(correct[c]), float(total[c])
+        out[f"nll-{c}"] = float(nll[c])
     return out
 
 
 def _pooled_score(contents: list[RecordDict], num_classes: int) -> tuple[float, float]:
-    correct, total, nll = np.zeros(num_classes), np.zeros(num_classes), 0.0
+    sums = {key: np.zeros(num_classes) for key in ("correct", "total", "nll")}
     for content in contents:
         m = content["metrics"]
-        nll += float(m["nll-sum"])
-        for c in range(num_classes):
-            correct[c] += float(m[f"correct-{c}"])
-            total[c] += float(m[f"total-{c}"])
-    return score_from_counts(correct, total, nll)
+        for key, values in sums.items():
+            values += [float(m[f"{key}-{c}"]) for c in range(num_classes)]
+    return score_from_counts(sums["correct"], sums["total"], sums["nll"])
 
 
 @dataclass

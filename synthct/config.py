@@ -323,7 +323,6 @@ class SamplingConfig(_Strict):
     )
 
 
-
 class TrainConfig(_Strict):
     """Centralised training schedule (federated runs split these steps over rounds)."""
 

@@ -115,8 +115,8 @@ class _EpochLoop:
 
 
 def holdout_score(model: nn.Module, holdout: CaseSet, num_classes: int) -> tuple[float, float]:
-    """``(balanced accuracy, -loss)`` on ``holdout``: what early stopping maximises (the
-    balanced accuracy first; the loss breaks the ties a small holdout makes common)."""
+    """``(balanced accuracy, -class-balanced loss)`` on ``holdout``: the checkpoint kept is
+    the best balanced accuracy (the loss breaks the ties a small holdout makes common)."""
     probs = predict(model, holdout.images)
     labels = holdout.labels.numpy()
     return score_from_counts(*class_counts(probs, labels, num_classes))
@@ -124,28 +124,37 @@ def holdout_score(model: nn.Module, holdout: CaseSet, num_classes: int) -> tuple
 
 def class_counts(
     probs: np.ndarray, labels: np.ndarray, num_classes: int
-) -> tuple[np.ndarray, np.ndarray, float]:
-    """Per-class correct and total counts and the summed cross-entropy (sufficient
-    statistics: sites can send them and the server pools them exactly)."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-class correct and total counts and summed cross-entropy (sufficient statistics:
+    sites can send them and the server pools them exactly)."""
     pred = probs.argmax(1)
     correct = np.bincount(labels[pred == labels], minlength=num_classes).astype(float)
     total = np.bincount(labels, minlength=num_classes).astype(float)
-    nll = float(-np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None)).sum())
-    return correct, total, nll
+    nll = -np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None))
+    return correct, total, np.bincount(labels, weights=nll, minlength=num_classes)
 
 
-def score_from_counts(correct: np.ndarray, total: np.ndarray, nll: float) -> tuple[float, float]:
-    """``(balanced accuracy over the classes present, -mean loss)`` from pooled counts."""
+def score_from_counts(
+    correct: np.ndarray, total: np.ndarray, nll: np.ndarray
+) -> tuple[float, float]:
+    """``(balanced accuracy, -class-balanced loss)`` over the classes present, from pooled
+    counts. The loss is the mean over classes of each class's mean cross-entropy, so it moves
+    with the rare classes as balanced accuracy does, but smoothly."""
     present = total > 0
     if not present.any():
         return float("nan"), float("nan")
-    return float((correct[present] / total[present]).mean()), -nll / float(total.sum())
+    recall = correct[present] / total[present]
+    loss = nll[present] / total[present]
+    return float(recall.mean()), -float(loss.mean())
 
 
 class EarlyStopping:
-    """Keep the best state by holdout score; ``stop`` after ``patience`` checks without
-    improvement (``patience`` 0: never stop early, still keep the best). ``snapshot`` copies a
-    state worth keeping (default: clones a tensor dict)."""
+    """Keep the state with the best ``(balanced accuracy, -loss)``; ``stop`` once neither the
+    balanced accuracy nor the loss has improved for ``patience`` checks (``patience`` 0: never
+    stop early, still keep the best). Watching the loss too keeps a model that is still
+    learning on a balanced-accuracy plateau (predicting the majority class for the first
+    rounds of FedAvg) from being stopped at chance. ``snapshot`` copies a state worth keeping
+    (default: clones a tensor dict)."""
 
     def __init__(self, patience: int, snapshot: Callable[[Any], Any] | None = None) -> None:
         self.patience = patience
@@ -154,16 +163,24 @@ class EarlyStopping:
         self.best_state: Any = None
         self.best_at = 0
         self.checks = 0
-        self.since_best = 0
+        self.since_best = 0  # checks since the balanced accuracy or the loss last improved
+        self._best_bal = -np.inf
+        self._best_neg_loss = -np.inf
 
     def update(self, score: tuple[float, float], state: Any) -> bool:
         """Record a check; True if it is the best so far."""
         self.checks += 1
+        bal, neg_loss = score
+        if bal > self._best_bal or neg_loss > self._best_neg_loss:
+            self.since_best = 0
+            self._best_bal = max(self._best_bal, bal)
+            self._best_neg_loss = max(self._best_neg_loss, neg_loss)
+        else:
+            self.since_best += 1
         if self.best is None or score > self.best:
-            self.best, self.best_at, self.since_best = score, self.checks, 0
+            self.best, self.best_at = score, self.checks
             self.best_state = self.snapshot(state)
             return True
-        self.since_best += 1
         return False
 
     @property

@@ -124,7 +124,7 @@ def test_federated_end_to_end_through_the_cli(tmp_path, demo_sites, gated):
 
 def test_early_stopping_keeps_the_best_and_stops_after_patience():
     stopper = EarlyStopping(2)
-    scores = [(0.5, -1.0), (0.7, -0.9), (0.7, -0.95), (0.6, -0.8), (0.9, -0.1)]
+    scores = [(0.5, -1.0), (0.7, -0.9), (0.7, -0.95), (0.6, -0.92), (0.9, -0.1)]
     for i, score in enumerate(scores[:4]):
         stopper.update(score, {"w": torch.tensor([float(i)])})
     assert stopper.stop and stopper.best_at == 2  # ties on accuracy go to the lower loss
@@ -133,6 +133,11 @@ def test_early_stopping_keeps_the_best_and_stops_after_patience():
     for i, score in enumerate(scores):
         never.update(score, {"w": torch.tensor([float(i)])})
     assert not never.stop and never.best_at == 5
+    # a plateau in balanced accuracy while the loss still falls is not a reason to stop
+    learning = EarlyStopping(2)
+    for i in range(6):
+        learning.update((0.25, -1.4 + 0.05 * i), {"w": torch.tensor([float(i)])})
+    assert not learning.stop and learning.best_at == 6
 
 
 def test_pooled_site_counts_score_like_the_central_holdout(tiny, demo_sites):
@@ -147,9 +152,7 @@ def test_pooled_site_counts_score_like_the_central_holdout(tiny, demo_sites):
         class_counts(predict(model, holdout.images[i::2]), holdout.labels[i::2].numpy(), k)
         for i in range(2)
     ]
-    pooled = score_from_counts(
-        parts[0][0] + parts[1][0], parts[0][1] + parts[1][1], parts[0][2] + parts[1][2]
-    )
+    pooled = score_from_counts(*(parts[0][i] + parts[1][i] for i in range(3)))
     assert pooled == pytest.approx(central)
 
 
@@ -163,7 +166,8 @@ def test_converged_training_stops_on_holdout(tiny, demo_sites):
     holdout = load_cases(demo_sites, config, splits=("holdout",), sites=("site_a",))
     model = build_classifier(config)
     info = train_converged(model, train, holdout, config, seed=0)
-    assert info["epochs_run"] - info["best_at"] == 3 or info["epochs_run"] == 40
+    # it stopped at least `patience` epochs after its best one, or ran the whole budget
+    assert info["epochs_run"] - info["best_at"] >= 3 or info["epochs_run"] == 40
     # the model is left at its best epoch: scoring it again gives the recorded best
     bal, neg_loss = holdout_score(model, holdout, config.labels.num_classes)
     assert bal == pytest.approx(info["holdout_balanced_accuracy"])
