@@ -28,19 +28,19 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from phantom_world import phantom_world  # noqa: E402
 from scipy import ndimage  # noqa: E402
 
 from synthct.checkpoint import load_generator  # noqa: E402
 from synthct.config import load_config, packaged_config_path  # noqa: E402
 from synthct.data.dataset import load_cases  # noqa: E402
 from synthct.data.manifest import read_manifest, write_manifest  # noqa: E402
-from synthct.data.phantoms import write_phantom_sites  # noqa: E402
 from synthct.data.preprocess import model_to_hu  # noqa: E402
 from synthct.data.volume_io import write_nifti  # noqa: E402
 from synthct.eval import negatives  # noqa: E402
 from synthct.eval.gate import load_real, run_gate  # noqa: E402
 from synthct.eval.reference import load_reference  # noqa: E402
-from synthct.pretrained import load_phantom_reference, phantom_dir  # noqa: E402
+from synthct.pretrained import phantom_dir, shipped_reference_for  # noqa: E402
 from synthct.trainer import ensure_reference  # noqa: E402
 
 COUNTS = {"nodule": 20, "ground_glass": 20, "consolidation": 30}
@@ -127,20 +127,12 @@ def main() -> None:
     config = load_config(args.config)
     window = config.data.hu_window
     out = Path(args.out)
-    manifest = out / "data" / "manifest.csv"
-    if not manifest.is_file():
-        write_phantom_sites(config, out / "data")
-    train = load_cases(manifest, config, splits=("train",))
-    holdout = load_cases(manifest, config, splits=("holdout",))
-    try:
-        reference = load_phantom_reference(config.labels.vocabulary_hash)
-        from synthct.pretrained import shipped_reference_for
-
-        if shipped_reference_for(manifest) is None:
-            raise FileNotFoundError("the shipped reference was trained on other phantoms")
-    except FileNotFoundError:
+    manifest, train, holdout = phantom_world(config, out)
+    ref_dir = shipped_reference_for(manifest)  # trained on exactly these phantoms, if shipped
+    if ref_dir is None:
         ensure_reference(config, train, holdout, out)
-        reference = load_reference(out / "reference", vocabulary_hash=config.labels.vocabulary_hash)
+        ref_dir = out / "reference"
+    reference = load_reference(ref_dir, vocabulary_hash=config.labels.vocabulary_hash)
     gen = load_generator(args.generator)
     real = load_real(manifest, manifest, config=config, reference=reference)
 
@@ -213,7 +205,8 @@ def main() -> None:
     fig, axes = plt.subplots(1, len(per_site), figsize=(4 * len(per_site), 3.2), sharey=True)
     for ax, (site, info) in zip(np.atleast_1d(axes), per_site.items(), strict=True):
         for what, style in (("real", "-"), ("reconstruction", "--")):
-            ax.semilogy(info["radial_nps"][what], style, label=what)
+            nps = info["radial_nps"][what]
+            ax.semilogy(range(1, len(nps)), nps[1:], style, label=what)  # no DC bin: centred
         ax.set_title(site)
         ax.set_xlabel("radial frequency (bins)")
     np.atleast_1d(axes)[0].set_ylabel("NPS of high-pass noise, soft tissue (HU²)")

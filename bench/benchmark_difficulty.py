@@ -23,9 +23,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+from phantom_world import phantom_manifest
 
 from synthct.config import LesionProfile, SynthctConfig, load_config, packaged_config_path
-from synthct.data.phantoms import write_phantom_sites
 from synthct.downstream import run_downstream
 
 # Lesion presets, from the original phantoms to a subtler rare class. On the original ones a
@@ -51,9 +51,7 @@ def level_config(base: SynthctConfig, level: str, seeds: int) -> SynthctConfig:
 def central_real_only(config: SynthctConfig, world: int, out: Path) -> dict:
     """Converged central real-only classifiers (every seed) on a world's test split; a
     finished level's results.json is reused when the bench is rerun."""
-    manifest = out / "data" / "manifest.csv"
-    if not manifest.is_file():
-        write_phantom_sites(config, out / "data", seed=world)
+    manifest = phantom_manifest(config, out, seed=world)
     done = out / "central" / "results.json"
     if done.is_file() and json.loads(done.read_text())["seeds"] == config.downstream.seeds:
         res = json.loads(done.read_text())

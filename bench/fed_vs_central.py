@@ -21,11 +21,11 @@ import shutil
 import time
 from pathlib import Path
 
+from phantom_world import phantom_world
+
 from synthct.artifacts import write_json
 from synthct.config import SynthctConfig, load_config, packaged_config_path
-from synthct.data.dataset import load_cases
 from synthct.data.manifest import write_site_manifest
-from synthct.data.phantoms import write_phantom_sites
 from synthct.eval.generator_quality import generator_report
 from synthct.eval.reference import load_reference
 from synthct.fed.simulation import train_federated
@@ -90,11 +90,7 @@ def main() -> None:
     base = load_config(args.config)
     config = _schedule(base, args.fraction)
     out = Path(args.out)
-    manifest = out / "data" / "manifest.csv"
-    if not manifest.is_file():
-        write_phantom_sites(config, out / "data")
-    train = load_cases(manifest, config, splits=("train",))
-    holdout = load_cases(manifest, config, splits=("holdout",))
+    manifest, train, holdout = phantom_world(config, out)
     ensure_reference(config, train, holdout, out / "shared")
     reference = load_reference(
         out / "shared" / "reference", vocabulary_hash=config.labels.vocabulary_hash

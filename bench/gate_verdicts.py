@@ -5,7 +5,7 @@
 On the demo phantoms (seed 0 = the real sites): fresh real cohorts (new phantoms, the balanced
 cohort's class mix) over ``--seeds`` seeds give the false-fail rate; then one of each hard
 negative (near-copies, 20 % partial copying, mode collapse, +60 HU shift, relabelled classes,
-single-site style, site labels shuffled, one site's style claimed for every site) with the
+single-site style at every site (two seeds each), site labels shuffled, one site's style claimed for every site) with the
 rules it failed. Prints a table and writes ``results.json``.
 ``--federated`` judges every cohort with the federated gate instead (one Flower simulation,
 4 sites each reading only its own rows; ``results_federated.json``).
@@ -69,17 +69,14 @@ def main() -> None:
         cohorts["relabelled"] = negatives.relabelled(
             base, out / "relabel", classes=config.labels.classes
         )
-        cohorts["single_site_d"] = negatives.fresh_real_cohort(
-            config, COUNTS, out / "single", seed=77, sites=["site_d"]
-        )
+        for site in config.site_names:  # one site's style, pooled: site_balance's negative
+            for seed in (77, 78):
+                cohorts[f"single_{site}_{seed}"] = negatives.fresh_real_cohort(
+                    config, COUNTS, out / f"single_{site}_{seed}", seed=seed, sites=[site]
+                )
         cohorts["sites_shuffled"] = negatives.sites_shuffled(base_manifest, out / "shuffled")
-        cohorts["site_b_style_for_all"] = negatives.fresh_real_cohort(
-            config,
-            COUNTS,
-            out / "one_style",
-            seed=78,
-            sites=["site_b"],
-            claim_sites=config.site_names,
+        cohorts["site_b_style_for_all"] = negatives.one_style_for_all_sites(
+            config, COUNTS, out / "one_style", seed=78, style="site_b"
         )
     results: dict[str, dict] = {}
 

@@ -22,10 +22,11 @@ import os
 import time
 from pathlib import Path
 
+from phantom_world import phantom_manifest
+
 from synthct.artifacts import write_json
 from synthct.config import load_config, packaged_config_path
 from synthct.data.dataset import load_cases
-from synthct.data.phantoms import write_phantom_sites
 from synthct.eval.generator_quality import conditional_report, generator_report
 from synthct.eval.reference import load_reference
 from synthct.trainer import train_central
@@ -64,9 +65,7 @@ def main() -> None:
     args = parser.parse_args()
     config = load_config(args.config)
     run = Path(args.run)
-    manifest = run / "data" / "manifest.csv"
-    if not manifest.is_file():
-        write_phantom_sites(config, run / "data")
+    manifest = phantom_manifest(config, run)
     device = resolve_device(config.train.device)
     start = time.perf_counter()
     gen = train_central(

@@ -19,10 +19,10 @@ import sys
 import time
 from pathlib import Path
 
+from phantom_world import phantom_world
+
 from synthct.artifacts import sha256_file, write_json
 from synthct.config import load_config, packaged_config_path
-from synthct.data.dataset import load_cases
-from synthct.data.phantoms import write_phantom_sites
 from synthct.trainer import ensure_reference
 
 SHIP = Path(__file__).resolve().parents[1] / "synthct" / "pretrained" / "phantom" / "reference"
@@ -36,11 +36,7 @@ def main() -> None:
     start = time.perf_counter()
     config = load_config(args.config)
     out = Path(args.out)
-    manifest = out / "data" / "manifest.csv"
-    if not manifest.is_file():
-        write_phantom_sites(config, out / "data")
-    train = load_cases(manifest, config, splits=("train",))
-    holdout = load_cases(manifest, config, splits=("holdout",))
+    manifest, train, holdout = phantom_world(config, out)
     info = ensure_reference(config, train, holdout, out)
     if SHIP.exists():
         shutil.rmtree(SHIP)

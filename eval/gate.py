@@ -158,13 +158,16 @@ DEFAULT_RULES: dict[str, RuleSpec] = {
         "classes the classifier sees in the cohort differ from those requested by at most "
         "0.25 total variation",
     ),
+    # -0.25 (was -0.5) on evidence (docs/benchmarks.md, bench/results/gate_verdicts_2026-12-02):
+    # on the benchmark phantoms fresh real cohorts score 0.64-0.91 (20 seeds), cohorts in one
+    # site's style 0.21-0.28 (every site); baseline (0.74) - 0.5 fell inside the latter.
     "site_balance": RuleSpec(
         "site_fidelity_ratio",
         "min",
-        -0.5,
+        -0.25,
         True,
         "nearest-site / farthest-site median distance from a site's holdout cases to the cohort "
-        "(HU/texture features), at most 0.5 below real's: a cohort in one hospital's style fails",
+        "(HU/texture features), at most 0.25 below real's: a cohort in one hospital's style fails",
     ),
     "site_style": RuleSpec(
         "site_style_match",

@@ -5,7 +5,7 @@ a good gate must pass. The hard negatives each break one property: ``near_copies
 shifted, noised train cases, for all or part of a cohort), ``mode_collapse`` (one volume per
 class, lightly noised), ``hu_shift`` (every volume offset by some HU), ``relabelled`` (labels
 permuted), ``single_site`` (every case in one hospital's scanner style), ``sites_shuffled``
-(each case claims to be made for another site) and ``single_style_for_all`` (cases claimed
+(each case claims to be made for another site) and ``one_style_for_all_sites`` (cases claimed
 for every site, all in one site's style).
 """
 
@@ -30,6 +30,7 @@ __all__ = [
     "hu_shift",
     "relabelled",
     "sites_shuffled",
+    "one_style_for_all_sites",
 ]
 
 
@@ -181,6 +182,15 @@ def relabelled(
     rotate = {c: classes[(i + 1) % len(classes)] for i, c in enumerate(classes)}
     return write_cohort(
         out, volumes, [rotate[x] for x in labels], spacings, source="negative:relabelled"
+    )
+
+
+def one_style_for_all_sites(
+    config: SynthctConfig, counts: dict[str, int], out: str | Path, *, seed: int, style: str
+) -> Path:
+    """Cases claimed for every configured site, all rendered at site ``style``."""
+    return fresh_real_cohort(
+        config, counts, out, seed=seed, sites=[style], claim_sites=config.site_names
     )
 
 

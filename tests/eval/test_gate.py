@@ -96,13 +96,8 @@ def test_each_hard_negative_fails_its_rule(tmp_path, fresh, real, demo_config, r
         # cases made for every site but in other sites' styles
         "site_style": negatives.sites_shuffled(fresh, tmp_path / "shuffled"),
     }
-    one_style = negatives.fresh_real_cohort(
-        demo_config,
-        COUNTS,
-        tmp_path / "one_style",
-        seed=6,
-        sites=["site_b"],
-        claim_sites=demo_config.site_names,
+    one_style = negatives.one_style_for_all_sites(
+        demo_config, COUNTS, tmp_path / "one_style", seed=6, style="site_b"
     )
     report = _gate(one_style, real, demo_config, reference)
     assert "site_style" in _failed(report), _failed(report)

@@ -1,0 +1,27 @@
+"""Shared by the bench scripts: the demo phantoms rendered once under a run folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from synthct.config import SynthctConfig
+from synthct.data.dataset import CaseSet, load_cases
+from synthct.data.phantoms import write_phantom_sites
+
+
+def phantom_manifest(config: SynthctConfig, out: Path, *, seed: int | None = None) -> Path:
+    """``out/data/manifest.csv``, rendering the config's phantom sites there if missing."""
+    manifest = out / "data" / "manifest.csv"
+    if not manifest.is_file():
+        write_phantom_sites(config, out / "data", seed=seed)
+    return manifest
+
+
+def phantom_world(
+    config: SynthctConfig, out: Path, *, seed: int | None = None
+) -> tuple[Path, CaseSet, CaseSet]:
+    """The phantoms' manifest and their ``train`` and ``holdout`` cases."""
+    manifest = phantom_manifest(config, out, seed=seed)
+    train = load_cases(manifest, config, splits=("train",))
+    holdout = load_cases(manifest, config, splits=("holdout",))
+    return manifest, train, holdout
