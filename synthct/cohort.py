@@ -4,8 +4,8 @@ A cohort is a folder: ``cases/<site>/<label>/<case_id>.nii.gz``, ``manifest.csv`
 (``path,label,site,split,source,seed,sampler,steps,guidance,site_condition``; ``site`` is the
 site a case is meant for, ``pooled`` when it is meant for everyone, ``site_condition`` the site
 a site-conditioned generator was asked to render it for (``null``: site-agnostic, ``none``: a
-class-only generator), ``split`` is ``train`` because synthetic cases only ever train) and ``cohort.json`` (plan, generator sha256, versions). The plan is
-fixed when the cohort starts; a rerun generates only cases that are not yet on disk, so an
+class-only generator), ``split`` is ``train`` because synthetic cases only ever train) and
+``cohort.json`` (plan, generator sha256, versions). The plan is fixed when the cohort starts; a rerun generates only cases that are not yet on disk, so an
 interrupted cohort resumes without redoing or duplicating anything.
 """
 
