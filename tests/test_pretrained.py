@@ -45,3 +45,19 @@ def test_shipped_generator_is_class_conditional():
     assert (
         acc["per_class_recall"][normal] >= 0.75 and acc["per_class_recall"][consolidation] >= 0.75
     )
+
+
+def test_every_shipped_folder_is_declared_package_data():
+    """A folder of the shipped generator that pyproject does not declare would be left out of
+    a wheel and makes setuptools print pages of warnings at every set-up (a re-ship that adds
+    a history folder must declare it)."""
+    import tomllib
+    from pathlib import Path
+
+    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    packages = set(tomllib.loads(pyproject.read_text())["tool"]["setuptools"]["packages"])
+    root = phantom_dir()
+    folders = {p.parent for p in root.rglob("*") if p.is_file()}
+    for folder in folders:
+        name = ".".join(["synthct", "pretrained", *folder.relative_to(root.parent).parts])
+        assert name in packages, f"{name} is not in pyproject's packages"
