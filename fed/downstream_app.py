@@ -30,7 +30,6 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
 
 from synthct.config import SynthctConfig
-from synthct.data.dataset import load_cases
 from synthct.data.manifest import read_manifest
 from synthct.downstream import (
     ArmResult,
@@ -94,7 +93,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     try:
         if split not in ("holdout", "test"):
             raise SiteError(f"site {site.name!r}: unknown eval-split {split!r}")
-        cases = load_cases(site.manifest, config, splits=(split,), sites=(site.name,))
+        cases = load_site_cases(config, site.manifest, site.name, split)
         model = build_classifier(config)
         model.load_state_dict(msg.content["arrays"].to_torch_state_dict(), strict=True)
         probs_np = predict(model, cases.images)

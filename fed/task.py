@@ -110,22 +110,33 @@ def payload_digest(tensors: dict[str, torch.Tensor]) -> tuple[int, str]:
     return size, h.hexdigest()
 
 
-_CASE_CACHE: dict[tuple[str, str, float, str], CaseSet] = {}
+_CASE_CACHE: dict[tuple[str, str, float, str, str], CaseSet] = {}
 
 
-def load_site_cases(config: SynthctConfig, manifest: str | Path, site: str) -> CaseSet:
-    """This site's ``train`` cases only; cached per process while the manifest is unchanged."""
+def load_site_cases(
+    config: SynthctConfig, manifest: str | Path, site: str, split: str = "train"
+) -> CaseSet:
+    """This site's cases of one split only; cached per process (one entry per split) while the
+    manifest is unchanged, so a site scoring its holdout every round reads it once. An empty
+    ``train`` split is an error."""
     if site not in config.site_names:
         raise SiteError(f"site {site!r} is not in the run's config (sites: {config.site_names})")
     manifest = Path(manifest)
     if not manifest.is_file():
         raise SiteError(f"site {site!r}: manifest {manifest} not found")
-    key = (str(manifest.resolve()), site, manifest.stat().st_mtime, config.labels.vocabulary_hash)
+    source = (
+        str(manifest.resolve()),
+        site,
+        manifest.stat().st_mtime,
+        config.labels.vocabulary_hash,
+    )
+    key = (*source, split)
     if key not in _CASE_CACHE:
-        cases = load_cases(manifest, config, splits=("train",), sites=(site,))
-        if len(cases) == 0:
+        cases = load_cases(manifest, config, splits=(split,), sites=(site,))
+        if split == "train" and len(cases) == 0:
             raise SiteError(f"site {site!r}: no train cases in {manifest}")
-        _CASE_CACHE.clear()  # one site per process in practice; keep memory bounded
+        for stale in [k for k in _CASE_CACHE if k[:4] != source]:  # keep memory bounded:
+            del _CASE_CACHE[stale]  # one site and manifest per process in practice
         _CASE_CACHE[key] = cases
     return _CASE_CACHE[key]
 

@@ -163,7 +163,7 @@ class EarlyStopping:
         self.best_state: Any = None
         self.best_at = 0
         self.checks = 0
-        self.since_best = 0  # checks since the balanced accuracy or the loss last improved
+        self.since_improved = 0  # checks since the balanced accuracy or the loss last improved
         self._best_bal = -np.inf
         self._best_neg_loss = -np.inf
 
@@ -172,11 +172,11 @@ class EarlyStopping:
         self.checks += 1
         bal, neg_loss = score
         if bal > self._best_bal or neg_loss > self._best_neg_loss:
-            self.since_best = 0
+            self.since_improved = 0
             self._best_bal = max(self._best_bal, bal)
             self._best_neg_loss = max(self._best_neg_loss, neg_loss)
         else:
-            self.since_best += 1
+            self.since_improved += 1
         if self.best is None or score > self.best:
             self.best, self.best_at = score, self.checks
             self.best_state = self.snapshot(state)
@@ -185,7 +185,7 @@ class EarlyStopping:
 
     @property
     def stop(self) -> bool:
-        return self.patience > 0 and self.since_best >= self.patience
+        return self.patience > 0 and self.since_improved >= self.patience
 
     def summary(self) -> dict[str, Any]:
         bal, neg_loss = self.best if self.best is not None else (float("nan"), float("nan"))
