@@ -71,15 +71,16 @@ def adjusted_sums_from_blocks(
 def site_sums(
     features: np.ndarray, labels: np.ndarray, sites: Sequence[str], means: np.ndarray
 ) -> SiteSums:
-    """Class-adjusted feature sums per site (``features - means[label]``)."""
-    adjusted = features - means[labels]
-    sums: dict[str, np.ndarray] = {}
-    counts: dict[str, int] = {}
+    """Class-adjusted feature sums per site (``features - means[label]``), through the same
+    per-site, per-class sums a federated site sends (:func:`adjusted_sums_from_blocks`)."""
+    onehot = np.eye(len(means))[labels]
+    site_arr = np.asarray(sites)
+    blocks, counts = {}, {}
     for site in sorted(set(sites)):
-        mask = np.asarray([s == site for s in sites])
-        sums[site] = adjusted[mask].sum(0)
-        counts[site] = int(mask.sum())
-    return SiteSums(sums, counts)
+        rows = onehot[site_arr == site]
+        blocks[site] = rows.T @ features[site_arr == site]
+        counts[site] = rows.sum(0)
+    return adjusted_sums_from_blocks(blocks, counts, means)
 
 
 def style_match(target: SiteSums, real: SiteSums) -> tuple[float, dict[str, dict]]:
