@@ -41,19 +41,15 @@ from synthct.eval import negatives  # noqa: E402
 from synthct.eval.gate import load_real, run_gate  # noqa: E402
 from synthct.eval.reference import load_reference  # noqa: E402
 from synthct.pretrained import phantom_dir, shipped_reference_for  # noqa: E402
+from synthct.sampling import reconstruct  # noqa: E402
 from synthct.trainer import ensure_reference  # noqa: E402
 
 COUNTS = {"nodule": 20, "ground_glass": 20, "consolidation": 30}
 
 
-def reconstruct(gen, images: torch.Tensor, window) -> torch.Tensor:
-    """HU reconstructions (posterior means decoded), N×1×X×Y×Z."""
-    with torch.no_grad():
-        out = [
-            gen.autoencoder.decode(gen.autoencoder.encode(images[i : i + 16])[0])
-            for i in range(0, len(images), 16)
-        ]
-    return model_to_hu(torch.cat(out), window)
+def reconstruct_hu(gen, images: torch.Tensor, sites: list[str], window) -> torch.Tensor:
+    """HU reconstructions (posterior means decoded for each case's site), N×1×X×Y×Z."""
+    return model_to_hu(reconstruct(gen, images, sites=sites), window)
 
 
 def soft_tissue(x: torch.Tensor) -> torch.Tensor:
@@ -139,7 +135,7 @@ def main() -> None:
     fresh = negatives.fresh_real_cohort(config, COUNTS, out / "fresh", seed=args.seed)
     rows = read_manifest(fresh)
     cases = load_cases(fresh, config, splits=("train",))
-    recon = reconstruct(gen, cases.images, window)
+    recon = reconstruct_hu(gen, cases.images, cases.sites, window)
 
     # the sites' noise spectra, from their train scans and reconstructions
     spectra: dict[str, dict[str, torch.Tensor]] = {"whole": {}, "soft_tissue": {}}
@@ -147,7 +143,7 @@ def main() -> None:
     for site in config.site_names:
         tr = load_cases(manifest, config, splits=("train",), sites=(site,))
         x = model_to_hu(tr.images, window)
-        r = reconstruct(gen, tr.images, window)
+        r = reconstruct_hu(gen, tr.images, tr.sites, window)
         for kind, mask in (("whole", None), ("soft_tissue", soft_tissue(x) & soft_tissue(r))):
             power, n = nps_sums(x - r, mask)
             spectra[kind][site] = power / n

@@ -20,8 +20,7 @@ from synthct.data.dataset import CaseSet
 from synthct.data.preprocess import hu_to_model, model_to_hu
 from synthct.eval.diversity import pairwise_msssim
 from synthct.eval.reference import ReferenceModel, evaluate_classifier
-from synthct.sampling import sample_volumes
-from synthct.training import encode_latents
+from synthct.sampling import reconstruct, sample_volumes
 
 __all__ = [
     "hu_histogram",
@@ -46,11 +45,7 @@ def autoencoder_ceiling(
     decoded from the posterior means (what the diffusion model learns from; ``ae(x)`` would
     sample the posterior and make the score vary by a few cases from call to call)."""
     device = next(gen.autoencoder.parameters()).device
-    ae = gen.autoencoder.eval()
-    latents = encode_latents(ae, cases.images.to(device), batch_size)
-    recon = torch.cat(
-        [ae.decode(latents[i : i + batch_size]).cpu() for i in range(0, len(cases), batch_size)]
-    )
+    recon = reconstruct(gen, cases.images.to(device), sites=cases.sites, batch_size=batch_size)
     n = gen.config.labels.num_classes
     return evaluate_classifier(reference.predict(recon.clamp(-1, 1)), cases.labels, n)
 

@@ -150,9 +150,9 @@ def round_seed(seed: int, phase: str, server_round: int, site: str) -> int:
 def build_phase_model(config: SynthctConfig, phase: str) -> nn.Module:
     """The network a phase trains: the autoencoder, its decoding half, or the diffusion UNet."""
     if phase == "autoencoder":
-        return build_autoencoder(config.autoencoder)
+        return build_autoencoder(config.autoencoder, config.site_names)
     if phase == "decoder":
-        return LatentDecoder(build_autoencoder(config.autoencoder))
+        return LatentDecoder(build_autoencoder(config.autoencoder, config.site_names))
     if phase == "diffusion":
         return build_unet(
             config.unet,
@@ -320,13 +320,19 @@ def train_decoder_round(
     decoder = build_phase_model(config, "decoder")
     detail = detail_range(config.autoencoder, config.data.hu_window)
 
-    def step(optimizer, idx, _generator, extra):
+    def step(optimizer, idx, generator, extra):
+        sites = decoder.site_rows(
+            [cases.sites[i] for i in idx.tolist()],
+            dropout=config.autoencoder.site_style_dropout,
+            generator=generator,
+        )
         return decoder_step(
             decoder,
             optimizer,
             latents[idx].to(run.device),
             cases.images[idx].to(run.device),
             config.autoencoder,
+            sites=sites,
             detail=detail,
             extra_loss=extra,
         )

@@ -66,6 +66,12 @@ class Generator:
         """Class (and site) names -> the UNet's conditioning indices."""
         return conditioning_for(self.config)
 
+    @property
+    def renders_sites(self) -> bool:
+        """Whether a volume's site changes how it is sampled (site-conditioned UNet) or
+        decoded (site-styled autoencoder)."""
+        return self.conditioning.site_conditioned or hasattr(self.autoencoder, "site_style")
+
     def to(self, device: torch.device | str) -> Generator:
         for m in (self.autoencoder, self.unet, self.ema):
             m.to(device)
@@ -76,7 +82,7 @@ def build_generator(config: SynthctConfig, *, seed: int | None = None) -> Genera
     """Fresh weights from the config (deterministic for ``seed``)."""
     if seed is not None:
         torch.manual_seed(seed)
-    ae = build_autoencoder(config.autoencoder)
+    ae = build_autoencoder(config.autoencoder, config.site_names)
     unet = build_unet(
         config.unet,
         latent_channels=config.autoencoder.latent_channels,

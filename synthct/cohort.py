@@ -3,8 +3,8 @@
 A cohort is a folder: ``cases/<site>/<label>/<case_id>.nii.gz``, ``manifest.csv``
 (``path,label,site,split,source,seed,sampler,steps,guidance,site_condition``; ``site`` is the
 site a case is meant for, ``pooled`` when it is meant for everyone, ``site_condition`` the site
-a site-conditioned generator was asked to render it for (``null``: site-agnostic, ``none``: a
-class-only generator), ``split`` is ``train`` because synthetic cases only ever train) and
+a site-aware generator (site-conditioned UNet or site-styled decoder) was asked to render it
+for (``null``: site-agnostic, ``none``: a generator that ignores sites), ``split`` is ``train`` because synthetic cases only ever train) and
 ``cohort.json`` (plan, generator sha256, versions). The plan is fixed when the cohort starts; a rerun generates only cases that are not yet on disk, so an
 interrupted cohort resumes without redoing or duplicating anything.
 """
@@ -178,7 +178,7 @@ def generate_cohort(
         sites_to_indices(gen, sorted({c.site for c in plan}))
     except UnknownSiteError as exc:
         raise CohortError(str(exc)) from None
-    conditioned = gen.conditioning.site_conditioned
+    conditioned = gen.renders_sites
     source = generator_sha256(generator_dir) + (f"+{plugins}" if plugins else "")
     settings = {
         "format": COHORT_FORMAT,

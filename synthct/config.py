@@ -221,6 +221,8 @@ _LOSS_ONLY = {
         "perceptual_weight",
         "detail_weight",
         "detail_window_hu",
+        "site_style_dropout",
+        "adversarial_weight",
     }
 }
 
@@ -245,6 +247,21 @@ class AutoencoderConfig(_Strict):
         "error in the full window and the decoder attenuates it unless it costs more",
     )
     detail_window_hu: tuple[float, float] = (-1000.0, -300.0)
+    site_style: bool = Field(
+        default=False,
+        description="tell the decoder the site (scanner): a per-site feature bias and output "
+        "gain/offset, trained in the decoder phase (data.sites is the site vocabulary)",
+    )
+    spare_site_slots: int = Field(
+        default=1, ge=0, description="site style rows reserved for sites that join later"
+    )
+    site_style_dropout: float = Field(
+        default=0.1,
+        ge=0,
+        le=1,
+        description="share of decoder-phase cases decoded with the null site, so site-agnostic "
+        "decoding stays a valid average style",
+    )
 
     @model_validator(mode="after")
     def _groups_divide(self) -> AutoencoderConfig:

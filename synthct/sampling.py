@@ -26,6 +26,7 @@ from synthct.models.schedulers import sampling_scheduler, set_timesteps
 __all__ = [
     "sample_latents",
     "decode_latents",
+    "reconstruct",
     "sample_volumes",
     "labels_to_indices",
     "sites_to_indices",
@@ -40,8 +41,12 @@ Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], to
 
 
 def sites_to_indices(gen: Generator, sites: Sequence[str | None]) -> torch.Tensor | None:
-    """Site names -> the generator's site indices (None for a class-only generator); None or
-    ``pooled`` = the null site; an unknown site is an error listing the known ones."""
+    """Site names -> the UNet's site indices (None for a class-only UNet); None or ``pooled``
+    = the null site; a site unknown to the UNet or the site-styled decoder is an error listing
+    the known ones."""
+    style = getattr(gen.autoencoder, "site_style", None)
+    if style is not None:
+        style.indices(sites)
     return gen.conditioning.site_indices(sites)
 
 
@@ -104,21 +109,61 @@ def sample_latents(
 
 
 @torch.no_grad()
-def decode_latents(gen: Generator, z: torch.Tensor, *, patch: int | None = None) -> torch.Tensor:
+def decode_latents(
+    gen: Generator,
+    z: torch.Tensor,
+    *,
+    patch: int | None = None,
+    sites: Sequence[str | None] | None = None,
+) -> torch.Tensor:
     """Scaled latents -> model-space volumes N×1×X×Y×Z; ``patch`` decodes in overlapping
-    latent windows (MONAI sliding window) so memory stays bounded for large volumes."""
+    latent windows (MONAI sliding window) so memory stays bounded for large volumes.
+    ``sites``: the site each volume is for, rendered in that site's style by a site-styled
+    decoder (None or ``pooled``: the null, average style; ignored by a plain decoder)."""
     ae = gen.autoencoder.eval()
     z = z / gen.scale_factor
+    style = getattr(ae, "site_style", None)
+    rows = None
+    if style is not None and sites is not None:
+        if len(sites) != len(z):
+            raise ValueError(f"{len(sites)} sites given for {len(z)} latents")
+        rows = style.indices(sites)
     if patch is None or max(z.shape[2:]) <= patch:
-        return ae.decode(z)
-    return sliding_window_inference(
-        z,
-        roi_size=(patch,) * 3,
-        sw_batch_size=1,
-        predictor=ae.decode,
-        overlap=0.25,
-        mode="gaussian",
-    )
+        return ae.decode(z) if rows is None else ae.decode(z, rows)
+    out = []
+    for i in range(len(z)):  # one volume at a time: the window predictor sees one site
+        row = None if rows is None else rows[i : i + 1]
+        out.append(
+            sliding_window_inference(
+                z[i : i + 1],
+                roi_size=(patch,) * 3,
+                sw_batch_size=1,
+                predictor=ae.decode if row is None else (lambda w, r=row: ae.decode(w, r)),
+                overlap=0.25,
+                mode="gaussian",
+            )
+        )
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def reconstruct(
+    gen: Generator,
+    images: torch.Tensor,
+    *,
+    sites: Sequence[str | None] | None = None,
+    batch_size: int = 16,
+) -> torch.Tensor:
+    """Autoencoder reconstructions (model space) of N×1×X×Y×Z ``images``, decoded from the
+    posterior means (what the diffusion model learns from) for their ``sites``: the ceiling
+    any sample of this generator can reach."""
+    ae = gen.autoencoder.eval()
+    out = []
+    for i in range(0, len(images), batch_size):
+        mu = ae.encode(images[i : i + batch_size])[0]
+        part = None if sites is None else list(sites[i : i + batch_size])
+        out.append(decode_latents(gen, mu * gen.scale_factor, sites=part).cpu())
+    return torch.cat(out)
 
 
 @torch.no_grad()
@@ -164,6 +209,11 @@ def sample_volumes(
             generator=generator,
             device=device,
         )
-        x = decode_latents(gen, z, patch=gen.config.sampling.decode_patch)
+        x = decode_latents(
+            gen,
+            z,
+            patch=gen.config.sampling.decode_patch,
+            sites=names[start : start + batch_size],
+        )
         volumes.append(model_to_hu(x.float().cpu(), gen.config.data.hu_window))
     return torch.cat(volumes)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from synthct.config import AutoencoderConfig, DiffusionConfig
+from synthct.models.autoencoder import styled_decode
 from synthct.models.conditioning import Conditioning
 
 __all__ = [
@@ -207,16 +208,29 @@ def autoencoder_step(
 
 
 class LatentDecoder(nn.Module):
-    """The decoding half of an ``AutoencoderKL`` (``post_quant_conv`` + ``decoder``), sharing
-    its modules: the decoder phase trains and sends only these (same state-dict names)."""
+    """The decoding half of an ``AutoencoderKL`` (``post_quant_conv`` + ``decoder``, + its
+    ``site_style`` when it has one), sharing its modules: the decoder phase trains and sends
+    only these (same state-dict names)."""
 
     def __init__(self, ae: nn.Module) -> None:
         super().__init__()
         self.post_quant_conv = ae.post_quant_conv
         self.decoder = ae.decoder
+        self.site_style = getattr(ae, "site_style", None)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.post_quant_conv(z))
+    def forward(self, z: torch.Tensor, sites: torch.Tensor | None = None) -> torch.Tensor:
+        return styled_decode(self.post_quant_conv, self.decoder, self.site_style, z, sites)
+
+    def site_rows(
+        self, names: list[str], *, dropout: float, generator: torch.Generator
+    ) -> torch.Tensor | None:
+        """Style rows for cases of these sites, each dropped to the null site with
+        ``dropout`` (None for a decoder without site style)."""
+        if self.site_style is None:
+            return None
+        rows = self.site_style.indices(names)
+        drop = torch.rand(len(rows), generator=generator) < dropout
+        return torch.where(drop, torch.full_like(rows, self.site_style.null_site), rows)
 
 
 def decoder_step(
@@ -226,15 +240,17 @@ def decoder_step(
     x: torch.Tensor,
     cfg: AutoencoderConfig,
     *,
+    sites: torch.Tensor | None = None,
     detail: tuple[float, float] | None = None,
     extra_loss: Callable[[], torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """One decoder-only step: reconstruct ``x`` from its frozen encoder's posterior means
-    ``z`` (what sampling decodes), so the encoder's latents and a UNet trained on them stay valid."""
+    ``z`` (what sampling decodes), so the encoder's latents and a UNet trained on them stay
+    valid; ``sites``: style rows of a site-styled decoder (:meth:`LatentDecoder.site_rows`)."""
     decoder.train()
     optimizer.zero_grad(set_to_none=True)
     with autocast(x.device):
-        loss, parts = reconstruction_loss(decoder(z), x, cfg, detail)
+        loss, parts = reconstruction_loss(decoder(z, sites), x, cfg, detail)
     parts["loss"] = loss.item()
     _optimise(decoder, optimizer, loss, extra_loss)
     return parts

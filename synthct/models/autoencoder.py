@@ -1,21 +1,94 @@
-"""The 3D KL autoencoder (MONAI ``AutoencoderKL``) built from its typed config."""
+"""The 3D KL autoencoder (MONAI ``AutoencoderKL``) built from its typed config.
+
+With ``autoencoder.site_style`` the decoder is told the site (scanner) a volume is for: a
+learnt per-site bias on its first block's features (noise and kernel character spread from
+there through every later block) and a per-site gain and offset on its output (HU
+calibration). The scanner style then lives where the scanner lives, in the decoder, and the
+encoder, its latents and any UNet trained on them stay as they are.
+``bench/site_decoder_probe.py``: radiomics KID of reconstructions 0.40 -> 0.26 and site style
+match 0.50 -> 1.00, where the same refinement without the site reached 0.62 / 0.75.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import torch
 from monai.networks.nets import AutoencoderKL
+from torch import nn
 
 from synthct.config import AutoencoderConfig
+from synthct.models.conditioning import Conditioning
 
-__all__ = ["build_autoencoder"]
+__all__ = ["build_autoencoder", "SiteStyle", "SiteStyledAutoencoderKL", "styled_decode"]
 
 
-def build_autoencoder(cfg: AutoencoderConfig) -> AutoencoderKL:
+class SiteStyle(nn.Module):
+    """Per-site feature bias (``site_slots x channels``) and output gain/offset, zero-initialised
+    so a new site (or the null site, row ``len(sites)``) decodes exactly as the plain decoder."""
+
+    def __init__(self, sites: Sequence[str], spare_slots: int, channels: int) -> None:
+        super().__init__()
+        self.vocabulary = Conditioning(num_classes=0, sites=tuple(sites), site_slots=0)
+        slots = len(sites) + 1 + spare_slots
+        self.feature_bias = nn.Embedding(slots, channels)
+        self.output_affine = nn.Embedding(slots, 2)
+        nn.init.zeros_(self.feature_bias.weight)
+        nn.init.zeros_(self.output_affine.weight)
+
+    @property
+    def null_site(self) -> int:
+        return self.vocabulary.null_site
+
+    def indices(self, names: Sequence[str | None]) -> torch.Tensor:
+        """Site names -> rows (None and ``pooled``: the null site; unknown names: an error)."""
+        return self.vocabulary.site_indices(names)
+
+
+def styled_decode(
+    post_quant_conv: nn.Module,
+    decoder: nn.Module,
+    style: SiteStyle | None,
+    z: torch.Tensor,
+    sites: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``AutoencoderKL.decode`` with the site's style added (``sites``: B rows; None = null)."""
+    h = post_quant_conv(z)
+    if style is None:
+        return decoder(h)
+    if sites is None:
+        sites = torch.full((z.shape[0],), style.null_site, dtype=torch.long)
+    sites = sites.to(z.device)
+    h = decoder.blocks[0](h) + style.feature_bias(sites)[:, :, None, None, None]
+    for block in decoder.blocks[1:]:
+        h = block(h)
+    gain, offset = style.output_affine(sites).to(h.dtype).unbind(dim=1)
+    return h * (1 + gain[:, None, None, None, None]) + offset[:, None, None, None, None]
+
+
+class SiteStyledAutoencoderKL(AutoencoderKL):
+    """``AutoencoderKL`` whose ``decode(z, sites)`` renders a site's style (see module doc);
+    ``forward`` (the autoencoder phase) decodes with the null site."""
+
+    def __init__(self, *, sites: Sequence[str], spare_site_slots: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        with torch.no_grad():
+            probe = torch.zeros(1, kwargs["latent_channels"], *(2,) * kwargs["spatial_dims"])
+            channels = self.decoder.blocks[0](self.post_quant_conv(probe)).shape[1]
+        self.site_style = SiteStyle(sites, spare_site_slots, channels)
+
+    def decode(self, z: torch.Tensor, sites: torch.Tensor | None = None) -> torch.Tensor:
+        return styled_decode(self.post_quant_conv, self.decoder, self.site_style, z, sites)
+
+
+def build_autoencoder(cfg: AutoencoderConfig, sites: Sequence[str] = ()) -> AutoencoderKL:
     """One-channel CT in, one out; ``len(cfg.channels) - 1`` halvings per axis.
 
-    Shapes: ``encode``: B×1×X×Y×Z -> (B×C×X/f×Y/f×Z/f mean, sigma); ``decode`` inverts it.
+    Shapes: ``encode``: B×1×X×Y×Z -> (B×C×X/f×Y/f×Z/f mean, sigma); ``decode`` inverts it
+    (``decode(z, sites)`` with ``cfg.site_style``: ``sites`` is the site vocabulary then).
     """
     levels = len(cfg.channels)
-    return AutoencoderKL(
+    kwargs = dict(
         spatial_dims=3,
         in_channels=1,
         out_channels=1,
@@ -28,3 +101,8 @@ def build_autoencoder(cfg: AutoencoderConfig) -> AutoencoderKL:
         with_decoder_nonlocal_attn=cfg.attention,
         include_fc=False,
     )
+    if not cfg.site_style:
+        return AutoencoderKL(**kwargs)
+    if not sites:
+        raise ValueError("autoencoder.site_style needs the site vocabulary (data.sites)")
+    return SiteStyledAutoencoderKL(sites=sites, spare_site_slots=cfg.spare_site_slots, **kwargs)
