@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from synthct.artifacts import atomic_write_text, read_json, sha256_file, write_json
-from synthct.checkpoint import generator_sha256, load_generator, save_generator
+from synthct.checkpoint import generator_sha256, save_generator
 from synthct.config import load_config, packaged_config_path
 from synthct.data.dataset import load_cases
 from synthct.data.phantoms import write_phantom_sites
@@ -54,8 +54,10 @@ def _wall_min(rounds_file: Path) -> float:
     return sum(r.get("wall_s") or 0.0 for r in rounds) / 60
 
 
-def ship(run: Path, report: dict, command: str, log: Path | None, initial: Path | None) -> None:
-    gen = load_generator(run / "generator")
+def ship(
+    gen, run: Path, report: dict, command: str, log: Path | None, initial: Path | None
+) -> None:
+    """Export ``gen`` (the run's weights with this command's inference settings)."""
     history = ""
     staged = None
     if initial is not None and (initial.parent / "rounds.jsonl").is_file():
@@ -173,7 +175,7 @@ def main() -> None:
     write_json(run / "pretrained_quality.json", report, kind="pretrained-quality")
     print(json.dumps(report, indent=2))
     if args.ship:
-        ship(run, report, command, args.log, Path(args.initial) if args.initial else None)
+        ship(gen, run, report, command, args.log, Path(args.initial) if args.initial else None)
 
 
 if __name__ == "__main__":

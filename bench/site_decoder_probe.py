@@ -1,28 +1,29 @@
-"""Probe: does a site-conditioned decoder lift the autoencoder's ceiling over the same decoder
-refined without the site?
+"""Probe: how far do a site-styled decoder and a patch-adversarial term lift the autoencoder's
+ceiling, decoder-only, from the shipped generator?
 
-    python bench/site_decoder_probe.py [STEPS]
+    python bench/site_decoder_probe.py [--steps 600] [--arms plain site site+adv0.01 ...]
+        [--lr 1e-4] [--results bench/results/site_decoder_probe_<date>.txt]
 
 The shipped autoencoder's encoder is frozen (its latents, and any UNet trained on them, stay
-valid); its decoder is refined for STEPS decoder-only steps (L1 + edge + lung-window detail, as
-the decoder phase trains) twice from the same start: plain, and with a learnt per-site bias on
-the first decoder block's features plus a per-site output scale and shift. A fresh real cohort
-(seed 4242, each case for its own site) is reconstructed by each and gated, as in
-bench/autoencoder_ceiling.py. Not a product component yet: the question it answers is where
-the scanner style should live.
+valid); its decoder is refined for STEPS decoder-only steps of the product's decoder phase
+(``synthct.training.decoder_step``: L1 + edge + lung-window detail, + the adversarial term)
+from the same start in each arm: ``plain`` (no site), ``site`` (``autoencoder.site_style``),
+``site+advW`` (site style and ``adversarial_weight`` W, MONAI PatchDiscriminator). A fresh real
+cohort (seed 4242, each case for its own site) is reconstructed by each arm, for its site, and
+gated, as in bench/autoencoder_ceiling.py.
 """
 
-import copy
+from __future__ import annotations
+
+import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 from phantom_world import phantom_manifest
-from torch import nn
 
-from synthct.checkpoint import load_generator
+from synthct.checkpoint import adopt_generator, load_generator
 from synthct.config import load_config, packaged_config_path
 from synthct.data.dataset import load_cases
 from synthct.data.manifest import read_manifest, write_manifest
@@ -31,91 +32,96 @@ from synthct.data.volume_io import write_nifti
 from synthct.eval import negatives
 from synthct.eval.gate import load_real, run_gate
 from synthct.pretrained import load_phantom_reference, phantom_dir
-from synthct.training import BalancedSampler, detail_range, reconstruction_loss
-
-torch.set_num_threads(2)
-steps = int(sys.argv[1]) if len(sys.argv) > 1 else 600
-out = Path("runs/bench_site_decoder")
-out.mkdir(parents=True, exist_ok=True)
-config = load_config(packaged_config_path("demo"))
-manifest = phantom_manifest(config, out)
-gen = load_generator(phantom_dir() / "generator")
-sites = config.site_names
-
-
-class SiteDecoder(nn.Module):
-    def __init__(self, ae, n_sites, use_site):
-        super().__init__()
-        self.pq, self.dec = copy.deepcopy(ae.post_quant_conv), copy.deepcopy(ae.decoder)
-        with torch.no_grad():  # channels of the first decoder block's output
-            c = self.dec.blocks[0](
-                torch.zeros(1, config.autoencoder.latent_channels, 4, 4, 4)
-            ).shape[1]
-        self.bias = nn.Embedding(n_sites + 1, c)
-        nn.init.zeros_(self.bias.weight)
-        self.out = nn.Embedding(n_sites + 1, 2)
-        nn.init.zeros_(self.out.weight)
-        self.use_site = use_site
-
-    def forward(self, z, s):
-        h = self.dec.blocks[0](self.pq(z))
-        if self.use_site:
-            h = h + self.bias(s)[:, :, None, None, None]
-        for b in self.dec.blocks[1:]:
-            h = b(h)
-        if self.use_site:
-            a = self.out(s)
-            h = h * (1 + a[:, :1, None, None, None]) + a[:, 1:, None, None, None]
-        return h
-
-
-train = load_cases(manifest, config, splits=("train",))
-s_idx = torch.tensor([sites.index(s) for s in train.sites])
-with torch.no_grad():
-    z = torch.cat(
-        [gen.autoencoder.encode(train.images[i : i + 16])[0] for i in range(0, len(train), 16)]
-    )
-detail = detail_range(config.autoencoder, config.data.hu_window)
-reference = load_phantom_reference(config.labels.vocabulary_hash)
-real = load_real(manifest, manifest, config=config, reference=reference)
-fresh = negatives.fresh_real_cohort(
-    config, {"nodule": 20, "ground_glass": 20, "consolidation": 30}, out / "fresh", seed=4242
+from synthct.sampling import reconstruct
+from synthct.training import (
+    BalancedSampler,
+    LatentDecoder,
+    decoder_step,
+    detail_range,
+    encode_latents,
 )
-rows = read_manifest(fresh)
-fc = load_cases(fresh, config, splits=("train",))
-fs = torch.tensor([sites.index(s) for s in fc.sites])
-with torch.no_grad():
-    fz = gen.autoencoder.encode(fc.images)[0]
-results = {}
-for name, use_site in (("plain", False), ("site", True)):
-    torch.manual_seed(0)
-    g = torch.Generator().manual_seed(0)
-    model = SiteDecoder(gen.autoencoder, len(sites), use_site)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    sampler = BalancedSampler(s_idx, balanced=True, generator=g)
-    t = time.time()
-    for _ in range(steps):
-        idx = sampler(4)
-        loss, _parts = reconstruction_loss(
-            model(z[idx], s_idx[idx]), train.images[idx], config.autoencoder, detail
-        )
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-    with torch.no_grad():
-        rec = model_to_hu(model(fz, fs), config.data.hu_window)
-    d = out / name
-    for row, v in zip(rows, rec, strict=True):
-        write_nifti(d / row.path, v[0].numpy(), config.data.spacing_mm)
-    write_manifest(d / "manifest.csv", rows)
-    rep = run_gate(d / "manifest.csv", real, config=config, reference=reference)
-    results[name] = {r["rule"]: r["value"] for r in rep["rules"]}
-    print(
-        name,
-        round(time.time() - t),
-        rep["verdict"],
-        rep["failed_rules"],
-        json.dumps(results[name]),
-        flush=True,
+
+
+def arm_config(config, arm: str):
+    """The demo config with this arm's decoder settings."""
+    weight = float(arm.split("adv", 1)[1]) if "adv" in arm else 0.0
+    ae = config.autoencoder.model_copy(
+        update={"site_style": arm != "plain", "adversarial_weight": weight}
     )
+    return config.model_copy(update={"autoencoder": ae})
+
+
+def refine(gen, train, steps: int, lr: float, seed: int = 0) -> dict:
+    """``steps`` decoder-phase steps on the pooled train cases; wall time and last losses."""
+    cfg = gen.config.autoencoder
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    decoder = LatentDecoder(gen.autoencoder, gen.discriminator)
+    opt = torch.optim.AdamW(decoder.parameters(), lr=lr)
+    z = encode_latents(gen.autoencoder, train.images)
+    detail = detail_range(cfg, gen.config.data.hu_window)
+    sampler = BalancedSampler(train.labels, balanced=True, generator=g)
+    start, parts = time.perf_counter(), {}
+    for _ in range(steps):
+        idx = sampler(gen.config.train.batch_size)
+        rows = decoder.site_rows(
+            [train.sites[i] for i in idx.tolist()], dropout=cfg.site_style_dropout, generator=g
+        )
+        parts = decoder_step(
+            decoder, opt, z[idx], train.images[idx], cfg, sites=rows, detail=detail
+        )
+    return {"wall_s": round(time.perf_counter() - start, 1), "last": parts}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--arms", nargs="+", default=["plain", "site", "site+adv0.01", "site+adv0.05"])
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--out", default="runs/bench_site_decoder")
+    p.add_argument("--results", default=None)
+    args = p.parse_args()
+    torch.set_num_threads(2)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    config = load_config(packaged_config_path("demo"))
+    manifest = phantom_manifest(config, out)
+    train = load_cases(manifest, config, splits=("train",))
+    reference = load_phantom_reference(config.labels.vocabulary_hash)
+    real = load_real(manifest, manifest, config=config, reference=reference)
+    counts = {"nodule": 20, "ground_glass": 20, "consolidation": 30}
+    fresh = negatives.fresh_real_cohort(config, counts, out / "fresh", seed=4242)
+    rows = read_manifest(fresh)
+    fresh_cases = load_cases(fresh, config, splits=("train",))
+    lines = [
+        f"# {time.strftime('%Y-%m-%d')}: python bench/site_decoder_probe.py --steps {args.steps} "
+        f"--lr {args.lr} --arms {' '.join(args.arms)}",
+        "# shipped autoencoder, encoder frozen; fresh real cohort seed 4242 (70 cases), each "
+        "case reconstructed for its own site; arm, wall_s, verdict, failed rules, values",
+    ]
+    for arm in args.arms:
+        gen = adopt_generator(load_generator(phantom_dir() / "generator"), arm_config(config, arm))
+        info = refine(gen, train, args.steps, args.lr)
+        with torch.no_grad():
+            recon = model_to_hu(
+                reconstruct(gen, fresh_cases.images, sites=fresh_cases.sites),
+                config.data.hu_window,
+            )
+        d = out / arm
+        for row, v in zip(rows, recon, strict=True):
+            write_nifti(d / row.path, v[0].numpy(), config.data.spacing_mm)
+        write_manifest(d / "manifest.csv", rows)
+        rep = run_gate(d / "manifest.csv", real, config=config, reference=reference)
+        values = {r["rule"]: r["value"] for r in rep["rules"]}
+        line = (
+            f"{arm} {info['wall_s']} {rep['verdict']} {rep['failed_rules']} {json.dumps(values)} "
+            f"last_losses={json.dumps({k: round(v, 4) for k, v in info['last'].items()})}"
+        )
+        print(line, flush=True)
+        lines.append(line)
+    if args.results:
+        Path(args.results).write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -33,7 +33,14 @@ from flwr.serverapp.strategy import (
 )
 
 from synthct.artifacts import append_jsonl, read_json, sha256_bytes, write_json
-from synthct.checkpoint import Generator, build_generator, load_generator, save_generator
+from synthct.checkpoint import (
+    CheckpointError,
+    Generator,
+    adopt_generator,
+    build_generator,
+    load_generator,
+    save_generator,
+)
 from synthct.config import SynthctConfig, load_config, packaged_config_path
 from synthct.fed.errors import FederatedError
 from synthct.fed.task import (
@@ -246,14 +253,12 @@ class _Driver:
                     f"{self.run_dir} already holds a federated run; pass resume or a new directory"
                 )
             if self.job.initial is not None:
-                gen = load_generator(self.job.initial)
-                mismatch = config.network_mismatch(gen.config)
-                if mismatch:
-                    raise FederatedError(
-                        f"{self.job.initial}: cannot fine-tune this generator under the run's "
-                        f"config: {mismatch}"
+                try:  # the run's schedule, same networks (site awareness may be added)
+                    gen = adopt_generator(
+                        load_generator(self.job.initial), config, what=str(self.job.initial)
                     )
-                gen.config = config  # the run's schedule, same networks
+                except CheckpointError as exc:
+                    raise FederatedError(str(exc)) from None
                 state.ema_steps = None  # continue its trained EMA: no warm-up
                 if config.federated.ae_rounds == 0:  # frozen autoencoder: keep its scale factor
                     state.scale_factor = gen.scale_factor
@@ -307,7 +312,8 @@ class _Driver:
         config, state = self.config, self.state
         model = {
             "autoencoder": gen.autoencoder,
-            "decoder": LatentDecoder(gen.autoencoder),  # shares the autoencoder's modules
+            # shares the autoencoder's (and the discriminator's) modules
+            "decoder": LatentDecoder(gen.autoencoder, gen.discriminator),
             "diffusion": gen.unet,
         }[phase]
         strategy = make_strategy(config, phase, len(config.site_names))

@@ -26,7 +26,7 @@ from synthct.artifacts import append_jsonl, atomic_write_bytes, sha256_bytes
 from synthct.config import SynthctConfig, TrainConfig, config_from_dict
 from synthct.data.dataset import CaseSet, load_cases
 from synthct.fed.errors import SiteError
-from synthct.models.autoencoder import build_autoencoder
+from synthct.models.autoencoder import build_autoencoder, build_discriminator
 from synthct.models.schedulers import training_scheduler
 from synthct.models.unet import build_unet, conditioning_for
 from synthct.training import (
@@ -152,7 +152,10 @@ def build_phase_model(config: SynthctConfig, phase: str) -> nn.Module:
     if phase == "autoencoder":
         return build_autoencoder(config.autoencoder, config.site_names)
     if phase == "decoder":
-        return LatentDecoder(build_autoencoder(config.autoencoder, config.site_names))
+        return LatentDecoder(
+            build_autoencoder(config.autoencoder, config.site_names),
+            build_discriminator(config.autoencoder),
+        )
     if phase == "diffusion":
         return build_unet(
             config.unet,
@@ -338,7 +341,7 @@ def train_decoder_round(
         )
 
     return _local_training(
-        decoder, weights, "decoder", cases, config.train, config.train.ae_lr, run, step
+        decoder, weights, "decoder", cases, config.train, config.train.decoder_lr, run, step
     )
 
 

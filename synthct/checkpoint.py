@@ -19,7 +19,7 @@ from torch import nn
 
 from synthct.artifacts import atomic_path, read_json, sha256_file, write_json
 from synthct.config import SynthctConfig, config_from_dict
-from synthct.models.autoencoder import build_autoencoder
+from synthct.models.autoencoder import build_autoencoder, build_discriminator
 from synthct.models.conditioning import Conditioning
 from synthct.models.unet import build_unet, conditioning_for
 
@@ -27,6 +27,7 @@ __all__ = [
     "CheckpointError",
     "Generator",
     "build_generator",
+    "adopt_generator",
     "save_generator",
     "load_generator",
     "save_tensors",
@@ -40,6 +41,7 @@ _WEIGHT_FILES = {
     "autoencoder": "autoencoder.safetensors",
     "unet": "unet.safetensors",
     "ema": "ema.safetensors",
+    "discriminator": "discriminator.safetensors",  # training only: kept while training goes on
 }
 
 
@@ -49,13 +51,15 @@ class CheckpointError(ValueError):
 
 @dataclass
 class Generator:
-    """Autoencoder + diffusion UNet (+ its EMA, used for sampling) + latent scale factor."""
+    """Autoencoder + diffusion UNet (+ its EMA, used for sampling) + latent scale factor
+    (+ the decoder phase's patch discriminator while an adversarial decoder trains)."""
 
     config: SynthctConfig
     autoencoder: nn.Module
     unet: nn.Module
     ema: nn.Module
     scale_factor: float = 1.0
+    discriminator: nn.Module | None = None
 
     @property
     def null_class(self) -> int:
@@ -73,8 +77,9 @@ class Generator:
         return self.conditioning.site_conditioned or hasattr(self.autoencoder, "site_style")
 
     def to(self, device: torch.device | str) -> Generator:
-        for m in (self.autoencoder, self.unet, self.ema):
-            m.to(device)
+        for m in (self.autoencoder, self.unet, self.ema, self.discriminator):
+            if m is not None:
+                m.to(device)
         return self
 
 
@@ -97,7 +102,80 @@ def build_generator(config: SynthctConfig, *, seed: int | None = None) -> Genera
     )
     ema.load_state_dict(unet.state_dict())
     ema.eval().requires_grad_(False)
-    return Generator(config, ae, unet, ema)
+    return Generator(config, ae, unet, ema, discriminator=build_discriminator(config.autoencoder))
+
+
+def _site_flags(config: SynthctConfig, like: SynthctConfig) -> SynthctConfig:
+    """``config`` with ``like``'s site-awareness switches (to compare everything else)."""
+    ae = config.autoencoder.model_copy(
+        update={
+            "site_style": like.autoencoder.site_style,
+            "spare_site_slots": like.autoencoder.spare_site_slots,
+        }
+    )
+    unet = config.unet.model_copy(
+        update={
+            "site_conditioning": like.unet.site_conditioning,
+            "spare_site_slots": like.unet.spare_site_slots,
+        }
+    )
+    return config.model_copy(update={"autoencoder": ae, "unet": unet})
+
+
+def _class_only_to_factorized(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A class-only UNet's weights for its site-conditioned twin: the class table becomes
+    the class half; the site half (missing here) starts at zero, which sums to the same
+    embedding, so the adopted UNet predicts exactly what the class-only one did."""
+    out = dict(state)
+    out["class_embedding.classes.weight"] = out.pop("class_embedding.weight")
+    return out
+
+
+def adopt_generator(gen: Generator, config: SynthctConfig, *, what: str = "generator") -> Generator:
+    """``gen``'s trained weights under ``config``, which may add site awareness ``gen``
+    lacks (a site style in the decoder, a site table in the UNet): new site rows start at zero,
+    so the adopted generator samples exactly as ``gen`` until it trains on. Anything else that
+    differs (or site awareness taken away) is a :class:`CheckpointError` naming ``what``."""
+    old = gen.config
+    lost = [
+        name
+        for name, had, has in (
+            ("autoencoder.site_style", old.autoencoder.site_style, config.autoencoder.site_style),
+            ("unet.site_conditioning", old.unet.site_conditioning, config.unet.site_conditioning),
+        )
+        if had and not has
+    ]
+    if lost:
+        raise CheckpointError(
+            f"{what}: the config turns off {lost}; its trained rows would be lost"
+        )
+    added_style = config.autoencoder.site_style and not old.autoencoder.site_style
+    added_sites = config.unet.site_conditioning and not old.unet.site_conditioning
+    compared = _site_flags(config, old) if (added_style or added_sites) else config
+    mismatch = compared.network_mismatch(old)
+    if mismatch is None and (added_style or added_sites):
+        mismatch = config.network_mismatch(_site_flags(old, config))  # e.g. the site vocabulary
+    if mismatch:
+        raise CheckpointError(
+            f"{what}: cannot fine-tune this generator under the run's config: {mismatch}"
+        )
+    new = build_generator(config)
+    state = gen.autoencoder.state_dict()
+    missing, unexpected = new.autoencoder.load_state_dict(state, strict=False)
+    if unexpected or any(not k.startswith("site_style.") for k in missing):
+        raise CheckpointError(f"{what}: autoencoder tensors do not fit ({missing}, {unexpected})")
+    for name in ("unet", "ema"):
+        state = getattr(gen, name).state_dict()
+        if added_sites:
+            state = _class_only_to_factorized(state)
+        missing, unexpected = getattr(new, name).load_state_dict(state, strict=False)
+        if unexpected or missing not in ([], ["class_embedding.sites.weight"]):
+            raise CheckpointError(f"{what}: {name} tensors do not fit ({missing}, {unexpected})")
+    if gen.discriminator is not None and new.discriminator is not None:
+        new.discriminator.load_state_dict(gen.discriminator.state_dict())
+    new.scale_factor = gen.scale_factor
+    new.ema.eval().requires_grad_(False)
+    return new
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
@@ -141,13 +219,15 @@ def save_generator(
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    names = [n for n in _WEIGHT_FILES if not (sampling_only and n == "unet")]
+    training_only = ("unet", "discriminator") if sampling_only else ()
+    names = [n for n in _WEIGHT_FILES if n not in training_only and getattr(gen, n) is not None]
     files = {
         name: save_tensors(directory / _WEIGHT_FILES[name], getattr(gen, name).state_dict())
         for name in names
     }
-    if sampling_only:
-        (directory / _WEIGHT_FILES["unet"]).unlink(missing_ok=True)
+    for name in _WEIGHT_FILES:
+        if name not in names:  # a stale file of an earlier save would look like part of it
+            (directory / _WEIGHT_FILES[name]).unlink(missing_ok=True)
     payload = {
         "config": gen.config.model_dump(mode="json"),
         "vocabulary": gen.config.labels.classes,
@@ -186,6 +266,8 @@ def load_generator(directory: str | Path, device: torch.device | str = "cpu") ->
         record = files.get(name)
         if record is None and name == "unet" and "ema" in files:
             continue  # a sampling-only generator: the UNet starts from the EMA below
+        if name == "discriminator" and (record is None or gen.discriminator is None):
+            continue  # none saved: a fresh one (a first adversarial phase); none configured
         if record is None:
             raise CheckpointError(f"{meta_path}: no record of {fname}")
         path = directory / fname

@@ -454,6 +454,8 @@ def _plugin_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from synthct.config import SAMPLERS  # pydantic only: --help stays fast
+
     parser = argparse.ArgumentParser(prog="synthct", description=__doc__)
     parser.add_argument("--version", action="version", version=f"synthct {__version__}")
     parser.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING (default)")
@@ -503,7 +505,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--n", type=int, default=8)
     p.add_argument("--out", required=True)
-    p.add_argument("--sampler", choices=["dpmpp", "unipc", "ddim", "ddpm"], default=None)
+    p.add_argument("--sampler", choices=SAMPLERS, default=None)
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--guidance", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
@@ -518,7 +520,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--counts", help="explicit targets instead: label=n,label=n")
     p.add_argument("--per-site", action="store_true", help="plan per site: each gets what it lacks")
     p.add_argument("--out", required=True, help="cohort folder (rerun to resume)")
-    p.add_argument("--sampler", choices=["dpmpp", "unipc", "ddim", "ddpm"], default=None)
+    p.add_argument("--sampler", choices=SAMPLERS, default=None)
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--guidance", type=float, default=None)
     p.add_argument("--batch-size", type=int, default=8)

@@ -79,21 +79,26 @@ def sample_latents(
     generator: torch.Generator,
     device: torch.device,
     sites: torch.Tensor | None = None,
+    guidance_interval: tuple[float, float] = (0.0, 1.0),
 ) -> torch.Tensor:
     """Run the reverse process for ``len(class_labels)`` latents (scaled space). ``sites``
     (site-conditioned UNets) stay on in both guidance branches: guidance amplifies the class,
-    the site's style is not exaggerated."""
+    the site's style is not exaggerated. Guidance applies where ``t / T`` lies in
+    ``guidance_interval``; other steps take the conditional prediction alone."""
     n = len(class_labels)
     set_timesteps(scheduler, steps, device)
     z = torch.randn((n, *latent_shape), generator=generator).to(device) * scheduler.init_noise_sigma
     requested = class_labels.to(device)
     cond = conditioning.encode(requested, sites)
     null = conditioning.encode(torch.full_like(requested, conditioning.null_class), sites)
+    low, high = guidance_interval
+    train_steps = scheduler.config.num_train_timesteps
     for t in scheduler.timesteps:
         z_in = scheduler.scale_model_input(z, t)
-        if guidance == 1.0:
+        scale = guidance if low <= float(t) / train_steps <= high else 1.0
+        if scale == 1.0:
             out = denoiser(z_in, t.expand(n), cond, requested)
-        elif guidance == 0.0:
+        elif scale == 0.0:
             out = denoiser(z_in, t.expand(n), null, requested)
         else:
             both = denoiser(
@@ -103,7 +108,7 @@ def sample_latents(
                 torch.cat([requested, requested]),
             )
             out_cond, out_uncond = both.chunk(2)
-            out = out_uncond + guidance * (out_cond - out_uncond)
+            out = out_uncond + scale * (out_cond - out_uncond)
         z = scheduler.step(out, t, z, generator=generator).prev_sample
     return z
 
@@ -205,6 +210,7 @@ def sample_volumes(
             latent_shape=gen.config.latent_shape,
             conditioning=gen.conditioning,
             guidance=guidance,
+            guidance_interval=cfg.guidance_interval,
             steps=steps,
             generator=generator,
             device=device,

@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from monai.losses import PatchAdversarialLoss
 from torch import nn
 
 from synthct.config import AutoencoderConfig, DiffusionConfig
@@ -209,17 +210,24 @@ def autoencoder_step(
 
 class LatentDecoder(nn.Module):
     """The decoding half of an ``AutoencoderKL`` (``post_quant_conv`` + ``decoder``, + its
-    ``site_style`` when it has one), sharing its modules: the decoder phase trains and sends
-    only these (same state-dict names)."""
+    ``site_style`` when it has one, + the patch ``discriminator`` of an adversarial decoder
+    phase), sharing their modules: the decoder phase trains and sends only these (same
+    state-dict names)."""
 
-    def __init__(self, ae: nn.Module) -> None:
+    def __init__(self, ae: nn.Module, discriminator: nn.Module | None = None) -> None:
         super().__init__()
         self.post_quant_conv = ae.post_quant_conv
         self.decoder = ae.decoder
         self.site_style = getattr(ae, "site_style", None)
+        self.discriminator = discriminator
 
     def forward(self, z: torch.Tensor, sites: torch.Tensor | None = None) -> torch.Tensor:
         return styled_decode(self.post_quant_conv, self.decoder, self.site_style, z, sites)
+
+    def decoding_parameters(self) -> list[nn.Parameter]:
+        """Everything but the discriminator (what the reconstruction loss trains)."""
+        skip = {id(p) for p in self.discriminator.parameters()} if self.discriminator else set()
+        return [p for p in self.parameters() if id(p) not in skip]
 
     def site_rows(
         self, names: list[str], *, dropout: float, generator: torch.Generator
@@ -231,6 +239,9 @@ class LatentDecoder(nn.Module):
         rows = self.site_style.indices(names)
         drop = torch.rand(len(rows), generator=generator) < dropout
         return torch.where(drop, torch.full_like(rows, self.site_style.null_site), rows)
+
+
+_ADVERSARIAL = PatchAdversarialLoss(criterion="least_squares")
 
 
 def decoder_step(
@@ -246,13 +257,38 @@ def decoder_step(
 ) -> dict[str, float]:
     """One decoder-only step: reconstruct ``x`` from its frozen encoder's posterior means
     ``z`` (what sampling decodes), so the encoder's latents and a UNet trained on them stay
-    valid; ``sites``: style rows of a site-styled decoder (:meth:`LatentDecoder.site_rows`)."""
+    valid; ``sites``: style rows of a site-styled decoder (:meth:`LatentDecoder.site_rows`).
+
+    With ``cfg.adversarial_weight`` the decoder also learns to fool the patch discriminator
+    (least squares), and the discriminator, in the same step from the same weights, learns to
+    tell ``x`` from the reconstruction (MONAI's tutorial recipe, one optimiser for both)."""
     decoder.train()
     optimizer.zero_grad(set_to_none=True)
+    disc = decoder.discriminator
     with autocast(x.device):
-        loss, parts = reconstruction_loss(decoder(z, sites), x, cfg, detail)
+        recon = decoder(z, sites)
+        loss, parts = reconstruction_loss(recon, x, cfg, detail)
+        if disc is not None and cfg.adversarial_weight > 0:
+            disc.requires_grad_(False)  # the decoder's term must not train the discriminator
+            fooled = _ADVERSARIAL(disc(recon)[-1], target_is_real=True, for_discriminator=False)
+            disc.requires_grad_(True)
+            loss = loss + cfg.adversarial_weight * fooled
+            parts["adversarial"] = fooled.item()
     parts["loss"] = loss.item()
-    _optimise(decoder, optimizer, loss, extra_loss)
+    if extra_loss is not None:
+        loss = loss + extra_loss()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(decoder.decoding_parameters(), 1.0)
+    if disc is not None and cfg.adversarial_weight > 0:
+        with autocast(x.device):
+            d_loss = 0.5 * (
+                _ADVERSARIAL(disc(recon.detach())[-1], target_is_real=False, for_discriminator=True)
+                + _ADVERSARIAL(disc(x)[-1], target_is_real=True, for_discriminator=True)
+            )
+        d_loss.backward()
+        torch.nn.utils.clip_grad_norm_(disc.parameters(), 1.0)
+        parts["discriminator"] = d_loss.item()
+    optimizer.step()
     return parts
 
 

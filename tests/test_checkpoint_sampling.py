@@ -44,6 +44,30 @@ def test_sampling_deterministic_and_guidance_matters(saved):
     assert hu.min() >= lo and hu.max() <= hi
 
 
+@pytest.mark.parametrize("sampler", ["dpmpp_sde", "euler_a"])
+def test_stochastic_samplers_are_seeded_and_differ_from_the_ode_solver(saved, sampler):
+    gen, _ = saved
+    a = _sample(gen, sampler=sampler)
+    assert torch.equal(a, _sample(gen, sampler=sampler))  # the seed fixes the injected noise
+    assert torch.isfinite(a).all() and not torch.equal(a, _sample(gen))
+
+
+def test_guidance_interval_limits_where_guidance_applies(saved):
+    gen, _ = saved
+
+    def with_interval(low, high):
+        sampling = gen.config.sampling.model_copy(update={"guidance_interval": (low, high)})
+        gen.config = gen.config.model_copy(update={"sampling": sampling})
+        return _sample(gen, guidance=4.0)
+
+    full, none = with_interval(0.0, 1.0), with_interval(0.9995, 1.0)
+    assert torch.equal(none, _sample(gen, guidance=1.0))  # no step in the interval
+    middle = with_interval(0.2, 0.8)
+    assert not torch.equal(middle, full) and not torch.equal(middle, none)
+    with pytest.raises(ValueError, match="guidance_interval"):
+        gen.config.sampling.model_validate({"guidance_interval": [0.8, 0.2]})
+
+
 def test_unknown_label(saved):
     gen, _ = saved
     with pytest.raises(ValueError, match="unknown class 'tumour'"):

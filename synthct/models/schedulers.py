@@ -15,15 +15,14 @@ from diffusers import (
     DDIMScheduler,
     DDPMScheduler,
     DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
     UniPCMultistepScheduler,
 )
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-from synthct.config import DiffusionConfig
+from synthct.config import SAMPLERS, DiffusionConfig
 
 __all__ = ["SAMPLERS", "training_scheduler", "sampling_scheduler", "set_timesteps"]
-
-SAMPLERS = ("dpmpp", "unipc", "ddim", "ddpm")
 
 
 def _common(cfg: DiffusionConfig) -> dict:
@@ -54,7 +53,9 @@ def _without_numpy2_copy_notice() -> Iterator[None]:
 
 
 def sampling_scheduler(cfg: DiffusionConfig, sampler: str) -> SchedulerMixin:
-    """A reverse-process solver: ``dpmpp`` (DPM-Solver++ 2M), ``unipc``, ``ddim`` or ``ddpm``."""
+    """A reverse-process solver: ``dpmpp`` (DPM-Solver++ 2M), ``dpmpp_sde`` (its stochastic
+    variant, SDE-DPM-Solver++: fresh noise every step, more diverse samples), ``euler_a``
+    (Euler ancestral), ``unipc``, ``ddim`` or ``ddpm``."""
     with _without_numpy2_copy_notice():
         return _sampling_scheduler(cfg, sampler)
 
@@ -75,6 +76,16 @@ def _sampling_scheduler(cfg: DiffusionConfig, sampler: str) -> SchedulerMixin:
             thresholding=False,
             lower_order_final=True,
         )
+    if sampler == "dpmpp_sde":
+        return DPMSolverMultistepScheduler(
+            **common,
+            algorithm_type="sde-dpmsolver++",
+            solver_order=2,
+            thresholding=False,
+            lower_order_final=True,
+        )
+    if sampler == "euler_a":
+        return EulerAncestralDiscreteScheduler(**common)
     if sampler == "unipc":
         return UniPCMultistepScheduler(**common, solver_order=2, thresholding=False)
     if sampler == "ddim":

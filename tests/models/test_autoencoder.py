@@ -72,3 +72,66 @@ def test_decoder_round_learns_the_style_of_the_sites_it_sees(styled_config, smok
     gen.autoencoder.load_state_dict(result.state, strict=False)
     own = reconstruct(gen, cases.images[:2], sites=cases.sites[:2])
     assert not torch.allclose(own, reconstruct(gen, cases.images[:2]))
+
+
+def test_a_plain_generator_is_adopted_with_site_awareness_unchanged(tmp_path, smoke_config):
+    from synthct.checkpoint import CheckpointError, adopt_generator
+    from synthct.sampling import sample_volumes
+
+    plain = build_generator(smoke_config, seed=0)
+    with torch.no_grad():  # a trained class table: adoption must keep it
+        plain.ema.class_embedding.weight.normal_()
+    aware = smoke_config.model_copy(
+        update={
+            "autoencoder": smoke_config.autoencoder.model_copy(update={"site_style": True}),
+            "unet": smoke_config.unet.model_copy(update={"site_conditioning": True}),
+        }
+    )
+    adopted = adopt_generator(plain, aware)
+    assert adopted.renders_sites and adopted.conditioning.site_conditioned
+    labels = torch.tensor([0, 1])
+    site = smoke_config.site_names[0]
+
+    def draw(gen, sites):
+        g = torch.Generator().manual_seed(3)
+        return sample_volumes(gen, labels, steps=3, guidance=2.0, generator=g, sites=sites)
+
+    before = draw(plain, None)
+    assert torch.allclose(draw(adopted, [site, site]), before, atol=1e-3)
+    with pytest.raises(CheckpointError, match="turns off"):
+        adopt_generator(adopted, smoke_config)
+    wider = aware.model_copy(
+        update={"unet": aware.unet.model_copy(update={"channels": (16, 32, 32)})}
+    )
+    with pytest.raises(CheckpointError, match="'unet' sections differ"):
+        adopt_generator(plain, wider)
+
+
+def test_adversarial_decoder_step_trains_decoder_and_discriminator(tmp_path, smoke_config):
+    from synthct.training import LatentDecoder, decoder_step, detail_range
+
+    cfg = smoke_config.autoencoder.model_copy(update={"adversarial_weight": 0.1})
+    config = smoke_config.model_copy(update={"autoencoder": cfg})
+    gen = build_generator(config, seed=0)
+    assert gen.discriminator is not None
+    decoder = LatentDecoder(gen.autoencoder, gen.discriminator)
+    x = torch.rand(2, 1, *config.data.shape) * 2 - 1
+    z = encode_latents(gen.autoencoder, x)
+    before = {k: v.clone() for k, v in decoder.state_dict().items()}
+    encoder = {k: v.clone() for k, v in gen.autoencoder.encoder.state_dict().items()}
+    opt = torch.optim.AdamW(decoder.parameters(), lr=1e-3)
+    detail = detail_range(cfg, config.data.hu_window)
+    parts = decoder_step(decoder, opt, z, x, cfg, detail=detail)
+    assert parts["adversarial"] > 0 and parts["discriminator"] > 0
+    after = decoder.state_dict()
+    moved = {k.split(".")[0] for k in before if not torch.equal(before[k], after[k])}
+    assert {"decoder", "discriminator"} <= moved
+    assert all(torch.equal(v, gen.autoencoder.encoder.state_dict()[k]) for k, v in encoder.items())
+    # the discriminator is kept while training goes on and dropped from a shipped generator
+    saved = load_generator(save_generator(gen, tmp_path / "run"))
+    assert torch.equal(
+        saved.discriminator.state_dict()["final_conv.conv.weight"],
+        gen.discriminator.state_dict()["final_conv.conv.weight"],
+    )
+    save_generator(gen, tmp_path / "run", sampling_only=True)
+    assert not (tmp_path / "run" / "discriminator.safetensors").exists()

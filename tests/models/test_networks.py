@@ -7,6 +7,7 @@ import warnings
 import pytest
 import torch
 
+from synthct.config import SAMPLERS
 from synthct.models.autoencoder import build_autoencoder
 from synthct.models.schedulers import sampling_scheduler, set_timesteps, training_scheduler
 from synthct.models.unet import build_unet, num_class_embeds
@@ -28,7 +29,7 @@ def test_unet_has_null_and_spare_class_slots(smoke_config):
     assert out.shape == z.shape
 
 
-@pytest.mark.parametrize("sampler", ["dpmpp", "unipc", "ddim", "ddpm"])
+@pytest.mark.parametrize("sampler", SAMPLERS)
 def test_samplers_share_training_betas(smoke_config, sampler):
     train = training_scheduler(smoke_config.diffusion)
     sample = sampling_scheduler(smoke_config.diffusion, sampler)
@@ -41,7 +42,7 @@ def test_unknown_sampler(smoke_config):
         sampling_scheduler(smoke_config.diffusion, "euler")
 
 
-@pytest.mark.parametrize("sampler", ["dpmpp", "unipc", "ddim", "ddpm"])
+@pytest.mark.parametrize("sampler", SAMPLERS)
 def test_samplers_do_not_print_numpy2_notices(smoke_config, sampler):
     # diffusers' np.array(tensor) warned ~20 times in a demo log; nothing may reach the user
     with warnings.catch_warnings(record=True) as caught:
