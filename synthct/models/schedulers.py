@@ -68,18 +68,10 @@ def set_timesteps(scheduler: SchedulerMixin, steps: int, device: torch.device | 
 
 def _sampling_scheduler(cfg: DiffusionConfig, sampler: str) -> SchedulerMixin:
     common = _common(cfg)
-    if sampler == "dpmpp":
+    if sampler in ("dpmpp", "dpmpp_sde"):
         return DPMSolverMultistepScheduler(
             **common,
-            algorithm_type="dpmsolver++",
-            solver_order=2,
-            thresholding=False,
-            lower_order_final=True,
-        )
-    if sampler == "dpmpp_sde":
-        return DPMSolverMultistepScheduler(
-            **common,
-            algorithm_type="sde-dpmsolver++",
+            algorithm_type="dpmsolver++" if sampler == "dpmpp" else "sde-dpmsolver++",
             solver_order=2,
             thresholding=False,
             lower_order_final=True,

@@ -153,6 +153,47 @@ def test_fine_tuning_continues_the_trained_ema(tmp_path, fed_run, smoke_config, 
     assert state["ema_steps"] is None
 
 
+def test_a_trained_generator_learns_site_style_adversarially(
+    tmp_path, fed_run, smoke_config, smoke_sites
+):
+    # a class-only generator adopted under a site-aware config: the decoder round trains the
+    # site style and the patch discriminator (both travel and are averaged), the diffusion
+    # round the UNet's site table
+    run, _ = fed_run
+    schedule = smoke_config.federated.finetune_schedule().model_copy(
+        update={"decoder_rounds": 1, "diffusion_rounds": 1}
+    )
+    config = smoke_config.model_copy(
+        update={
+            "federated": schedule,
+            "autoencoder": smoke_config.autoencoder.model_copy(
+                update={"site_style": True, "adversarial_weight": 0.05}
+            ),
+            "unet": smoke_config.unet.model_copy(update={"site_conditioning": True}),
+        }
+    )
+    tune = tmp_path / "styled"
+    tuned = train_federated(
+        config, smoke_sites, tune, keep_payloads=True, initial=run / "generator"
+    )
+    decoder_round = next(r for r in _rounds(tune) if r["phase"] == "decoder")
+    sent = _payload(tune, "site_a", "decoder", 1)
+    assert any(k.startswith("site_style.") for k in sent)
+    assert any(k.startswith("discriminator.") for k in sent)
+    mean = _weighted_mean(tune, decoder_round)
+    saved = load_generator(tune / "generator")
+    assert torch.allclose(
+        saved.discriminator.state_dict()["final_conv.conv.weight"].double(),
+        mean["discriminator.final_conv.conv.weight"],
+        atol=1e-6,
+    )
+    bias = saved.autoencoder.site_style.feature_bias.weight
+    rows = saved.autoencoder.site_style.indices(config.site_names)
+    assert all(bias[r].abs().sum() > 0 for r in rows.tolist())  # every site's style moved
+    assert saved.unet.class_embedding.sites.weight.abs().sum() > 0
+    assert tuned.renders_sites
+
+
 def test_resumed_run_equals_uninterrupted(tmp_path, fed_run, smoke_config, smoke_sites):
     full_run, full = fed_run
     part = tmp_path / "part"
