@@ -71,10 +71,15 @@ class Generator:
         return conditioning_for(self.config)
 
     @property
+    def site_style(self) -> nn.Module | None:
+        """The decoder's per-site style (``autoencoder.site_style``), or None."""
+        return getattr(self.autoencoder, "site_style", None)
+
+    @property
     def renders_sites(self) -> bool:
         """Whether a volume's site changes how it is sampled (site-conditioned UNet) or
         decoded (site-styled autoencoder)."""
-        return self.conditioning.site_conditioned or hasattr(self.autoencoder, "site_style")
+        return self.conditioning.site_conditioned or self.site_style is not None
 
     def to(self, device: torch.device | str) -> Generator:
         for m in (self.autoencoder, self.unet, self.ema, self.discriminator):

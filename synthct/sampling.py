@@ -44,9 +44,8 @@ def sites_to_indices(gen: Generator, sites: Sequence[str | None]) -> torch.Tenso
     """Site names -> the UNet's site indices (None for a class-only UNet); None or ``pooled``
     = the null site; a site unknown to the UNet or the site-styled decoder is an error listing
     the known ones."""
-    style = getattr(gen.autoencoder, "site_style", None)
-    if style is not None:
-        style.indices(sites)
+    if gen.site_style is not None:
+        gen.site_style.indices(sites)
     return gen.conditioning.site_indices(sites)
 
 
@@ -125,14 +124,23 @@ def decode_latents(
     latent windows (MONAI sliding window) so memory stays bounded for large volumes.
     ``sites``: the site each volume is for, rendered in that site's style by a site-styled
     decoder (None or ``pooled``: the null, average style; ignored by a plain decoder)."""
+    return _decode(gen, z / gen.scale_factor, patch=patch, sites=sites)
+
+
+def _decode(
+    gen: Generator,
+    z: torch.Tensor,
+    *,
+    patch: int | None = None,
+    sites: Sequence[str | None] | None = None,
+) -> torch.Tensor:
+    """:func:`decode_latents` on unscaled latents (the encoder's own space)."""
     ae = gen.autoencoder.eval()
-    z = z / gen.scale_factor
-    style = getattr(ae, "site_style", None)
     rows = None
-    if style is not None and sites is not None:
+    if gen.site_style is not None and sites is not None:
         if len(sites) != len(z):
             raise ValueError(f"{len(sites)} sites given for {len(z)} latents")
-        rows = style.indices(sites)
+        rows = gen.site_style.indices(sites)
     if patch is None or max(z.shape[2:]) <= patch:
         return ae.decode(z) if rows is None else ae.decode(z, rows)
     out = []
@@ -167,7 +175,7 @@ def reconstruct(
     for i in range(0, len(images), batch_size):
         mu = ae.encode(images[i : i + batch_size])[0]
         part = None if sites is None else list(sites[i : i + batch_size])
-        out.append(decode_latents(gen, mu * gen.scale_factor, sites=part).cpu())
+        out.append(_decode(gen, mu, sites=part).cpu())
     return torch.cat(out)
 
 
