@@ -23,6 +23,7 @@ from synthct.artifacts import read_json, sha256_file, write_json
 from synthct.config import SynthctConfig
 from synthct.data.dataset import load_cases
 from synthct.data.manifest import ManifestError, ManifestRow, read_manifest, write_manifest
+from synthct.errors import SynthctError
 from synthct.eval.cohort_metrics import CohortEvidence, MetricValue, cohort_metrics
 from synthct.eval.features import FeatureSet, extract_features
 from synthct.eval.privacy import MatchSet, prepare_for_matching
@@ -51,7 +52,7 @@ logger = logging.getLogger(__name__)
 GATE_FORMAT = 1
 
 
-class GateError(ValueError):
+class GateError(SynthctError, ValueError):
     """Bad gate input (rules file, manifests) or a cohort that no longer matches its gate."""
 
 

@@ -19,6 +19,7 @@ from torch import nn
 
 from synthct.artifacts import atomic_path, read_json, sha256_file, write_json
 from synthct.config import SynthctConfig, config_from_dict
+from synthct.errors import SynthctError
 from synthct.models.autoencoder import build_autoencoder, build_discriminator
 from synthct.models.conditioning import Conditioning
 from synthct.models.unet import build_unet, conditioning_for
@@ -45,7 +46,7 @@ _WEIGHT_FILES = {
 }
 
 
-class CheckpointError(ValueError):
+class CheckpointError(SynthctError, ValueError):
     """A checkpoint is missing, incomplete, truncated or altered; the message names the file."""
 
 

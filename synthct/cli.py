@@ -458,7 +458,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="synthct", description=__doc__)
     parser.add_argument("--version", action="version", version=f"synthct {__version__}")
-    parser.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING (default)")
+    parser.add_argument(
+        "--log-level",
+        default="WARNING",
+        type=str.upper,
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="library log level (default WARNING)",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("demo", help="end-to-end demo on the embedded phantom sites")
@@ -627,31 +633,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from synthct.checkpoint import CheckpointError
-    from synthct.cohort import CohortError
-    from synthct.config import ConfigError
-    from synthct.data.manifest import ManifestError
-    from synthct.data.volume_io import VolumeError
-    from synthct.eval.gate import GateError
-    from synthct.fed.errors import FederatedError, SiteError
-    from synthct.plugins.adapter import PluginError
+    from synthct.errors import SynthctError  # light: --help and argument errors stay fast
 
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args))
-    except (
-        ConfigError,
-        ManifestError,
-        VolumeError,
-        CheckpointError,
-        FederatedError,
-        SiteError,
-        CohortError,
-        GateError,
-        PluginError,
-    ) as exc:
+    except SynthctError as exc:
         print(f"synthct: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:

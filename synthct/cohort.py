@@ -25,6 +25,7 @@ from synthct.checkpoint import Generator, generator_sha256
 from synthct.config import SynthctConfig
 from synthct.data.manifest import ManifestError, ManifestRow, read_manifest, write_manifest
 from synthct.data.volume_io import write_nifti
+from synthct.errors import SynthctError
 from synthct.models.conditioning import UnknownSiteError
 from synthct.sampling import labels_to_indices, sample_volumes, sites_to_indices
 
@@ -44,7 +45,7 @@ POOLED = "pooled"
 COHORT_FORMAT = 1
 
 
-class CohortError(ValueError):
+class CohortError(SynthctError, ValueError):
     """A cohort cannot be planned or continued; the message says why."""
 
 

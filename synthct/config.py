@@ -16,6 +16,8 @@ from typing import Annotated, Any, Literal, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from synthct.errors import SynthctError
+
 __all__ = [
     "ConfigError",
     "LabelConfig",
@@ -39,7 +41,7 @@ __all__ = [
 PositiveFloat = Annotated[float, Field(gt=0)]
 
 
-class ConfigError(ValueError):
+class ConfigError(SynthctError, ValueError):
     """A configuration file failed validation; the message names file, key path and value."""
 
 
@@ -492,6 +494,11 @@ class DownstreamConfig(_Strict):
         "synthetic data is meant to repair",
     )
     seeds: list[int] = Field(default_factory=lambda: [0])
+    keep_optimizer_state: bool = Field(
+        default=False,
+        description="federated arms: each site keeps its AdamW moments between rounds on its "
+        "own disk (never sent) instead of restarting them every round",
+    )
 
     @model_validator(mode="after")
     def _shapes(self) -> DownstreamConfig:

@@ -55,3 +55,22 @@ def test_namespaced_packages_only():
     assert importlib.util.find_spec("synthct.fed") is not None
     assert importlib.util.find_spec("fed") is None
     assert importlib.util.find_spec("eval") is None
+
+
+def test_help_version_and_argument_errors_import_no_heavy_library():
+    """--help, --version and argument mistakes are answered before torch/MONAI/Flower load."""
+    probe = (
+        "import sys\n"
+        "from synthct.cli import main\n"
+        "for argv in (['--help'], ['--version'], ['--log-level', 'foo', 'demo'], ['nope']):\n"
+        "    try:\n"
+        "        main(argv)\n"
+        "    except SystemExit as exit:\n"
+        "        assert exit.code in (0, 2), (argv, exit.code)\n"
+        "heavy = sorted(m for m in ('torch', 'monai', 'flwr') if m in sys.modules)\n"
+        "print('HEAVY', heavy)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "HEAVY []" in done.stdout
+    assert "invalid choice: 'FOO'" in done.stderr

@@ -18,6 +18,7 @@ import numpy as np
 from synthct.artifacts import atomic_write_text
 from synthct.config import SynthctConfig
 from synthct.data.volume_io import VolumeError, read_volume
+from synthct.errors import SynthctError
 
 __all__ = [
     "SPLITS",
@@ -35,7 +36,7 @@ SPLITS = ("train", "holdout", "test")
 REQUIRED_COLUMNS = ("path", "label", "site", "split")
 
 
-class ManifestError(ValueError):
+class ManifestError(SynthctError, ValueError):
     """A manifest cannot be used; the message lists every problem found."""
 
 

@@ -16,6 +16,7 @@ import nibabel as nib
 import numpy as np
 
 from synthct.artifacts import atomic_path
+from synthct.errors import SynthctError
 
 __all__ = [
     "VolumeError",
@@ -29,7 +30,7 @@ __all__ = [
 ]
 
 
-class VolumeError(ValueError):
+class VolumeError(SynthctError, ValueError):
     """A volume could not be used; the message names the file and the problem."""
 
 

@@ -24,6 +24,7 @@ from synthct.artifacts import atomic_write_bytes, read_json, sha256_bytes, write
 from synthct.checkpoint import Generator, generator_sha256
 from synthct.config import PluginConfig
 from synthct.data.dataset import CaseSet
+from synthct.errors import SynthctError
 from synthct.models.schedulers import training_scheduler
 from synthct.training import BalancedSampler, diffusion_step, encode_latents
 
@@ -43,7 +44,7 @@ logger = logging.getLogger(__name__)
 PLUGIN_FORMAT = 1
 
 
-class PluginError(ValueError):
+class PluginError(SynthctError, ValueError):
     """A plugin cannot be used; the message names it and the reason."""
 
 
