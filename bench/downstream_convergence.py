@@ -1,6 +1,6 @@
 """How many FedAvg rounds does the federated real-only classifier need? (a convergence probe)
 
-    python bench/downstream_convergence.py LOCAL_EPOCHS MAX_ROUNDS PATIENCE_ROUNDS
+    python bench/downstream_convergence.py LOCAL_EPOCHS MAX_ROUNDS PATIENCE_ROUNDS [--keep-optimizer-state]
         [--data runs/bench_difficulty/report_rare_small/data/manifest.csv]
 
 One seed of the federated real-only downstream arm on the benchmark phantoms with the given
@@ -28,6 +28,9 @@ def main() -> None:
     parser.add_argument("patience_rounds", type=int)
     parser.add_argument("--data", default=None, help="manifest (default: render the demo sites)")
     parser.add_argument("--out", default="runs/bench_downstream_convergence")
+    parser.add_argument(
+        "--keep-optimizer-state", action="store_true", help="sites keep AdamW moments"
+    )
     args = parser.parse_args()
     base = load_config(packaged_config_path("demo"))
     down = base.downstream.model_copy(
@@ -35,11 +38,13 @@ def main() -> None:
             "local_epochs": args.local_epochs,
             "rounds": args.rounds,
             "patience_rounds": args.patience_rounds,
+            "keep_optimizer_state": args.keep_optimizer_state,
             "seeds": [0],
         }
     )
     config = base.model_copy(update={"downstream": down})
-    out = Path(args.out) / f"{args.local_epochs}_{args.rounds}_{args.patience_rounds}"
+    kept = "_kept" if args.keep_optimizer_state else ""
+    out = Path(args.out) / f"{args.local_epochs}_{args.rounds}_{args.patience_rounds}{kept}"
     manifest = Path(args.data) if args.data else phantom_manifest(config, Path(args.out))
     start = time.perf_counter()
     res = run_downstream(config, manifest, out, federated=True)
@@ -50,6 +55,7 @@ def main() -> None:
                 "local_epochs": args.local_epochs,
                 "max_rounds": args.rounds,
                 "patience_rounds": args.patience_rounds,
+                "keep_optimizer_state": args.keep_optimizer_state,
                 "stopping": run["stopping"],
                 "test_balanced_accuracy": run["overall"]["balanced_accuracy"],
                 "test_recall": run["overall"]["per_class_recall"],

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +45,7 @@ from synthct.fed.client_app import prepare_site
 from synthct.fed.errors import SiteError
 from synthct.fed.fedavg_run import fedavg_then_evaluate, holdout_count_metrics
 from synthct.fed.server_app import wait_for_sites
-from synthct.fed.task import config_to_json, load_site_cases, round_seed
+from synthct.fed.task import OptimizerStateStore, config_to_json, load_site_cases, round_seed
 
 __all__ = ["app", "train_downstream_federated"]
 
@@ -66,7 +67,13 @@ def train(msg: Message, context: Context) -> Message:
         model.load_state_dict(msg.content["arrays"].to_torch_state_dict(), strict=True)
         server_round = int(cfg["server-round"])
         seed = round_seed(int(cfg["seed"]), "downstream", server_round, site.name)
-        loss = train_epochs(model, data, config, epochs=int(cfg["local-epochs"]), seed=seed)
+        keep = None
+        if config.downstream.keep_optimizer_state:
+            store = OptimizerStateStore(site.audit_dir / "optimizer", f"downstream-{cfg['run-id']}")
+            keep = (store, server_round)
+        loss = train_epochs(
+            model, data, config, epochs=int(cfg["local-epochs"]), seed=seed, optimizer_state=keep
+        )
     except SiteError:
         raise
     except Exception as exc:
@@ -113,7 +120,12 @@ def evaluate(msg: Message, context: Context) -> Message:
 
 
 def _server(
-    grid: Grid, config: SynthctConfig, manifest: Path, cohort: Path | None, seed: int
+    grid: Grid,
+    config: SynthctConfig,
+    manifest: Path,
+    cohort: Path | None,
+    seed: int,
+    run_dir: Path,
 ) -> ArmResult:
     start = time.perf_counter()
     nodes = wait_for_sites(grid, config)
@@ -124,8 +136,10 @@ def _server(
             "synthct-config": config_to_json(config),
             "sim-manifest": str(manifest),
             "sim-threads": config.federated.client_cpus,
+            "sim-site-root": str(run_dir / "sites"),
             "cohort-manifest": "" if cohort is None else str(cohort),
             "seed": seed,
+            "run-id": uuid.uuid4().hex[:12],  # names this arm's optimizer states at the sites
             "local-epochs": config.downstream.local_epochs,
         }
     )
@@ -170,7 +184,7 @@ def train_downstream_federated(
     manifest = Path(manifest).resolve()
     cohort = Path(cohort).resolve() if cohort is not None else None
     return simulate(
-        lambda grid: _server(grid, config, manifest, cohort, seed),
+        lambda grid: _server(grid, config, manifest, cohort, seed, run_dir),
         app,
         num_sites=len(config.site_names),
         run_dir=run_dir,

@@ -74,15 +74,23 @@ def train_epochs(
     epochs: int,
     seed: int,
     progress: Callable[[int, int], None] | None = None,
+    optimizer_state: tuple[Any, int] | None = None,
 ) -> float:
     """``epochs`` passes over ``cases`` (augmented; class-balanced only if configured); returns
-    the mean loss of the last epoch. A fresh AdamW each call (a federated round)."""
+    the mean loss of the last epoch. A fresh AdamW each call (a federated round), unless
+    ``optimizer_state`` = (a store with ``load_into``/``save``, the server round) carries the
+    site's AdamW moments over from its previous round."""
     loop = _EpochLoop(model, cases, config, seed)
+    if optimizer_state is not None:
+        store, server_round = optimizer_state
+        store.load_into(loop.optimizer, server_round)
     loss = float("nan")
     for epoch in range(epochs):
         loss = loop.epoch()
         if progress is not None:
             progress(epoch + 1, epochs)
+    if optimizer_state is not None and epochs:
+        store.save(loop.optimizer, server_round)
     model.eval()
     return loss
 

@@ -10,6 +10,7 @@ import shutil
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from synthct.artifacts import read_json
 from synthct.cli import main
@@ -105,7 +106,10 @@ def test_federated_end_to_end_through_the_cli(tmp_path, demo_sites, gated):
     from synthct.config import packaged_config_path
 
     text = packaged_config_path("demo").read_text()
-    text += "downstream: {channels: [4, 8], strides: [2, 2], rounds: 2, local_epochs: 1}\n"
+    text += (
+        "downstream: {channels: [4, 8], strides: [2, 2], rounds: 2, local_epochs: 1,"
+        " keep_optimizer_state: true}\n"
+    )
     config.write_text(text)
     out = tmp_path / "fed"
     args = ["downstream", "--config", str(config), "--real", str(demo_sites)]
@@ -120,6 +124,18 @@ def test_federated_end_to_end_through_the_cli(tmp_path, demo_sites, gated):
         stopping = run["stopping"]["all"]
         assert 1 <= stopping["best_at"] <= stopping["epochs_run"] <= 2
         assert 0.0 <= stopping["holdout_balanced_accuracy"] <= 1.0
+    # each site kept its AdamW moments on its own disk, one series per arm: round 2 went on
+    # from round 1's (its step count is twice round 1's), not from fresh moments
+    for site in ("site_a", "site_b", "site_c", "site_d"):
+        states = sorted((out / "sites" / site / "optimizer").glob("downstream-*.safetensors"))
+        arms = {p.name.rsplit("-round", 1)[0] for p in states}
+        assert len(arms) == 2 and len(states) == 4, states
+        for arm in arms:
+            first, second = (
+                load_file(out / "sites" / site / "optimizer" / f"{arm}-round{r:04d}.safetensors")
+                for r in (1, 2)
+            )
+            assert float(second["0.step"]) == 2 * float(first["0.step"]) > 0
 
 
 def test_early_stopping_keeps_the_best_and_stops_after_patience():
