@@ -16,6 +16,28 @@ EXIT_OK, EXIT_ERROR, EXIT_BAD_INPUT, EXIT_GATE_FAILED = 0, 1, 2, 3
 logger = logging.getLogger("synthct")
 
 
+def positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1 (counts, steps, batch sizes, rounds)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    """argparse type: a finite number >= 0 (guidance scale, minutes)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} must be a finite number >= 0")
+    return value
+
+
 def _config(path: str | None):
     from synthct.config import load_config, packaged_config_path
 
@@ -491,12 +513,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--max-rounds",
-        type=int,
+        type=positive_int,
         default=None,
         help="federated: stop after this many rounds (resume with --resume)",
     )
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
-    p.add_argument("--budget-min", type=float, default=None, help="wall-time budget in minutes")
+    p.add_argument(
+        "--budget-min", type=non_negative_float, default=None, help="wall-time budget in minutes"
+    )
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None)
     p.set_defaults(func=cmd_train)
 
@@ -509,11 +533,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="render in this site's scanner style (site-conditioned generators; default: "
         "site-agnostic)",
     )
-    p.add_argument("--n", type=int, default=8)
+    p.add_argument("--n", type=positive_int, default=8, help="volumes to sample (default 8)")
     p.add_argument("--out", required=True)
     p.add_argument("--sampler", choices=SAMPLERS, default=None)
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--guidance", type=float, default=None)
+    p.add_argument(
+        "--steps", type=positive_int, default=None, help="sampling steps (default: the generator's)"
+    )
+    p.add_argument(
+        "--guidance",
+        type=non_negative_float,
+        default=None,
+        help="classifier-free guidance scale (default: the generator's)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     _plugin_options(p)
@@ -527,9 +558,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-site", action="store_true", help="plan per site: each gets what it lacks")
     p.add_argument("--out", required=True, help="cohort folder (rerun to resume)")
     p.add_argument("--sampler", choices=SAMPLERS, default=None)
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--guidance", type=float, default=None)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument(
+        "--steps", type=positive_int, default=None, help="sampling steps (default: the generator's)"
+    )
+    p.add_argument(
+        "--guidance",
+        type=non_negative_float,
+        default=None,
+        help="classifier-free guidance scale (default: the generator's)",
+    )
+    p.add_argument(
+        "--batch-size", type=positive_int, default=8, help="volumes per batch (default 8)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     _plugin_options(p)
@@ -542,8 +582,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--site", required=True)
     q.add_argument("--data", required=True, help="manifest holding the site's train cases")
     q.add_argument("--out", required=True, help="plugin folder")
-    q.add_argument("--rank", type=int, default=None)
-    q.add_argument("--steps", type=int, default=None)
+    q.add_argument("--rank", type=positive_int, default=None, help="LoRA rank (default: config)")
+    q.add_argument(
+        "--steps", type=positive_int, default=None, help="training steps (default: config)"
+    )
     q.add_argument("--targets", choices=["conv+linear", "attention+time"], default=None)
     q.add_argument("--seed", type=int, default=0)
     q.set_defaults(func=cmd_plugin_train)

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from synthct.cli import build_parser, main
 from synthct.data.manifest import read_manifest
 
@@ -74,3 +76,45 @@ def test_help_version_and_argument_errors_import_no_heavy_library():
     assert done.returncode == 0, done.stderr
     assert "HEAVY []" in done.stdout
     assert "invalid choice: 'FOO'" in done.stderr
+
+
+BAD_VALUES = [
+    (["sample", "--run", "r", "--label", "normal", "--out", "o", "--n", "0"], "--n: 0 must be"),
+    (["sample", "--run", "r", "--label", "normal", "--out", "o", "--n", "-3"], "--n: -3 must"),
+    (["sample", "--run", "r", "--label", "normal", "--out", "o", "--steps", "0"], "--steps: 0"),
+    (["sample", "--run", "r", "--label", "x", "--out", "o", "--guidance", "-1"], "--guidance"),
+    (["sample", "--run", "r", "--label", "x", "--out", "o", "--guidance", "nan"], "finite"),
+    (["generate", "--run", "r", "--reference", "m", "--out", "o", "--batch-size", "0"], "batch"),
+    (["generate", "--run", "r", "--reference", "m", "--out", "o", "--steps", "2.5"], "whole"),
+    (["train", "--budget-min", "-1"], "--budget-min"),
+    (
+        [
+            "plugin",
+            "train",
+            "--run",
+            "r",
+            "--site",
+            "s",
+            "--data",
+            "d",
+            "--out",
+            "o",
+            "--rank",
+            "0",
+        ],
+        "--rank",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"), BAD_VALUES, ids=lambda v: " ".join(v) if isinstance(v, list) else v
+)
+def test_nonsense_values_are_refused_before_any_work(argv, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit:
+        main(argv)
+    assert exit.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not any(tmp_path.iterdir())  # nothing half-made
