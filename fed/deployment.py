@@ -122,9 +122,7 @@ def write_tls_certificates(
     }
     out = {}
     for name, data in files.items():
-        atomic_write_bytes(directory / name, data)
-        if name.endswith(".key"):
-            (directory / name).chmod(0o600)
+        atomic_write_bytes(directory / name, data, private=name.endswith(".key"))
         out[name] = directory / name
     return out
 
@@ -149,7 +147,6 @@ def write_supernode_keys(directory: str | Path, site: str) -> tuple[Path, Path]:
         serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
     )
     private_path, public_path = directory / f"{site}.key", directory / f"{site}.pub"
-    atomic_write_bytes(private_path, private)
-    private_path.chmod(0o600)
+    atomic_write_bytes(private_path, private, private=True)
     atomic_write_bytes(public_path, public + b"\n")
     return private_path, public_path

@@ -36,6 +36,15 @@ FORMAT_VERSION = 1
 TRACKED_LIBRARIES = ("synthct", "torch", "monai", "diffusers", "peft", "flwr")
 
 
+def _read_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()  # once, at import: os.umask can only be read by setting it
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it onto ``path`` if the block succeeds."""
@@ -44,6 +53,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     tmp_path = Path(tmp)
+    os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs are shared as usual
     try:
         yield tmp_path
         os.replace(tmp_path, target)
@@ -52,8 +62,11 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
             tmp_path.unlink()
 
 
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, private: bool = False) -> None:
+    """Write ``data`` to ``path`` atomically; ``private`` (keys): mode 0600 before any byte."""
     with atomic_path(path) as tmp:
+        if private:
+            os.chmod(tmp, 0o600)
         with open(tmp, "wb") as fh:
             fh.write(data)
             fh.flush()

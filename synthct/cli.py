@@ -616,7 +616,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", help="reference model folder (default: shipped phantom one)")
     p.add_argument("--drop-flagged", metavar="DIR", help="also write the unflagged cases here")
     p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=cmd_gate)
+    p.set_defaults(func=cmd_gate, out_is_file=True)
 
     p = sub.add_parser(
         "reference", help="train the frozen reference classifier/encoder (central or federated)"
@@ -674,6 +674,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_out(args: argparse.Namespace) -> None:
+    """Refuse an ``--out`` of the wrong kind before any work (a folder where a file is written,
+    or a file where a folder is), so no result is computed only to be lost."""
+    from synthct.errors import UsageError
+
+    out = getattr(args, "out", None)
+    if out is None:
+        return
+    path = Path(out)
+    if getattr(args, "out_is_file", False):
+        if path.is_dir():
+            raise UsageError(
+                f"--out {out}: is a folder; give the report's file name, e.g. {path / 'gate.json'}"
+            )
+    elif path.exists() and not path.is_dir():
+        raise UsageError(f"--out {out}: exists and is not a folder")
+
+
 def main(argv: list[str] | None = None) -> int:
     from synthct.errors import SynthctError  # light: --help and argument errors stay fast
 
@@ -681,6 +699,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     try:
+        _check_out(args)
         return int(args.func(args))
     except SynthctError as exc:
         print(f"synthct: error: {exc}", file=sys.stderr)

@@ -8,8 +8,13 @@ without importing the heavy modules that raise them before it has parsed its arg
 
 from __future__ import annotations
 
-__all__ = ["SynthctError"]
+__all__ = ["SynthctError", "UsageError"]
 
 
 class SynthctError(Exception):
     """A user mistake or bad input; the message names the file, key or value at fault."""
+
+
+class UsageError(SynthctError):
+    """A command-line request that cannot be carried out as given (an output path of the wrong
+    kind, a device that is not there)."""

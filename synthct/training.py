@@ -15,6 +15,7 @@ from monai.losses import PatchAdversarialLoss
 from torch import nn
 
 from synthct.config import AutoencoderConfig, DiffusionConfig
+from synthct.errors import UsageError
 from synthct.models.autoencoder import styled_decode
 from synthct.models.conditioning import Conditioning
 
@@ -44,7 +45,9 @@ def resolve_device(choice: str) -> torch.device:
     if choice == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if choice == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' requested but no CUDA device is available")
+        raise UsageError(
+            "device 'cuda' requested but no CUDA device is available (use --device cpu or auto)"
+        )
     return torch.device(choice)
 
 

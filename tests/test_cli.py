@@ -118,3 +118,23 @@ def test_nonsense_values_are_refused_before_any_work(argv, message, tmp_path, ca
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert not any(tmp_path.iterdir())  # nothing half-made
+
+
+def test_outputs_of_the_wrong_kind_and_missing_inputs_get_one_line(tmp_path, capsys):
+    """Checked before any work: a gate report aimed at a folder, phantoms aimed at a file, a
+    registry that is not there; exit 2, one line naming the path, nothing written."""
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    cases = [
+        (
+            ["gate", "--cohort", "c", "--train", "m", "--holdout", "m", "--out", str(tmp_path)],
+            "is a folder",
+        ),
+        (["phantoms", "--out", str(a_file)], "is not a folder"),
+        (["plugin", "list", str(tmp_path / "no_registry")], "no plugin registry"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("synthct: error: ") and message in err and err.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]

@@ -54,10 +54,17 @@ class ManifestRow:
 
 
 def _parse(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    if path.is_dir():
+        raise ManifestError(f"{path}: is a folder; give the manifest CSV inside it")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # spreadsheet programs write a BOM
     except FileNotFoundError:
         raise ManifestError(f"{path}: manifest not found") from None
+    except UnicodeDecodeError as exc:
+        raise ManifestError(
+            f"{path}: not UTF-8 text (byte {exc.start}: {exc.object[exc.start : exc.start + 1]!r});"
+            " save the CSV as UTF-8"
+        ) from None
     reader = csv.DictReader(io.StringIO(text))
     return list(reader.fieldnames or []), list(reader)
 

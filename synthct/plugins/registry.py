@@ -156,6 +156,8 @@ def add_plugin(
 def list_plugins(registry: str | Path) -> list[dict[str, Any]]:
     """Metadata of the registered plugins, oldest first."""
     registry = Path(registry)
+    if not registry.is_dir():
+        raise PluginError(f"{registry}: no plugin registry there (not a folder)")
     rows = []
     for sub in sorted(p for p in registry.iterdir() if p.is_dir() and not p.name.startswith(".")):
         meta = read_plugin_meta(sub)

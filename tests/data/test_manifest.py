@@ -124,3 +124,25 @@ def test_site_manifest_keeps_only_that_site(tmp_path, smoke_sites):
     assert all(Path(r.path).is_absolute() and Path(r.path).exists() for r in rows)
     with pytest.raises(ManifestError, match="site_z"):
         write_site_manifest(smoke_sites, "site_z", tmp_path / "z.csv")
+
+
+def test_manifest_saved_with_a_byte_order_mark_reads(tmp_path, smoke_sites):
+    """Spreadsheet programs save CSV as UTF-8 with a BOM; its first column is still 'path'."""
+    text = smoke_sites.read_text(encoding="utf-8")
+    bom = smoke_sites.parent / "bom.csv"
+    bom.write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))
+    assert read_manifest(bom) == read_manifest(smoke_sites)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [(None, "is a folder"), (b"path,label\n\xe9t\xe9.nii.gz,normal\n", "not UTF-8 text")],
+)
+def test_data_check_names_a_folder_or_a_foreign_encoding(tmp_path, capsys, content, message):
+    target = tmp_path
+    if content is not None:
+        target = tmp_path / "latin1.csv"
+        target.write_bytes(content)
+    assert main(["data", "check", str(target)]) == 2
+    out = capsys.readouterr().out
+    assert message in out and "Traceback" not in out
