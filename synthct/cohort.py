@@ -5,8 +5,11 @@ A cohort is a folder: ``cases/<site>/<label>/<case_id>.nii.gz``, ``manifest.csv`
 site a case is meant for, ``pooled`` when it is meant for everyone, ``site_condition`` the site
 a site-aware generator (site-conditioned UNet or site-styled decoder) was asked to render it
 for (``null``: site-agnostic, ``none``: a generator that ignores sites), ``split`` is ``train`` because synthetic cases only ever train) and
-``cohort.json`` (plan, generator sha256, versions). The plan is fixed when the cohort starts; a rerun generates only cases that are not yet on disk, so an
-interrupted cohort resumes without redoing or duplicating anything.
+``cohort.json`` (plan, generator sha256, versions). The plan is fixed when the cohort starts;
+while it is being made its cases are listed in ``manifest.partial.csv`` and ``manifest.csv``
+appears only when every planned case is on disk, so an interrupted cohort is never gated or
+used as if whole. A rerun generates only cases that are not yet on disk, so an interrupted
+cohort resumes without redoing or duplicating anything.
 """
 
 from __future__ import annotations
@@ -23,7 +26,13 @@ import torch
 from synthct.artifacts import read_json, write_json
 from synthct.checkpoint import Generator, generator_sha256
 from synthct.config import SynthctConfig
-from synthct.data.manifest import ManifestError, ManifestRow, read_manifest, write_manifest
+from synthct.data.manifest import (
+    ManifestError,
+    ManifestRow,
+    partial_manifest_path,
+    read_manifest,
+    write_manifest,
+)
 from synthct.data.volume_io import write_nifti
 from synthct.errors import SynthctError
 from synthct.models.conditioning import UnknownSiteError
@@ -122,6 +131,10 @@ def plan_cohort(
     return plan
 
 
+MANIFEST = "manifest.csv"
+PARTIAL_MANIFEST = partial_manifest_path(Path(MANIFEST)).name
+
+
 def _batch_seed(seed: int, first_case: str) -> int:
     digest = hashlib.sha256(f"{seed}|{first_case}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
@@ -132,9 +145,15 @@ def _case_path(case: PlannedCase) -> str:
 
 
 def _load_or_start(out: Path, settings: dict) -> list[ManifestRow]:
-    """Rows already written; a rerun must use the same plan and settings."""
+    """Rows already written; a rerun must use the same plan and settings (unless nothing was
+    written yet: then the new settings simply replace the old ones)."""
     meta_path = out / "cohort.json"
-    if not meta_path.is_file():
+    rows = []
+    for name in (MANIFEST, PARTIAL_MANIFEST):
+        if (out / name).is_file():
+            rows = [r for r in read_manifest(out / name) if (out / r.path).is_file()]
+            break
+    if not meta_path.is_file() or not rows:
         write_json(meta_path, settings, kind="synthct-cohort")
         return []
     previous = read_json(meta_path)
@@ -144,10 +163,7 @@ def _load_or_start(out: Path, settings: dict) -> list[ManifestRow]:
             f"{out} holds a cohort made with different {', '.join(changed)}; "
             "use a new --out folder or the same settings to resume"
         )
-    manifest = out / "manifest.csv"
-    if not manifest.is_file():
-        return []
-    return [r for r in read_manifest(manifest) if (out / r.path).is_file()]
+    return rows
 
 
 def generate_cohort(
@@ -227,13 +243,15 @@ def generate_cohort(
                 ),
             }
             rows.append(ManifestRow(path, case.label, case.site, "train", extra))
-        write_manifest(out / "manifest.csv", _in_plan_order(rows, plan))
+        # until every planned case is on disk the list is only the partial one: an interrupted
+        # cohort cannot be mistaken for a whole one (gated, used); a rerun resumes from it
+        write_manifest(out / PARTIAL_MANIFEST, _in_plan_order(rows, plan))
         if progress is not None:
             progress(len(rows), len(plan))
-    if not todo:
-        write_manifest(out / "manifest.csv", _in_plan_order(rows, plan))
+    write_manifest(out / MANIFEST, _in_plan_order(rows, plan))
+    (out / PARTIAL_MANIFEST).unlink(missing_ok=True)
     logger.info("cohort %s: %d cases (%s)", out, len(rows), dict(Counter(r.label for r in rows)))
-    return out / "manifest.csv"
+    return out / MANIFEST
 
 
 def _in_plan_order(rows: list[ManifestRow], plan: list[PlannedCase]) -> list[ManifestRow]:

@@ -90,6 +90,54 @@ def test_generation_writes_manifest_and_resumes_without_duplicates(
         generate_cohort(gen, smoke_generator, plan, out, batch_size=4, steps=2, guidance=7.0)
 
 
+def test_an_interrupted_cohort_is_never_read_as_whole(
+    tmp_path, smoke_config, smoke_sites, smoke_generator
+):
+    """Stopped after its first batch, a cohort has no manifest.csv (only the partial list), so
+    gating or training on it fails naming why; the same command then finishes it, and a
+    first try that wrote nothing does not bind the corrected rerun to its settings."""
+    from synthct.checkpoint import load_generator
+    from synthct.data.manifest import ManifestError
+    from synthct.eval.gate import hash_cohort
+
+    gen = load_generator(smoke_generator)
+    plan = plan_cohort(reference_counts(smoke_sites, smoke_config), CLASSES, per_site=True)
+    out = tmp_path / "cohort"
+
+    def stop_after_first_batch(done, total):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        generate_cohort(
+            gen, smoke_generator, plan, out, batch_size=4, steps=2, progress=stop_after_first_batch
+        )
+    assert not (out / "manifest.csv").exists()
+    assert len(read_manifest(out / "manifest.partial.csv")) == 4
+    with pytest.raises(ManifestError, match="unfinished cohort"):
+        hash_cohort(out / "manifest.csv")
+    with pytest.raises(ManifestError, match="unfinished cohort"):
+        load_cases(out / "manifest.csv", smoke_config, splits=("train",))
+    manifest = generate_cohort(gen, smoke_generator, plan, out, batch_size=4, steps=2)
+    assert len(read_manifest(manifest)) == len(plan)
+    assert not (out / "manifest.partial.csv").exists()
+    # a try that wrote no case leaves nothing that refuses other settings
+    empty = tmp_path / "empty"
+    with pytest.raises(KeyboardInterrupt):
+        generate_cohort(
+            gen,
+            smoke_generator,
+            plan[:1],
+            empty,
+            batch_size=1,
+            steps=2,
+            progress=stop_after_first_batch,
+        )
+    (empty / "manifest.partial.csv").unlink()
+    for case in (empty / "cases").rglob("*.nii.gz"):
+        case.unlink()
+    generate_cohort(gen, smoke_generator, plan[:1], empty, batch_size=2, steps=2)
+
+
 def test_cli_generate_and_bad_label(tmp_path, smoke_sites, smoke_generator):
     out = tmp_path / "c"
     args = ["generate", "--run", str(smoke_generator.parent), "--reference", str(smoke_sites)]

@@ -53,7 +53,19 @@ class ManifestRow:
         return p if p.is_absolute() else base / p
 
 
+def partial_manifest_path(manifest: Path) -> Path:
+    """Where the rows of a manifest still being written live (``NAME.partial.csv``): a
+    cohort lists its cases there until every planned case is on disk, so an interrupted one
+    is never read as whole."""
+    return manifest.with_name(f"{manifest.stem}.partial{manifest.suffix}")
+
+
 def _parse(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    if not path.exists() and partial_manifest_path(path).is_file():
+        raise ManifestError(
+            f"{path}: not written yet; {partial_manifest_path(path).name} beside it lists an "
+            "unfinished cohort (rerun the same `synthct generate` to finish it)"
+        )
     if path.is_dir():
         raise ManifestError(f"{path}: is a folder; give the manifest CSV inside it")
     try:
