@@ -169,8 +169,10 @@ def _with_plugins(gen, gen_dir: Path, args: argparse.Namespace):
 def cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
-    from synthct.checkpoint import load_generator
+    from synthct.artifacts import write_json
+    from synthct.checkpoint import generator_sha256, load_generator
     from synthct.data.volume_io import write_nifti
+    from synthct.errors import UsageError
     from synthct.sampling import labels_to_indices, sample_volumes, sites_to_indices
     from synthct.training import resolve_device
 
@@ -185,23 +187,40 @@ def cmd_sample(args: argparse.Namespace) -> int:
     except (ValueError, KeyError) as exc:
         print(f"synthct: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    out = Path(args.out)
+    stem = f"{args.label}_{args.site or 'pooled'}_seed{args.seed}"
+    names = [f"{stem}_{i:04d}.nii.gz" for i in range(args.n)]
+    taken = [n for n in [*names, f"{stem}.json"] if (out / n).exists()]
+    if taken:  # another run's volumes are never overwritten or mixed with these
+        raise UsageError(f"--out {out}: already holds {taken[0]} (use another --out or --seed)")
+    cfg = gen.config.sampling
+    settings = {
+        "sampler": args.sampler or cfg.sampler,
+        "steps": args.steps or cfg.steps,
+        "guidance": cfg.guidance if args.guidance is None else args.guidance,
+    }
     volumes = sample_volumes(
         gen,
         labels,
-        sampler=args.sampler,
-        steps=args.steps,
-        guidance=args.guidance,
+        **settings,
         generator=torch.Generator().manual_seed(args.seed),
         device=device,
         denoiser=denoiser,
         sites=sites,
     )
-    out = Path(args.out)
-    for i, vol in enumerate(volumes):
-        write_nifti(
-            out / f"{args.label}_{i:04d}.nii.gz", vol[0].numpy(), gen.config.data.spacing_mm
-        )
-    print(f"wrote {len(volumes)} volumes to {out}")
+    for name, vol in zip(names, volumes, strict=True):
+        write_nifti(out / name, vol[0].numpy(), gen.config.data.spacing_mm)
+    provenance = {
+        "generator_sha256": generator_sha256(gen_dir),
+        "plugins": _note,
+        "label": args.label,
+        "site": args.site,
+        "seed": args.seed,
+        **settings,
+        "files": names,
+    }
+    write_json(out / f"{stem}.json", provenance, kind="synthct-samples")
+    print(f"wrote {len(volumes)} volumes and {stem}.json to {out}")
     return EXIT_OK
 
 

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from synthct.artifacts import read_json
 from synthct.checkpoint import load_generator
 from synthct.cli import main
 from synthct.config import packaged_config_path
@@ -59,6 +60,16 @@ def test_cli_train_and_sample(tmp_path, smoke_sites):
         main(["sample", "--run", str(run), "--label", "nodule", "--n", "2", "--out", str(out)]) == 0
     )
     assert len(list(out.glob("nodule_*.nii.gz"))) == 2
+    provenance = read_json(out / "nodule_pooled_seed0.json")
+    assert provenance["steps"] == 4 and len(provenance["files"]) == 2  # the smoke config's
+    assert provenance["generator_sha256"] and provenance["kind"] == "synthct-samples"
+    before = {p: p.stat().st_mtime_ns for p in out.iterdir()}
+    # the same request again would overwrite: refused, nothing touched; another seed is fine
+    assert main(["sample", "--run", str(run), "--label", "nodule", "--out", str(out)]) == 2
+    assert {p: p.stat().st_mtime_ns for p in out.iterdir()} == before
+    args = ["sample", "--run", str(run), "--label", "nodule", "--n", "1", "--seed", "1"]
+    assert main([*args, "--out", str(out)]) == 0
+    assert len(list(out.glob("nodule_*.nii.gz"))) == 3
     assert (
         main(["sample", "--run", str(run), "--label", "tumour", "--n", "1", "--out", str(out)]) == 2
     )
