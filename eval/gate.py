@@ -182,6 +182,27 @@ DEFAULT_RULES: dict[str, RuleSpec] = {
 }
 
 
+INF = float("inf")
+# What a threshold can mean for each rule: an allowance above a real baseline is >= 0, one
+# below it <= 0, shares and rates lie in [0, 1], a membership AUC under 0.5 fails a generator
+# that leaks nothing. A value outside is refused: it would pass or fail every cohort.
+THRESHOLD_RANGE: dict[str, tuple[float, float]] = {
+    "fidelity_encoder": (0.0, INF),
+    "fidelity_radiomics": (0.0, INF),
+    "precision": (-1.0, 0.0),
+    "hu_sanity": (0.0, 1.0),
+    "coverage": (-1.0, 0.0),
+    "mode_collapse": (0.0, 1.0),
+    "near_copies": (0.0, 1.0),
+    "dcr": (0.0, 1.0),
+    "membership_inference": (0.5, 1.0),
+    "conditioning": (-1.0, 0.0),
+    "proportions": (0.0, 1.0),
+    "site_balance": (-1.0, 0.0),
+    "site_style": (-1.0, 0.0),
+}
+
+
 def load_rules(path: str | Path | None) -> dict[str, RuleSpec]:
     """Defaults, overridden by ``rules:`` in a YAML file (``name: {threshold, enabled}``)."""
     rules = dict(DEFAULT_RULES)
@@ -208,6 +229,12 @@ def load_rules(path: str | Path | None) -> dict[str, RuleSpec]:
             raise GateError(f"{path}: rules.{name}.threshold = {threshold!r}: not a number")
         if not isinstance(enabled, bool):
             raise GateError(f"{path}: rules.{name}.enabled = {enabled!r}: not true/false")
+        low, high = THRESHOLD_RANGE[name]
+        if not low <= threshold <= high:
+            raise GateError(
+                f"{path}: rules.{name}.threshold = {threshold}: must lie in [{low}, {high}] "
+                f"(default {spec.threshold}); outside it the rule passes or fails every cohort"
+            )
         rules[name] = RuleSpec(
             spec.metric,
             spec.direction,

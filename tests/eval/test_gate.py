@@ -121,7 +121,7 @@ def test_cli_exit_codes_hashes_and_tamper(tmp_path, fresh, demo_sites):
     verify_gate(out, cohort)
     # a stricter rule file makes the same cohort fail (exit 3)
     rules = tmp_path / "strict.yaml"
-    rules.write_text("rules:\n  precision: {threshold: 0.5}\n")
+    rules.write_text("rules:\n  dcr: {threshold: 0.1}\n")  # real cohorts sit near 0.5
     assert main([*args[:-1], str(tmp_path / "strict.json"), "--rules", str(rules)]) == 3
     # bad rules and a missing cohort are bad input (exit 2)
     rules.write_text("rules:\n  no_such_rule: 1\n")
@@ -146,3 +146,8 @@ def test_rules_file_errors_name_the_key(tmp_path):
     path.write_text("rules:\n  dcr: 0.6\n  coverage: {enabled: false}\n")
     rules = load_rules(path)
     assert rules["dcr"].threshold == 0.6 and not rules["coverage"].enabled
+    # a threshold that would pass or fail every cohort is refused, naming its range
+    for rule, value in (("dcr", -0.5), ("membership_inference", 0.3), ("precision", 0.5)):
+        path.write_text(f"rules:\n  {rule}: {value}\n")
+        with pytest.raises(GateError, match=rf"rules.{rule}.threshold = {value}: must lie in"):
+            load_rules(path)
