@@ -362,7 +362,6 @@ def run_downstream(
     """Train real-only (and real + cohort) classifiers for every seed; ``results.json``.
     ``local``: every site trains alone (the no-collaboration baseline)."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     real_manifest = Path(real_manifest)
     gate_info: dict[str, Any] | None = None
     cohort_manifest = None
@@ -377,6 +376,7 @@ def run_downstream(
         from synthct.data.manifest import ManifestError
 
         raise ManifestError(f"{real_manifest}: no test cases to evaluate on")
+    out.mkdir(parents=True, exist_ok=True)  # only once the inputs are accepted
     classes, rare = list(config.labels.classes), list(config.labels.rare)
     arms = ["real"] + (["real+synthetic"] if cohort_manifest is not None else [])
     results: dict[str, Any] = {}

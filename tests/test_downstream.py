@@ -66,6 +66,7 @@ def test_gate_is_enforced(tmp_path, tiny, demo_sites, gated):
     good, bad = gated
     with pytest.raises(GateError, match="failed the gate.*conditioning"):
         run_downstream(tiny, demo_sites, tmp_path / "a", cohort_dir=bad)
+    assert not (tmp_path / "a").exists()  # a refused run leaves no empty result folder
     missing = tmp_path / "nogate"
     shutil.copytree(good, missing)
     (missing / "gate.json").unlink()
