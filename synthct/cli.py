@@ -38,17 +38,35 @@ def non_negative_float(text: str) -> float:
     return value
 
 
-def _config(path: str | None):
-    from synthct.config import load_config, packaged_config_path
+def _config(path: str | None, overrides: list[str] | None = None):
+    """The config a command runs under: ``--config`` (a path or a packaged name; default
+    demo) with its ``--set KEY=VALUE`` overrides, validated together."""
+    from synthct.config import load_config
 
-    return load_config(path or packaged_config_path("demo"))
+    return load_config(path or "demo", overrides)
+
+
+def _config_options(p: argparse.ArgumentParser, what: str = "the run's settings") -> None:
+    p.add_argument(
+        "--config",
+        metavar="YAML|NAME",
+        help=f"config for {what}: a YAML path or a packaged name (demo, smoke); default demo",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one config value, e.g. --set train.batch_size=2 (repeatable; validated "
+        "like the file)",
+    )
 
 
 def cmd_phantoms(args: argparse.Namespace) -> int:
     from synthct.data.phantoms import write_phantom_sites
     from synthct.progress import progress_bar
 
-    config = _config(args.config)
+    config = _config(args.config, args.set)
     with progress_bar("phantoms") as update:
         manifest = write_phantom_sites(config, args.out, seed=args.seed, progress=update)
     print(f"wrote {manifest}")
@@ -58,7 +76,7 @@ def cmd_phantoms(args: argparse.Namespace) -> int:
 def cmd_data_check(args: argparse.Namespace) -> int:
     from synthct.data.manifest import check_manifest, read_manifest
 
-    config = _config(args.config) if args.config else None
+    config = _config(args.config, args.set) if args.config or args.set else None
     problems = check_manifest(args.manifest, config)
     if problems:
         print(f"{args.manifest}: {len(problems)} problem(s)")
@@ -77,7 +95,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from synthct.progress import progress_bar
     from synthct.trainer import train_central
 
-    config = _config(args.config)
+    config = _config(args.config, args.set)
     if args.device:
         config = config.model_copy(
             update={"train": config.train.model_copy(update={"device": args.device})}
@@ -267,7 +285,7 @@ def cmd_reference(args: argparse.Namespace) -> int:
     on the pooled ``train`` split, or federatedly (FedAvg; each site reads only its rows)."""
     from synthct.eval.reference import save_reference
 
-    config = _config(args.config)
+    config = _config(args.config, args.set)
     manifest = Path(args.manifest)
     if not manifest.is_file():
         from synthct.data.manifest import ManifestError
@@ -316,7 +334,7 @@ def cmd_gate(args: argparse.Namespace) -> int:
     )
     from synthct.eval.reference import load_reference
 
-    config = _config(args.config)
+    config = _config(args.config, args.set)
     rules = load_rules(args.rules)
     if args.reference:
         reference = load_reference(args.reference, vocabulary_hash=config.labels.vocabulary_hash)
@@ -372,7 +390,7 @@ def cmd_downstream(args: argparse.Namespace) -> int:
     from synthct.downstream import downstream_table, run_downstream
     from synthct.progress import console, progress_bar
 
-    config = _config(args.config)
+    config = _config(args.config, args.set)
     if args.seeds:
         try:
             seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
@@ -478,6 +496,24 @@ def cmd_fed_keys(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_config_show(args: argparse.Namespace) -> int:
+    """The whole validated config (every default filled in) as YAML."""
+    import yaml
+
+    config = _config(args.config, args.set)
+    print(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), end="")
+    return EXIT_OK
+
+
+def cmd_config_validate(args: argparse.Namespace) -> int:
+    config = _config(args.config, args.set)
+    sites = ", ".join(config.site_names) or "none"
+    print(
+        f"{args.config}: OK ({config.data.shape} voxels, classes {config.labels.classes}, sites {sites})"
+    )
+    return EXIT_OK
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from synthct.demo import run_demo
 
@@ -510,7 +546,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="end-to-end demo on the embedded phantom sites")
     p.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
-    p.add_argument("--config", help="config YAML (default: packaged demo.yaml)")
+    _config_options(p)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument(
         "--from-scratch",
@@ -520,7 +556,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("train", help="train reference models and the generator")
-    p.add_argument("--config", help="config YAML (default: packaged demo.yaml)")
+    _config_options(p)
     p.add_argument(
         "--data", help="manifest CSV (default: make the config's phantom sites in OUT/data)"
     )
@@ -631,7 +667,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--manifest", help="federated mode: the sites' manifest (each reads its rows)")
     p.add_argument("--rules", help="YAML overriding rule thresholds (see README)")
     p.add_argument("--out", required=True, help="gate report JSON")
-    p.add_argument("--config", help="config: vocabulary, label maps, geometry (default demo)")
+    _config_options(p, "the vocabulary, label maps and geometry")
     p.add_argument("--reference", help="reference model folder (default: shipped phantom one)")
     p.add_argument("--drop-flagged", metavar="DIR", help="also write the unflagged cases here")
     p.add_argument("--seed", type=int, default=0)
@@ -645,7 +681,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--federated", action="store_true", help="FedAvg over the sites (Flower simulation)"
     )
-    p.add_argument("--config", help="config YAML (default: packaged demo.yaml)")
+    _config_options(p)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_reference)
 
@@ -658,12 +694,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--force-ungated", action="store_true", help="use a cohort without a passing gate"
     )
     p.add_argument("--out", required=True)
-    p.add_argument("--config", help="config YAML (default: packaged demo.yaml)")
+    _config_options(p)
     p.add_argument("--seeds", help="comma-separated seeds (default: config downstream.seeds)")
     p.set_defaults(func=cmd_downstream)
 
     p = sub.add_parser("phantoms", help="write multi-site chest-CT phantoms + manifest.csv")
-    p.add_argument("--config", help="config YAML (default: packaged demo.yaml)")
+    _config_options(p)
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--seed", type=int, default=None, help="default: the config's seed")
     p.set_defaults(func=cmd_phantoms)
@@ -672,8 +708,18 @@ def build_parser() -> argparse.ArgumentParser:
     data_sub = p.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
     q = data_sub.add_parser("check", help="validate a manifest, reporting every problem at once")
     q.add_argument("manifest")
-    q.add_argument("--config", help="config whose vocabulary and label maps apply")
+    _config_options(q, "the vocabulary, label maps and geometry")
     q.set_defaults(func=cmd_data_check)
+
+    p = sub.add_parser("config", help="show or validate a config")
+    cfg_sub = p.add_subparsers(dest="config_command", required=True, metavar="SUBCOMMAND")
+    q = cfg_sub.add_parser("show", help="the whole validated config, defaults filled in, as YAML")
+    _config_options(q)
+    q.set_defaults(func=cmd_config_show)
+    q = cfg_sub.add_parser("validate", help="check a config (and --set overrides); exit 2 if bad")
+    q.add_argument("config", metavar="YAML|NAME")
+    q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    q.set_defaults(func=cmd_config_validate)
 
     p = sub.add_parser("fed", help="multi-machine Flower deployment helpers")
     fed = p.add_subparsers(dest="fed_command", required=True, metavar="FED_COMMAND")

@@ -7,6 +7,7 @@ unknown keys, so a typo fails before any work starts, with the file, the key pat
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from importlib.resources import files
@@ -636,18 +637,58 @@ def _lookup(document: Any, loc: tuple[Any, ...]) -> Any:
     return node
 
 
-def load_config(path: str | Path) -> SynthctConfig:
-    """Read and validate a YAML config; raise :class:`ConfigError` naming file, key and value."""
-    path = Path(path)
+PACKAGED_CONFIGS = ("demo", "smoke")
+
+
+def resolve_config_path(name_or_path: str | Path) -> Path:
+    """A config file path, or a packaged config's name (``demo``, ``smoke``)."""
+    path = Path(name_or_path)
+    if not path.exists() and str(name_or_path) in PACKAGED_CONFIGS:
+        return packaged_config_path(str(name_or_path))
+    return path
+
+
+def apply_overrides(document: dict[str, Any], overrides: list[str], source: str) -> dict[str, Any]:
+    """``key.path=value`` items (values in YAML syntax) applied onto a config document; the
+    result is validated like the file itself, so a bad key or value is named the same way."""
+    out = copy.deepcopy(document)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected KEY.PATH=VALUE, e.g. train.batch_size=2")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {item!r}: value is not valid YAML: {exc}") from None
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {item!r}: {part} is not a section in {source}")
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> SynthctConfig:
+    """Read and validate a YAML config (a path or a packaged name), with ``--set``-style
+    ``overrides``; raise :class:`ConfigError` naming file, key and value."""
+    path = resolve_config_path(path)
     try:
         document = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
+        known = ", ".join(PACKAGED_CONFIGS)
+        raise ConfigError(f"{path}: config file not found (packaged names: {known})") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(document, dict):
         raise ConfigError(f"{path}: top level must be a mapping, got {type(document).__name__}")
-    return config_from_dict(document, source=str(path))
+    source = str(path)
+    if overrides:
+        document = apply_overrides(document, overrides, source)
+        source += " with --set " + " ".join(overrides)
+    return config_from_dict(document, source=source)
 
 
 def config_from_dict(document: dict[str, Any], *, source: str = "<dict>") -> SynthctConfig:

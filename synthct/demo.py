@@ -24,10 +24,11 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
+import yaml
 from rich.table import Table
 
-from synthct.artifacts import write_json
-from synthct.config import SynthctConfig, load_config, packaged_config_path
+from synthct.artifacts import atomic_write_text, write_json
+from synthct.config import SynthctConfig, load_config, resolve_config_path
 from synthct.progress import console, progress_bar
 
 __all__ = ["run_demo"]
@@ -103,10 +104,16 @@ def _run_stage(name: str, timings: dict[str, float], fn: Callable[[], object]) -
 
 def run_demo(args: argparse.Namespace) -> int:
     run = Path(args.out)
-    config_path = Path(args.config) if args.config else packaged_config_path("demo")
-    config: SynthctConfig = load_config(config_path)
+    overrides = list(getattr(args, "set", None) or [])
+    config_path = resolve_config_path(args.config or "demo")
+    config: SynthctConfig = load_config(config_path, overrides)
     run.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(config_path, run / "config.yaml")
+    text = config_path.read_text(encoding="utf-8")
+    if overrides:  # the run's config is the file with the overrides: write the validated whole
+        text = f"# {config_path} with --set {' '.join(overrides)}\n" + yaml.safe_dump(
+            config.model_dump(mode="json"), sort_keys=False
+        )
+    atomic_write_text(run / "config.yaml", text)
     seed = config.seed if args.seed is None else args.seed
     timings: dict[str, float] = {}
     try:

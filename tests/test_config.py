@@ -119,3 +119,32 @@ def test_detail_window_must_be_ordered(smoke_config):
     doc["autoencoder"]["detail_window_hu"] = (-300.0, -1000.0)
     with pytest.raises(ValueError, match="detail_window_hu"):
         type(smoke_config).model_validate(doc)
+
+
+def test_packaged_names_and_set_overrides_are_validated_like_the_file(tmp_path):
+    from synthct.config import load_config
+
+    assert load_config("smoke").data.shape == (16, 16, 16)
+    config = load_config("demo", ["train.batch_size=2", "sampling.guidance=4.5"])
+    assert config.train.batch_size == 2 and config.sampling.guidance == 4.5
+    with pytest.raises(ConfigError, match=r"train.batch_sise = 2: unknown key"):
+        load_config("demo", ["train.batch_sise=2"])
+    with pytest.raises(ConfigError, match=r"train.batch_size"):
+        load_config("demo", ["train.batch_size=-1"])
+    with pytest.raises(ConfigError, match="expected KEY.PATH=VALUE"):
+        load_config("demo", ["seed"])
+    with pytest.raises(ConfigError, match="packaged names: demo, smoke"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_config_show_prints_a_config_that_loads_back_to_the_same(tmp_path, capsys):
+    from synthct.cli import main
+    from synthct.config import load_config
+
+    assert main(["config", "show", "--config", "smoke", "--set", "seed=7"]) == 0
+    shown = tmp_path / "shown.yaml"
+    shown.write_text(capsys.readouterr().out)
+    assert load_config(shown) == load_config("smoke", ["seed=7"])
+    assert main(["config", "validate", str(shown)]) == 0
+    assert main(["config", "validate", "demo", "--set", "data.spacing_mm=[0, 1, 1]"]) == 2
+    assert "data.spacing_mm" in capsys.readouterr().err
