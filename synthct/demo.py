@@ -336,8 +336,14 @@ def _report(
                 out[name] = hu[idx]
         return out
 
-    synthetic = by_class(load_cases(cohort, config, splits=("train",)), 3)
-    real = by_class(load_cases(manifest, config, splits=("train",)), 3)
+    def by_site(cases) -> dict:
+        hu = model_to_hu(cases.images, config.data.hu_window)[:, 0].numpy()
+        return {site: hu[cases.sites.index(site)] for site in dict.fromkeys(cases.sites)}
+
+    cohort_cases = load_cases(cohort, config, splits=("train",))
+    real_cases = load_cases(manifest, config, splits=("train",))
+    synthetic = by_class(cohort_cases, 3)
+    real = by_class(real_cases, 3)
     rounds_path = run / "rounds.jsonl"
     rounds = (
         [json.loads(x) for x in rounds_path.read_text().splitlines()]
@@ -362,6 +368,7 @@ def _report(
         downstream=downstream,
         provenance=provenance,
         plugin=plugin,
+        sites=(by_site(real_cases), by_site(cohort_cases)),
     )
 
 

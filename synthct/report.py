@@ -1,9 +1,12 @@
 """``RUN/report.html``: one self-contained page (every picture embedded as a PNG data URI).
 
-Sections: summary; per class, axial/coronal/sagittal montages of synthetic volumes (and of real
-ones where showing them is allowed: phantoms, or ``--show-real``); HU histograms; training
-curves per site and phase; the gate table; per-site downstream bars before/after; provenance
-(config, versions, hashes). The page carries ``data-expected-images`` so a browser test can
+It opens with what a reader came for: the gate's verdict (and the rules that failed) and the
+headline effect of the gated synthetic data downstream (change in balanced accuracy and
+rare-class recall, overall and per site), then the evidence: per class, real and synthetic
+volumes side by side (axial/coronal/sagittal; real ones only where showing them is allowed:
+phantoms, or ``--show-real``); per site, a real scan beside a case made for that site (scanner
+style); HU histograms; training curves per site and phase; the gate table; per-site downstream
+bars; the run's numbers and provenance (config, versions, hashes) folded at the end. The page carries ``data-expected-images`` so a browser test can
 check that every picture rendered.
 """
 
@@ -36,7 +39,10 @@ h1{margin-bottom:0}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-to
 table{border-collapse:collapse;font-size:.9em}td,th{border:1px solid #ddd;padding:.3em .6em}
 th{background:#f4f4f4}.pass{color:#11734b;font-weight:bold}.fail{color:#b3261e;font-weight:bold}
 img{max-width:100%;display:block;margin:.5em 0}pre{background:#f7f7f7;padding:1em;overflow:auto}
-.verdict{font-size:1.3em}.note{color:#555}
+.verdict{font-size:1.3em}.note{color:#555}.pair{display:flex;gap:1em;align-items:flex-start}
+.pair figure{margin:0;flex:1}.pair figcaption{font-weight:bold;text-align:center}
+.headline{background:#f6f8fa;border:1px solid #ddd;padding:.8em 1.2em;border-radius:6px}
+.up{color:#11734b}.down{color:#b3261e}
 """
 
 
@@ -67,6 +73,84 @@ def montage(volumes: np.ndarray, title: str, window: tuple[float, float] = (-100
                 ax.set_title(name, fontsize=9)
     fig.suptitle(title, fontsize=10)
     return _png(fig)
+
+
+def site_pairs(real: dict[str, np.ndarray], synthetic: dict[str, np.ndarray]) -> str | None:
+    """Per site (rows): the axial and coronal central slices of a real scan and of a case made
+    for that site: the scanner style (noise, blur, slice thickness) should match along a row."""
+    sites = [s for s in sorted(synthetic) if s in real]
+    if not sites:
+        return None
+    fig, axes = plt.subplots(len(sites), 4, figsize=(8, 2.2 * len(sites)), squeeze=False)
+    for i, site in enumerate(sites):
+        for k, (vol, who) in enumerate(((real[site], "real"), (synthetic[site], "made for it"))):
+            x, y, z = (n // 2 for n in vol.shape)
+            for j, (view, name) in enumerate(
+                ((vol[:, :, z].T, "axial"), (vol[:, y, :].T, "coronal"))
+            ):
+                ax = axes[i, 2 * k + j]
+                ax.imshow(view, cmap="gray", vmin=-1000, vmax=400, origin="lower")
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if i == 0:
+                    ax.set_title(f"{who}: {name}", fontsize=9)
+        axes[i, 0].set_ylabel(site, fontsize=9)
+    return _png(fig)
+
+
+def _delta(before: float, after: float) -> str:
+    change = after - before
+    cls = "up" if change > 0 else "down" if change < 0 else ""
+    return f'{before:.3f} &rarr; {after:.3f} (<span class="{cls}">{change:+.3f}</span>)'
+
+
+def _headline_html(gate: dict[str, Any] | None, downstream: dict[str, Any] | None) -> str:
+    """The verdict and the headline downstream effect, in sentences."""
+    lines = []
+    if gate is not None:
+        failed = gate.get("failed_rules", [])
+        verdict = gate["verdict"]
+        why = f" (failed: {html.escape(', '.join(failed))})" if failed else ""
+        lines.append(
+            f'<p class="verdict">Gate: <span class="{verdict}">{verdict.upper()}</span>{why}, '
+            f"{gate['cohort']['cases']} synthetic cases.</p>"
+        )
+    arms = (downstream or {}).get("arms", {})
+    if "real" in arms and "real+synthetic" in arms:
+        real, syn = arms["real"]["summary"], arms["real+synthetic"]["summary"]
+        seeds = len(arms["real"].get("runs", [])) or "?"
+        rows = [
+            f"<li>balanced accuracy {_delta(real['balanced_accuracy']['mean'], syn['balanced_accuracy']['mean'])}</li>",
+            f"<li>worst site {_delta(real['worst_site_balanced_accuracy']['mean'], syn['worst_site_balanced_accuracy']['mean'])}</li>",
+        ]
+        for rare in downstream.get("rare", []):
+            key = f"recall_{rare}"
+            rows.append(
+                f"<li>{html.escape(rare)} (rare) recall "
+                f"{_delta(real[key]['mean'], syn[key]['mean'])}</li>"
+            )
+        per_site = real["per_site_balanced_accuracy"]
+        rows.append(
+            "<li>per site: "
+            + "; ".join(
+                f"{html.escape(s)} {_delta(per_site[s]['mean'], syn['per_site_balanced_accuracy'][s]['mean'])}"
+                for s in sorted(per_site)
+            )
+            + "</li>"
+        )
+        ungated = " (UNGATED cohort)" if downstream.get("ungated") else ""
+        lines.append(
+            f"<p>Adding the synthetic cohort{ungated} changed the downstream classifier on the "
+            f"real <code>test</code> split (real-only &rarr; real + synthetic, mean of {seeds} "
+            f"seed(s)):</p><ul>{''.join(rows)}</ul>"
+        )
+    elif "real" in arms:
+        lines.append(
+            "<p>Only the real-only classifier ran (the cohort was not used): balanced accuracy "
+            f"{arms['real']['summary']['balanced_accuracy']['mean']:.3f} on the real "
+            "<code>test</code> split.</p>"
+        )
+    return f'<div class="headline">{"".join(lines)}</div>' if lines else ""
 
 
 def hu_histograms(real: dict[str, np.ndarray], synthetic: dict[str, np.ndarray]) -> str:
@@ -251,34 +335,48 @@ def write_report(
     downstream: dict[str, Any] | None,
     provenance: dict[str, Any],
     plugin: dict[str, Any] | None = None,
+    sites: tuple[dict[str, np.ndarray], dict[str, np.ndarray]] | None = None,
 ) -> Path:
     """Write the report. ``synthetic``/``real``: class -> N×X×Y×Z HU volumes (a few each);
     ``real`` is None when real images must not be shown; ``plugin``: the demo's site-plugin
-    stage (sizes, conditional accuracy base vs fused, ``samples`` of the rare class)."""
+    stage (sizes, conditional accuracy base vs fused, ``samples`` of the rare class);
+    ``sites``: (real, synthetic) site -> one X×Y×Z HU volume each, for the style pairs."""
     images: list[str] = []
     parts = [f"<h1>{html.escape(title)}</h1><p class='note'>{time.strftime('%Y-%m-%d %H:%M')}</p>"]
-    parts.append("<h2>Summary</h2>" + _summary_table(summary))
+    parts.append(_headline_html(gate, downstream))
 
     def add(uri: str | None, alt: str) -> None:
         if uri is not None:
             images.append(uri)
             parts.append(_img(uri, alt))
 
-    parts.append("<h2>Synthetic volumes per class</h2>")
-    for name, vols in synthetic.items():
-        add(montage(vols, f"synthetic: {name}"), f"synthetic {name}")
-    if real is not None:
-        parts.append("<h2>Real volumes per class (phantoms)</h2>")
-        for name, vols in real.items():
-            add(montage(vols, f"real: {name}"), f"real {name}")
-    else:
+    def side_by_side(left: tuple[str, str] | None, right: tuple[str, str]) -> None:
+        figures = []
+        for uri, caption in (f for f in (left, right) if f is not None):
+            images.append(uri)
+            figures.append(
+                f"<figure><figcaption>{html.escape(caption)}</figcaption>"
+                f"{_img(uri, caption)}</figure>"
+            )
+        parts.append(f'<div class="pair">{"".join(figures)}</div>')
+
+    parts.append("<h2>Real and synthetic volumes, per class</h2>")
+    if real is None:
         parts.append("<p class='note'>Real images are not shown (use --show-real).</p>")
+    for name, vols in synthetic.items():
+        left = None
+        if real is not None and name in real:
+            left = (montage(real[name], ""), f"real: {name}")
+        side_by_side(left, (montage(vols, ""), f"synthetic: {name}"))
+    if sites is not None and real is not None:
+        parts.append("<h2>Scanner style: each site's scan beside a case made for it</h2>")
+        add(site_pairs(*sites), "per-site style pairs")
     parts.append("<h2>HU histograms</h2>")
     add(hu_histograms(real or {}, synthetic), "HU histograms")
     parts.append("<h2>Federated training</h2>")
     add(training_curves(rounds), "training curves")
     if gate is not None:
-        parts.append("<h2>Gate</h2>" + _gate_html(gate))
+        parts.append("<h2>Gate: every rule</h2>" + _gate_html(gate))
     if downstream is not None:
         parts.append("<h2>Downstream classifiers (real test split)</h2>")
         if (
@@ -303,7 +401,11 @@ def write_report(
             )
     prov = {**provenance, "versions": library_versions()}
     parts.append(
-        "<h2>Provenance</h2><pre>" + html.escape(json.dumps(prov, indent=2, default=str)) + "</pre>"
+        "<h2>Details</h2><details><summary>All of the run's numbers</summary>"
+        + _summary_table(summary)
+        + "</details><details><summary>Provenance (config, hashes, versions)</summary><pre>"
+        + html.escape(json.dumps(prov, indent=2, default=str))
+        + "</pre></details>"
     )
     page = (
         "<!DOCTYPE html><html><head><meta charset='utf-8'>"

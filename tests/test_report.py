@@ -31,7 +31,34 @@ def test_report_pictures_render_and_are_not_blank(tmp_path, volumes, render_chec
         "worst_site_balanced_accuracy": {"mean": 0.5, "sd": 0.0},
         "per_site_balanced_accuracy": per_site,
     }
-    downstream = {"rare": ["c"], "arms": {"real": {"summary": summary}}}
+    better = {
+        **summary,
+        "recall_c": {"mean": 0.5, "sd": 0.1},
+        "per_site_balanced_accuracy": {**per_site, "b": {"mean": 0.6, "sd": 0.0}},
+    }
+    downstream = {
+        "rare": ["c"],
+        "arms": {
+            "real": {"summary": summary, "runs": [{}, {}, {}]},
+            "real+synthetic": {"summary": better, "runs": [{}, {}, {}]},
+        },
+    }
+    gate = {
+        "verdict": "pass",
+        "failed_rules": [],
+        "cohort": {"cases": 12},
+        "rules": [
+            {
+                "rule": "dcr",
+                "value": 0.5,
+                "threshold": 0.7,
+                "direction": "max",
+                "passed": True,
+                "ci": None,
+                "reason": "ok: dcr_share = 0.5 (needs <= 0.7); share closer to train",
+            }
+        ],
+    }
     report = write_report(
         tmp_path / "report.html",
         title="t",
@@ -39,14 +66,21 @@ def test_report_pictures_render_and_are_not_blank(tmp_path, volumes, render_chec
         synthetic={"b": volumes, "c": volumes[:2]},
         real={"b": volumes},
         rounds=rounds,
-        gate=None,
+        gate=gate,
         downstream=downstream,
         provenance={"config": "x"},
+        sites=({"a": volumes[0], "b": volumes[1]}, {"a": volumes[2], "b": volumes[0]}),
     )
     text = report.read_text()
     assert 'src="data:image/png;base64,' in text and "http" not in text.split("<body")[1][:0]
+    # it opens with the verdict and the headline effect, before any picture
+    head = text.split("<img", 1)[0]
+    assert 'Gate: <span class="pass">PASS</span>' in head
+    assert "c (rare) recall 0.300 &rarr; 0.500" in head and "+0.200" in head
+    assert "b 0.500 &rarr; 0.600" in head and "mean of 3 seed(s)" in head
     seen = render_check(report, tmp_path)
-    # 2 synthetic + 1 real montage, HU histograms, training curves, downstream bars
-    assert seen["expected"] == 6 == len(seen["images"])
+    # real b | synthetic b side by side, synthetic c, site pairs, HU histograms, training
+    # curves, downstream bars
+    assert seen["expected"] == 7 == len(seen["images"])
     for img in seen["images"]:
         assert img["w"] > 50 and img["h"] > 50 and img["range"] > 50
