@@ -7,11 +7,12 @@ between the best and the worst site. The rare classes are listed first.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
 
-__all__ = ["roc_auc", "classification_metrics", "per_site_metrics"]
+__all__ = ["roc_auc", "classification_metrics", "per_site_metrics", "paired_effect"]
 
 
 def roc_auc(pos: np.ndarray, neg: np.ndarray) -> float:
@@ -68,4 +69,93 @@ def per_site_metrics(
         "worst_site": worst,
         "worst_site_balanced_accuracy": bal[worst] if worst else float("nan"),
         "best_worst_gap": (max(bal.values()) - min(bal.values())) if bal else float("nan"),
+    }
+
+
+def _recalls(pred: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """Per-class recall (NaN for a class without cases)."""
+    hits = np.bincount(labels[pred == labels], minlength=num_classes).astype(float)
+    total = np.bincount(labels, minlength=num_classes).astype(float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return hits / total
+
+
+def _effect_metrics(
+    pred: np.ndarray,
+    labels: np.ndarray,
+    site_idx: np.ndarray,
+    sites: list[str],
+    k: int,
+    rare: list[int],
+) -> np.ndarray:
+    """[balanced accuracy, each rare recall, worst-site balanced accuracy, each site's]."""
+    overall = _recalls(pred, labels, k)
+    per_site = [
+        np.nanmean(_recalls(pred[site_idx == i], labels[site_idx == i], k))
+        for i in range(len(sites))
+    ]
+    return np.array([np.nanmean(overall), *overall[rare], np.nanmin(per_site), *per_site])
+
+
+def paired_effect(
+    before: list[np.ndarray],
+    after: list[np.ndarray],
+    labels: np.ndarray,
+    sites: list[str],
+    classes: list[str],
+    rare: list[str],
+    *,
+    bootstrap: int = 1000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """What changed from ``before`` to ``after`` (N×K test probabilities, one pair per training
+    seed, same test cases): the mean over seeds of the paired difference in balanced accuracy,
+    rare-class recall, worst-site and per-site balanced accuracy, each with a 95 % interval
+    from a bootstrap over test cases (resampled within each site, the same resample for both
+    arms and every seed, so the interval is of the difference, not of two separate scores)."""
+    if len(before) != len(after) or not before:
+        raise ValueError("paired_effect needs one 'after' run per 'before' run (same seeds)")
+    names = sorted(set(sites))
+    site_idx = np.array([names.index(s) for s in sites])
+    k = len(classes)
+    rare_idx = [classes.index(r) for r in rare if r in classes]
+    keys = [
+        "balanced_accuracy",
+        *(f"recall_{r}" for r in rare if r in classes),
+        "worst_site_balanced_accuracy",
+        *(f"site_{s}_balanced_accuracy" for s in names),
+    ]
+    preds = [(b.argmax(1), a.argmax(1)) for b, a in zip(before, after, strict=True)]
+
+    def delta(idx: np.ndarray) -> np.ndarray:
+        with warnings.catch_warnings():  # a resample may hold no case of a class at a site
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return _delta(idx)
+
+    def _delta(idx: np.ndarray) -> np.ndarray:
+        diffs = [
+            _effect_metrics(pa[idx], labels[idx], site_idx[idx], names, k, rare_idx)
+            - _effect_metrics(pb[idx], labels[idx], site_idx[idx], names, k, rare_idx)
+            for pb, pa in preds
+        ]
+        return np.nanmean(diffs, axis=0)
+
+    point = delta(np.arange(len(labels)))
+    rng = np.random.default_rng(seed)
+    groups = [np.flatnonzero(site_idx == i) for i in range(len(names))]
+    draws = np.array(
+        [
+            delta(np.concatenate([rng.choice(g, size=len(g), replace=True) for g in groups]))
+            for _ in range(bootstrap)
+        ]
+    )
+    with np.errstate(invalid="ignore"):
+        low, high = np.nanpercentile(draws, [2.5, 97.5], axis=0)
+    return {
+        "seeds": len(before),
+        "bootstrap": bootstrap,
+        **{
+            key: {"mean": float(p), "ci95": [float(lo), float(hi)]}
+            for key, p, lo, hi in zip(keys, point, low, high, strict=True)
+        },
     }

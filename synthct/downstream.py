@@ -25,7 +25,7 @@ from torch import nn
 from synthct.artifacts import write_json
 from synthct.config import SynthctConfig
 from synthct.data.dataset import CaseSet, load_cases
-from synthct.eval.classification import per_site_metrics
+from synthct.eval.classification import paired_effect, per_site_metrics
 from synthct.eval.reference import augment
 from synthct.training import BalancedSampler
 
@@ -380,6 +380,7 @@ def run_downstream(
     classes, rare = list(config.labels.classes), list(config.labels.rare)
     arms = ["real"] + (["real+synthetic"] if cohort_manifest is not None else [])
     results: dict[str, Any] = {}
+    test_probs: dict[str, list[np.ndarray]] = {arm: [] for arm in arms}
     total = len(arms) * len(config.downstream.seeds)
     done = 0
     for arm in arms:
@@ -398,6 +399,7 @@ def run_downstream(
                 cohort = load_cohort_for(use, config, None) if use is not None else None
                 result = _central_arm(config, real, holdout, cohort, test, seed)
             metrics = per_site_metrics(result.probs, result.labels, result.sites, classes, rare)
+            test_probs[arm].append(_in_test_order(result, test))
             runs.append(
                 {
                     "seed": seed,
@@ -424,8 +426,31 @@ def run_downstream(
         "arms": results,
         "format": RESULTS_FORMAT,
     }
+    if len(arms) == 2:  # what the synthetic data changed, paired by seed, with 95 % intervals
+        payload["effect"] = paired_effect(
+            test_probs["real"],
+            test_probs["real+synthetic"],
+            test.labels.numpy(),
+            list(test.sites),
+            classes,
+            rare,
+        )
     write_json(out / "results.json", payload, kind="synthct-downstream")
     return payload
+
+
+def _in_test_order(result: ArmResult, test: CaseSet) -> np.ndarray:
+    """The arm's test probabilities in ``test``'s case order (a federated arm returns them
+    site by site, in whatever order the sites replied; within a site both keep file order)."""
+    if list(result.sites) == list(test.sites):
+        return result.probs
+    want = np.argsort(np.asarray(test.sites), kind="stable")
+    have = np.argsort(np.asarray(result.sites), kind="stable")
+    probs = np.empty_like(result.probs)
+    probs[want] = result.probs[have]
+    if not np.array_equal(result.labels[have], test.labels.numpy()[want]):
+        raise RuntimeError("an arm's test cases do not line up with the test split")
+    return probs
 
 
 def _mean_sd(values: list[float]) -> dict[str, float]:

@@ -98,10 +98,12 @@ def site_pairs(real: dict[str, np.ndarray], synthetic: dict[str, np.ndarray]) ->
     return _png(fig)
 
 
-def _delta(before: float, after: float) -> str:
-    change = after - before
+def _delta(before: float, after: float, effect: dict[str, Any] | None = None) -> str:
+    """``before -> after (change)``; with the paired ``effect``, its 95 % interval too."""
+    change = after - before if effect is None else effect["mean"]
     cls = "up" if change > 0 else "down" if change < 0 else ""
-    return f'{before:.3f} &rarr; {after:.3f} (<span class="{cls}">{change:+.3f}</span>)'
+    ci = "" if effect is None else f", 95 % CI [{effect['ci95'][0]:+.3f}, {effect['ci95'][1]:+.3f}]"
+    return f'{before:.3f} &rarr; {after:.3f} (<span class="{cls}">{change:+.3f}</span>{ci})'
 
 
 def _headline_html(gate: dict[str, Any] | None, downstream: dict[str, Any] | None) -> str:
@@ -118,22 +120,23 @@ def _headline_html(gate: dict[str, Any] | None, downstream: dict[str, Any] | Non
     arms = (downstream or {}).get("arms", {})
     if "real" in arms and "real+synthetic" in arms:
         real, syn = arms["real"]["summary"], arms["real+synthetic"]["summary"]
+        eff = downstream.get("effect", {})
         seeds = len(arms["real"].get("runs", [])) or "?"
         rows = [
-            f"<li>balanced accuracy {_delta(real['balanced_accuracy']['mean'], syn['balanced_accuracy']['mean'])}</li>",
-            f"<li>worst site {_delta(real['worst_site_balanced_accuracy']['mean'], syn['worst_site_balanced_accuracy']['mean'])}</li>",
+            f"<li>balanced accuracy {_delta(real['balanced_accuracy']['mean'], syn['balanced_accuracy']['mean'], eff.get('balanced_accuracy'))}</li>",
+            f"<li>worst site {_delta(real['worst_site_balanced_accuracy']['mean'], syn['worst_site_balanced_accuracy']['mean'], eff.get('worst_site_balanced_accuracy'))}</li>",
         ]
         for rare in downstream.get("rare", []):
             key = f"recall_{rare}"
             rows.append(
                 f"<li>{html.escape(rare)} (rare) recall "
-                f"{_delta(real[key]['mean'], syn[key]['mean'])}</li>"
+                f"{_delta(real[key]['mean'], syn[key]['mean'], eff.get(key))}</li>"
             )
         per_site = real["per_site_balanced_accuracy"]
         rows.append(
             "<li>per site: "
             + "; ".join(
-                f"{html.escape(s)} {_delta(per_site[s]['mean'], syn['per_site_balanced_accuracy'][s]['mean'])}"
+                f"{html.escape(s)} {_delta(per_site[s]['mean'], syn['per_site_balanced_accuracy'][s]['mean'], eff.get(f'site_{s}_balanced_accuracy'))}"
                 for s in sorted(per_site)
             )
             + "</li>"

@@ -92,6 +92,11 @@ def test_central_arms_report_every_site(tmp_path, tiny, demo_sites, gated):
     assert run["train_cases"]["synthetic"] == 22
     assert set(run["per_site"]) == {"site_a", "site_b", "site_c", "site_d"}
     assert list(run["overall"]["per_class_recall"])[0] == "consolidation"  # rare class first
+    # the synthetic arm's effect, paired by seed, with a 95 % bootstrap interval per figure
+    effect = results["effect"]
+    for key in ("balanced_accuracy", "recall_consolidation", "site_site_b_balanced_accuracy"):
+        low, high = effect[key]["ci95"]
+        assert low <= effect[key]["mean"] <= high, key
     saved = read_json(tmp_path / "run" / "results.json")
     assert saved["kind"] == "synthct-downstream" and saved["versions"]["torch"]
     # local-only: every site alone, each scored on its own test cases

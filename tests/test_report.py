@@ -37,6 +37,7 @@ def test_report_pictures_render_and_are_not_blank(tmp_path, volumes, render_chec
         "per_site_balanced_accuracy": {**per_site, "b": {"mean": 0.6, "sd": 0.0}},
     }
     downstream = {
+        "effect": {"recall_c": {"mean": 0.2, "ci95": [0.05, 0.35]}},
         "rare": ["c"],
         "arms": {
             "real": {"summary": summary, "runs": [{}, {}, {}]},
@@ -77,6 +78,7 @@ def test_report_pictures_render_and_are_not_blank(tmp_path, volumes, render_chec
     head = text.split("<img", 1)[0]
     assert 'Gate: <span class="pass">PASS</span>' in head
     assert "c (rare) recall 0.300 &rarr; 0.500" in head and "+0.200" in head
+    assert "95 % CI [+0.050, +0.350]" in head
     assert "b 0.500 &rarr; 0.600" in head and "mean of 3 seed(s)" in head
     seen = render_check(report, tmp_path)
     # real b | synthetic b side by side, synthetic c, site pairs, HU histograms, training

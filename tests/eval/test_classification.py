@@ -50,3 +50,30 @@ def test_per_site_metrics_match_the_hand_computed_table():
 def test_empty_and_single_class_sets_do_not_crash():
     m = classification_metrics(np.zeros((2, 3)) + 1 / 3, np.array([1, 1]), CLASSES, [])
     assert m["per_class_auc"] == {} and np.isnan(m["macro_auc"])
+
+
+def test_paired_effect_is_the_difference_with_an_interval_around_it():
+    from synthct.eval.classification import paired_effect
+
+    rng = np.random.default_rng(0)
+    classes, rare = ["normal", "nodule", "consolidation"], ["consolidation"]
+    labels = np.repeat([0, 1, 2], 40)
+    sites = ["a", "b"] * 60
+    onehot = np.eye(3)
+    right = onehot[labels]
+    before = right.copy()
+    before[labels == 2] = onehot[0]  # the rare class is never found before ...
+    after = right.copy()  # ... and always after
+    same = paired_effect([before, before], [before, before], labels, sites, classes, rare)
+    assert same["balanced_accuracy"] == {"mean": 0.0, "ci95": [0.0, 0.0]}
+    gain = paired_effect([before], [after], labels, sites, classes, rare, bootstrap=200)
+    assert gain["recall_consolidation"]["mean"] == 1.0
+    assert abs(gain["balanced_accuracy"]["mean"] - 1 / 3) < 1e-9
+    assert gain["site_a_balanced_accuracy"]["mean"] > 0 and gain["seeds"] == 1
+    # a noisy gain: the interval contains the point estimate and is not degenerate
+    noisy = right.copy()
+    flip = rng.random(len(labels)) < 0.3
+    noisy[flip] = onehot[(labels[flip] + 1) % 3]
+    effect = paired_effect([noisy], [after], labels, sites, classes, rare, bootstrap=200)
+    low, high = effect["balanced_accuracy"]["ci95"]
+    assert low < effect["balanced_accuracy"]["mean"] < high and low > 0
