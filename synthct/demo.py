@@ -193,6 +193,7 @@ def run_demo(args: argparse.Namespace) -> int:
                 "flags": len(gate["flags"]),
             },
             "downstream": {arm: data["summary"] for arm, data in downstream["arms"].items()},
+            "synthetic_effect": downstream.get("effect"),
             "site_plugin": summary["site plugin"],
         },
         kind="demo-summary",

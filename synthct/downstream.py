@@ -499,4 +499,18 @@ def downstream_table(results: dict[str, Any]):
             *rare_cols,
             fmt(s["worst_site_balanced_accuracy"]),
         )
+    effect = results.get("effect")
+    if effect:  # one more row: the paired change with its 95 % interval
+
+        def change(key: str) -> str:
+            e = effect[key]
+            return f"{e['mean']:+.3f} [{e['ci95'][0]:+.3f}, {e['ci95'][1]:+.3f}]"
+
+        table.add_row(
+            "change (95 % CI)",
+            change("balanced_accuracy"),
+            "",
+            *(change(f"recall_{r}") for r in rare),
+            change("worst_site_balanced_accuracy"),
+        )
     return table
