@@ -21,9 +21,9 @@ import torch
 from synthct.config import load_config, packaged_config_path
 from synthct.data.dataset import load_cases
 from synthct.data.phantoms import write_phantom_sites
-from synthct.eval.reference import evaluate_classifier
 from synthct.models.autoencoder import build_autoencoder
 from synthct.pretrained import load_phantom_reference
+from synthct.reference import evaluate_classifier
 from synthct.training import BalancedSampler, autoencoder_step, detail_range, encode_latents
 
 

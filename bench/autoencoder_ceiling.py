@@ -10,8 +10,8 @@ autoencoder (the ceiling), then with scanner noise re-inserted from the sites' n
 spectra (NPS of scan minus reconstruction: over the whole volume, and over uniform soft
 tissue only, as NPS is measured in CT), the field's noise-insertion remedy. Per site it
 also records the high-frequency noise (scan minus its 1-voxel Gaussian smoothing, soft
-tissue) and its radially averaged NPS, real vs reconstruction, and draws them (PNG next to
-the results file).
+tissue) and its radially averaged NPS, real vs reconstruction vs samples made for the site (in
+its train case mix), and draws them (PNG next to the results file).
 """
 
 from __future__ import annotations
@@ -39,9 +39,9 @@ from synthct.data.preprocess import model_to_hu  # noqa: E402
 from synthct.data.volume_io import write_nifti  # noqa: E402
 from synthct.eval import negatives  # noqa: E402
 from synthct.eval.gate import load_real, run_gate  # noqa: E402
-from synthct.eval.reference import load_reference  # noqa: E402
 from synthct.pretrained import phantom_dir, shipped_reference_for  # noqa: E402
-from synthct.sampling import reconstruct  # noqa: E402
+from synthct.reference import load_reference  # noqa: E402
+from synthct.sampling import reconstruct, sample_volumes  # noqa: E402
 from synthct.trainer import ensure_reference  # noqa: E402
 
 COUNTS = {"nodule": 20, "ground_glass": 20, "consolidation": 30}
@@ -139,6 +139,7 @@ def main() -> None:
 
     # the sites' noise spectra, from their train scans and reconstructions
     spectra: dict[str, dict[str, torch.Tensor]] = {"whole": {}, "soft_tissue": {}}
+    g_sample = torch.Generator().manual_seed(args.seed)
     per_site: dict[str, dict] = {}
     for site in config.site_names:
         tr = load_cases(manifest, config, splits=("train",), sites=(site,))
@@ -147,8 +148,14 @@ def main() -> None:
         for kind, mask in (("whole", None), ("soft_tissue", soft_tissue(x) & soft_tissue(r))):
             power, n = nps_sums(x - r, mask)
             spectra[kind][site] = power / n
+        # samples made for the site, in its own train case mix (needs no real scan)
+        syn = sample_volumes(gen, tr.labels, sites=[site] * len(tr), generator=g_sample)
         per_site[site] = {
-            "hf_noise_std_hu": {"real": hf_std(x), "reconstruction": hf_std(r)},
+            "hf_noise_std_hu": {
+                "real": hf_std(x),
+                "reconstruction": hf_std(r),
+                "sample": hf_std(syn),
+            },
             "inserted_noise_std_hu": {
                 kind: float((spectra[kind][site].sum() * 2 / x[0, 0].numel()).sqrt())
                 for kind in spectra
@@ -156,6 +163,7 @@ def main() -> None:
             "radial_nps": {
                 "real": radial_nps(x).tolist(),
                 "reconstruction": radial_nps(r).tolist(),
+                "sample": radial_nps(syn).tolist(),
             },
         }
 
@@ -200,7 +208,7 @@ def main() -> None:
         path.write_text(json.dumps(summary, indent=1))
     fig, axes = plt.subplots(1, len(per_site), figsize=(4 * len(per_site), 3.2), sharey=True)
     for ax, (site, info) in zip(np.atleast_1d(axes), per_site.items(), strict=True):
-        for what, style in (("real", "-"), ("reconstruction", "--")):
+        for what, style in (("real", "-"), ("reconstruction", "--"), ("sample", ":")):
             nps = info["radial_nps"][what]
             ax.semilogy(range(1, len(nps)), nps[1:], style, label=what)  # no DC bin: centred
         ax.set_title(site)

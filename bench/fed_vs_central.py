@@ -27,8 +27,8 @@ from synthct.artifacts import write_json
 from synthct.config import SynthctConfig, load_config, packaged_config_path
 from synthct.data.manifest import write_site_manifest
 from synthct.eval.generator_quality import generator_report
-from synthct.eval.reference import load_reference
 from synthct.fed.simulation import train_federated
+from synthct.reference import load_reference
 from synthct.trainer import ensure_reference, train_central
 
 

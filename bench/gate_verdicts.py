@@ -24,8 +24,8 @@ from synthct.data.dataset import load_cases
 from synthct.data.phantoms import write_phantom_sites
 from synthct.eval import negatives
 from synthct.eval.gate import load_real, run_gate
-from synthct.eval.reference import load_reference
 from synthct.pretrained import phantom_dir
+from synthct.reference import load_reference
 
 # the demo's balanced pooled cohort asks for about this many cases per class
 COUNTS = {"nodule": 35, "ground_glass": 40, "consolidation": 60}

@@ -28,7 +28,7 @@ from synthct.artifacts import write_json
 from synthct.config import load_config, packaged_config_path
 from synthct.data.dataset import load_cases
 from synthct.eval.generator_quality import conditional_report, generator_report
-from synthct.eval.reference import load_reference
+from synthct.reference import load_reference
 from synthct.trainer import train_central
 from synthct.training import resolve_device
 

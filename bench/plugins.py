@@ -42,7 +42,6 @@ from synthct.data.phantoms import write_phantom_sites
 from synthct.data.preprocess import hu_to_model, model_to_hu
 from synthct.eval.distribution import class_matched_weights, standardise, weighted_kid
 from synthct.eval.features import radiomics_features
-from synthct.eval.reference import evaluate_classifier
 from synthct.fed.simulation import train_federated
 from synthct.fed.task import tensors_to_bytes
 from synthct.plugins.adapter import export_plugin, train_plugin
@@ -50,6 +49,7 @@ from synthct.plugins.fit import fit_fusion_weights, fit_mixture_weights, validat
 from synthct.plugins.merge import MixtureDenoiser, fuse
 from synthct.plugins.registry import add_plugin, load_plugins
 from synthct.pretrained import load_phantom_reference, phantom_dir
+from synthct.reference import evaluate_classifier
 from synthct.sampling import sample_volumes
 
 LATE_SITE = {

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -26,8 +27,8 @@ from synthct.config import load_config, packaged_config_path
 from synthct.data.dataset import load_cases
 from synthct.data.phantoms import write_phantom_sites
 from synthct.eval.generator_quality import generator_report
-from synthct.eval.reference import load_reference
 from synthct.fed.simulation import train_federated
+from synthct.reference import load_reference
 from synthct.trainer import ensure_reference
 
 SHIP_DIR = Path(__file__).resolve().parents[1] / "synthct" / "pretrained" / "phantom"
@@ -54,6 +55,16 @@ def _wall_min(rounds_file: Path) -> float:
     return sum(r.get("wall_s") or 0.0 for r in rounds) / 60
 
 
+def _run_name(initial: Path) -> str:
+    """The run a generator folder came from; the shipped folder names it in its command."""
+    notes = initial.parent / "TRAINING.md"
+    if initial.parent.resolve() == SHIP_DIR.resolve() and notes.is_file():
+        match = re.search(r"--run runs/([\w.-]+)", notes.read_text())
+        if match:
+            return match.group(1)
+    return initial.parent.name
+
+
 def ship(
     gen, run: Path, report: dict, command: str, log: Path | None, initial: Path | None
 ) -> None:
@@ -65,22 +76,26 @@ def ship(
         # staged first because the predecessor may be the shipped folder replaced below
         staged = Path(tempfile.mkdtemp(prefix="synthct-ship-"))
         shutil.copy2(initial.parent / "rounds.jsonl", staged / "rounds.jsonl")
-        if initial.parent.with_suffix(".log").is_file():
-            shutil.copy2(initial.parent.with_suffix(".log"), staged / "training.log")
+        for console in (initial.parent.with_suffix(".log"), initial.parent / "training.log"):
+            if console.is_file():
+                shutil.copy2(console, staged / "training.log")
+        for notes in ("TRAINING.md", "quality.json"):  # the shipped predecessor's own record
+            if (initial.parent / notes).is_file():
+                shutil.copy2(initial.parent / notes, staged / notes)
         for earlier in sorted((initial.parent / "history").glob("*")):  # its own predecessors
             shutil.copytree(earlier, staged.parent / f"{staged.name}-{earlier.name}")
         earlier_min = sum(
             _wall_min(log) for log in staged.parent.glob(f"{staged.name}-*/rounds.jsonl")
         )
         history = (
-            f"Continued from `{initial}` ({_wall_min(staged / 'rounds.jsonl'):.1f} min of "
+            f"Continued from `{initial}` (run `{_run_name(initial)}`, {_wall_min(staged / 'rounds.jsonl'):.1f} min of "
             f"federated rounds, {earlier_min:.1f} min more in the runs it continued; their logs "
             f"in `history/`). "
         )
     if SHIP_DIR.exists():
         shutil.rmtree(SHIP_DIR)
     if staged is not None:
-        shutil.copytree(staged, SHIP_DIR / "history" / initial.parent.name)
+        shutil.copytree(staged, SHIP_DIR / "history" / _run_name(initial))
         for earlier in sorted(staged.parent.glob(f"{staged.name}-*")):
             name = earlier.name[len(staged.name) + 1 :]
             shutil.copytree(earlier, SHIP_DIR / "history" / name)

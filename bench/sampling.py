@@ -162,7 +162,7 @@ def _quality(run: Path, volumes_file: str) -> dict:
     from synthct.data.dataset import load_cases
     from synthct.data.preprocess import hu_to_model, model_to_hu
     from synthct.eval.generator_quality import hu_histogram
-    from synthct.eval.reference import evaluate_classifier, load_reference
+    from synthct.reference import evaluate_classifier, load_reference
 
     config = config_from_dict(read_json(run / "generator" / "config.json")["config"])
     data = load_file(volumes_file)

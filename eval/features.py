@@ -15,7 +15,7 @@ from scipy import ndimage
 from skimage.feature import graycomatrix, graycoprops
 
 from synthct.data.preprocess import model_to_hu
-from synthct.eval.reference import ReferenceModel
+from synthct.reference import ReferenceModel
 
 __all__ = [
     "TISSUES",

@@ -27,7 +27,7 @@ from synthct.errors import SynthctError
 from synthct.eval.cohort_metrics import CohortEvidence, MetricValue, cohort_metrics
 from synthct.eval.features import FeatureSet, extract_features
 from synthct.eval.privacy import MatchSet, prepare_for_matching
-from synthct.eval.reference import ReferenceModel
+from synthct.reference import ReferenceModel
 
 __all__ = [
     "GATE_FORMAT",

@@ -19,7 +19,7 @@ from synthct.checkpoint import Generator
 from synthct.data.dataset import CaseSet
 from synthct.data.preprocess import hu_to_model, model_to_hu
 from synthct.eval.diversity import pairwise_msssim
-from synthct.eval.reference import ReferenceModel, evaluate_classifier
+from synthct.reference import ReferenceModel, evaluate_classifier
 from synthct.sampling import reconstruct, sample_volumes
 
 __all__ = [

@@ -1,7 +1,7 @@
 """Federated reference models on Flower: the real-only classifier/encoder every quality check
 uses, trained without pooling anyone's scans.
 
-Each site trains the :class:`~synthct.eval.reference.ReferenceNet` on its own ``train`` cases
+Each site trains the :class:`~synthct.reference.ReferenceNet` on its own ``train`` cases
 for a few local epochs per round (class-balanced batches, the same augmentation as central
 training); Flower's own ``FedAvg.start`` averages the weights by cases, with the learning rate
 warmed up and then annealed over rounds (:func:`round_lr`). A last round asks every site for the confusion counts of
@@ -31,12 +31,12 @@ from flwr.serverapp import Grid
 
 from synthct.config import SynthctConfig
 from synthct.data.dataset import load_cases
-from synthct.eval.reference import ReferenceModel, ReferenceNet, fit_reference
 from synthct.fed.client_app import prepare_site
 from synthct.fed.errors import SiteError
 from synthct.fed.fedavg_run import fedavg_then_evaluate
 from synthct.fed.server_app import wait_for_sites
 from synthct.fed.task import config_to_json, load_site_cases, round_seed, write_audit
+from synthct.reference import ReferenceModel, ReferenceNet, fit_reference
 
 __all__ = ["app", "train_reference_federated", "round_lr"]
 

@@ -283,7 +283,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_reference(args: argparse.Namespace) -> int:
     """Train the frozen real-only reference classifier/encoder the gate and quality checks use:
     on the pooled ``train`` split, or federatedly (FedAvg; each site reads only its rows)."""
-    from synthct.eval.reference import save_reference
+    from synthct.reference import save_reference
 
     config = _config(args.config, args.set)
     manifest = Path(args.manifest)
@@ -298,8 +298,8 @@ def cmd_reference(args: argparse.Namespace) -> int:
         model = train_reference_federated(config, manifest, out / "federated", seed=args.seed)
     else:
         from synthct.data.dataset import load_cases
-        from synthct.eval.reference import train_reference
         from synthct.progress import progress_bar
+        from synthct.reference import train_reference
 
         train = load_cases(manifest, config, splits=("train",))
         holdout = load_cases(manifest, config, splits=("holdout",))
@@ -332,7 +332,7 @@ def cmd_gate(args: argparse.Namespace) -> int:
         run_gate,
         write_gate,
     )
-    from synthct.eval.reference import load_reference
+    from synthct.reference import load_reference
 
     config = _config(args.config, args.set)
     rules = load_rules(args.rules)

@@ -221,7 +221,7 @@ def _cohort(manifest: Path, run: Path, seed: int) -> Path:
 def _gate(cohort: Path, manifest: Path, config: SynthctConfig, run: Path, seed: int) -> dict:
     """Judge the cohort against the sites' real train/holdout; a fail is a valid result."""
     from synthct.eval.gate import load_real, run_gate, write_gate
-    from synthct.eval.reference import load_reference
+    from synthct.reference import load_reference
 
     reference = load_reference(run / "reference", vocabulary_hash=config.labels.vocabulary_hash)
     real = load_real(manifest, manifest, config=config, reference=reference)
@@ -252,11 +252,11 @@ def _plugin(manifest: Path, config: SynthctConfig, run: Path, seed: int) -> dict
     from synthct.checkpoint import load_generator
     from synthct.data.dataset import load_cases
     from synthct.data.preprocess import hu_to_model
-    from synthct.eval.reference import evaluate_classifier, load_reference
     from synthct.fed.task import tensors_to_bytes
     from synthct.plugins.adapter import export_plugin, train_plugin
     from synthct.plugins.merge import fuse
     from synthct.plugins.registry import add_plugin, load_plugins
+    from synthct.reference import evaluate_classifier, load_reference
     from synthct.sampling import sample_volumes
 
     gen_dir = run / "generator"
@@ -416,8 +416,8 @@ def _load_all(manifest: Path, config: SynthctConfig) -> Counter:
 def _reference(manifest: Path, config: SynthctConfig, run: Path) -> dict:
     """The shipped reference models when the phantoms are the ones they were trained on;
     otherwise trained federatedly (FedAvg through Flower), as sites that cannot pool would."""
-    from synthct.eval.reference import load_reference, save_reference
     from synthct.pretrained import shipped_reference_for
+    from synthct.reference import load_reference, save_reference
 
     target = run / "reference"
     shipped = shipped_reference_for(manifest)

@@ -26,7 +26,7 @@ from synthct.artifacts import write_json
 from synthct.config import SynthctConfig
 from synthct.data.dataset import CaseSet, load_cases
 from synthct.eval.classification import paired_effect, per_site_metrics
-from synthct.eval.reference import augment
+from synthct.reference import augment
 from synthct.training import BalancedSampler
 
 __all__ = [

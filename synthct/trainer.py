@@ -131,7 +131,7 @@ def ensure_reference(
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Train and save ``RUN/reference`` unless it exists; return its info (holdout accuracy)."""
-    from synthct.eval.reference import load_reference, save_reference, train_reference
+    from synthct.reference import load_reference, save_reference, train_reference
 
     if (run / "reference" / "reference.json").is_file():
         return load_reference(run / "reference", vocabulary_hash=config.labels.vocabulary_hash).info

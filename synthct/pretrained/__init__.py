@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from synthct.checkpoint import CheckpointError, Generator, load_generator
-from synthct.eval.reference import ReferenceModel, load_reference
+from synthct.reference import ReferenceModel, load_reference
 
 __all__ = [
     "phantom_dir",

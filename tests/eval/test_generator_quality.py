@@ -8,8 +8,8 @@ import torch
 from synthct.data.dataset import load_cases
 from synthct.eval.diversity import pairwise_msssim
 from synthct.eval.generator_quality import conditional_report, generator_report
-from synthct.eval.reference import load_reference
 from synthct.pretrained import load_phantom_generator, phantom_dir
+from synthct.reference import load_reference
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,8 @@ import pytest
 from synthct.cli import main
 from synthct.config import packaged_config_path
 from synthct.data.dataset import load_cases
-from synthct.eval.reference import evaluate_classifier, load_reference
 from synthct.fed.reference_app import holdout_from_confusion, round_lr
+from synthct.reference import evaluate_classifier, load_reference
 
 pytestmark = pytest.mark.slow
 

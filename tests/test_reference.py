@@ -7,7 +7,7 @@ import torch
 
 from synthct.checkpoint import CheckpointError
 from synthct.data.dataset import load_cases
-from synthct.eval.reference import (
+from synthct.reference import (
     evaluate_classifier,
     load_reference,
     save_reference,
@@ -47,7 +47,7 @@ def test_evaluate_classifier_by_hand():
 def test_blur_augmentation_matches_scipy():
     from scipy.ndimage import gaussian_filter
 
-    from synthct.eval.reference import _gaussian_blur
+    from synthct.reference import _gaussian_blur
 
     x = torch.randn(2, 1, 12, 10, 8, generator=torch.Generator().manual_seed(0))
     ours = _gaussian_blur(x, 0.8)
