@@ -26,7 +26,7 @@ import numpy as np
 from phantom_world import phantom_manifest
 
 from synthct.config import LesionProfile, SynthctConfig, load_config, packaged_config_path
-from synthct.downstream import run_downstream
+from synthct.pipeline.downstream import run_downstream
 
 # Lesion presets, from the original phantoms to a subtler rare class. On the original ones a
 # converged central classifier already misses nodules and ground glass (recall ~0.7) but finds

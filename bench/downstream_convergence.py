@@ -18,7 +18,7 @@ from pathlib import Path
 from phantom_world import phantom_manifest
 
 from synthct.config import load_config, packaged_config_path
-from synthct.downstream import run_downstream
+from synthct.pipeline.downstream import run_downstream
 
 
 def main() -> None:

@@ -22,8 +22,8 @@ from synthct.checkpoint import load_generator
 from synthct.cohort import generate_cohort, plan_cohort, reference_counts
 from synthct.config import load_config, packaged_config_path
 from synthct.data.phantoms import write_phantom_sites
-from synthct.downstream import run_downstream
 from synthct.eval.gate import load_real, run_gate, write_gate
+from synthct.pipeline.downstream import run_downstream
 from synthct.pretrained import load_phantom_reference, phantom_dir
 
 

@@ -30,9 +30,7 @@ from flwr.app import (
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
 
-from synthct.config import SynthctConfig
-from synthct.data.manifest import read_manifest
-from synthct.downstream import (
+from synthct.classifier import (
     ArmResult,
     build_classifier,
     class_counts,
@@ -41,6 +39,8 @@ from synthct.downstream import (
     predict,
     train_epochs,
 )
+from synthct.config import SynthctConfig
+from synthct.data.manifest import read_manifest
 from synthct.fed.client_app import prepare_site
 from synthct.fed.errors import SiteError
 from synthct.fed.fedavg_run import fedavg_then_evaluate, holdout_count_metrics

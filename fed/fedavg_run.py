@@ -24,8 +24,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result
 
+from synthct.classifier import EarlyStopping, score_from_counts
 from synthct.config import SynthctConfig
-from synthct.downstream import EarlyStopping, score_from_counts
 from synthct.fed.errors import FederatedError
 
 __all__ = ["fedavg_then_evaluate", "holdout_count_metrics", "Converged"]

@@ -387,7 +387,7 @@ def _print_gate(report: dict) -> None:
 
 
 def cmd_downstream(args: argparse.Namespace) -> int:
-    from synthct.downstream import downstream_table, run_downstream
+    from synthct.pipeline.downstream import downstream_table, run_downstream
     from synthct.progress import console, progress_bar
 
     config = _config(args.config, args.set)

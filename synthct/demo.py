@@ -170,7 +170,7 @@ def run_demo(args: argparse.Namespace) -> int:
         f"last round loss per site {generator['last_losses']}"
     )
     _print_gate_summary(gate)
-    from synthct.downstream import downstream_table
+    from synthct.pipeline.downstream import downstream_table
 
     console.print(downstream_table(downstream))
     console.print(
@@ -232,7 +232,7 @@ def _gate(cohort: Path, manifest: Path, config: SynthctConfig, run: Path, seed: 
 
 def _downstream(manifest: Path, config: SynthctConfig, run: Path, cohort: Path, gate: dict) -> dict:
     """Federated classifiers, real-only and (if the gate passed) real + synthetic; one seed."""
-    from synthct.downstream import run_downstream
+    from synthct.pipeline.downstream import run_downstream
 
     down = config.downstream.model_copy(update={"seeds": config.downstream.seeds[:1]})
     config = config.model_copy(update={"downstream": down})
