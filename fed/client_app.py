@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,11 +17,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from synthct.config import SynthctConfig
+from synthct.fed.sites import SiteSettings, prepare_site
 from synthct.fed.task import (
     LocalRun,
     OptimizerStateStore,
     SiteError,
-    config_from_json,
     latent_moments,
     load_site_cases,
     round_seed,
@@ -35,49 +34,11 @@ from synthct.fed.task import (
 )
 from synthct.training import resolve_device
 
-__all__ = ["app", "SiteSettings", "site_settings", "prepare_site"]
+__all__ = ["app"]
 
 logger = logging.getLogger(__name__)
 
 app = ClientApp()
-
-
-class SiteSettings:
-    """Who this node is and where its files are."""
-
-    def __init__(self, name: str, index: int, manifest: Path, audit_dir: Path) -> None:
-        self.name, self.index, self.manifest, self.audit_dir = name, index, manifest, audit_dir
-
-
-def site_settings(context: Context, config: SynthctConfig, cfg: ConfigRecord) -> SiteSettings:
-    """Resolve the site from node config (deployment) or partition id (simulation)."""
-    node = context.node_config
-    if "site" in node:
-        name = str(node["site"])
-    elif "partition-id" in node:
-        pid = int(node["partition-id"])
-        if not 0 <= pid < len(config.site_names):
-            raise SiteError(f"partition-id {pid} has no site (sites: {config.site_names})")
-        name = config.site_names[pid]
-    else:
-        raise SiteError(
-            "node config names no site: start the SuperNode with --node-config 'site=…'"
-        )
-    if name not in config.site_names:
-        raise SiteError(f"site {name!r} is not in the run's config (sites: {config.site_names})")
-    if "manifest" in node:
-        manifest = Path(str(node["manifest"]))
-    elif "sim-manifest" in cfg:
-        manifest = Path(str(cfg["sim-manifest"]))
-    else:
-        raise SiteError(f"site {name!r}: node config has no 'manifest' path")
-    if "audit-dir" in node:
-        audit_dir = Path(str(node["audit-dir"]))
-    elif "sim-site-root" in cfg:
-        audit_dir = Path(str(cfg["sim-site-root"])) / name
-    else:
-        audit_dir = manifest.parent / "synthct-audit" / name
-    return SiteSettings(name, config.site_names.index(name), manifest, audit_dir)
 
 
 def _inject_fault(config: SynthctConfig, site: str, phase: str, server_round: int) -> None:
@@ -87,18 +48,6 @@ def _inject_fault(config: SynthctConfig, site: str, phase: str, server_round: in
                 raise SiteError(f"site {site!r}: injected fault in {phase} round {server_round}")
             logger.warning("site %s: injected %.1f s delay", site, fault.delay_s)
             time.sleep(fault.delay_s)
-
-
-def prepare_site(
-    msg: Message, context: Context
-) -> tuple[SynthctConfig, ConfigRecord, SiteSettings]:
-    """The run's config, the message's config record and this site, from any synthct message
-    (generator and downstream ClientApps alike); applies the simulation's thread count."""
-    cfg = msg.content["config"]
-    config = config_from_json(str(cfg["synthct-config"]))
-    if "sim-threads" in cfg:
-        torch.set_num_threads(int(cfg["sim-threads"]))
-    return config, cfg, site_settings(context, config, cfg)
 
 
 def _reply(

@@ -41,10 +41,9 @@ from synthct.classifier import (
 )
 from synthct.config import SynthctConfig
 from synthct.data.manifest import read_manifest
-from synthct.fed.client_app import prepare_site
 from synthct.fed.errors import SiteError
 from synthct.fed.fedavg_run import fedavg_then_evaluate, holdout_count_metrics
-from synthct.fed.server_app import wait_for_sites
+from synthct.fed.sites import prepare_site, wait_for_sites
 from synthct.fed.task import OptimizerStateStore, config_to_json, load_site_cases, round_seed
 
 __all__ = ["app", "train_downstream_federated"]

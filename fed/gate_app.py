@@ -43,9 +43,8 @@ from synthct.eval.federated_metrics import (
 )
 from synthct.eval.gate import DEFAULT_RULES, GateError, RuleSpec, gate_report, hash_cohort
 from synthct.eval.privacy import prepare_for_matching
-from synthct.fed.client_app import prepare_site
 from synthct.fed.errors import FederatedError, SiteError
-from synthct.fed.server_app import wait_for_sites
+from synthct.fed.sites import prepare_site, wait_for_sites
 from synthct.fed.task import config_to_json, tensors_from_bytes, tensors_to_bytes, write_audit
 from synthct.reference import ReferenceModel, ReferenceNet
 

@@ -31,10 +31,9 @@ from flwr.serverapp import Grid
 
 from synthct.config import SynthctConfig
 from synthct.data.dataset import load_cases
-from synthct.fed.client_app import prepare_site
 from synthct.fed.errors import SiteError
 from synthct.fed.fedavg_run import fedavg_then_evaluate
-from synthct.fed.server_app import wait_for_sites
+from synthct.fed.sites import prepare_site, wait_for_sites
 from synthct.fed.task import config_to_json, load_site_cases, round_seed, write_audit
 from synthct.reference import ReferenceModel, ReferenceNet, fit_reference
 

@@ -43,6 +43,7 @@ from synthct.checkpoint import (
 )
 from synthct.config import SynthctConfig, load_config, packaged_config_path
 from synthct.fed.errors import FederatedError
+from synthct.fed.sites import wait_for_sites
 from synthct.fed.task import (
     PHASES,
     config_to_json,
@@ -156,25 +157,6 @@ class _RunState:
             },
             kind="federated-state",
         )
-
-
-def wait_for_sites(grid: Grid, config: SynthctConfig) -> list[int]:
-    """Wait up to ``connect_timeout_s`` for every configured site, at least ``min_sites``."""
-    fed, wanted = config.federated, len(config.site_names)
-    deadline = time.monotonic() + fed.connect_timeout_s
-    while True:
-        nodes = list(grid.get_node_ids())
-        if len(nodes) >= wanted or time.monotonic() > deadline:
-            break
-        time.sleep(0.5)
-    if len(nodes) < fed.min_sites:
-        raise FederatedError(
-            f"only {len(nodes)} site(s) connected within {fed.connect_timeout_s:.0f} s; "
-            f"federated.min_sites = {fed.min_sites}"
-        )
-    if len(nodes) < wanted:
-        logger.warning("%d of %d sites connected; continuing", len(nodes), wanted)
-    return nodes
 
 
 def _site_name(config: SynthctConfig, reply: Message) -> str:

@@ -1,0 +1,95 @@
+"""What every synthct Flower app shares: who a site is and where its files are (client side),
+and waiting for the sites to connect (server side).
+
+The generator, reference, gate and downstream apps all resolve their site the same way, from
+the SuperNode's ``--node-config`` (``site``, ``manifest``, ``audit-dir``) in a deployment or from
+the partition id and the server's ``sim-*`` settings in Flower's simulation, so each app runs
+in both alike.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+from flwr.app import ConfigRecord, Context, Message
+from flwr.serverapp import Grid
+
+from synthct.config import SynthctConfig
+from synthct.fed.errors import FederatedError, SiteError
+from synthct.fed.task import config_from_json
+
+__all__ = ["SiteSettings", "site_settings", "prepare_site", "wait_for_sites"]
+
+logger = logging.getLogger(__name__)
+
+
+class SiteSettings:
+    """Who this node is and where its files are."""
+
+    def __init__(self, name: str, index: int, manifest: Path, audit_dir: Path) -> None:
+        self.name, self.index, self.manifest, self.audit_dir = name, index, manifest, audit_dir
+
+
+def site_settings(context: Context, config: SynthctConfig, cfg: ConfigRecord) -> SiteSettings:
+    """Resolve the site from node config (deployment) or partition id (simulation)."""
+    node = context.node_config
+    if "site" in node:
+        name = str(node["site"])
+    elif "partition-id" in node:
+        pid = int(node["partition-id"])
+        if not 0 <= pid < len(config.site_names):
+            raise SiteError(f"partition-id {pid} has no site (sites: {config.site_names})")
+        name = config.site_names[pid]
+    else:
+        raise SiteError(
+            "node config names no site: start the SuperNode with --node-config 'site=…'"
+        )
+    if name not in config.site_names:
+        raise SiteError(f"site {name!r} is not in the run's config (sites: {config.site_names})")
+    if "manifest" in node:
+        manifest = Path(str(node["manifest"]))
+    elif "sim-manifest" in cfg:
+        manifest = Path(str(cfg["sim-manifest"]))
+    else:
+        raise SiteError(f"site {name!r}: node config has no 'manifest' path")
+    if "audit-dir" in node:
+        audit_dir = Path(str(node["audit-dir"]))
+    elif "sim-site-root" in cfg:
+        audit_dir = Path(str(cfg["sim-site-root"])) / name
+    else:
+        audit_dir = manifest.parent / "synthct-audit" / name
+    return SiteSettings(name, config.site_names.index(name), manifest, audit_dir)
+
+
+def prepare_site(
+    msg: Message, context: Context
+) -> tuple[SynthctConfig, ConfigRecord, SiteSettings]:
+    """The run's config, the message's config record and this site, from any synthct message
+    (generator and downstream ClientApps alike); applies the simulation's thread count."""
+    cfg = msg.content["config"]
+    config = config_from_json(str(cfg["synthct-config"]))
+    if "sim-threads" in cfg:
+        torch.set_num_threads(int(cfg["sim-threads"]))
+    return config, cfg, site_settings(context, config, cfg)
+
+
+def wait_for_sites(grid: Grid, config: SynthctConfig) -> list[int]:
+    """Wait up to ``connect_timeout_s`` for every configured site, at least ``min_sites``."""
+    fed, wanted = config.federated, len(config.site_names)
+    deadline = time.monotonic() + fed.connect_timeout_s
+    while True:
+        nodes = list(grid.get_node_ids())
+        if len(nodes) >= wanted or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    if len(nodes) < fed.min_sites:
+        raise FederatedError(
+            f"only {len(nodes)} site(s) connected within {fed.connect_timeout_s:.0f} s; "
+            f"federated.min_sites = {fed.min_sites}"
+        )
+    if len(nodes) < wanted:
+        logger.warning("%d of %d sites connected; continuing", len(nodes), wanted)
+    return nodes
