@@ -520,6 +520,24 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args)
 
 
+def _sampling_options(p: argparse.ArgumentParser) -> None:
+    """Sampler, steps and guidance; each defaults to the generator's own inference settings."""
+    from synthct.config import SAMPLERS  # pydantic only: --help stays fast
+
+    p.add_argument(
+        "--sampler", choices=SAMPLERS, default=None, help="sampler (default: the generator's)"
+    )
+    p.add_argument(
+        "--steps", type=positive_int, default=None, help="sampling steps (default: the generator's)"
+    )
+    p.add_argument(
+        "--guidance",
+        type=non_negative_float,
+        default=None,
+        help="classifier-free guidance scale (default: the generator's)",
+    )
+
+
 def _plugin_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plugins", metavar="REGISTRY", help="apply a plugin registry")
     p.add_argument("--merge", choices=["fusion", "mixture"], default="fusion")
@@ -531,7 +549,6 @@ def _plugin_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from synthct.config import SAMPLERS  # pydantic only: --help stays fast
 
     parser = argparse.ArgumentParser(prog="synthct", description=__doc__)
     parser.add_argument("--version", action="version", version=f"synthct {__version__}")
@@ -590,16 +607,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--n", type=positive_int, default=8, help="volumes to sample (default 8)")
     p.add_argument("--out", required=True)
-    p.add_argument("--sampler", choices=SAMPLERS, default=None)
-    p.add_argument(
-        "--steps", type=positive_int, default=None, help="sampling steps (default: the generator's)"
-    )
-    p.add_argument(
-        "--guidance",
-        type=non_negative_float,
-        default=None,
-        help="classifier-free guidance scale (default: the generator's)",
-    )
+    _sampling_options(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     _plugin_options(p)
@@ -612,16 +620,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--counts", help="explicit targets instead: label=n,label=n")
     p.add_argument("--per-site", action="store_true", help="plan per site: each gets what it lacks")
     p.add_argument("--out", required=True, help="cohort folder (rerun to resume)")
-    p.add_argument("--sampler", choices=SAMPLERS, default=None)
-    p.add_argument(
-        "--steps", type=positive_int, default=None, help="sampling steps (default: the generator's)"
-    )
-    p.add_argument(
-        "--guidance",
-        type=non_negative_float,
-        default=None,
-        help="classifier-free guidance scale (default: the generator's)",
-    )
+    _sampling_options(p)
     p.add_argument(
         "--batch-size", type=positive_int, default=8, help="volumes per batch (default 8)"
     )

@@ -97,3 +97,13 @@ def demo_sites(tmp_path_factory, demo_config) -> Path:
     from synthct.data.phantoms import write_phantom_sites
 
     return write_phantom_sites(demo_config, tmp_path_factory.mktemp("demo_sites"))
+
+
+@pytest.fixture(scope="session")
+def tiny(demo_config):
+    """The demo data with a tiny, quick downstream schedule."""
+    down = demo_config.downstream.model_copy(
+        update={"channels": [4, 8], "strides": [2, 2], "epochs": 1, "rounds": 1, "seeds": [0]}
+    )
+    fed = demo_config.federated.model_copy(update={"round_timeout_s": 300})
+    return demo_config.model_copy(update={"downstream": down, "federated": fed})

@@ -19,16 +19,6 @@ from synthct.classifier import (
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def tiny(demo_config):
-    """The demo data with a tiny, quick downstream schedule."""
-    down = demo_config.downstream.model_copy(
-        update={"channels": [4, 8], "strides": [2, 2], "epochs": 1, "rounds": 1, "seeds": [0]}
-    )
-    fed = demo_config.federated.model_copy(update={"round_timeout_s": 300})
-    return demo_config.model_copy(update={"downstream": down, "federated": fed})
-
-
 def test_early_stopping_keeps_the_best_and_stops_after_patience():
     stopper = EarlyStopping(2)
     scores = [(0.5, -1.0), (0.7, -0.9), (0.7, -0.95), (0.6, -0.92), (0.9, -0.1)]

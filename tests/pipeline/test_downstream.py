@@ -22,16 +22,6 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def tiny(demo_config):
-    """The demo data with a tiny, quick downstream schedule."""
-    down = demo_config.downstream.model_copy(
-        update={"channels": [4, 8], "strides": [2, 2], "epochs": 1, "rounds": 1, "seeds": [0]}
-    )
-    fed = demo_config.federated.model_copy(update={"round_timeout_s": 300})
-    return demo_config.model_copy(update={"downstream": down, "federated": fed})
-
-
-@pytest.fixture(scope="module")
 def gated(tmp_path_factory, demo_config, demo_sites):
     """A passing cohort (fresh real phantoms) and a failing one (labels rotated)."""
     root = tmp_path_factory.mktemp("cohorts")
