@@ -389,6 +389,12 @@ class TrainConfig(_Strict):
         "matched 2-3 of 4 sites' style, at 1e-4 all 4 in every run "
         "(bench/results/site_decoder_probe_adversarial_2026-12-02.txt)",
     )
+    decoder_steps: int = Field(
+        default=0,
+        ge=0,
+        description="central decoder phase after the autoencoder (encoder frozen): site style "
+        "and the adversarial term train here (federated: decoder_rounds x local steps)",
+    )
     diffusion_steps: int = Field(default=3000, ge=0)
     diffusion_lr: float = Field(default=3e-4, gt=0)
     balanced: bool = Field(

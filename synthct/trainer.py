@@ -1,7 +1,9 @@
 """Centralised generator training (all sites' ``train`` pooled): the baseline federated
 training is judged against.
 
-Phases: reference model -> autoencoder -> latent scale factor -> latent diffusion (EMA).
+Phases: reference model -> autoencoder -> decoder (encoder frozen: site style, the patch-
+adversarial term; ``train.decoder_steps``) -> latent scale factor -> latent diffusion (EMA),
+with the same step functions the federated phases use.
 Every ``checkpoint_every`` steps the generator and the training state (optimiser moments, step,
 RNG) are written atomically, so Ctrl-C or a crash leaves a usable checkpoint and ``resume``
 continues exactly where it stopped.
@@ -32,7 +34,9 @@ from synthct.models.schedulers import training_scheduler
 from synthct.training import (
     EMA,
     BalancedSampler,
+    LatentDecoder,
     autoencoder_step,
+    decoder_step,
     detail_range,
     diffusion_step,
     encode_latents,
@@ -148,6 +152,53 @@ def ensure_reference(
     return model.info
 
 
+def _decoder_phase(
+    gen: Generator,
+    decoder: LatentDecoder,
+    optimizer: torch.optim.Optimizer,
+    raw_latents: torch.Tensor,
+    train: CaseSet,
+    config: SynthctConfig,
+    state: _State,
+    sampler: BalancedSampler,
+    *,
+    save: Callable[[], None],
+    progress: Progress | None,
+    metrics_path: Path,
+    budget_s: float | None,
+) -> None:
+    """``train.decoder_steps`` decoder-only steps on the frozen encoder's posterior means (the
+    federated decoder phase's step, with its site rows and null-site dropout)."""
+    total, every = config.train.decoder_steps, config.train.checkpoint_every
+    detail = detail_range(config.autoencoder, config.data.hu_window)
+    device = raw_latents.device
+    while state.step < total:
+        idx = sampler(config.train.batch_size)
+        sites = decoder.site_rows(
+            [train.sites[i] for i in idx.tolist()],
+            dropout=config.autoencoder.site_style_dropout,
+            generator=sampler.generator,
+        )
+        parts = decoder_step(
+            decoder,
+            optimizer,
+            raw_latents[idx],
+            train.images[idx].to(device),
+            config.autoencoder,
+            sites=None if sites is None else sites.to(device),
+            detail=detail,
+        )
+        state.step += 1
+        append_jsonl(metrics_path, {"phase": "decoder", "step": state.step, **parts})
+        if progress:
+            progress("decoder", state.step, total, loss=parts["loss"])
+        if state.step % every == 0:
+            save()
+        if budget_s and state.elapsed_s() > budget_s / 2:
+            logger.info("decoder budget reached at step %d", state.step)
+            break
+
+
 def train_central(
     config: SynthctConfig,
     manifest: str | Path,
@@ -177,8 +228,10 @@ def train_central(
     else:
         gen = build_generator(config, seed=config.seed).to(device)
     ae_opt = torch.optim.AdamW(gen.autoencoder.parameters(), lr=config.train.ae_lr)
+    decoder = LatentDecoder(gen.autoencoder, gen.discriminator)
+    decoder_opt = torch.optim.AdamW(decoder.parameters(), lr=config.train.decoder_lr)
     unet_opt = torch.optim.AdamW(gen.unet.parameters(), lr=config.train.diffusion_lr)
-    optimizers = {"autoencoder": ae_opt, "unet": unet_opt}
+    optimizers = {"autoencoder": ae_opt, "decoder": decoder_opt, "unet": unet_opt}
     if resume and (state.dir / "state.json").is_file():
         state.load(optimizers, generator)
         logger.info("resuming at phase %s step %d", state.phase, state.step)
@@ -207,12 +260,28 @@ def train_central(
             if budget_s and state.elapsed_s() > budget_s / 2:
                 logger.info("autoencoder budget reached at step %d", state.step)
                 break
+        state.phase, state.step = "decoder", 0
+        state.save(gen, optimizers, generator, run)
+
+    raw_latents = encode_latents(gen.autoencoder, train.images.to(device))  # encoder frozen now
+    if state.phase == "decoder":
+        _decoder_phase(
+            gen,
+            decoder,
+            decoder_opt,
+            raw_latents,
+            train,
+            config,
+            state,
+            sampler,
+            save=lambda: state.save(gen, optimizers, generator, run),
+            progress=progress,
+            metrics_path=metrics_path,
+            budget_s=budget_s,
+        )
         state.phase, state.step = "diffusion", 0
-        raw_latents = encode_latents(gen.autoencoder, train.images.to(device))
         gen.scale_factor = latent_scale_factor(raw_latents)
         state.save(gen, optimizers, generator, run)
-    else:  # resumed inside the diffusion phase: the autoencoder is frozen, encode once
-        raw_latents = encode_latents(gen.autoencoder, train.images.to(device))
 
     scheduler = training_scheduler(config.diffusion)
     latents = raw_latents * gen.scale_factor

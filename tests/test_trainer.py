@@ -26,7 +26,7 @@ def test_resume_equals_uninterrupted(tmp_path, smoke_config, smoke_sites):
     for a, b in zip(full.ema.state_dict().values(), resumed.ema.state_dict().values(), strict=True):
         assert torch.allclose(a, b, atol=1e-6)
     lines = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
-    assert {x["phase"] for x in lines} == {"autoencoder", "diffusion"}
+    assert {x["phase"] for x in lines} == {"autoencoder", "decoder", "diffusion"}
     assert (tmp_path / "full" / "reference" / "reference.json").is_file()
     assert load_generator(tmp_path / "full" / "generator").scale_factor > 0
 
@@ -36,13 +36,36 @@ def test_budget_stops_each_phase_and_resumed_sessions_add_up(tmp_path, smoke_con
     run = tmp_path / "run"
     train_central(smoke_config, smoke_sites, run, budget_min=1e-6)  # spent after one step
     steps = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [(x["phase"], x["step"]) for x in steps] == [("autoencoder", 1), ("diffusion", 1)]
+    assert [(x["phase"], x["step"]) for x in steps] == [
+        ("autoencoder", 1),
+        ("decoder", 1),
+        ("diffusion", 1),
+    ]
     first = json.loads((run / "train_state" / "state.json").read_text())
     assert first["phase"] == "diffusion" and first["wall_s"] > 0
     train_central(smoke_config, smoke_sites, run, resume=True)  # no budget: runs to the end
     done = json.loads((run / "train_state" / "state.json").read_text())
     assert done["phase"] == "done" and done["step"] == smoke_config.train.diffusion_steps
     assert done["wall_s"] > first["wall_s"]
+
+
+@pytest.mark.slow
+def test_central_decoder_phase_learns_site_style_adversarially(tmp_path, smoke_config, smoke_sites):
+    """The central trainer has the federated decoder phase: encoder frozen, per-site style and
+    the patch discriminator trained together; the discriminator is dropped when shipped."""
+    from synthct.checkpoint import save_generator
+
+    ae = smoke_config.autoencoder.model_copy(update={"site_style": True, "adversarial_weight": 0.1})
+    config = smoke_config.model_copy(update={"autoencoder": ae})
+    gen = train_central(config, smoke_sites, tmp_path / "run")
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    decoder_rows = [r for r in rows if r["phase"] == "decoder"]
+    assert len(decoder_rows) == config.train.decoder_steps
+    assert all("adversarial" in r and "discriminator" in r for r in decoder_rows)
+    assert any(p.abs().sum() > 0 for p in gen.site_style.parameters())  # zero-initialised
+    assert (tmp_path / "run" / "generator" / "discriminator.safetensors").is_file()
+    save_generator(gen, tmp_path / "shipped", sampling_only=True)
+    assert not (tmp_path / "shipped" / "discriminator.safetensors").exists()
 
 
 @pytest.mark.slow
