@@ -19,7 +19,7 @@ from typing import Any, Literal
 import numpy as np
 import yaml
 
-from synthct.artifacts import read_json, sha256_file, write_json
+from synthct.artifacts import read_json, sha256_file, sha256_path, write_json
 from synthct.config import SynthctConfig
 from synthct.data.dataset import load_cases
 from synthct.data.manifest import ManifestError, ManifestRow, read_manifest, write_manifest
@@ -281,9 +281,9 @@ def hash_cohort(manifest: Path) -> tuple[dict[str, Any], list[ManifestRow]]:
     files = {}
     for row in rows:
         path = row.resolve(manifest.parent)
-        if not path.is_file():
+        if not path.exists():
             raise GateError(f"{manifest}: listed file {row.path} does not exist")
-        files[row.path] = sha256_file(path)
+        files[row.path] = sha256_path(path)  # a DICOM series folder: every slice counts
     info = {"manifest": manifest.name, "manifest_sha256": sha256_file(manifest), "files": files}
     return info, rows
 
@@ -485,7 +485,7 @@ def verify_gate(gate_json: str | Path, cohort_dir: str | Path) -> dict[str, Any]
         changed.append(info["manifest"])
     for rel, digest in info["files"].items():
         path = Path(rel) if Path(rel).is_absolute() else cohort_dir / rel
-        if not path.is_file() or sha256_file(path) != digest:
+        if not path.exists() or sha256_path(path) != digest:
             changed.append(rel)
     if changed:
         shown = ", ".join(changed[:5]) + (
@@ -509,7 +509,10 @@ def drop_flagged(cohort_dir: str | Path, report: dict[str, Any], out_dir: str | 
         src = row.resolve(cohort_dir)
         if not Path(row.path).is_absolute():
             (out_dir / row.path).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, out_dir / row.path)
+            if src.is_dir():  # a DICOM series
+                shutil.copytree(src, out_dir / row.path, dirs_exist_ok=True)
+            else:
+                shutil.copy2(src, out_dir / row.path)
         kept.append(row)
     if not kept:
         raise ManifestError(f"{manifest}: every case is flagged; nothing left to keep")

@@ -274,6 +274,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             progress=update,
             denoiser=denoiser,
             plugins=note,
+            volume_format=args.format,
         )
     by_class = Counter(c.label for c in plan)
     print(f"cohort: {manifest} ({len(plan)} cases: {dict(by_class)})")
@@ -623,6 +624,13 @@ def build_parser() -> argparse.ArgumentParser:
     _sampling_options(p)
     p.add_argument(
         "--batch-size", type=positive_int, default=8, help="volumes per batch (default 8)"
+    )
+    p.add_argument(
+        "--format",
+        choices=["nifti", "dicom"],
+        default="nifti",
+        help="one .nii.gz per case, or one CT series folder per case marked synthetic "
+        "(default nifti)",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")

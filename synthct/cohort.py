@@ -1,6 +1,7 @@
 """Class-balanced synthetic cohorts: plan what each class (and site) lacks, sample it, write it.
 
-A cohort is a folder: ``cases/<site>/<label>/<case_id>.nii.gz``, ``manifest.csv``
+A cohort is a folder: ``cases/<site>/<label>/<case_id>.nii.gz`` (or, as DICOM, a CT series
+folder ``<case_id>/`` per case, marked synthetic), ``manifest.csv``
 (``path,label,site,split,source,seed,sampler,steps,guidance,site_condition``; ``site`` is the
 site a case is meant for, ``pooled`` when it is meant for everyone, ``site_condition`` the site
 a site-aware generator (site-conditioned UNet or site-styled decoder) was asked to render it
@@ -16,11 +17,14 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import shutil
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from synthct.artifacts import read_json, write_json
@@ -33,7 +37,7 @@ from synthct.data.manifest import (
     read_manifest,
     write_manifest,
 )
-from synthct.data.volume_io import write_nifti
+from synthct.data.volume_io import write_dicom_series, write_nifti
 from synthct.errors import SynthctError
 from synthct.models.conditioning import UnknownSiteError
 from synthct.sampling import labels_to_indices, sample_volumes, sites_to_indices
@@ -140,8 +144,28 @@ def _batch_seed(seed: int, first_case: str) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def _case_path(case: PlannedCase) -> str:
-    return f"cases/{case.site}/{case.label}/{case.case_id}.nii.gz"
+VOLUME_FORMATS = ("nifti", "dicom")
+
+
+def _case_path(case: PlannedCase, volume_format: str = "nifti") -> str:
+    """A case's file (NIfTI) or series folder (DICOM, one file per slice)."""
+    stem = f"cases/{case.site}/{case.label}/{case.case_id}"
+    return f"{stem}.nii.gz" if volume_format == "nifti" else stem
+
+
+def _write_case(
+    out: Path, path: str, volume: np.ndarray, spacing, volume_format: str, description: str
+) -> None:
+    if volume_format == "nifti":
+        write_nifti(out / path, volume, spacing)
+        return
+    # a series appears whole or not at all: slices go to a temporary folder renamed at the end
+    final = out / path
+    staging = final.with_name(f".{final.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    write_dicom_series(staging, volume, spacing, synthetic=description)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(staging, final)
 
 
 def _load_or_start(out: Path, settings: dict) -> list[ManifestRow]:
@@ -151,12 +175,12 @@ def _load_or_start(out: Path, settings: dict) -> list[ManifestRow]:
     rows = []
     for name in (MANIFEST, PARTIAL_MANIFEST):
         if (out / name).is_file():
-            rows = [r for r in read_manifest(out / name) if (out / r.path).is_file()]
+            rows = [r for r in read_manifest(out / name) if (out / r.path).exists()]
             break
     if not meta_path.is_file() or not rows:
         write_json(meta_path, settings, kind="synthct-cohort")
         return []
-    previous = read_json(meta_path)
+    previous = {"volume_format": "nifti", **read_json(meta_path)}  # older cohorts: NIfTI
     changed = [k for k in settings if previous.get(k) != settings[k]]
     if changed:
         raise CohortError(
@@ -181,11 +205,16 @@ def generate_cohort(
     progress: Callable[..., None] | None = None,
     denoiser: Callable[..., torch.Tensor] | None = None,
     plugins: str | None = None,
+    volume_format: str = "nifti",
 ) -> Path:
     """Sample every planned case not yet on disk; returns the cohort manifest path.
 
     ``denoiser`` replaces the EMA UNet (a plugin Mixture); ``plugins`` describes what was merged
-    into the generator (recorded in the cohort's provenance)."""
+    into the generator (recorded in the cohort's provenance). ``volume_format``: ``nifti`` (one
+    ``.nii.gz`` per case) or ``dicom`` (one CT series folder per case, marked synthetic, naming
+    the generator and its sha256, without patient identifiers)."""
+    if volume_format not in VOLUME_FORMATS:
+        raise CohortError(f"unknown volume format {volume_format!r}; known: {list(VOLUME_FORMATS)}")
     out = Path(out)
     cfg = gen.config.sampling
     sampler, steps = sampler or cfg.sampler, steps or cfg.steps
@@ -207,10 +236,12 @@ def generate_cohort(
         "guidance": guidance,
         "batch_size": batch_size,
         "vocabulary_hash": gen.config.labels.vocabulary_hash,
+        "volume_format": volume_format,
     }
     out.mkdir(parents=True, exist_ok=True)
     rows = _load_or_start(out, settings)
     done = {Path(r.path).name.removesuffix(".nii.gz") for r in rows}
+    description = f"synthct synthetic CT; generator sha256 {source}"
     todo = [c for c in plan if c.case_id not in done]
     if done:
         logger.info("cohort %s: %d of %d cases already on disk", out, len(done), len(plan))
@@ -230,8 +261,10 @@ def generate_cohort(
             sites=[c.site for c in batch],
         )
         for case, volume in zip(batch, volumes, strict=True):
-            path = _case_path(case)
-            write_nifti(out / path, volume[0].numpy(), gen.config.data.spacing_mm)
+            path = _case_path(case, volume_format)
+            _write_case(
+                out, path, volume[0].numpy(), gen.config.data.spacing_mm, volume_format, description
+            )
             extra = {
                 "source": f"synthct:{source}",
                 "seed": str(batch_seed),
@@ -255,5 +288,5 @@ def generate_cohort(
 
 
 def _in_plan_order(rows: list[ManifestRow], plan: list[PlannedCase]) -> list[ManifestRow]:
-    order = {_case_path(c): i for i, c in enumerate(plan)}
+    order = {_case_path(c, f): i for i, c in enumerate(plan) for f in VOLUME_FORMATS}
     return sorted(rows, key=lambda r: order.get(r.path, len(order)))

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
+import torch
 
 from synthct.checkpoint import build_generator, save_generator
 from synthct.cli import main
@@ -145,3 +146,47 @@ def test_cli_generate_and_bad_label(tmp_path, smoke_sites, smoke_generator):
     assert code == 0
     assert [r.label for r in read_manifest(out / "manifest.csv")] == ["consolidation"] * 2
     assert main([*args, "--out", str(tmp_path / "d"), "--counts", "tumour=2"]) == 2
+
+
+def test_a_dicom_cohort_reads_back_as_the_same_volumes_marked_synthetic(
+    tmp_path, smoke_config, smoke_sites, smoke_generator
+):
+    """``--format dicom``: one CT series per case with correct geometry, rescale and fresh
+    UIDs, marked DERIVED/SECONDARY and naming the generator's sha256, no patient identity;
+    read back through the manifest it is the NIfTI cohort's HU within rounding, and the gate's
+    hashes cover every slice."""
+    import pydicom
+
+    from synthct.checkpoint import generator_sha256
+    from synthct.eval.gate import hash_cohort
+
+    args = ["generate", "--run", str(smoke_generator.parent), "--reference", str(smoke_sites)]
+    args += ["--counts", "nodule=2,consolidation=1", "--steps", "2"]
+    assert main([*args, "--out", str(tmp_path / "nii")]) == 0
+    assert main([*args, "--out", str(tmp_path / "dcm"), "--format", "dicom"]) == 0
+    assert main(["data", "check", str(tmp_path / "dcm" / "manifest.csv")]) == 0
+    nii = load_cases(tmp_path / "nii" / "manifest.csv", smoke_config, splits=("train",))
+    dcm = load_cases(tmp_path / "dcm" / "manifest.csv", smoke_config, splits=("train",))
+    window = smoke_config.data.hu_window
+    half_hu = 0.5 / (window[1] - window[0]) * 2  # rounding to whole HU, in model units
+    assert torch.allclose(nii.images, dcm.images, atol=half_hu + 1e-6)
+    assert (nii.labels == dcm.labels).all()
+    rows = read_manifest(tmp_path / "dcm" / "manifest.csv")
+    series = [sorted((tmp_path / "dcm" / r.path).glob("*.dcm")) for r in rows]
+    assert all(len(s) == smoke_config.data.shape[2] for s in series)
+    first = pydicom.dcmread(series[0][0])
+    assert list(first.ImageType) == ["DERIVED", "SECONDARY"]
+    assert first.PatientID == "" and str(first.PatientName) == ""
+    assert generator_sha256(smoke_generator) in first.DerivationDescription
+    assert list(first.PixelSpacing) == [
+        smoke_config.data.spacing_mm[1],
+        smoke_config.data.spacing_mm[0],
+    ]
+    other = pydicom.dcmread(series[1][0])
+    assert first.SeriesInstanceUID != other.SeriesInstanceUID
+    # the gate's record changes when any one slice does
+    before, _ = hash_cohort(tmp_path / "dcm" / "manifest.csv")
+    series[0][3].write_bytes(series[0][3].read_bytes()[:-2] + b"\x00\x00")
+    after, _ = hash_cohort(tmp_path / "dcm" / "manifest.csv")
+    assert before["files"][rows[0].path] != after["files"][rows[0].path]
+    assert before["files"][rows[1].path] == after["files"][rows[1].path]

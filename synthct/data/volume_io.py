@@ -207,11 +207,15 @@ def write_dicom_series(
     intercept: float = -1024.0,
     file_order: list[int] | None = None,
     modality: str = "CT",
+    synthetic: str | None = None,
 ) -> list[Path]:
     """Write a RAS-ordered HU volume as a single-frame DICOM series (one file per slice).
 
     Stored values are ``round(HU - intercept)`` as uint16. ``file_order`` permutes which file
-    name each slice gets (readers must sort by position, not name).
+    name each slice gets (readers must sort by position, not name). ``synthetic``: the series
+    is marked as generated (ImageType DERIVED\\SECONDARY, series description "SYNTHETIC CT
+    (synthct)", this text, e.g. the generator and its sha256, as its derivation description;
+    no patient name or ID), for synthetic cohorts.
     """
     import pydicom
     from pydicom.dataset import FileDataset, FileMetaDataset
@@ -248,7 +252,15 @@ def write_dicom_series(
             study_uid,
             frame_uid,
         )
-        ds.PatientID = "PHANTOM"
+        if synthetic is None:
+            ds.PatientID = "PHANTOM"
+        else:  # generated, not acquired: say so, and carry no patient identity at all
+            ds.PatientID, ds.PatientName = "", ""
+            ds.ImageType = ["DERIVED", "SECONDARY"]
+            ds.SeriesDescription = "SYNTHETIC CT (synthct)"
+            ds.Manufacturer = "synthct"
+            ds.BurnedInAnnotation = "NO"
+            ds.DerivationDescription = synthetic[:1024]
         ds.InstanceNumber = int(names[k]) + 1
         ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
         ds.ImagePositionPatient = [
