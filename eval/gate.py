@@ -10,6 +10,7 @@ the manifest and of every file it lists, so a later stage can refuse a cohort th
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from dataclasses import dataclass
@@ -19,7 +20,13 @@ from typing import Any, Literal
 import numpy as np
 import yaml
 
-from synthct.artifacts import read_json, sha256_file, sha256_path, write_json
+from synthct.artifacts import (
+    artifact_header,
+    atomic_write_text,
+    read_json,
+    sha256_file,
+    sha256_path,
+)
 from synthct.config import SynthctConfig
 from synthct.data.dataset import load_cases
 from synthct.data.manifest import ManifestError, ManifestRow, read_manifest, write_manifest
@@ -28,6 +35,7 @@ from synthct.eval.cohort_metrics import CohortEvidence, MetricValue, cohort_metr
 from synthct.eval.features import FeatureSet, extract_features
 from synthct.eval.privacy import MatchSet, prepare_for_matching
 from synthct.reference import ReferenceModel
+from synthct.signing import sign_document, verify_document
 
 __all__ = [
     "GATE_FORMAT",
@@ -423,9 +431,21 @@ def gate_report(
             )
         if reasons:
             flags.append({"path": listed_path, "reasons": reasons})
+    changed = {
+        name: {
+            "threshold": spec.threshold,
+            "enabled": spec.enabled,
+            "default_threshold": DEFAULT_RULES[name].threshold,
+            "default_enabled": DEFAULT_RULES[name].enabled,
+        }
+        for name, spec in rules.items()
+        if (spec.threshold, spec.enabled)
+        != (DEFAULT_RULES[name].threshold, DEFAULT_RULES[name].enabled)
+    }
     return {
         "verdict": "fail" if failed else "pass",
         "failed_rules": failed,
+        "rules_changed": changed,  # what this verdict was judged under beyond the defaults
         "rules": rows,
         "metrics": {k: v.as_dict() for k, v in metrics.items()},
         "flags": flags,
@@ -461,12 +481,25 @@ def gate_table(report: dict[str, Any]):
     return table
 
 
-def write_gate(report: dict[str, Any], out: str | Path) -> None:
-    write_json(out, report, kind="synthct-gate")
+def write_gate(
+    report: dict[str, Any], out: str | Path, *, sign_with: str | Path | None = None
+) -> None:
+    """Write ``gate.json``; with ``sign_with`` (an Ed25519 private key) signed, so downstream
+    can refuse an edited verdict."""
+    document = {**artifact_header("synthct-gate"), **report}
+    if sign_with is not None:
+        document = sign_document(document, sign_with)
+    atomic_write_text(out, json.dumps(document, indent=2, default=str) + "\n")
 
 
-def verify_gate(gate_json: str | Path, cohort_dir: str | Path) -> dict[str, Any]:
-    """The gate report of a cohort, only if it passed and every hashed file is unchanged."""
+def verify_gate(
+    gate_json: str | Path,
+    cohort_dir: str | Path,
+    trusted_keys: list[str | Path] | None = None,
+) -> dict[str, Any]:
+    """The gate report of a cohort, only if it passed and every hashed file is unchanged; with
+    ``trusted_keys`` (public keys) also only if one of them signed it and nothing in it was
+    edited since."""
     gate_json, cohort_dir = Path(gate_json), Path(cohort_dir)
     if not gate_json.is_file():
         raise GateError(f"{gate_json}: no gate report; run `synthct gate` on {cohort_dir} first")
@@ -474,6 +507,8 @@ def verify_gate(gate_json: str | Path, cohort_dir: str | Path) -> dict[str, Any]
         report = read_json(gate_json)
     except (OSError, ValueError) as exc:
         raise GateError(f"{gate_json}: unreadable gate report: {exc}") from None
+    if trusted_keys:
+        report["signed_by"] = verify_document(report, list(trusted_keys), what=str(gate_json))
     if report.get("verdict") != "pass":
         raise GateError(
             f"{gate_json}: the cohort failed the gate (rules: {', '.join(report.get('failed_rules', []))})"

@@ -368,7 +368,7 @@ def cmd_gate(args: argparse.Namespace) -> int:
         report = run_gate(
             manifest, real, config=config, reference=reference, rules=rules, seed=args.seed
         )
-    write_gate(report, args.out)
+    write_gate(report, args.out, sign_with=args.sign)
     _print_gate(report)
     if args.drop_flagged:
         kept = drop_flagged(manifest.parent, read_json(args.out), args.drop_flagged)
@@ -410,8 +410,12 @@ def cmd_downstream(args: argparse.Namespace) -> int:
             gate_json=args.gate,
             federated=args.federated,
             force_ungated=args.force_ungated,
+            trusted_keys=args.trusted_key,
             progress=update,
         )
+    changed = (results.get("gate") or {}).get("rules_changed")
+    if changed:
+        console.print(f"[yellow]the cohort's gate used non-default rules: {changed}")
     if results["ungated"]:
         console.print("[bold red]UNGATED: the cohort did not pass (or was changed after) the gate")
     console.print(downstream_table(results))
@@ -494,6 +498,14 @@ def cmd_fed_keys(args: argparse.Namespace) -> int:
     private, public = write_supernode_keys(args.dir, args.site)
     print(f"site keeps {private} (flower-supernode --auth-supernode-private-key)")
     print(f"operator registers {public}: flwr supernode register {public} <connection>")
+    return EXIT_OK
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from synthct.signing import make_signing_key
+
+    private, public = make_signing_key(args.dir, args.name)
+    print(f"wrote {private} (keep it with the gate) and {public} (give it to downstream users)")
     return EXIT_OK
 
 
@@ -677,6 +689,11 @@ def build_parser() -> argparse.ArgumentParser:
     _config_options(p, "the vocabulary, label maps and geometry")
     p.add_argument("--reference", help="reference model folder (default: shipped phantom one)")
     p.add_argument("--drop-flagged", metavar="DIR", help="also write the unflagged cases here")
+    p.add_argument(
+        "--sign",
+        metavar="KEY",
+        help="sign the verdict with this Ed25519 private key (made by `synthct keys`)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_gate, out_is_file=True)
 
@@ -700,6 +717,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--force-ungated", action="store_true", help="use a cohort without a passing gate"
     )
+    p.add_argument(
+        "--trusted-key",
+        action="append",
+        default=None,
+        metavar="PUB",
+        help="accept only a gate verdict signed by this public key (repeatable)",
+    )
     p.add_argument("--out", required=True)
     _config_options(p)
     p.add_argument("--seeds", help="comma-separated seeds (default: config downstream.seeds)")
@@ -717,6 +741,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("manifest")
     _config_options(q, "the vocabulary, label maps and geometry")
     q.set_defaults(func=cmd_data_check)
+
+    p = sub.add_parser("keys", help="an Ed25519 key pair for signing gate verdicts")
+    p.add_argument("dir", help="folder for NAME.key (private, 0600) and NAME.pub")
+    p.add_argument("--name", default="gate", help="key file name (default gate)")
+    p.set_defaults(func=cmd_keys)
 
     p = sub.add_parser("config", help="show or validate a config")
     cfg_sub = p.add_subparsers(dest="config_command", required=True, metavar="SUBCOMMAND")

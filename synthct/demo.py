@@ -5,7 +5,8 @@ reference classifier (real ``train`` only, the shipped one or trained with FedAv
 holdout accuracy shows the classes are learnable from the images) -> federated generator (Flower simulation: a few rounds fine-tuning
 the shipped pretrained phantom generator, or the config's whole schedule with
 ``--from-scratch`` or when no matching pretrained generator ships) -> synthetic cohort (per
-site, what it lacks) -> gate (``RUN/gate.json``; a failed gate is a valid result) ->
+site, what it lacks) -> gate (``RUN/gate.json``, signed with ``RUN/keys/gate.key``; a failed
+gate is a valid result) ->
 downstream (federated classifiers on real data, and on real + the cohort only if it passed;
 evaluated per site on the real ``test`` split) -> site plugin (the site with the most rare
 cases trains a LoRA plugin on its own ``train`` split, asynchronously, after the rounds; it is
@@ -226,8 +227,20 @@ def _gate(cohort: Path, manifest: Path, config: SynthctConfig, run: Path, seed: 
     reference = load_reference(run / "reference", vocabulary_hash=config.labels.vocabulary_hash)
     real = load_real(manifest, manifest, config=config, reference=reference)
     report = run_gate(cohort, real, config=config, reference=reference, seed=seed)
-    write_gate(report, run / "gate.json")
+    write_gate(report, run / "gate.json", sign_with=_gate_key(run)[0])
     return report
+
+
+def _gate_key(run: Path) -> tuple[Path, Path]:
+    """The demo gate's signing key pair (``RUN/keys/gate.key``, ``gate.pub``), made once."""
+    from synthct.signing import make_signing_key
+
+    private, public = run / "keys" / "gate.key", run / "keys" / "gate.pub"
+    if not (private.is_file() and public.is_file()):
+        private.unlink(missing_ok=True)
+        public.unlink(missing_ok=True)
+        private, public = make_signing_key(run / "keys", "gate")
+    return private, public
 
 
 def _downstream(manifest: Path, config: SynthctConfig, run: Path, cohort: Path, gate: dict) -> dict:
@@ -239,7 +252,14 @@ def _downstream(manifest: Path, config: SynthctConfig, run: Path, cohort: Path, 
     use = cohort.parent if gate["verdict"] == "pass" else None
     with progress_bar("downstream") as update:
         return run_downstream(
-            config, manifest, run / "downstream", cohort_dir=use, federated=True, progress=update
+            config,
+            manifest,
+            run / "downstream",
+            cohort_dir=use,
+            gate_json=run / "gate.json",  # the signed verdict, checked against the demo's key
+            trusted_keys=[_gate_key(run)[1]],
+            federated=True,
+            progress=update,
         )
 
 

@@ -353,7 +353,7 @@ def write_report(
             images.append(uri)
             parts.append(_img(uri, alt))
 
-    def side_by_side(left: tuple[str, str] | None, right: tuple[str, str]) -> None:
+    def side_by_side(left: tuple[str, str] | None, right: tuple[str, str] | None) -> None:
         figures = []
         for uri, caption in (f for f in (left, right) if f is not None):
             images.append(uri)
@@ -366,11 +366,13 @@ def write_report(
     parts.append("<h2>Real and synthetic volumes, per class</h2>")
     if real is None:
         parts.append("<p class='note'>Real images are not shown (use --show-real).</p>")
-    for name, vols in synthetic.items():
-        left = None
+    for name in dict.fromkeys([*synthetic, *(real or {})]):  # a class only one side has, too
+        left = right = None
         if real is not None and name in real:
             left = (montage(real[name], ""), f"real: {name}")
-        side_by_side(left, (montage(vols, ""), f"synthetic: {name}"))
+        if name in synthetic:
+            right = (montage(synthetic[name], ""), f"synthetic: {name}")
+        side_by_side(left, right)
     if sites is not None and real is not None:
         parts.append("<h2>Scanner style: each site's scan beside a case made for it</h2>")
         add(site_pairs(*sites), "per-site style pairs")

@@ -48,11 +48,16 @@ def test_demo_stages_on_smoke(tmp_path, render_check):
     assert (run / "plugins" / "registry" / "registry.json").is_file()
     assert 0 < plugin["plugin_bytes"] < plugin["unet_update_bytes"]
     assert set(plugin["fusion"]["per_class"]) == set(plugin["base"]["per_class"])
-    # the report: per class synthetic and real montages, HU histograms, curves, downstream
-    # bars, the plugin-fused rare-class montage
+    # the verdict is signed with the demo's key, and downstream checked it against that key
+    from synthct.signing import verify_document
+
+    assert verify_document(gate, [run / "keys" / "gate.pub"], what="demo gate")
+    assert results["gate"] is None or results["gate"]["signed_by"].endswith("gate.pub")
+    # the report: per class synthetic and real montages, per-site style pairs, HU histograms,
+    # curves, downstream bars, the plugin-fused rare-class montage
     seen = render_check(run / "report.html", tmp_path)
     n_syn = len({r.label for r in rows})
-    assert seen["expected"] == len(seen["images"]) == n_syn + 4 + 3 + 1
+    assert seen["expected"] == len(seen["images"]) == n_syn + 4 + 1 + 3 + 1
     assert all(img["range"] > 50 for img in seen["images"])
 
 

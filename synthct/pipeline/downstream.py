@@ -40,20 +40,39 @@ RESULTS_FORMAT = 1
 
 
 def check_cohort_gate(
-    cohort_dir: Path, gate_json: Path | None, force_ungated: bool
+    cohort_dir: Path,
+    gate_json: Path | None,
+    force_ungated: bool,
+    trusted_keys: list[str | Path] | None = None,
 ) -> dict[str, Any]:
-    """The gate's verdict on the cohort; refuses (GateError) unless it passed unchanged."""
+    """The gate's verdict on the cohort; refuses (GateError, SignatureError) unless it passed
+    unchanged and, with ``trusted_keys``, was signed by one of them. Rules that differed from
+    the defaults are passed on (and logged) so results and reports can show them."""
     from synthct.eval.gate import GateError, verify_gate
+    from synthct.signing import SignatureError
 
     gate_json = gate_json or cohort_dir / "gate.json"
     try:
-        report = verify_gate(gate_json, cohort_dir)
-        return {"gated": True, "gate": str(gate_json), "verdict": report["verdict"]}
-    except GateError as exc:
+        report = verify_gate(gate_json, cohort_dir, trusted_keys)
+    except (GateError, SignatureError) as exc:
         if not force_ungated:
             raise
         logger.warning("UNGATED cohort used (--force-ungated): %s", exc)
         return {"gated": False, "gate": str(gate_json), "refusal": str(exc)}
+    if not trusted_keys:
+        logger.warning(
+            "%s: verdict accepted without a signature check (no trusted keys)", gate_json
+        )
+    changed = report.get("rules_changed") or {}
+    if changed:
+        logger.warning("%s was judged under non-default rules: %s", gate_json, changed)
+    return {
+        "gated": True,
+        "gate": str(gate_json),
+        "verdict": report["verdict"],
+        "signed_by": report.get("signed_by"),
+        "rules_changed": changed,
+    }
 
 
 def _central_arm(
@@ -120,10 +139,12 @@ def run_downstream(
     federated: bool = False,
     local: bool = False,
     force_ungated: bool = False,
+    trusted_keys: list[str | Path] | None = None,
     progress: Callable[..., None] | None = None,
 ) -> dict[str, Any]:
     """Train real-only (and real + cohort) classifiers for every seed; ``results.json``.
-    ``local``: every site trains alone (the no-collaboration baseline)."""
+    ``local``: every site trains alone (the no-collaboration baseline); ``trusted_keys``: the
+    cohort's gate verdict must be signed by one of these public keys."""
     out = Path(out)
     real_manifest = Path(real_manifest)
     gate_info: dict[str, Any] | None = None
@@ -131,7 +152,7 @@ def run_downstream(
     if cohort_dir is not None:
         cohort_dir = Path(cohort_dir)
         gate_info = check_cohort_gate(
-            cohort_dir, Path(gate_json) if gate_json else None, force_ungated
+            cohort_dir, Path(gate_json) if gate_json else None, force_ungated, trusted_keys
         )
         cohort_manifest = cohort_dir / "manifest.csv"
     test = load_cases(real_manifest, config, splits=("test",))

@@ -123,6 +123,16 @@ def test_cli_exit_codes_hashes_and_tamper(tmp_path, fresh, demo_sites):
     rules = tmp_path / "strict.yaml"
     rules.write_text("rules:\n  dcr: {threshold: 0.1}\n")  # real cohorts sit near 0.5
     assert main([*args[:-1], str(tmp_path / "strict.json"), "--rules", str(rules)]) == 3
+    changed = json.loads((tmp_path / "strict.json").read_text())["rules_changed"]
+    assert changed == {
+        "dcr": {
+            "threshold": 0.1,
+            "enabled": True,
+            "default_threshold": 0.7,
+            "default_enabled": True,
+        }
+    }
+    assert json.loads(out.read_text())["rules_changed"] == {}
     # bad rules and a missing cohort are bad input (exit 2)
     rules.write_text("rules:\n  no_such_rule: 1\n")
     assert main([*args, "--rules", str(rules)]) == 2
