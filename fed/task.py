@@ -22,7 +22,8 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 from torch import nn
 
-from synthct.artifacts import append_jsonl, atomic_write_bytes, sha256_bytes
+from synthct.artifacts import atomic_write_bytes, sha256_bytes
+from synthct.audit import append_chained
 from synthct.config import SynthctConfig, TrainConfig, config_from_dict
 from synthct.data.dataset import CaseSet, load_cases
 from synthct.fed.errors import SiteError
@@ -426,7 +427,8 @@ def write_audit(
     metrics: dict[str, Any],
     keep_payload: bool = False,
 ) -> dict[str, Any]:
-    """Record exactly what leaves the site (before it is sent). Returns the record."""
+    """Record exactly what leaves the site (before it is sent), hash-chained to the site's
+    earlier records (``synthct audit verify``). Returns the record."""
     size, digest = payload_digest(tensors)
     record = {
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -443,5 +445,4 @@ def write_audit(
         name = f"{phase}-round{server_round:04d}.safetensors"
         atomic_write_bytes(audit_dir / "payloads" / name, tensors_to_bytes(tensors))
         record["payload_file"] = f"payloads/{name}"
-    append_jsonl(audit_dir / "audit.jsonl", record)
-    return record
+    return append_chained(audit_dir / "audit.jsonl", record)

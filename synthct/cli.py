@@ -501,6 +501,21 @@ def cmd_fed_keys(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    """Every audit log named (or found under a folder) checked along its hash chain."""
+    from synthct.audit import AuditError, verify_chain
+
+    logs = []
+    for given in map(Path, args.paths):
+        logs += sorted(given.rglob("audit.jsonl")) if given.is_dir() else [given]
+    if not logs:
+        raise AuditError(f"no audit.jsonl under {', '.join(args.paths)}")
+    for log in logs:
+        records, head = verify_chain(log)
+        print(f"{log}: OK, {records} records, head {head[:16]}")
+    return EXIT_OK
+
+
 def cmd_keys(args: argparse.Namespace) -> int:
     from synthct.signing import make_signing_key
 
@@ -741,6 +756,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("manifest")
     _config_options(q, "the vocabulary, label maps and geometry")
     q.set_defaults(func=cmd_data_check)
+
+    p = sub.add_parser("audit", help="site audit logs")
+    audit_sub = p.add_subparsers(dest="audit_command", required=True, metavar="SUBCOMMAND")
+    q = audit_sub.add_parser(
+        "verify", help="check audit logs' hash chains; names the first edited record (exit 2)"
+    )
+    q.add_argument("paths", nargs="+", help="audit.jsonl files or folders holding them")
+    q.set_defaults(func=cmd_audit_verify)
 
     p = sub.add_parser("keys", help="an Ed25519 key pair for signing gate verdicts")
     p.add_argument("dir", help="folder for NAME.key (private, 0600) and NAME.pub")

@@ -31,7 +31,13 @@ def _rounds(run) -> list[dict]:
 
 
 def _audit(run, site) -> list[dict]:
-    return [json.loads(x) for x in (run / "sites" / site / "audit.jsonl").read_text().splitlines()]
+    """A site's audit records, after checking that their hash chain is intact."""
+    from synthct.audit import verify_chain
+
+    path = run / "sites" / site / "audit.jsonl"
+    records = [json.loads(x) for x in path.read_text().splitlines()]
+    assert verify_chain(path) == (len(records), records[-1]["chain"])
+    return records
 
 
 def _payload(run, site, phase, rnd) -> dict[str, torch.Tensor]:
