@@ -46,8 +46,25 @@ def _inject_fault(config: SynthctConfig, site: str, phase: str, server_round: in
         if (fault.site, fault.phase, fault.round) == (site, phase, server_round):
             if fault.kind == "error":
                 raise SiteError(f"site {site!r}: injected fault in {phase} round {server_round}")
-            logger.warning("site %s: injected %.1f s delay", site, fault.delay_s)
-            time.sleep(fault.delay_s)
+            if fault.kind == "delay":
+                logger.warning("site %s: injected %.1f s delay", site, fault.delay_s)
+                time.sleep(fault.delay_s)
+
+
+def _corrupt_update(
+    config: SynthctConfig, site: str, phase: str, server_round: int, state: dict
+) -> None:
+    """Drills only (``federated.faults`` kinds ``nan`` / ``huge``): spoil what this site sends,
+    in place, as a broken or hostile site would."""
+    for fault in config.federated.faults:
+        if (fault.site, fault.phase, fault.round) != (site, phase, server_round):
+            continue
+        floats = [t for t in state.values() if t.is_floating_point()]
+        if fault.kind == "nan":
+            floats[0].view(-1)[0] = float("nan")
+        elif fault.kind == "huge":
+            for t in floats:
+                t.mul_(1000.0)
 
 
 def _reply(
@@ -123,6 +140,7 @@ def train(msg: Message, context: Context) -> Message:
     except Exception as exc:
         logger.error("site %s failed in %s round %d: %s", site.name, phase, server_round, exc)
         raise SiteError(f"site {site.name!r}: {type(exc).__name__}: {exc}") from exc
+    _corrupt_update(config, site.name, phase, server_round, result.state)
     metrics = {
         "num-examples": result.cases,
         "unit-weight": 1,

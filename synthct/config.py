@@ -411,7 +411,11 @@ class FaultConfig(_Strict):
     site: str
     phase: Literal["autoencoder", "decoder", "diffusion"] = "autoencoder"
     round: int = Field(ge=1)
-    kind: Literal["error", "delay"] = "error"
+    kind: Literal["error", "delay", "nan", "huge"] = Field(
+        default="error",
+        description="error: the site fails; delay: it stalls delay_s; nan / huge: it sends a "
+        "broken or hostile update (NaN values / weights scaled 1000x) that the server must reject",
+    )
     delay_s: float = Field(default=0.0, ge=0)
 
 
@@ -456,6 +460,13 @@ class FederatedConfig(_Strict):
     keep_optimizer_state: bool = Field(
         default=True,
         description="each site keeps its AdamW moments between rounds on its own disk",
+    )
+    reject_norm_ratio: float = Field(
+        default=10.0,
+        ge=0,
+        description="reject a site's update whose distance from the global weights exceeds "
+        "this many times the median of the other sites' (0: off); NaN/Inf updates are always "
+        "rejected. The round goes on with the rest and the log names the site",
     )
     privacy: DPConfig = DPConfig()
     faults: list[FaultConfig] = Field(default_factory=list)

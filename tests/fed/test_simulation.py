@@ -264,6 +264,38 @@ def test_failed_and_slow_sites_do_not_stop_rounds(tmp_path, smoke_config, smoke_
     assert {s["site"] for s in r2["sites"]} == {"site_a", "site_b"}
 
 
+def test_broken_and_hostile_updates_are_rejected_and_the_round_goes_on(
+    tmp_path, smoke_config, smoke_sites
+):
+    """A site that sends NaN, or weights scaled 1000x, is named in the round log and left out
+    of that round's average; the other sites' round is aggregated as usual."""
+    doc = smoke_config.model_dump()
+    doc["federated"].update(
+        {
+            "ae_rounds": 2,
+            "decoder_rounds": 0,
+            "diffusion_rounds": 0,
+            "round_timeout_s": 120.0,
+            "faults": [
+                {"site": "site_a", "phase": "autoencoder", "round": 1, "kind": "nan"},
+                {"site": "site_c", "phase": "autoencoder", "round": 2, "kind": "huge"},
+            ],
+        }
+    )
+    config = type(smoke_config).model_validate(doc)
+    run = tmp_path / "hostile"
+    gen = train_federated(config, smoke_sites, run)
+    r1, r2 = _rounds(run)[:2]
+    assert r1["aggregated"] and {s["site"] for s in r1["sites"]} == {"site_b", "site_c"}
+    assert r1["failures"][0]["site"] == "site_a" and "NaN" in r1["failures"][0]["reason"]
+    assert r2["aggregated"] and {s["site"] for s in r2["sites"]} == {"site_a", "site_b"}
+    assert r2["failures"][0]["site"] == "site_c" and "norm" in r2["failures"][0]["reason"]
+    assert all(bool(torch.isfinite(p).all()) for p in gen.autoencoder.parameters())
+    # what the sites sent is in their own audit logs, the spoiled updates included
+    for site in ("site_a", "site_c"):
+        assert [r["round"] for r in _audit(run, site) if r["phase"] == "autoencoder"] == [1, 2]
+
+
 def _dp_config(smoke_config, **privacy):
     doc = smoke_config.model_dump()
     doc["federated"].update(
