@@ -27,6 +27,7 @@ from flwr.serverapp.strategy import FedAvg, Result
 from synthct.classifier import EarlyStopping, score_from_counts
 from synthct.config import SynthctConfig
 from synthct.fed.errors import FederatedError
+from synthct.fed.sites import screen_updates
 
 __all__ = ["fedavg_then_evaluate", "holdout_count_metrics", "Converged"]
 
@@ -71,7 +72,40 @@ class Converged:
         }
 
 
-class _HoldoutStoppingFedAvg(FedAvg):
+class _ScreenedFedAvg(FedAvg):
+    """Flower's FedAvg that sets aside a NaN/Inf or outsized update (``screen_updates``)
+    before averaging, as the generator's rounds do; the others are averaged as usual."""
+
+    def __init__(self, norm_ratio: float, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.norm_ratio = norm_ratio
+        self._sent: dict[str, Any] | None = None
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self._sent = arrays.to_torch_state_dict()
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        replies = list(replies)
+        if self._sent is not None:
+            fit = [r for r in replies if not r.has_error()]
+            kept, rejected = screen_updates(
+                fit, self._sent, self.norm_ratio, lambda r: str(r.metadata.src_node_id)
+            )
+            for item in rejected:
+                logger.warning(
+                    "round %d: update from node %s rejected: %s",
+                    server_round,
+                    item["node"],
+                    item["reason"],
+                )
+            replies = kept + [r for r in replies if r.has_error()]
+        return super().aggregate_train(server_round, replies)
+
+
+class _HoldoutStoppingFedAvg(_ScreenedFedAvg):
     """FedAvg whose evaluate round scores each global model on the sites' holdout splits and
     which stops sending work once the pooled holdout score stalls."""
 
@@ -135,8 +169,9 @@ def fedavg_then_evaluate(
         "min_available_nodes": min(len(nodes), len(config.site_names)),
     }
     evaluate_config = None
+    common["norm_ratio"] = config.federated.reject_norm_ratio
     if holdout_patience is None:
-        strategy: FedAvg = FedAvg(fraction_evaluate=0.0, **common)
+        strategy: FedAvg = _ScreenedFedAvg(fraction_evaluate=0.0, **common)
     else:
         strategy = _HoldoutStoppingFedAvg(
             config.labels.num_classes,

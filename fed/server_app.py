@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import math
-import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -44,7 +43,7 @@ from synthct.checkpoint import (
 )
 from synthct.config import SynthctConfig, load_config, packaged_config_path
 from synthct.fed.errors import FederatedError
-from synthct.fed.sites import wait_for_sites
+from synthct.fed.sites import screen_updates, wait_for_sites
 from synthct.fed.task import (
     PHASES,
     config_to_json,
@@ -468,54 +467,6 @@ class _Driver:
         )
         logger.info("pooled latent scale factor %.4f from %d sites", scale, len(ok))
         return scale
-
-
-def screen_updates(
-    replies: list[Message],
-    global_state: dict[str, torch.Tensor],
-    norm_ratio: float,
-    site_of: Callable[[Message], str],
-) -> tuple[list[Message], list[dict[str, Any]]]:
-    """Keep the replies fit to aggregate: an update with NaN/Inf, or (``norm_ratio`` > 0) one
-    whose distance from the global weights is more than ``norm_ratio`` times the median of the
-    other sites' distances, is set aside with the reason (a broken or hostile site must not
-    spoil the round for the others)."""
-    kept, rejected, norms = [], [], {}
-    for r in replies:
-        state = r.content["arrays"].to_torch_state_dict()
-        floats = {k: v for k, v in state.items() if v.is_floating_point()}
-        if not all(bool(torch.isfinite(v).all()) for v in floats.values()):
-            rejected.append((r, "update holds NaN or Inf values"))
-            continue
-        kept.append(r)
-        norms[id(r)] = math.sqrt(
-            sum(
-                float((v.double() - global_state[k].double()).pow(2).sum())
-                for k, v in floats.items()
-            )
-        )
-    if norm_ratio > 0 and len(kept) >= 2:
-        fit = []
-        for r in kept:
-            others = [norms[id(o)] for o in kept if o is not r]
-            limit = norm_ratio * statistics.median(others)
-            if limit > 0 and norms[id(r)] > limit:
-                rejected.append(
-                    (
-                        r,
-                        f"update norm {norms[id(r)]:.3g} > {norm_ratio:g} x the other sites' median",
-                    )
-                )
-            else:
-                fit.append(r)
-        kept = fit
-    out = []
-    for r, reason in rejected:
-        site = site_of(r)  # logged with the round's other failures
-        out.append(
-            {"node": r.metadata.src_node_id, "site": site, "reason": f"site {site!r}: {reason}"}
-        )
-    return kept, out
 
 
 def _errors(replies: list[Message]) -> list[Message]:

@@ -1,5 +1,5 @@
 """What every synthct Flower app shares: who a site is and where its files are (client side),
-and waiting for the sites to connect (server side).
+waiting for the sites to connect and setting aside unfit updates (server side).
 
 The generator, reference, gate and downstream apps all resolve their site the same way, from
 the SuperNode's ``--node-config`` (``site``, ``manifest``, ``audit-dir``) in a deployment or from
@@ -10,8 +10,12 @@ in both alike.
 from __future__ import annotations
 
 import logging
+import math
+import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from flwr.app import ConfigRecord, Context, Message
@@ -21,7 +25,7 @@ from synthct.config import SynthctConfig
 from synthct.fed.errors import FederatedError, SiteError
 from synthct.fed.task import config_from_json
 
-__all__ = ["SiteSettings", "site_settings", "prepare_site", "wait_for_sites"]
+__all__ = ["SiteSettings", "site_settings", "prepare_site", "wait_for_sites", "screen_updates"]
 
 logger = logging.getLogger(__name__)
 
@@ -93,3 +97,51 @@ def wait_for_sites(grid: Grid, config: SynthctConfig) -> list[int]:
     if len(nodes) < wanted:
         logger.warning("%d of %d sites connected; continuing", len(nodes), wanted)
     return nodes
+
+
+def screen_updates(
+    replies: list[Message],
+    global_state: dict[str, torch.Tensor],
+    norm_ratio: float,
+    site_of: Callable[[Message], str],
+) -> tuple[list[Message], list[dict[str, Any]]]:
+    """Keep the replies fit to aggregate: an update with NaN/Inf, or (``norm_ratio`` > 0) one
+    whose distance from the global weights is more than ``norm_ratio`` times the median of the
+    other sites' distances, is set aside with the reason (a broken or hostile site must not
+    spoil the round for the others)."""
+    kept, rejected, norms = [], [], {}
+    for r in replies:
+        state = r.content["arrays"].to_torch_state_dict()
+        floats = {k: v for k, v in state.items() if v.is_floating_point()}
+        if not all(bool(torch.isfinite(v).all()) for v in floats.values()):
+            rejected.append((r, "update holds NaN or Inf values"))
+            continue
+        kept.append(r)
+        norms[id(r)] = math.sqrt(
+            sum(
+                float((v.double() - global_state[k].double()).pow(2).sum())
+                for k, v in floats.items()
+            )
+        )
+    if norm_ratio > 0 and len(kept) >= 2:
+        fit = []
+        for r in kept:
+            others = [norms[id(o)] for o in kept if o is not r]
+            limit = norm_ratio * statistics.median(others)
+            if limit > 0 and norms[id(r)] > limit:
+                rejected.append(
+                    (
+                        r,
+                        f"update norm {norms[id(r)]:.3g} > {norm_ratio:g} x the other sites' median",
+                    )
+                )
+            else:
+                fit.append(r)
+        kept = fit
+    out = []
+    for r, reason in rejected:
+        site = site_of(r)  # logged with the round's other failures
+        out.append(
+            {"node": r.metadata.src_node_id, "site": site, "reason": f"site {site!r}: {reason}"}
+        )
+    return kept, out
