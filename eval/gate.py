@@ -202,7 +202,7 @@ THRESHOLD_RANGE: dict[str, tuple[float, float]] = {
     "coverage": (-1.0, 0.0),
     "mode_collapse": (0.0, 1.0),
     "near_copies": (0.0, 1.0),
-    "dcr": (0.0, 1.0),
+    "dcr": (0.5, 1.0),  # 0.5: a generator that memorised nobody
     "membership_inference": (0.5, 1.0),
     "conditioning": (-1.0, 0.0),
     "proportions": (0.0, 1.0),

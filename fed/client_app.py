@@ -76,7 +76,7 @@ def _reply(
     metrics: dict[str, Any],
     keep_payload: bool,
 ) -> Message:
-    write_audit(
+    record = write_audit(
         site.audit_dir,
         site=site.name,
         phase=phase,
@@ -85,7 +85,10 @@ def _reply(
         metrics=metrics,
         keep_payload=keep_payload,
     )
-    content = RecordDict({"metrics": MetricRecord(metrics)})
+    # the server logs where this site's audit chain stood: a rewritten log cannot match it
+    content = RecordDict(
+        {"metrics": MetricRecord(metrics), "audit": ConfigRecord({"chain": record["chain"]})}
+    )
     if tensors:
         content["arrays"] = ArrayRecord(tensors)
     return Message(content=content, reply_to=msg)

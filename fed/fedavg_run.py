@@ -101,7 +101,16 @@ class _ScreenedFedAvg(FedAvg):
                     item["node"],
                     item["reason"],
                 )
-            replies = kept + [r for r in replies if r.has_error()]
+            errors = [r for r in replies if r.has_error()]
+            if len(kept) < self.min_train_nodes:  # too few fit updates: no average this round
+                logger.warning(
+                    "round %d: %d fit updates < %d; not aggregated",
+                    server_round,
+                    len(kept),
+                    self.min_train_nodes,
+                )
+                kept = []
+            replies = kept + errors
         return super().aggregate_train(server_round, replies)
 
 

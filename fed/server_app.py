@@ -411,6 +411,7 @@ class _Driver:
                     "steps": int(metrics["steps"]),
                     "bytes_up": up_bytes,
                     "sha256_up": up_sha,
+                    "audit_chain": _audit_chain(r),
                 }
             )
         scored = [s for s in sites if s["loss"] is not None]
@@ -467,6 +468,12 @@ class _Driver:
         )
         logger.info("pooled latent scale factor %.4f from %d sites", scale, len(ok))
         return scale
+
+
+def _audit_chain(reply: Message) -> str | None:
+    """The head of the site's audit chain it reported with this reply (None: not reported)."""
+    record = reply.content.config_records.get("audit")
+    return None if record is None else str(record["chain"])
 
 
 def _errors(replies: list[Message]) -> list[Message]:

@@ -46,14 +46,16 @@ _UMASK = _read_umask()  # once, at import: os.umask can only be read by setting 
 
 
 @contextmanager
-def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; rename it onto ``path`` if the block succeeds."""
+def atomic_path(path: str | os.PathLike[str], *, private: bool = False) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; rename it onto ``path`` if the block succeeds.
+    The file gets the umask's mode, or stays 0600 throughout with ``private`` (keys)."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     tmp_path = Path(tmp)
-    os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs are shared as usual
+    if not private:  # mkstemp makes 0600; outputs are shared as usual
+        os.chmod(tmp_path, 0o666 & ~_UMASK)
     try:
         yield tmp_path
         os.replace(tmp_path, target)
@@ -64,9 +66,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, private: bool = False) -> None:
     """Write ``data`` to ``path`` atomically; ``private`` (keys): mode 0600 before any byte."""
-    with atomic_path(path) as tmp:
-        if private:
-            os.chmod(tmp, 0o600)
+    with atomic_path(path, private=private) as tmp:
         with open(tmp, "wb") as fh:
             fh.write(data)
             fh.flush()

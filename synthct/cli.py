@@ -10,6 +10,7 @@ from collections import Counter
 from pathlib import Path
 
 from synthct import __version__
+from synthct.errors import UsageError
 
 EXIT_OK, EXIT_ERROR, EXIT_BAD_INPUT, EXIT_GATE_FAILED = 0, 1, 2, 3
 
@@ -190,7 +191,6 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from synthct.artifacts import write_json
     from synthct.checkpoint import generator_sha256, load_generator
     from synthct.data.volume_io import write_nifti
-    from synthct.errors import UsageError
     from synthct.sampling import labels_to_indices, sample_volumes, sites_to_indices
     from synthct.training import resolve_device
 
@@ -503,17 +503,43 @@ def cmd_fed_keys(args: argparse.Namespace) -> int:
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
     """Every audit log named (or found under a folder) checked along its hash chain."""
-    from synthct.audit import AuditError, verify_chain
+    from synthct.audit import AuditError, verify_against_server, verify_chain
 
     logs = []
     for given in map(Path, args.paths):
         logs += sorted(given.rglob("audit.jsonl")) if given.is_dir() else [given]
     if not logs:
         raise AuditError(f"no audit.jsonl under {', '.join(args.paths)}")
+    reported = _reported_chains(Path(args.rounds)) if args.rounds else None
     for log in logs:
         records, head = verify_chain(log)
-        print(f"{log}: OK, {records} records, head {head[:16]}")
+        note = ""
+        if reported is not None:
+            site = _log_site(log)
+            verify_against_server(log, reported.get(site, []))
+            note = f"; all {len(reported.get(site, []))} heads the server logged for {site} found"
+        print(f"{log}: OK, {records} records, head {head[:16]}{note}")
     return EXIT_OK
+
+
+def _reported_chains(rounds_log: Path) -> dict[str, list[tuple[int, str]]]:
+    """Per site, the (round, audit chain) pairs a server's ``rounds.jsonl`` recorded."""
+    if not rounds_log.is_file():
+        raise UsageError(f"--rounds {rounds_log}: no such file")
+    out: dict[str, list[tuple[int, str]]] = {}
+    for line in rounds_log.read_text(encoding="utf-8").splitlines():
+        entry = json.loads(line)
+        for site in entry.get("sites", []):
+            if site.get("audit_chain"):
+                out.setdefault(site["site"], []).append((entry["round"], site["audit_chain"]))
+    return out
+
+
+def _log_site(log: Path) -> str:
+    """The site an audit log belongs to (its records say)."""
+    for line in log.read_text(encoding="utf-8").splitlines():
+        return str(json.loads(line).get("site", log.parent.name))
+    return log.parent.name
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
@@ -763,6 +789,11 @@ def build_parser() -> argparse.ArgumentParser:
         "verify", help="check audit logs' hash chains; names the first edited record (exit 2)"
     )
     q.add_argument("paths", nargs="+", help="audit.jsonl files or folders holding them")
+    q.add_argument(
+        "--rounds",
+        metavar="ROUNDS_JSONL",
+        help="the server's round log: every audit head a site reported must be in its log",
+    )
     q.set_defaults(func=cmd_audit_verify)
 
     p = sub.add_parser("keys", help="an Ed25519 key pair for signing gate verdicts")
@@ -801,7 +832,6 @@ def build_parser() -> argparse.ArgumentParser:
 def _check_out(args: argparse.Namespace) -> None:
     """Refuse an ``--out`` of the wrong kind before any work (a folder where a file is written,
     or a file where a folder is), so no result is computed only to be lost."""
-    from synthct.errors import UsageError
 
     out = getattr(args, "out", None)
     if out is None:

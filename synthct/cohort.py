@@ -173,7 +173,7 @@ def _load_or_start(out: Path, settings: dict) -> list[ManifestRow]:
     written yet: then the new settings simply replace the old ones)."""
     meta_path = out / "cohort.json"
     rows = []
-    for name in (MANIFEST, PARTIAL_MANIFEST):
+    for name in (PARTIAL_MANIFEST, MANIFEST):  # an unfinished run's own list first
         if (out / name).is_file():
             rows = [r for r in read_manifest(out / name) if (out / r.path).exists()]
             break

@@ -101,3 +101,12 @@ def test_a_fixed_seed_cohort_of_the_shipped_generator_passes_the_gate(
     real = load_real(demo_sites, demo_sites, config=demo_config, reference=reference)
     report = run_gate(cohort, real, config=demo_config, reference=reference, seed=0)
     assert report["verdict"] == "pass", [r["reason"] for r in report["rules"] if not r["passed"]]
+
+
+def test_the_demo_fine_tunes_the_shipped_generator():
+    """demo.yaml's networks are the shipped generator's, so the demo fine-tunes it instead of
+    silently training from scratch (a config change must come with a re-shipped generator)."""
+    from synthct.config import load_config
+    from synthct.demo import _pretrained_matches
+
+    assert _pretrained_matches(load_config("demo")) is not None

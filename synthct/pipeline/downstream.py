@@ -69,6 +69,7 @@ def check_cohort_gate(
     return {
         "gated": True,
         "gate": str(gate_json),
+        "manifest": str(cohort_dir / report["cohort"]["manifest"]),  # the list it judged
         "verdict": report["verdict"],
         "signed_by": report.get("signed_by"),
         "rules_changed": changed,
@@ -154,7 +155,7 @@ def run_downstream(
         gate_info = check_cohort_gate(
             cohort_dir, Path(gate_json) if gate_json else None, force_ungated, trusted_keys
         )
-        cohort_manifest = cohort_dir / "manifest.csv"
+        cohort_manifest = Path(gate_info.get("manifest") or cohort_dir / "manifest.csv")
     test = load_cases(real_manifest, config, splits=("test",))
     if len(test) == 0:
         from synthct.data.manifest import ManifestError
@@ -228,6 +229,12 @@ def _in_test_order(result: ArmResult, test: CaseSet) -> np.ndarray:
     site by site, in whatever order the sites replied; within a site both keep file order)."""
     if list(result.sites) == list(test.sites):
         return result.probs
+    if sorted(result.sites) != sorted(test.sites):
+        missing = sorted(set(test.sites) - set(result.sites))
+        raise RuntimeError(
+            f"an arm returned {len(result.sites)} test cases for {len(test.sites)} "
+            f"(sites without results: {missing or 'none'})"
+        )
     want = np.argsort(np.asarray(test.sites), kind="stable")
     have = np.argsort(np.asarray(result.sites), kind="stable")
     probs = np.empty_like(result.probs)

@@ -294,6 +294,11 @@ def test_broken_and_hostile_updates_are_rejected_and_the_round_goes_on(
     # what the sites sent is in their own audit logs, the spoiled updates included
     for site in ("site_a", "site_c"):
         assert [r["round"] for r in _audit(run, site) if r["phase"] == "autoencoder"] == [1, 2]
+    # the server logged each aggregated site's audit head; the logs hold every one of them
+    from synthct.cli import main
+
+    assert r1["sites"][0]["audit_chain"]
+    assert main(["audit", "verify", str(run / "sites"), "--rounds", str(run / "rounds.jsonl")]) == 0
 
 
 def _dp_config(smoke_config, **privacy):

@@ -47,6 +47,22 @@ def test_gate_is_enforced(tmp_path, tiny, demo_sites, gated):
     with pytest.raises(GateError, match="failed the gate.*conditioning"):
         run_downstream(tiny, demo_sites, tmp_path / "a", cohort_dir=bad)
     assert not (tmp_path / "a").exists()  # a refused run leaves no empty result folder
+    # with trusted keys, only a verdict one of them signed is accepted
+    from synthct.signing import SignatureError, make_signing_key
+
+    (key, pub), (other_key, _) = (make_signing_key(tmp_path / "k", n) for n in ("gate", "other"))
+    signed = tmp_path / "signed"
+    shutil.copytree(good, signed)
+    write_gate(read_json(good / "gate.json"), signed / "gate.json", sign_with=other_key)
+    with pytest.raises(SignatureError, match="not among the trusted"):
+        run_downstream(tiny, demo_sites, tmp_path / "s", cohort_dir=signed, trusted_keys=[pub])
+    with pytest.raises(SignatureError, match="not signed"):  # the fixture's verdict is unsigned
+        run_downstream(tiny, demo_sites, tmp_path / "u", cohort_dir=good, trusted_keys=[pub])
+    write_gate(read_json(good / "gate.json"), signed / "gate.json", sign_with=key)
+    accepted = run_downstream(
+        tiny, demo_sites, tmp_path / "v", cohort_dir=signed, trusted_keys=[pub]
+    )
+    assert accepted["gate"]["signed_by"] == str(pub)
     missing = tmp_path / "nogate"
     shutil.copytree(good, missing)
     (missing / "gate.json").unlink()
