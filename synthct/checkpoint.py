@@ -177,6 +177,10 @@ def adopt_generator(gen: Generator, config: SynthctConfig, *, what: str = "gener
         missing, unexpected = getattr(new, name).load_state_dict(state, strict=False)
         if unexpected or missing not in ([], ["class_embedding.sites.weight"]):
             raise CheckpointError(f"{what}: {name} tensors do not fit ({missing}, {unexpected})")
+        if missing:  # the new site table: zero, not nn.Embedding's N(0, 1) (norm ~11 per row,
+            # as large as a class row), so the sum is the old class embedding exactly
+            with torch.no_grad():
+                getattr(new, name).class_embedding.sites.weight.zero_()
     if gen.discriminator is not None and new.discriminator is not None:
         new.discriminator.load_state_dict(gen.discriminator.state_dict())
     new.scale_factor = gen.scale_factor

@@ -98,6 +98,16 @@ def test_a_plain_generator_is_adopted_with_site_awareness_unchanged(tmp_path, sm
 
     before = draw(plain, None)
     assert torch.allclose(draw(adopted, [site, site]), before, atol=1e-3)
+    # exactly the old class embedding for every site (an untrained UNet barely reads it, so
+    # the samples above alone would not show a random site table)
+    classes = torch.arange(smoke_config.labels.num_classes)
+    for name in (*smoke_config.site_names, None):
+        index = adopted.conditioning.encode(
+            classes, adopted.conditioning.site_indices([name] * len(classes))
+        )
+        assert torch.equal(
+            adopted.ema.class_embedding(index), plain.ema.class_embedding(classes)
+        ), name
     with pytest.raises(CheckpointError, match="turns off"):
         adopt_generator(adopted, smoke_config)
     wider = aware.model_copy(
