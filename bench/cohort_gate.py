@@ -50,12 +50,14 @@ def main() -> None:
         reference_counts(manifest, config), list(config.labels.classes), per_site=True
     )
     runs = []
+    sha = generator_sha256(args.generator)
     for seed in args.seeds:
         start = time.perf_counter()
-        cohort = generate_cohort(gen, args.generator, plan, args.out / f"cohort_{seed}", seed=seed)
+        folder = args.out / f"cohort_{sha[:8]}_{seed}"  # one per generator: reruns resume
+        cohort = generate_cohort(gen, args.generator, plan, folder, seed=seed)
         sampled = time.perf_counter()
         report = run_gate(cohort, real, config=config, reference=reference, seed=seed)
-        write_gate(report, args.out / f"cohort_{seed}" / "gate.json")
+        write_gate(report, folder / "gate.json")
         rules = {
             r["rule"]: {"value": r["value"], "limit": r["threshold"], "passed": r["passed"]}
             for r in report["rules"]
@@ -87,7 +89,7 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d"),
         "device": f"cpu ({os.cpu_count()} cores)",
         "generator": str(args.generator),
-        "generator_sha256": generator_sha256(args.generator),
+        "generator_sha256": sha,
         "sampling": gen.config.sampling.model_dump(),
         "cases": len(plan),
         "passed": sum(r["verdict"] == "pass" for r in runs),
