@@ -397,7 +397,17 @@ class _Driver:
             )
             strategy.aggregate_train(server_round, _errors(replies))  # releases DP bookkeeping
         if aggregated is not None:
-            model.load_state_dict(aggregated.to_torch_state_dict(), strict=True)
+            state = aggregated.to_torch_state_dict()
+            if not (fed.privacy.enabled and phase == "diffusion"):  # DP noises every row
+                owned = [
+                    (
+                        int(next(iter(r.content.metric_records.values()))["site-index"]),
+                        r.content["arrays"].to_torch_state_dict(),
+                    )
+                    for r in ok
+                ]
+                take_owned_rows(state, owned)
+            model.load_state_dict(state, strict=True)
         sites = []
         for r in ok:
             metrics = next(iter(r.content.metric_records.values()))
@@ -468,6 +478,29 @@ class _Driver:
         )
         logger.info("pooled latent scale factor %.4f from %d sites", scale, len(ok))
         return scale
+
+
+# Tables with one row per site (decoder style, UNet site embeddings): only the site that owns
+# row i ever moves it; the others send it back unchanged.
+PER_SITE_ROWS = (
+    "site_style.feature_bias.weight",
+    "site_style.output_affine.weight",
+    "class_embedding.sites.weight",
+)
+
+
+def take_owned_rows(
+    state: dict[str, torch.Tensor], replies: list[tuple[int, dict[str, torch.Tensor]]]
+) -> None:
+    """Set each per-site row of the averaged ``state`` to what its own site sent (in place).
+
+    FedAvg would average site i's row with the unchanged copies the other sites return,
+    shrinking every site's style update by the number of sites (the 2026-12-03 run's rows
+    barely moved); rows no site owns (the null site, spare slots) keep the average."""
+    for index, theirs in replies:
+        for key in PER_SITE_ROWS:
+            if key in state and key in theirs and index < len(state[key]):
+                state[key][index] = theirs[key][index]
 
 
 def _audit_chain(reply: Message) -> str | None:
