@@ -87,6 +87,31 @@ class _State:
         """Training wall seconds so far, this session's included (what a budget counts)."""
         return self.wall_s + time.perf_counter() - self._since
 
+    def record(
+        self,
+        phase: str,
+        parts: dict[str, float],
+        total: int,
+        *,
+        metrics_path: Path,
+        progress: Progress | None,
+        checkpoint_every: int,
+        save: Callable[[], None],
+        budget_s: float | None,
+    ) -> bool:
+        """After one step of ``phase``: count it, log it, report it, checkpoint every
+        ``checkpoint_every`` steps; True once ``budget_s`` is spent (the phase stops there)."""
+        self.step += 1
+        append_jsonl(metrics_path, {"phase": phase, "step": self.step, **parts})
+        if progress:
+            progress(phase, self.step, total, loss=parts["loss"])
+        if self.step % checkpoint_every == 0:
+            save()
+        if budget_s and self.elapsed_s() > budget_s:
+            logger.info("%s budget reached at step %d", phase, self.step)
+            return True
+        return False
+
     def save(
         self,
         gen: Generator,
@@ -153,7 +178,6 @@ def ensure_reference(
 
 
 def _decoder_phase(
-    gen: Generator,
     decoder: LatentDecoder,
     optimizer: torch.optim.Optimizer,
     raw_latents: torch.Tensor,
@@ -162,14 +186,12 @@ def _decoder_phase(
     state: _State,
     sampler: BalancedSampler,
     *,
-    save: Callable[[], None],
-    progress: Progress | None,
-    metrics_path: Path,
     budget_s: float | None,
+    bookkeeping: dict[str, Any],
 ) -> None:
     """``train.decoder_steps`` decoder-only steps on the frozen encoder's posterior means (the
     federated decoder phase's step, with its site rows and null-site dropout)."""
-    total, every = config.train.decoder_steps, config.train.checkpoint_every
+    total = config.train.decoder_steps
     detail = detail_range(config.autoencoder, config.data.hu_window)
     device = raw_latents.device
     while state.step < total:
@@ -188,14 +210,8 @@ def _decoder_phase(
             sites=None if sites is None else sites.to(device),
             detail=detail,
         )
-        state.step += 1
-        append_jsonl(metrics_path, {"phase": "decoder", "step": state.step, **parts})
-        if progress:
-            progress("decoder", state.step, total, loss=parts["loss"])
-        if state.step % every == 0:
-            save()
-        if budget_s and state.elapsed_s() > budget_s / 2:
-            logger.info("decoder budget reached at step %d", state.step)
+        half = budget_s / 2 if budget_s else None
+        if state.record("decoder", parts, total, budget_s=half, **bookkeeping):
             break
 
 
@@ -238,6 +254,12 @@ def train_central(
     sampler = BalancedSampler(train.labels, balanced=config.train.balanced, generator=generator)
     bs, every = config.train.batch_size, config.train.checkpoint_every
     metrics_path = run / "metrics.jsonl"
+    bookkeeping: dict[str, Any] = {
+        "metrics_path": metrics_path,
+        "progress": progress,
+        "checkpoint_every": every,
+        "save": lambda: state.save(gen, optimizers, generator, run),
+    }
 
     if state.phase == "autoencoder":
         total = config.train.ae_steps
@@ -251,14 +273,13 @@ def train_central(
                 config.autoencoder,
                 detail=detail,
             )
-            state.step += 1
-            append_jsonl(metrics_path, {"phase": "autoencoder", "step": state.step, **parts})
-            if progress:
-                progress("autoencoder", state.step, total, loss=parts["loss"])
-            if state.step % every == 0:
-                state.save(gen, optimizers, generator, run)
-            if budget_s and state.elapsed_s() > budget_s / 2:
-                logger.info("autoencoder budget reached at step %d", state.step)
+            if state.record(
+                "autoencoder",
+                parts,
+                total,
+                budget_s=budget_s / 2 if budget_s else None,
+                **bookkeeping,
+            ):
                 break
         state.phase, state.step = "decoder", 0
         state.save(gen, optimizers, generator, run)
@@ -266,7 +287,6 @@ def train_central(
     raw_latents = encode_latents(gen.autoencoder, train.images.to(device))  # encoder frozen now
     if state.phase == "decoder":
         _decoder_phase(
-            gen,
             decoder,
             decoder_opt,
             raw_latents,
@@ -274,10 +294,8 @@ def train_central(
             config,
             state,
             sampler,
-            save=lambda: state.save(gen, optimizers, generator, run),
-            progress=progress,
-            metrics_path=metrics_path,
             budget_s=budget_s,
+            bookkeeping=bookkeeping,
         )
         state.phase, state.step = "diffusion", 0
         gen.scale_factor = latent_scale_factor(raw_latents)
@@ -304,14 +322,7 @@ def train_central(
             generator=generator,
         )
         ema.update(gen.unet)
-        state.step += 1
-        append_jsonl(metrics_path, {"phase": "diffusion", "step": state.step, **parts})
-        if progress:
-            progress("diffusion", state.step, total, loss=parts["loss"])
-        if state.step % every == 0:
-            state.save(gen, optimizers, generator, run)
-        if budget_s and state.elapsed_s() > budget_s:
-            logger.info("diffusion budget reached at step %d", state.step)
+        if state.record("diffusion", parts, total, budget_s=budget_s, **bookkeeping):
             break
     state.phase = "done" if state.step >= total else "diffusion"
     state.save(gen, optimizers, generator, run)
