@@ -191,7 +191,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from synthct.artifacts import write_json
     from synthct.checkpoint import generator_sha256, load_generator
     from synthct.data.volume_io import write_nifti
-    from synthct.sampling import labels_to_indices, sample_volumes, sites_to_indices
+    from synthct.sampling import (
+        inference_settings,
+        labels_to_indices,
+        sample_volumes,
+        sites_to_indices,
+    )
     from synthct.training import resolve_device
 
     device = resolve_device(args.device)
@@ -211,12 +216,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     taken = [n for n in [*names, f"{stem}.json"] if (out / n).exists()]
     if taken:  # another run's volumes are never overwritten or mixed with these
         raise UsageError(f"--out {out}: already holds {taken[0]} (use another --out or --seed)")
-    cfg = gen.config.sampling
-    settings = {
-        "sampler": args.sampler or cfg.sampler,
-        "steps": args.steps or cfg.steps,
-        "guidance": cfg.guidance if args.guidance is None else args.guidance,
-    }
+    settings = inference_settings(gen, args.sampler, args.steps, args.guidance)
     volumes = sample_volumes(
         gen,
         labels,

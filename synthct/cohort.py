@@ -40,7 +40,12 @@ from synthct.data.manifest import (
 from synthct.data.volume_io import write_dicom_series, write_nifti
 from synthct.errors import SynthctError
 from synthct.models.conditioning import UnknownSiteError
-from synthct.sampling import labels_to_indices, sample_volumes, sites_to_indices
+from synthct.sampling import (
+    inference_settings,
+    labels_to_indices,
+    sample_volumes,
+    sites_to_indices,
+)
 
 __all__ = [
     "POOLED",
@@ -216,9 +221,7 @@ def generate_cohort(
     if volume_format not in VOLUME_FORMATS:
         raise CohortError(f"unknown volume format {volume_format!r}; known: {list(VOLUME_FORMATS)}")
     out = Path(out)
-    cfg = gen.config.sampling
-    sampler, steps = sampler or cfg.sampler, steps or cfg.steps
-    guidance = cfg.guidance if guidance is None else guidance
+    sampler, steps, guidance = inference_settings(gen, sampler, steps, guidance).values()
     labels_to_indices(gen, sorted({c.label for c in plan}))  # unknown classes fail first
     try:  # and unknown sites, naming the ones the generator knows
         sites_to_indices(gen, sorted({c.site for c in plan}))

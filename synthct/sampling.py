@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from monai.inferers import sliding_window_inference
@@ -28,6 +29,7 @@ __all__ = [
     "decode_latents",
     "reconstruct",
     "sample_volumes",
+    "inference_settings",
     "labels_to_indices",
     "sites_to_indices",
 ]
@@ -179,6 +181,19 @@ def reconstruct(
     return torch.cat(out)
 
 
+def inference_settings(
+    gen: Generator, sampler: str | None, steps: int | None, guidance: float | None
+) -> dict[str, Any]:
+    """Sampler, steps and guidance to sample with: the values given, else the generator's own
+    inference settings (its saved ``sampling`` section)."""
+    cfg = gen.config.sampling
+    return {
+        "sampler": sampler or cfg.sampler,
+        "steps": steps or cfg.steps,
+        "guidance": cfg.guidance if guidance is None else guidance,
+    }
+
+
 @torch.no_grad()
 def sample_volumes(
     gen: Generator,
@@ -197,8 +212,7 @@ def sample_volumes(
     ``sites``: the site each volume is for (None or ``pooled``: site-agnostic); a
     site-conditioned generator renders that site's style."""
     cfg = gen.config.sampling
-    sampler, steps = sampler or cfg.sampler, steps or cfg.steps
-    guidance = cfg.guidance if guidance is None else guidance
+    sampler, steps, guidance = inference_settings(gen, sampler, steps, guidance).values()
     batch_size = batch_size or cfg.batch_size
     names = list(sites) if sites is not None else [None] * len(class_labels)
     if len(names) != len(class_labels):
