@@ -159,9 +159,13 @@ class _RunState:
         )
 
 
+def _site_index(reply: Message) -> int:
+    """The replying site's index in the run's site list (sent with its metrics)."""
+    return int(next(iter(reply.content.metric_records.values()))["site-index"])
+
+
 def _site_name(config: SynthctConfig, reply: Message) -> str:
-    metrics = next(iter(reply.content.metric_records.values()))
-    return config.site_names[int(metrics["site-index"])]
+    return config.site_names[_site_index(reply)]
 
 
 def _state_of(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -399,13 +403,7 @@ class _Driver:
         if aggregated is not None:
             state = aggregated.to_torch_state_dict()
             if not (fed.privacy.enabled and phase == "diffusion"):  # DP noises every row
-                owned = [
-                    (
-                        int(next(iter(r.content.metric_records.values()))["site-index"]),
-                        r.content["arrays"].to_torch_state_dict(),
-                    )
-                    for r in ok
-                ]
+                owned = [(_site_index(r), r.content["arrays"].to_torch_state_dict()) for r in ok]
                 take_owned_rows(state, owned)
             model.load_state_dict(state, strict=True)
         sites = []
