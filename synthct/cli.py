@@ -89,6 +89,15 @@ def cmd_data_check(args: argparse.Namespace) -> int:
     print(f"{args.manifest}: OK, {len(rows)} volumes")
     for (site, split), n in sorted(counts.items()):
         print(f"  {site:>12} {split:>8}: {n}")
+    if config is not None:
+        from synthct.data.dataset import coarser_than_config, geometry_note
+        from synthct.data.volume_io import read_volume
+
+        base = Path(args.manifest).parent
+        spacings = [(r.path, read_volume(r.resolve(base)).spacing) for r in rows]
+        coarse = [(p, s) for p, s in spacings if coarser_than_config(s, config)]
+        if coarse:
+            print(f"  warning: {geometry_note(args.manifest, coarse, len(rows), config)}")
     return EXIT_OK
 
 
@@ -101,6 +110,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         config = config.model_copy(
             update={"train": config.train.model_copy(update={"device": args.device})}
         )
+    if args.seed is not None:
+        config = config.model_copy(update={"seed": args.seed})
     manifest = Path(args.data) if args.data else None
     run = Path(args.out)
     run.mkdir(parents=True, exist_ok=True)
@@ -200,9 +211,14 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from synthct.training import resolve_device
 
     device = resolve_device(args.device)
-    gen_dir = _generator_dir(args.run)
+    gen_dir = _generator_dir(args.generator)
     gen = load_generator(gen_dir, device)
     gen, denoiser, _note = _with_plugins(gen, gen_dir, args)
+    if args.site not in (None, "pooled") and not gen.renders_sites:
+        raise UsageError(
+            f"--site {args.site}: this generator is not site-conditioned (it renders every site "
+            "alike); leave --site out"
+        )
     try:
         labels = labels_to_indices(gen, [args.label] * args.n)
         sites_to_indices(gen, [args.site])  # an unknown site fails before any work
@@ -249,15 +265,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from synthct.training import resolve_device
 
     device = resolve_device(args.device)
-    gen_dir = _generator_dir(args.run)
+    gen_dir = _generator_dir(args.generator)
     gen = load_generator(gen_dir, device)
     gen, denoiser, note = _with_plugins(gen, gen_dir, args)
     classes = list(gen.config.labels.classes)
     target = parse_counts(args.counts, classes) if args.counts else "balanced"
-    counts = reference_counts(args.reference, gen.config)
+    counts = reference_counts(args.data, gen.config)
     plan = plan_cohort(counts, classes, target=target, per_site=args.per_site)
     if not plan:
-        print("synthct: nothing to generate: the reference is already balanced", file=sys.stderr)
+        print("synthct: nothing to generate: the data is already balanced", file=sys.stderr)
         return EXIT_OK
     with progress_bar("generate", len(plan)) as update:
         manifest = generate_cohort(
@@ -287,7 +303,7 @@ def cmd_reference(args: argparse.Namespace) -> int:
     from synthct.reference import save_reference
 
     config = _config(args.config, args.set)
-    manifest = Path(args.manifest)
+    manifest = Path(args.data)
     if not manifest.is_file():
         from synthct.data.manifest import ManifestError
 
@@ -325,6 +341,7 @@ def cmd_reference(args: argparse.Namespace) -> int:
 
 def cmd_gate(args: argparse.Namespace) -> int:
     from synthct.artifacts import read_json
+    from synthct.data.manifest import read_manifest
     from synthct.eval.gate import (
         GateError,
         drop_flagged,
@@ -337,43 +354,63 @@ def cmd_gate(args: argparse.Namespace) -> int:
 
     config = _config(args.config, args.set)
     rules = load_rules(args.rules)
-    if args.reference:
-        reference = load_reference(args.reference, vocabulary_hash=config.labels.vocabulary_hash)
+    if args.reference_model:
+        reference = load_reference(
+            args.reference_model, vocabulary_hash=config.labels.vocabulary_hash
+        )
     else:
         from synthct.pretrained import load_phantom_reference
 
         reference = load_phantom_reference(config.labels.vocabulary_hash)
     cohort = Path(args.cohort)
+    if not cohort.exists():
+        raise UsageError(f"--cohort {cohort}: no such cohort folder or manifest")
     manifest = cohort / "manifest.csv" if cohort.is_dir() else cohort
+    read_manifest(manifest)  # a missing or unfinished cohort is refused before any work
+    out = gate_path(args)
     if args.federated:
         from synthct.fed.gate_app import run_gate_federated
 
-        if not args.manifest:
-            raise GateError("--federated needs --manifest (each site reads only its own rows)")
+        if not args.data:
+            raise GateError("--federated needs --data (each site reads only its own rows)")
         if not manifest.is_file():
             raise GateError(f"{manifest}: no cohort manifest")
         report = run_gate_federated(
             manifest,
-            args.manifest,
+            args.data,
             config=config,
             reference=reference,
-            run_dir=Path(args.out).resolve().parent / "gate_federated",
+            run_dir=out.resolve().parent / "gate_federated",
             rules=rules,
             seed=args.seed,
         )
     else:
-        if not (args.train and args.holdout):
-            raise GateError("the central gate needs --train and --holdout manifests")
-        real = load_real(args.train, args.holdout, config=config, reference=reference)
+        train = args.train_manifest or args.data
+        holdout = args.holdout_manifest or args.data
+        if not (train and holdout):
+            raise GateError("the gate needs --data (a manifest with train and holdout splits)")
+        real = load_real(train, holdout, config=config, reference=reference)
         report = run_gate(
             manifest, real, config=config, reference=reference, rules=rules, seed=args.seed
         )
-    write_gate(report, args.out, sign_with=args.sign)
+    write_gate(report, out, sign_with=args.sign)
     _print_gate(report)
+    print(f"gate report: {out}")
     if args.drop_flagged:
-        kept = drop_flagged(manifest.parent, read_json(args.out), args.drop_flagged)
+        kept = drop_flagged(manifest.parent, read_json(out), args.drop_flagged)
         print(f"unflagged cases written to {kept} ({len(report['flags'])} dropped); gate it again")
     return EXIT_OK if report["verdict"] == "pass" else EXIT_GATE_FAILED
+
+
+def gate_path(args: argparse.Namespace) -> Path:
+    """Where ``gate`` writes its report: ``OUT/gate.json``, by default in the cohort's folder
+    (where ``downstream`` looks); an ``--out`` ending in ``.json`` is the old file form."""
+    if args.out and args.out.endswith(".json"):
+        return Path(args.out)
+    if args.out:
+        return Path(args.out) / "gate.json"
+    cohort = Path(args.cohort)
+    return (cohort if cohort.is_dir() else cohort.parent) / "gate.json"
 
 
 def _print_gate(report: dict) -> None:
@@ -404,7 +441,7 @@ def cmd_downstream(args: argparse.Namespace) -> int:
     with progress_bar("downstream") as update:
         results = run_downstream(
             config,
-            args.real,
+            args.data,
             args.out,
             cohort_dir=args.cohort,
             gate_json=args.gate,
@@ -429,7 +466,7 @@ def cmd_plugin_train(args: argparse.Namespace) -> int:
     from synthct.plugins.adapter import export_plugin, train_plugin
     from synthct.progress import progress_bar
 
-    gen_dir = _generator_dir(args.run)
+    gen_dir = _generator_dir(args.generator)
     gen = load_generator(gen_dir)
     cfg = gen.config.plugins.model_copy(
         update={
@@ -456,7 +493,7 @@ def cmd_plugin_add(args: argparse.Namespace) -> int:
     from synthct.checkpoint import load_generator
     from synthct.plugins.registry import add_plugin
 
-    gen_dir = _generator_dir(args.run)
+    gen_dir = _generator_dir(args.generator)
     plugin = add_plugin(args.registry, args.plugin, load_generator(gen_dir), gen_dir)
     print(f"registered {plugin.name} in {args.registry}")
     return EXIT_OK
@@ -574,6 +611,112 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args)
 
 
+EXIT_TEXT = (
+    "exit codes:\n"
+    "  0  done\n"
+    "  1  an unexpected error (a bug: please report it with the traceback)\n"
+    "  2  a mistake in the input: one line naming the argument or file (--debug: traceback)"
+)
+OLD_NAMES_UNTIL = "0.3"
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the examples' line breaks and appends every option's default to its help line."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (
+            not action.option_strings
+            or "default" in text
+            or default in (None, False, argparse.SUPPRESS)
+            or default == []
+        ):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+class RenamedOption(argparse.Action):
+    """An option's old name, kept for one release: stores into the new option and says so."""
+
+    def __init__(self, option_strings: list[str], dest: str, *, new: str, **kwargs) -> None:
+        super().__init__(option_strings, dest, **kwargs)
+        self.new = new
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        print(
+            f"synthct: notice: {option_string} is now {self.new}; the old name works until "
+            f"synthct {OLD_NAMES_UNTIL}",
+            file=sys.stderr,
+        )
+        setattr(namespace, self.dest, values)
+
+
+def _renamed(p: argparse.ArgumentParser, old: str, new: str, dest: str) -> None:
+    p.add_argument(old, dest=dest, action=RenamedOption, new=new, help=argparse.SUPPRESS)
+
+
+def _command(
+    sub,
+    name: str,
+    summary: str,
+    example: str,
+    *,
+    exits: str = "",
+    required: tuple[str, ...] = (),
+) -> argparse.ArgumentParser:
+    """A subcommand whose help says what it does, shows an example and its exit codes.
+    ``required``: options that must be given (checked after parsing, so an option's old name
+    still satisfies it)."""
+    p = sub.add_parser(
+        name,
+        help=summary,
+        description=summary[0].upper() + summary[1:] + ".",
+        epilog=f"example:\n  {example}\n\n{EXIT_TEXT}{exits}",
+        formatter_class=HelpFormatter,
+    )
+    p.set_defaults(required_options=required, command_parser=p)
+    return p
+
+
+def _group(sub, name: str, summary: str) -> argparse._SubParsersAction:
+    p = sub.add_parser(name, help=summary, description=summary[0].upper() + summary[1:] + ".")
+    return p.add_subparsers(dest=f"{name}_command", required=True, metavar="SUBCOMMAND")
+
+
+def _generator_option(p: argparse.ArgumentParser, what: str = "generator to sample") -> None:
+    p.add_argument(
+        "--generator",
+        metavar="DIR|RUN|pretrained",
+        help=f"{what}: a generator folder, a training run (its generator/), or 'pretrained' "
+        "(the shipped phantom generator)",
+    )
+    _renamed(p, "--run", "--generator", "generator")
+
+
+def _data_option(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--data", metavar="MANIFEST", help=f"real-data manifest CSV: {what}")
+
+
+def _seed_option(p: argparse.ArgumentParser, default: int | None = 0, what: str = "") -> None:
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=default,
+        help="random seed" + (f" ({what})" if what else ""),
+    )
+
+
+def _device_option(p: argparse.ArgumentParser, default: str | None = "auto") -> None:
+    p.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        default=default,
+        help="where the networks run; auto takes CUDA when there is one"
+        + ("" if default else " (default: the config's train.device)"),
+    )
+
+
 def _sampling_options(p: argparse.ArgumentParser) -> None:
     """Sampler, steps and guidance; each defaults to the generator's own inference settings."""
     from synthct.config import SAMPLERS  # pydantic only: --help stays fast
@@ -593,8 +736,13 @@ def _sampling_options(p: argparse.ArgumentParser) -> None:
 
 
 def _plugin_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--plugins", metavar="REGISTRY", help="apply a plugin registry")
-    p.add_argument("--merge", choices=["fusion", "mixture"], default="fusion")
+    p.add_argument("--plugins", metavar="REGISTRY", help="apply this plugin registry")
+    p.add_argument(
+        "--merge",
+        choices=["fusion", "mixture"],
+        default="fusion",
+        help="how plugins combine: merged weights (fusion) or mixed predictions (mixture)",
+    )
     p.add_argument(
         "--fit-weights",
         metavar="MANIFEST",
@@ -603,22 +751,34 @@ def _plugin_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-
-    parser = argparse.ArgumentParser(prog="synthct", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="synthct",
+        description=__doc__,
+        epilog="every command: synthct COMMAND --help\n\n" + EXIT_TEXT,
+        formatter_class=HelpFormatter,
+    )
     parser.add_argument("--version", action="version", version=f"synthct {__version__}")
     parser.add_argument(
         "--log-level",
         default="WARNING",
         type=str.upper,
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-        help="library log level (default WARNING)",
+        help="library log level",
+    )
+    parser.add_argument(
+        "--debug", action="store_true", help="show the traceback behind an error message"
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("demo", help="end-to-end demo on the embedded phantom sites")
-    p.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
+    p = _command(
+        sub,
+        "demo",
+        "end-to-end demo on the embedded phantom sites: train, generate, gate, downstream, plugin",
+        "synthct demo --out runs/demo",
+    )
+    p.add_argument("--out", default="runs/demo", help="run folder")
     _config_options(p)
-    p.add_argument("--seed", type=int, default=None)
+    _seed_option(p, None, "default: the config's seed")
     p.add_argument(
         "--from-scratch",
         action="store_true",
@@ -626,132 +786,200 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("train", help="train reference models and the generator")
-    _config_options(p)
-    p.add_argument(
-        "--data", help="manifest CSV (default: make the config's phantom sites in OUT/data)"
+    p = _command(
+        sub,
+        "train",
+        "train the reference models and the generator (federated by default)",
+        "synthct train --data sites/manifest.csv --out runs/gen --resume",
+        required=("out",),
     )
-    p.add_argument("--out", required=True, help="run directory")
+    _config_options(p)
+    _data_option(p, "its train split (default: make the config's phantom sites in OUT/data)")
+    p.add_argument("--out", help="run folder (checkpoints, logs, generator/)")
     p.add_argument(
         "--central",
         action="store_true",
-        help="pool all sites' train split (default: federated, Flower simulation)",
+        help="pool all sites' train split instead of federated training (Flower simulation)",
     )
     p.add_argument(
         "--max-rounds",
         type=positive_int,
         default=None,
-        help="federated: stop after this many rounds (resume with --resume)",
+        help="federated: stop after this many rounds (continue with --resume)",
     )
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     p.add_argument(
         "--budget-min", type=non_negative_float, default=None, help="wall-time budget in minutes"
     )
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None)
+    _seed_option(p, None, "default: the config's seed")
+    _device_option(p, None)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("sample", help="sample class-conditional volumes from a trained run")
-    p.add_argument("--run", required=True)
-    p.add_argument("--label", required=True, help="class name from the vocabulary")
+    p = _command(
+        sub,
+        "sample",
+        "sample class-conditional volumes from a generator",
+        "synthct sample --generator pretrained --label nodule --n 8 --out samples",
+        required=("generator", "label", "out"),
+    )
+    _generator_option(p)
+    p.add_argument("--label", help="class name from the generator's vocabulary")
     p.add_argument(
         "--site",
         default=None,
         help="render in this site's scanner style (site-conditioned generators; default: "
         "site-agnostic)",
     )
-    p.add_argument("--n", type=positive_int, default=8, help="volumes to sample (default 8)")
-    p.add_argument("--out", required=True)
+    p.add_argument("--n", type=positive_int, default=8, help="volumes to sample")
+    p.add_argument("--out", help="folder for the volumes and their provenance JSON")
     _sampling_options(p)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    _seed_option(p)
+    _device_option(p)
     _plugin_options(p)
     p.set_defaults(func=cmd_sample)
 
-    p = sub.add_parser("generate", help="generate a class-balanced synthetic cohort")
-    p.add_argument("--run", required=True, help="training run, generator folder, or 'pretrained'")
-    p.add_argument("--reference", required=True, help="manifest whose train counts set the deficit")
-    p.add_argument("--target", choices=["balanced"], default="balanced")
+    p = _command(
+        sub,
+        "generate",
+        "generate a class-balanced synthetic cohort for what the real data lacks",
+        "synthct generate --generator pretrained --data sites/manifest.csv --per-site --out cohort",
+        required=("generator", "data", "out"),
+    )
+    _generator_option(p)
+    _data_option(p, "its train counts per class (and site) set the deficit")
+    _renamed(p, "--reference", "--data", "data")
+    p.add_argument(
+        "--target",
+        choices=["balanced"],
+        default="balanced",
+        help="what to fill up to: every class as common as the most common one",
+    )
     p.add_argument("--counts", help="explicit targets instead: label=n,label=n")
     p.add_argument("--per-site", action="store_true", help="plan per site: each gets what it lacks")
-    p.add_argument("--out", required=True, help="cohort folder (rerun to resume)")
+    p.add_argument("--out", help="cohort folder (rerun the same command to resume)")
     _sampling_options(p)
-    p.add_argument(
-        "--batch-size", type=positive_int, default=8, help="volumes per batch (default 8)"
-    )
+    p.add_argument("--batch-size", type=positive_int, default=8, help="volumes per batch")
     p.add_argument(
         "--format",
         choices=["nifti", "dicom"],
         default="nifti",
-        help="one .nii.gz per case, or one CT series folder per case marked synthetic "
-        "(default nifti)",
+        help="one .nii.gz per case, or one CT series folder per case marked synthetic",
     )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    _seed_option(p)
+    _device_option(p)
     _plugin_options(p)
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("plugin", help="site LoRA plugins: train, register, list")
-    plug = p.add_subparsers(dest="plugin_command", required=True, metavar="PLUGIN_COMMAND")
-    q = plug.add_parser("train", help="train a LoRA plugin on one site's data")
-    q.add_argument("--run", required=True, help="base: run, generator folder or 'pretrained'")
-    q.add_argument("--site", required=True)
-    q.add_argument("--data", required=True, help="manifest holding the site's train cases")
-    q.add_argument("--out", required=True, help="plugin folder")
+    plug = _group(sub, "plugin", "site LoRA plugins: train, register, list")
+    q = _command(
+        plug,
+        "train",
+        "train a LoRA plugin on one site's data (the base generator stays frozen)",
+        "synthct plugin train --generator pretrained --site site_e --data e/manifest.csv "
+        "--out plugins/site_e",
+        required=("generator", "site", "data", "out"),
+    )
+    _generator_option(q, "base generator")
+    q.add_argument("--site", help="the site whose train cases the plugin learns")
+    _data_option(q, "holds the site's train cases")
+    q.add_argument("--out", help="plugin folder")
     q.add_argument("--rank", type=positive_int, default=None, help="LoRA rank (default: config)")
     q.add_argument(
         "--steps", type=positive_int, default=None, help="training steps (default: config)"
     )
-    q.add_argument("--targets", choices=["conv+linear", "attention+time"], default=None)
-    q.add_argument("--seed", type=int, default=0)
+    q.add_argument(
+        "--targets",
+        choices=["conv+linear", "attention+time"],
+        default=None,
+        help="which UNet layers get adapters (default: config)",
+    )
+    _seed_option(q)
     q.set_defaults(func=cmd_plugin_train)
-    q = plug.add_parser("add", help="validate a plugin and add it to a registry folder")
-    q.add_argument("registry")
-    q.add_argument("plugin")
-    q.add_argument("--run", required=True, help="the base generator the registry serves")
+    q = _command(
+        plug,
+        "add",
+        "validate a plugin (hashes, base generator, shapes) and add it to a registry folder",
+        "synthct plugin add plugins/registry plugins/site_e --generator pretrained",
+        required=("generator",),
+    )
+    q.add_argument("registry", help="registry folder (made if missing)")
+    q.add_argument("plugin", help="plugin folder made by `synthct plugin train`")
+    _generator_option(q, "the base generator the registry serves")
     q.set_defaults(func=cmd_plugin_add)
-    q = plug.add_parser("list", help="the plugins in a registry")
-    q.add_argument("registry")
+    q = _command(
+        plug, "list", "list the plugins in a registry", "synthct plugin list plugins/registry"
+    )
+    q.add_argument("registry", help="registry folder")
     q.set_defaults(func=cmd_plugin_list)
 
-    p = sub.add_parser(
-        "gate", help="score a cohort (fidelity, diversity, privacy, bias) and judge it"
+    p = _command(
+        sub,
+        "gate",
+        "score a cohort (fidelity, diversity, privacy, bias) against real data and judge it",
+        "synthct gate --cohort cohort --data sites/manifest.csv",
+        exits="\n  3  the cohort failed the gate",
+        required=("cohort",),
     )
-    p.add_argument("--cohort", required=True, help="cohort folder (with manifest.csv) or manifest")
-    p.add_argument("--train", help="manifest with the real train split (central mode)")
-    p.add_argument("--holdout", help="manifest with the real holdout split (central mode)")
+    p.add_argument("--cohort", help="cohort folder (with manifest.csv) or its manifest")
+    _data_option(
+        p,
+        "its train and holdout splits (central), or the sites' rows each site reads (--federated)",
+    )
+    _renamed(p, "--manifest", "--data", "data")
+    _renamed(p, "--train", "--data", "train_manifest")
+    _renamed(p, "--holdout", "--data", "holdout_manifest")
     p.add_argument(
         "--federated",
         action="store_true",
         help="judge through Flower: each site scores the cohort on its own cases, sends aggregates",
     )
-    p.add_argument("--manifest", help="federated mode: the sites' manifest (each reads its rows)")
     p.add_argument("--rules", help="YAML overriding rule thresholds (see README)")
-    p.add_argument("--out", required=True, help="gate report JSON")
+    p.add_argument(
+        "--out",
+        help="folder for gate.json (default: the cohort's folder, where downstream looks for it)",
+    )
     _config_options(p, "the vocabulary, label maps and geometry")
-    p.add_argument("--reference", help="reference model folder (default: shipped phantom one)")
+    p.add_argument(
+        "--reference-model",
+        metavar="DIR",
+        help="reference model folder (default: the shipped phantom one)",
+    )
+    _renamed(p, "--reference", "--reference-model", "reference_model")
     p.add_argument("--drop-flagged", metavar="DIR", help="also write the unflagged cases here")
     p.add_argument(
         "--sign",
         metavar="KEY",
         help="sign the verdict with this Ed25519 private key (made by `synthct keys`)",
     )
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=cmd_gate, out_is_file=True)
+    _seed_option(p, 0, "bootstrap intervals")
+    p.set_defaults(func=cmd_gate)
 
-    p = sub.add_parser(
-        "reference", help="train the frozen reference classifier/encoder (central or federated)"
+    p = _command(
+        sub,
+        "reference",
+        "train the frozen reference classifier/encoder the gate uses (central or federated)",
+        "synthct reference --data sites/manifest.csv --out reference --federated",
+        required=("data", "out"),
     )
-    p.add_argument("--manifest", required=True, help="the sites' manifest (train + holdout)")
-    p.add_argument("--out", required=True, help="reference model folder")
+    _data_option(p, "its train split trains, its holdout split reports")
+    _renamed(p, "--manifest", "--data", "data")
+    p.add_argument("--out", help="reference model folder")
     p.add_argument(
         "--federated", action="store_true", help="FedAvg over the sites (Flower simulation)"
     )
     _config_options(p)
-    p.add_argument("--seed", type=int, default=0)
+    _seed_option(p)
     p.set_defaults(func=cmd_reference)
 
-    p = sub.add_parser("downstream", help="train classifiers on real (+ gated synthetic) data")
-    p.add_argument("--real", required=True, help="manifest with train and test splits")
+    p = _command(
+        sub,
+        "downstream",
+        "train classifiers on real data, and on real + gated synthetic data, and compare",
+        "synthct downstream --data sites/manifest.csv --cohort cohort --federated --out results",
+        required=("data", "out"),
+    )
+    _data_option(p, "train (and holdout for early stopping) to learn, test to report")
+    _renamed(p, "--real", "--data", "data")
     p.add_argument("--cohort", help="synthetic cohort folder (needs a passing gate.json)")
     p.add_argument("--gate", help="gate report (default: COHORT/gate.json)")
     p.add_argument("--federated", action="store_true", help="FedAvg over the sites (Flower)")
@@ -765,28 +993,40 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PUB",
         help="accept only a gate verdict signed by this public key (repeatable)",
     )
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", help="results folder")
     _config_options(p)
     p.add_argument("--seeds", help="comma-separated seeds (default: config downstream.seeds)")
     p.set_defaults(func=cmd_downstream)
 
-    p = sub.add_parser("phantoms", help="write multi-site chest-CT phantoms + manifest.csv")
+    p = _command(
+        sub,
+        "phantoms",
+        "write multi-site chest-CT phantoms (NIfTI) and their manifest.csv",
+        "synthct phantoms --config demo --out sites",
+        required=("out",),
+    )
     _config_options(p)
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--seed", type=int, default=None, help="default: the config's seed")
+    p.add_argument("--out", help="output folder")
+    _seed_option(p, None, "default: the config's seed")
     p.set_defaults(func=cmd_phantoms)
 
-    p = sub.add_parser("data", help="data utilities")
-    data_sub = p.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
-    q = data_sub.add_parser("check", help="validate a manifest, reporting every problem at once")
-    q.add_argument("manifest")
+    data_sub = _group(sub, "data", "data utilities")
+    q = _command(
+        data_sub,
+        "check",
+        "validate a manifest and its volumes, reporting every problem at once",
+        "synthct data check sites/manifest.csv --config demo",
+    )
+    q.add_argument("manifest", help="manifest CSV")
     _config_options(q, "the vocabulary, label maps and geometry")
     q.set_defaults(func=cmd_data_check)
 
-    p = sub.add_parser("audit", help="site audit logs")
-    audit_sub = p.add_subparsers(dest="audit_command", required=True, metavar="SUBCOMMAND")
-    q = audit_sub.add_parser(
-        "verify", help="check audit logs' hash chains; names the first edited record (exit 2)"
+    audit_sub = _group(sub, "audit", "site audit logs")
+    q = _command(
+        audit_sub,
+        "verify",
+        "check audit logs' hash chains; names the first edited record",
+        "synthct audit verify runs/gen/sites --rounds runs/gen/rounds.jsonl",
     )
     q.add_argument("paths", nargs="+", help="audit.jsonl files or folders holding them")
     q.add_argument(
@@ -796,37 +1036,83 @@ def build_parser() -> argparse.ArgumentParser:
     )
     q.set_defaults(func=cmd_audit_verify)
 
-    p = sub.add_parser("keys", help="an Ed25519 key pair for signing gate verdicts")
+    p = _command(
+        sub,
+        "keys",
+        "make an Ed25519 key pair for signing gate verdicts",
+        "synthct keys keys --name hospital_gate",
+    )
     p.add_argument("dir", help="folder for NAME.key (private, 0600) and NAME.pub")
-    p.add_argument("--name", default="gate", help="key file name (default gate)")
+    p.add_argument("--name", default="gate", help="key file name")
     p.set_defaults(func=cmd_keys)
 
-    p = sub.add_parser("config", help="show or validate a config")
-    cfg_sub = p.add_subparsers(dest="config_command", required=True, metavar="SUBCOMMAND")
-    q = cfg_sub.add_parser("show", help="the whole validated config, defaults filled in, as YAML")
+    cfg_sub = _group(sub, "config", "show or validate a config")
+    q = _command(
+        cfg_sub,
+        "show",
+        "print the whole validated config, defaults filled in, as YAML",
+        "synthct config show --config demo --set train.batch_size=2",
+    )
     _config_options(q)
     q.set_defaults(func=cmd_config_show)
-    q = cfg_sub.add_parser("validate", help="check a config (and --set overrides); exit 2 if bad")
-    q.add_argument("config", metavar="YAML|NAME")
-    q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    q = _command(
+        cfg_sub,
+        "validate",
+        "check a config (and --set overrides)",
+        "synthct config validate my.yaml",
+    )
+    q.add_argument("config", metavar="YAML|NAME", help="a YAML path or a packaged name")
+    q.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one config value (repeatable)",
+    )
     q.set_defaults(func=cmd_config_validate)
 
-    p = sub.add_parser("fed", help="multi-machine Flower deployment helpers")
-    fed = p.add_subparsers(dest="fed_command", required=True, metavar="FED_COMMAND")
-    q = fed.add_parser("app", help="write the code-free Flower app directory for `flwr run`")
-    q.add_argument("dir")
+    fed = _group(sub, "fed", "multi-machine Flower deployment helpers")
+    q = _command(
+        fed,
+        "app",
+        "write the code-free Flower app directory for `flwr run`",
+        "synthct fed app flower_app --config demo --out runs/federated",
+    )
+    q.add_argument("dir", help="folder for the Flower app")
     q.add_argument("--config", default="demo", help="YAML path on the SuperLink machine or name")
-    q.add_argument("--out", default="runs/federated", help="run directory on the SuperLink machine")
+    q.add_argument("--out", default="runs/federated", help="run folder on the SuperLink machine")
     q.set_defaults(func=cmd_fed_app)
-    q = fed.add_parser("certs", help="a private CA and SuperLink TLS certificate")
-    q.add_argument("dir")
+    q = _command(
+        fed,
+        "certs",
+        "make a private CA and the SuperLink's TLS certificate",
+        "synthct fed certs certs --host superlink.example.org",
+    )
+    q.add_argument("dir", help="folder for the CA and certificate files")
     q.add_argument("--host", action="append", help="SuperLink host name or IP (repeatable)")
     q.set_defaults(func=cmd_fed_certs)
-    q = fed.add_parser("keys", help="a SuperNode authentication key pair for one site")
-    q.add_argument("dir")
-    q.add_argument("--site", required=True)
+    q = _command(
+        fed,
+        "keys",
+        "make a SuperNode authentication key pair for one site",
+        "synthct fed keys keys --site site_a",
+        required=("site",),
+    )
+    q.add_argument("dir", help="folder for the key pair")
+    q.add_argument("--site", help="the site's name")
     q.set_defaults(func=cmd_fed_keys)
     return parser
+
+
+def _check_required(args: argparse.Namespace) -> None:
+    """Options a command needs, checked after parsing so an old option name counts too."""
+    missing = [
+        "--" + dest.replace("_", "-")
+        for dest in getattr(args, "required_options", ())
+        if getattr(args, dest, None) is None
+    ]
+    if missing:
+        args.command_parser.error("the following arguments are required: " + ", ".join(missing))
 
 
 def _check_out(args: argparse.Namespace) -> None:
@@ -837,11 +1123,15 @@ def _check_out(args: argparse.Namespace) -> None:
     if out is None:
         return
     path = Path(out)
-    if getattr(args, "out_is_file", False):
+    if args.func is cmd_gate and out.endswith(".json"):
+        print(
+            f"synthct: notice: --out {out}: a report file name is the old form; --out now names "
+            f"a folder (gate.json is written in it), the old form works until synthct "
+            f"{OLD_NAMES_UNTIL}",
+            file=sys.stderr,
+        )
         if path.is_dir():
-            raise UsageError(
-                f"--out {out}: is a folder; give the report's file name, e.g. {path / 'gate.json'}"
-            )
+            raise UsageError(f"--out {out}: is a folder; give a folder for gate.json, e.g. {out}")
     elif path.exists() and not path.is_dir():
         raise UsageError(f"--out {out}: exists and is not a folder")
 
@@ -851,11 +1141,14 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    _check_required(args)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     try:
         _check_out(args)
         return int(args.func(args))
     except SynthctError as exc:
+        if args.debug:
+            raise
         print(f"synthct: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import argparse
 import importlib.util
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -78,63 +80,152 @@ def test_help_version_and_argument_errors_import_no_heavy_library():
     assert "invalid choice: 'FOO'" in done.stderr
 
 
-BAD_VALUES = [
-    (["sample", "--run", "r", "--label", "normal", "--out", "o", "--n", "0"], "--n: 0 must be"),
-    (["sample", "--run", "r", "--label", "normal", "--out", "o", "--n", "-3"], "--n: -3 must"),
-    (["sample", "--run", "r", "--label", "normal", "--out", "o", "--steps", "0"], "--steps: 0"),
-    (["sample", "--run", "r", "--label", "x", "--out", "o", "--guidance", "-1"], "--guidance"),
-    (["sample", "--run", "r", "--label", "x", "--out", "o", "--guidance", "nan"], "finite"),
-    (["generate", "--run", "r", "--reference", "m", "--out", "o", "--batch-size", "0"], "batch"),
-    (["generate", "--run", "r", "--reference", "m", "--out", "o", "--steps", "2.5"], "whole"),
-    (["train", "--budget-min", "-1"], "--budget-min"),
+# Ordinary mistakes, each through the real CLI: (command line, exit code, what the message
+# says). {tmp} is a folder holding only the files `mistakes` makes.
+MISTAKES = [
+    # numbers are range-checked while parsing
+    ("sample --generator g --label normal --out o --n 0", 2, "--n: 0 must be at least 1"),
+    ("sample --generator g --label normal --out o --n -3", 2, "--n: -3 must"),
+    ("sample --generator g --label normal --out o --steps 0", 2, "--steps: 0 must"),
+    ("sample --generator g --label x --out o --guidance -1", 2, "--guidance: -1"),
+    ("sample --generator g --label x --out o --guidance nan", 2, "finite"),
+    ("generate --generator g --data m --out o --batch-size 0", 2, "--batch-size: 0"),
+    ("generate --generator g --data m --out o --steps 2.5", 2, "'2.5' is not a whole number"),
+    ("train --out o --budget-min -1", 2, "--budget-min"),
+    ("plugin train --generator g --site s --data d --out o --rank 0", 2, "--rank: 0"),
+    ("--log-level foo demo", 2, "invalid choice: 'FOO'"),
+    ("sample --label normal --out o", 2, "required: --generator"),
+    ("gate --data m", 2, "required: --cohort"),
+    ("downstream --data m --out o --seeds 0,x", 2, "--seeds '0,x'"),
+    # outputs of the wrong kind and missing inputs, refused before any work
+    ("phantoms --out {tmp}/a_file", 2, "--out {tmp}/a_file: exists and is not a folder"),
+    ("gate --cohort c --data m --out {tmp}/a_file", 2, "is not a folder"),
+    ("plugin list {tmp}/no_registry", 2, "no plugin registry"),
+    ("data check {tmp}/a_folder", 2, "is a folder; give the manifest CSV inside it"),
+    ("data check {tmp}/latin1.csv", 2, "not UTF-8 text"),
+    ("reference --data {tmp}/missing.csv --out {tmp}/r", 2, "missing.csv: manifest not found"),
+    ("downstream --data {tmp}/missing.csv --out {tmp}/d", 2, "missing.csv: manifest not found"),
+    ("gate --cohort {tmp}/unfinished --data m", 2, "2 of 5 planned cases written"),
+    ("gate --cohort {tmp}/nowhere --data m", 2, "--cohort {tmp}/nowhere: no such cohort"),
+    ("generate --generator {tmp}/a_folder --data m --out {tmp}/c", 2, "no generator here"),
+    ("sample --generator pretrained --label tumour --out {tmp}/o", 2, "unknown class 'tumour'"),
     (
-        [
-            "plugin",
-            "train",
-            "--run",
-            "r",
-            "--site",
-            "s",
-            "--data",
-            "d",
-            "--out",
-            "o",
-            "--rank",
-            "0",
-        ],
-        "--rank",
+        "sample --generator pretrained --label nodule --site nowhere --out {tmp}/o",
+        2,
+        "--site nowhere: this generator is not site-conditioned",
     ),
+    ("sample --generator pretrained --label nodule --device cuda --out {tmp}/o", 2, "no CUDA"),
+    ("config validate nosuch", 2, "nosuch: config file not found"),
+    ("config show --set train.batch_size=0", 2, "train.batch_size = 0"),
+    ("phantoms --config smoke --set data.nope=1 --out {tmp}/p", 2, "data.nope = 1: unknown key"),
+    ("keys {tmp} --name taken", 2, "taken.key: a key of that name exists"),
+    ("audit verify {tmp}/nothing", 2, "no audit log"),
 ]
 
 
-@pytest.mark.parametrize(
-    ("argv", "message"), BAD_VALUES, ids=lambda v: " ".join(v) if isinstance(v, list) else v
-)
-def test_nonsense_values_are_refused_before_any_work(argv, message, tmp_path, capsys, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    with pytest.raises(SystemExit) as exit:
-        main(argv)
-    assert exit.value.code == 2
-    err = capsys.readouterr().err
-    assert message in err and "Traceback" not in err
-    assert not any(tmp_path.iterdir())  # nothing half-made
+@pytest.fixture()
+def mistakes(tmp_path: Path) -> Path:
+    """A folder with the inputs the mistakes need: a file, a folder, a Latin-1 CSV, a key
+    that exists, an unfinished cohort (2 of 5 planned cases)."""
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "a_folder").mkdir()
+    (tmp_path / "latin1.csv").write_bytes(b"path,label,site,split\nv\xe9.nii.gz,normal,a,train\n")
+    (tmp_path / "taken.key").write_text("x")
+    cohort = tmp_path / "unfinished"
+    cohort.mkdir()
+    plan = [[f"a-nodule-{i:04d}", "nodule", "a"] for i in range(5)]
+    (cohort / "cohort.json").write_text(json.dumps({"plan": plan}))
+    (cohort / "manifest.partial.csv").write_text(
+        "path,label,site,split\ncases/a/nodule/a-nodule-0000.nii.gz,nodule,a,train\n"
+        "cases/a/nodule/a-nodule-0001.nii.gz,nodule,a,train\n"
+    )
+    return tmp_path
 
 
-def test_outputs_of_the_wrong_kind_and_missing_inputs_get_one_line(tmp_path, capsys):
-    """Checked before any work: a gate report aimed at a folder, phantoms aimed at a file, a
-    registry that is not there; exit 2, one line naming the path, nothing written."""
-    a_file = tmp_path / "a_file"
-    a_file.write_text("x")
-    cases = [
-        (
-            ["gate", "--cohort", "c", "--train", "m", "--holdout", "m", "--out", str(tmp_path)],
-            "is a folder",
-        ),
-        (["phantoms", "--out", str(a_file)], "is not a folder"),
-        (["plugin", "list", str(tmp_path / "no_registry")], "no plugin registry"),
-    ]
-    for argv, message in cases:
-        assert main(argv) == 2, argv
-        err = capsys.readouterr().err
-        assert err.startswith("synthct: error: ") and message in err and err.count("\n") == 1
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize(("line", "code", "message"), MISTAKES, ids=[m[0] for m in MISTAKES])
+def test_every_mistake_gets_one_clear_answer_and_leaves_nothing(
+    line, code, message, mistakes, capsys, monkeypatch
+):
+    """Exit code, a message naming the argument or file, no traceback, and not one file
+    written or changed (relative outputs would land in the working folder, also checked)."""
+    if "cuda" in line:
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("this machine has CUDA")
+    monkeypatch.chdir(mistakes)
+    before = _tree(mistakes)
+    argv = line.replace("{tmp}", str(mistakes)).split()
+    try:
+        got = main(argv)
+    except SystemExit as exit:  # argparse's own errors
+        got = exit.code
+    out, err = capsys.readouterr()
+    assert got == code, (out, err)
+    assert message.replace("{tmp}", str(mistakes)) in out + err
+    assert "Traceback" not in out + err
+    if not line.startswith("data check"):  # data check lists problems on stdout
+        errors = [x for x in err.splitlines() if "error:" in x]
+        assert len(errors) == 1 and errors[0].startswith("synthct"), err
+    assert _tree(mistakes) == before
+
+
+OLD_NAMES = [
+    ("sample --run R --label x --out o", "generator", "--run is now --generator"),
+    ("generate --run R --reference M --out o", "data", "--reference is now --data"),
+    ("plugin add reg p --run R", "generator", "--run is now --generator"),
+    ("gate --cohort c --manifest M", "data", "--manifest is now --data"),
+    ("gate --cohort c --train M --holdout H", "train_manifest", "--train is now --data"),
+    ("gate --cohort c --reference M", "reference_model", "--reference is now --reference-model"),
+    ("reference --manifest M --out o", "data", "--manifest is now --data"),
+    ("downstream --real M --out o", "data", "--real is now --data"),
+]
+
+
+@pytest.mark.parametrize(("line", "dest", "notice"), OLD_NAMES, ids=[o[0] for o in OLD_NAMES])
+def test_old_option_names_still_work_with_a_notice(line, dest, notice, capsys):
+    args = build_parser().parse_args(line.split())
+    assert getattr(args, dest) in ("R", "M")
+    assert notice in capsys.readouterr().err
+
+
+def _parsers(parser: argparse.ArgumentParser, name: str = "synthct"):
+    yield name, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub, p in action.choices.items():
+                yield from _parsers(p, f"{name} {sub}")
+
+
+def test_every_command_teaches_and_every_option_is_explained():
+    """Each runnable command has a description, an example and its exit codes; every option a
+    help line (with its default when it has one)."""
+    runnable = 0
+    for name, parser in _parsers(build_parser()):
+        if any(isinstance(a, argparse._SubParsersAction) for a in parser._actions):
+            assert parser.description, name
+            continue
+        runnable += 1
+        assert parser.description and parser.epilog, name
+        assert "example:\n  synthct " in parser.epilog and "exit codes:" in parser.epilog, name
+        for action in parser._actions:
+            if action.help == argparse.SUPPRESS:  # an old name, kept for one release
+                continue
+            assert action.help, f"{name} {action.option_strings or action.dest}: no help line"
+    assert runnable >= 19
+    text = build_parser()._subparsers._group_actions[0].choices["generate"].format_help()
+    assert "(default: 8)" in text and "(default: nifti)" in text
+
+
+def test_a_config_that_does_not_fit_the_data_is_named(smoke_sites, capsys):
+    """Smoke phantoms (16^3 at ~21 mm) judged under the demo config (11 mm): data check still
+    passes, with a warning saying the volumes are coarser than the config's grid."""
+    assert main(["data", "check", str(smoke_sites), "--config", "demo"]) == 0
+    out = capsys.readouterr().out
+    assert "warning:" in out and "coarser voxels than the config's 11x11x10 mm" in out
+    assert main(["data", "check", str(smoke_sites), "--config", "smoke"]) == 0
+    assert "warning" not in capsys.readouterr().out

@@ -141,7 +141,7 @@ def test_an_interrupted_cohort_is_never_read_as_whole(
 
 def test_cli_generate_and_bad_label(tmp_path, smoke_sites, smoke_generator):
     out = tmp_path / "c"
-    args = ["generate", "--run", str(smoke_generator.parent), "--reference", str(smoke_sites)]
+    args = ["generate", "--generator", str(smoke_generator.parent), "--data", str(smoke_sites)]
     code = main([*args, "--out", str(out), "--counts", "consolidation=2", "--steps", "2"])
     assert code == 0
     assert [r.label for r in read_manifest(out / "manifest.csv")] == ["consolidation"] * 2
@@ -160,7 +160,7 @@ def test_a_dicom_cohort_reads_back_as_the_same_volumes_marked_synthetic(
     from synthct.checkpoint import generator_sha256
     from synthct.eval.gate import hash_cohort
 
-    args = ["generate", "--run", str(smoke_generator.parent), "--reference", str(smoke_sites)]
+    args = ["generate", "--generator", str(smoke_generator.parent), "--data", str(smoke_sites)]
     args += ["--counts", "nodule=2,consolidation=1", "--steps", "2"]
     assert main([*args, "--out", str(tmp_path / "nii")]) == 0
     assert main([*args, "--out", str(tmp_path / "dcm"), "--format", "dicom"]) == 0

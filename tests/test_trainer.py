@@ -80,7 +80,10 @@ def test_cli_train_and_sample(tmp_path, smoke_sites):
     )
     out = tmp_path / "samples"
     assert (
-        main(["sample", "--run", str(run), "--label", "nodule", "--n", "2", "--out", str(out)]) == 0
+        main(
+            ["sample", "--generator", str(run), "--label", "nodule", "--n", "2", "--out", str(out)]
+        )
+        == 0
     )
     assert len(list(out.glob("nodule_*.nii.gz"))) == 2
     provenance = read_json(out / "nodule_pooled_seed0.json")
@@ -88,11 +91,14 @@ def test_cli_train_and_sample(tmp_path, smoke_sites):
     assert provenance["generator_sha256"] and provenance["kind"] == "synthct-samples"
     before = {p: p.stat().st_mtime_ns for p in out.iterdir()}
     # the same request again would overwrite: refused, nothing touched; another seed is fine
-    assert main(["sample", "--run", str(run), "--label", "nodule", "--out", str(out)]) == 2
+    assert main(["sample", "--generator", str(run), "--label", "nodule", "--out", str(out)]) == 2
     assert {p: p.stat().st_mtime_ns for p in out.iterdir()} == before
-    args = ["sample", "--run", str(run), "--label", "nodule", "--n", "1", "--seed", "1"]
+    args = ["sample", "--generator", str(run), "--label", "nodule", "--n", "1", "--seed", "1"]
     assert main([*args, "--out", str(out)]) == 0
     assert len(list(out.glob("nodule_*.nii.gz"))) == 3
     assert (
-        main(["sample", "--run", str(run), "--label", "tumour", "--n", "1", "--out", str(out)]) == 2
+        main(
+            ["sample", "--generator", str(run), "--label", "tumour", "--n", "1", "--out", str(out)]
+        )
+        == 2
     )

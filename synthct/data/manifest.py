@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -60,12 +61,24 @@ def partial_manifest_path(manifest: Path) -> Path:
     return manifest.with_name(f"{manifest.stem}.partial{manifest.suffix}")
 
 
+def _unfinished(manifest: Path) -> str:
+    """What an unfinished cohort beside ``manifest`` holds: cases written of cases planned."""
+    partial = partial_manifest_path(manifest)
+    written = max(len(partial.read_text(encoding="utf-8-sig").splitlines()) - 1, 0)
+    planned = "an unknown number of"
+    try:
+        planned = str(len(json.loads((manifest.parent / "cohort.json").read_text())["plan"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return (
+        f"{partial.name} beside it lists an unfinished cohort, {written} of {planned} planned "
+        "cases written (rerun the same `synthct generate` to finish it)"
+    )
+
+
 def _parse(path: Path) -> tuple[list[str], list[dict[str, str]]]:
     if not path.exists() and partial_manifest_path(path).is_file():
-        raise ManifestError(
-            f"{path}: not written yet; {partial_manifest_path(path).name} beside it lists an "
-            "unfinished cohort (rerun the same `synthct generate` to finish it)"
-        )
+        raise ManifestError(f"{path}: not written yet; {_unfinished(path)}")
     if path.is_dir():
         raise ManifestError(f"{path}: is a folder; give the manifest CSV inside it")
     try:

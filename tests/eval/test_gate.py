@@ -111,9 +111,8 @@ def test_each_hard_negative_fails_its_rule(tmp_path, fresh, real, demo_config, r
 def test_cli_exit_codes_hashes_and_tamper(tmp_path, fresh, demo_sites):
     cohort = fresh.parent
     out = tmp_path / "gate.json"
-    args = ["gate", "--cohort", str(cohort), "--train", str(demo_sites)]
-    args += ["--holdout", str(demo_sites), "--out", str(out)]
-    assert main(args) == 0
+    args = ["gate", "--cohort", str(cohort), "--data", str(demo_sites), "--out", str(tmp_path)]
+    assert main(args) == 0  # --out is a folder: OUT/gate.json
     report = json.loads(out.read_text())
     assert report["verdict"] == "pass" and report["kind"] == "synthct-gate"
     assert len(report["cohort"]["files"]) == sum(COUNTS.values())
@@ -123,7 +122,10 @@ def test_cli_exit_codes_hashes_and_tamper(tmp_path, fresh, demo_sites):
     rules = tmp_path / "strict.yaml"
     # at zero allowance, a real cohort's own noise fails at least one of these
     rules.write_text("rules:\n  proportions: 0.0\n  conditioning: 0.0\n  mode_collapse: 0.0\n")
-    assert main([*args[:-1], str(tmp_path / "strict.json"), "--rules", str(rules)]) == 3
+    # the old flags (--train/--holdout, --out naming the file) still work for one release
+    old = ["gate", "--cohort", str(cohort), "--train", str(demo_sites), "--holdout"]
+    old += [str(demo_sites), "--out", str(tmp_path / "strict.json"), "--rules", str(rules)]
+    assert main(old) == 3
     changed = json.loads((tmp_path / "strict.json").read_text())["rules_changed"]
     assert set(changed) == {"proportions", "conditioning", "mode_collapse"}
     assert changed["proportions"] == {

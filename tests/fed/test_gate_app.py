@@ -98,6 +98,6 @@ def test_cli_federated_gate(cohorts, demo_sites, tmp_path):
     manifests, _, _ = cohorts
     out = tmp_path / "gate.json"
     args = ["gate", "--cohort", str(manifests["fresh"].parent), "--federated"]
-    assert main([*args, "--out", str(out)]) == 2  # no --manifest: bad input
-    assert main([*args, "--manifest", str(demo_sites), "--out", str(out)]) == 0
+    assert main([*args, "--out", str(tmp_path)]) == 2  # no --data: bad input
+    assert main([*args, "--data", str(demo_sites), "--out", str(tmp_path)]) == 0
     assert json.loads(out.read_text())["verdict"] == "pass"

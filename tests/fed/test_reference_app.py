@@ -36,7 +36,7 @@ def test_holdout_block_from_confusion_counts():
 def test_cli_trains_a_federated_reference_the_gate_can_use(smoke_sites, smoke_config, tmp_path):
     config_path = str(packaged_config_path("smoke"))
     out = tmp_path / "reference"
-    args = ["reference", "--manifest", str(smoke_sites), "--config", config_path]
+    args = ["reference", "--data", str(smoke_sites), "--config", config_path]
     assert main([*args, "--out", str(out), "--federated"]) == 0
     model = load_reference(out, vocabulary_hash=smoke_config.labels.vocabulary_hash)
     info = model.info
@@ -59,6 +59,6 @@ def test_cli_trains_a_federated_reference_the_gate_can_use(smoke_sites, smoke_co
 
 def test_cli_reference_refuses_a_missing_manifest(tmp_path, capsys):
     missing = tmp_path / "nope.csv"
-    assert main(["reference", "--manifest", str(missing), "--out", str(tmp_path / "r")]) == 2
+    assert main(["reference", "--data", str(missing), "--out", str(tmp_path / "r")]) == 2
     assert str(missing) in capsys.readouterr().err
     assert not (tmp_path / "r").exists()  # nothing half-written

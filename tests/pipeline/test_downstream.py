@@ -114,7 +114,7 @@ def test_federated_end_to_end_through_the_cli(tmp_path, demo_sites, gated):
     )
     config.write_text(text)
     out = tmp_path / "fed"
-    args = ["downstream", "--config", str(config), "--real", str(demo_sites)]
+    args = ["downstream", "--config", str(config), "--data", str(demo_sites)]
     assert main([*args, "--cohort", str(good), "--federated", "--out", str(out)]) == 0
     results = read_json(out / "results.json")
     assert results["mode"] == "federated"

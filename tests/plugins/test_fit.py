@@ -104,10 +104,19 @@ def test_cli_fits_weights_on_a_manifest(tmp_path, base, smoke_sites, capsys):
     registry = tmp_path / "reg"
     for site in ("site_a", "site_c"):
         plugin = tmp_path / site
-        args = ["plugin", "train", "--run", str(base), "--site", site, "--data", str(smoke_sites)]
+        args = [
+            "plugin",
+            "train",
+            "--generator",
+            str(base),
+            "--site",
+            site,
+            "--data",
+            str(smoke_sites),
+        ]
         assert main([*args, "--out", str(plugin), "--steps", "2"]) == 0
-        assert main(["plugin", "add", str(registry), str(plugin), "--run", str(base)]) == 0
-    sample = ["sample", "--run", str(base), "--label", "nodule", "--n", "1", "--steps", "2"]
+        assert main(["plugin", "add", str(registry), str(plugin), "--generator", str(base)]) == 0
+    sample = ["sample", "--generator", str(base), "--label", "nodule", "--n", "1", "--steps", "2"]
     for merge in ("fusion", "mixture"):
         out = tmp_path / merge
         with_plugins = ["--plugins", str(registry), "--merge", merge]

@@ -21,7 +21,7 @@ from synthct.plugins.registry import Plugin, add_plugin, list_plugins, load_plug
 @pytest.fixture(scope="module")
 def trained_plugin(tmp_path_factory, base, smoke_sites):
     out = tmp_path_factory.mktemp("plugins") / "site_c"
-    args = ["plugin", "train", "--run", str(base), "--site", "site_c"]
+    args = ["plugin", "train", "--generator", str(base), "--site", "site_c"]
     assert main([*args, "--data", str(smoke_sites), "--out", str(out), "--steps", "3"]) == 0
     return out
 
@@ -167,13 +167,15 @@ def test_mixture_routes_each_class_to_its_plugin(base, smoke_config, random_plug
 
 def test_cli_sample_with_plugins(tmp_path, trained_plugin, base):
     registry = tmp_path / "reg"
-    assert main(["plugin", "add", str(registry), str(trained_plugin), "--run", str(base)]) == 0
+    assert (
+        main(["plugin", "add", str(registry), str(trained_plugin), "--generator", str(base)]) == 0
+    )
     assert main(["plugin", "list", str(registry)]) == 0
     for merge in ("fusion", "mixture"):
         out = tmp_path / merge
         args = [
             "sample",
-            "--run",
+            "--generator",
             str(base),
             "--label",
             "consolidation",
@@ -185,5 +187,6 @@ def test_cli_sample_with_plugins(tmp_path, trained_plugin, base):
         assert main([*args, "--out", str(out), "--plugins", str(registry), "--merge", merge]) == 0
         assert len(list(out.glob("*.nii.gz"))) == 2
     assert (
-        main(["plugin", "add", str(registry), str(tmp_path / "nothing"), "--run", str(base)]) == 2
+        main(["plugin", "add", str(registry), str(tmp_path / "nothing"), "--generator", str(base)])
+        == 2
     )
