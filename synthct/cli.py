@@ -312,12 +312,17 @@ def cmd_reference(args: argparse.Namespace) -> int:
     if args.federated:
         from synthct.fed.reference_app import train_reference_federated
 
+        if args.device == "cuda":
+            raise UsageError("--device cuda: federated sites train on CPU in the simulation")
+
         model = train_reference_federated(config, manifest, out / "federated", seed=args.seed)
     else:
         from synthct.data.dataset import load_cases
         from synthct.progress import progress_bar
         from synthct.reference import train_reference
+        from synthct.training import resolve_device
 
+        device = resolve_device(args.device)
         train = load_cases(manifest, config, splits=("train",))
         holdout = load_cases(manifest, config, splits=("holdout",))
         with progress_bar("reference") as update:
@@ -329,6 +334,7 @@ def cmd_reference(args: argparse.Namespace) -> int:
                 seed=args.seed,
                 holdout=holdout,
                 progress=lambda done, total, **m: update(done, total, **m),
+                device=device,
             )
     save_reference(model, out)
     holdout = model.info.get("holdout", {})
@@ -362,6 +368,10 @@ def cmd_gate(args: argparse.Namespace) -> int:
         from synthct.pretrained import load_phantom_reference
 
         reference = load_phantom_reference(config.labels.vocabulary_hash)
+    if not args.federated:  # federated sites featurise on their own machines
+        from synthct.training import resolve_device
+
+        reference.to(resolve_device(args.device))
     cohort = Path(args.cohort)
     if not cohort.exists():
         raise UsageError(f"--cohort {cohort}: no such cohort folder or manifest")
@@ -465,7 +475,9 @@ def cmd_plugin_train(args: argparse.Namespace) -> int:
     from synthct.data.dataset import load_cases
     from synthct.plugins.adapter import export_plugin, train_plugin
     from synthct.progress import progress_bar
+    from synthct.training import resolve_device
 
+    device = resolve_device(args.device)
     gen_dir = _generator_dir(args.generator)
     gen = load_generator(gen_dir)
     cfg = gen.config.plugins.model_copy(
@@ -480,7 +492,7 @@ def cmd_plugin_train(args: argparse.Namespace) -> int:
         print(f"synthct: error: {args.data}: no train cases of site {args.site!r}", file=sys.stderr)
         return EXIT_BAD_INPUT
     with progress_bar(f"plugin {args.site}", cfg.steps) as update:
-        unet = train_plugin(gen, cases, cfg, seed=args.seed, progress=update)
+        unet = train_plugin(gen, cases, cfg, seed=args.seed, progress=update, device=device)
     out = export_plugin(
         unet, args.out, gen=gen, generator_dir=gen_dir, site=args.site, cases=cases, cfg=cfg
     )
@@ -707,12 +719,16 @@ def _seed_option(p: argparse.ArgumentParser, default: int | None = 0, what: str 
     )
 
 
-def _device_option(p: argparse.ArgumentParser, default: str | None = "auto") -> None:
+def _device_option(
+    p: argparse.ArgumentParser, default: str | None = "auto", what: str = ""
+) -> None:
     p.add_argument(
         "--device",
         choices=["auto", "cpu", "cuda"],
         default=default,
-        help="where the networks run; auto takes CUDA when there is one"
+        help="where the networks run"
+        + (f", for {what}" if what else "")
+        + "; auto takes CUDA when there is one"
         + ("" if default else " (default: the config's train.device)"),
     )
 
@@ -894,6 +910,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="which UNet layers get adapters (default: config)",
     )
     _seed_option(q)
+    _device_option(q)
     q.set_defaults(func=cmd_plugin_train)
     q = _command(
         plug,
@@ -952,6 +969,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="sign the verdict with this Ed25519 private key (made by `synthct keys`)",
     )
     _seed_option(p, 0, "bootstrap intervals")
+    _device_option(p, "auto", "the reference encoder (central gate; federated sites use CPU)")
     p.set_defaults(func=cmd_gate)
 
     p = _command(
@@ -969,6 +987,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _config_options(p)
     _seed_option(p)
+    _device_option(p, "auto", "central training (federated sites train on CPU)")
     p.set_defaults(func=cmd_reference)
 
     p = _command(

@@ -78,23 +78,33 @@ class ReferenceModel:
     vocabulary_hash: str
     info: dict[str, Any]
 
+    def to(self, device: torch.device | str) -> ReferenceModel:
+        """Run the network on ``device``; inputs may live anywhere, outputs come back on CPU."""
+        self.net.to(device)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.net.parameters()).device
+
     @torch.no_grad()
     def predict(self, images: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
-        """Class probabilities N×K for model-space images N×1×X×Y×Z."""
+        """Class probabilities N×K (CPU) for model-space images N×1×X×Y×Z."""
         self.net.eval()
         return torch.cat(
             [
-                F.softmax(self.net(images[i : i + batch_size]), 1)
+                F.softmax(self.net(images[i : i + batch_size].to(self.device)), 1).cpu()
                 for i in range(0, len(images), batch_size)
             ]
         )
 
     @torch.no_grad()
     def features(self, images: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
+        """Penultimate-layer features N×D (CPU): the encoder space the gate compares in."""
         self.net.eval()
         return torch.cat(
             [
-                self.net.features(images[i : i + batch_size])
+                self.net.features(images[i : i + batch_size].to(self.device)).cpu()
                 for i in range(0, len(images), batch_size)
             ]
         )
@@ -164,6 +174,7 @@ def fit_reference(
     batch_size: int = 8,
     optimizer: torch.optim.Optimizer | None = None,
     progress: Callable[..., None] | None = None,
+    device: torch.device | str | None = None,
 ) -> float:
     """Train ``net`` in place on ``train`` (class-balanced batches, blur/flip/noise
     augmentation, label smoothing); returns the mean loss. ``one_cycle`` warms up and anneals
@@ -174,6 +185,8 @@ def fit_reference(
 
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
+    device = torch.device(device) if device is not None else next(net.parameters()).device
+    net.to(device)
     if optimizer is None:
         optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     total = epochs * max(len(train) // batch_size, 1)
@@ -187,8 +200,8 @@ def fit_reference(
     losses = []
     for step in range(total):
         idx = sampler(batch_size)
-        x = augment(train.images[idx], generator)
-        loss = F.cross_entropy(net(x), train.labels[idx], label_smoothing=0.05)
+        x = augment(train.images[idx], generator).to(device)  # augmented on CPU: reproducible
+        loss = F.cross_entropy(net(x), train.labels[idx].to(device), label_smoothing=0.05)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -222,11 +235,21 @@ def train_reference(
     holdout: CaseSet | None = None,
     batch_size: int = 8,
     progress: Callable[..., None] | None = None,
+    device: torch.device | str = "cpu",
 ) -> ReferenceModel:
-    """Train on pooled real ``train`` cases (central mode); report holdout."""
+    """Train on pooled real ``train`` cases (central mode) on ``device``; report holdout. The
+    model comes back on CPU (it is saved and shipped from there)."""
     torch.manual_seed(seed)
     net = ReferenceNet(len(classes))
-    fit_reference(net, train, epochs=epochs, seed=seed, batch_size=batch_size, progress=progress)
+    fit_reference(
+        net,
+        train,
+        epochs=epochs,
+        seed=seed,
+        batch_size=batch_size,
+        progress=progress,
+        device=device,
+    )
     net.requires_grad_(False)
     model = ReferenceModel(
         net,
@@ -237,7 +260,7 @@ def train_reference(
     if holdout is not None and len(holdout):
         model.info["holdout"] = holdout_report(model, holdout)
         logger.info("reference classifier holdout accuracy %.3f", model.info["holdout"]["accuracy"])
-    return model
+    return model.to("cpu")
 
 
 def save_reference(model: ReferenceModel, directory: str | Path) -> Path:

@@ -106,18 +106,23 @@ def train_plugin(
     seed: int = 0,
     batch_size: int = 4,
     progress: Callable[..., None] | None = None,
+    device: torch.device | str = "cpu",
 ) -> nn.Module:
-    """LoRA-adapt a copy of the generator's EMA UNet on ``cases`` (base weights frozen)."""
+    """LoRA-adapt a copy of the generator's EMA UNet on ``cases`` (base weights frozen), on
+    ``device``; the adapted UNet comes back on CPU (exported from there)."""
+    device = torch.device(device)
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    unet = copy.deepcopy(gen.ema)
+    unet = copy.deepcopy(gen.ema).to(device)
     unet.requires_grad_(False)
     attach_adapter(unet, cfg, "plugin")
     params = [p for n, p in unet.named_parameters() if "lora_" in n]
     for p in params:
         p.requires_grad_(True)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr)
-    z0 = encode_latents(gen.autoencoder.eval(), cases.images) * gen.scale_factor
+    ae = copy.deepcopy(gen.autoencoder).to(device).eval()
+    z0 = encode_latents(ae, cases.images.to(device)) * gen.scale_factor
+    del ae
     scheduler = training_scheduler(gen.config.diffusion)
     sampler = BalancedSampler(cases.labels, balanced=True, generator=generator)
     # a late site is not in the generator's site vocabulary: it adapts the null-site branch
@@ -128,7 +133,7 @@ def train_plugin(
             unet,
             optimizer,
             z0[idx],
-            cases.labels[idx],
+            cases.labels[idx].to(device),
             scheduler,
             gen.config.diffusion,
             conditioning=gen.conditioning,
@@ -138,7 +143,7 @@ def train_plugin(
         if progress is not None:
             progress(step + 1, cfg.steps, loss=out["loss"])
     unet.eval()
-    return unet
+    return unet.cpu()
 
 
 def export_plugin(
