@@ -96,14 +96,15 @@ class _EpochLoop:
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=d.lr, weight_decay=1e-4)
         self.sampler = BalancedSampler(cases.labels, balanced=d.balanced, generator=self.generator)
         self.steps = max(len(cases) // d.batch_size, 1)
+        self.device = next(model.parameters()).device
 
     def epoch(self) -> float:
         self.model.train()
         losses = []
         for _ in range(self.steps):
             idx = self.sampler(self.batch_size)
-            x = augment(self.cases.images[idx], self.generator)
-            loss = F.cross_entropy(self.model(x), self.cases.labels[idx])
+            x = augment(self.cases.images[idx], self.generator).to(self.device)  # CPU: reproducible
+            loss = F.cross_entropy(self.model(x), self.cases.labels[idx].to(self.device))
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
@@ -226,10 +227,12 @@ def train_converged(
 
 @torch.no_grad()
 def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 32) -> np.ndarray:
-    """N×K class probabilities."""
+    """N×K class probabilities, computed on the model's device."""
     model.eval()
+    device = next(model.parameters()).device
     out = [
-        F.softmax(model(images[i : i + batch_size]), 1) for i in range(0, len(images), batch_size)
+        F.softmax(model(images[i : i + batch_size].to(device)), 1).cpu()
+        for i in range(0, len(images), batch_size)
     ]
     return torch.cat(out).numpy() if out else np.zeros((0, 0))
 

@@ -437,8 +437,12 @@ def _print_gate(report: dict) -> None:
 def cmd_downstream(args: argparse.Namespace) -> int:
     from synthct.pipeline.downstream import downstream_table, run_downstream
     from synthct.progress import console, progress_bar
+    from synthct.training import resolve_device
 
     config = _config(args.config, args.set)
+    if args.federated and args.device == "cuda":
+        raise UsageError("--device cuda: federated sites train on CPU in the simulation")
+    device = resolve_device(args.device)
     if args.seeds:
         try:
             seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
@@ -459,6 +463,7 @@ def cmd_downstream(args: argparse.Namespace) -> int:
             force_ungated=args.force_ungated,
             trusted_keys=args.trusted_key,
             progress=update,
+            device=device,
         )
     changed = (results.get("gate") or {}).get("rules_changed")
     if changed:
@@ -1015,6 +1020,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="results folder")
     _config_options(p)
     p.add_argument("--seeds", help="comma-separated seeds (default: config downstream.seeds)")
+    _device_option(p, "auto", "the central arms (federated sites train on CPU)")
     p.set_defaults(func=cmd_downstream)
 
     p = _command(

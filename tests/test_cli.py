@@ -119,6 +119,8 @@ MISTAKES = [
     ("plugin train --generator g --site s --data d --out {tmp}/p --device cuda", 2, "no CUDA"),
     ("reference --data {tmp}/latin1.csv --out {tmp}/r --device cuda", 2, "no CUDA"),
     ("reference --data {tmp}/latin1.csv --out {tmp}/r --federated --device cuda", 2, "on CPU"),
+    ("downstream --data m --out {tmp}/d --device cuda", 2, "no CUDA"),
+    ("downstream --data m --out {tmp}/d --federated --device cuda", 2, "on CPU"),
     ("config validate nosuch", 2, "nosuch: config file not found"),
     ("config show --set train.batch_size=0", 2, "train.batch_size = 0"),
     ("phantoms --config smoke --set data.nope=1 --out {tmp}/p", 2, "data.nope = 1: unknown key"),

@@ -83,10 +83,11 @@ def _central_arm(
     cohort: CaseSet | None,
     test: CaseSet,
     seed: int,
+    device: torch.device | str = "cpu",
 ) -> ArmResult:
     start = time.perf_counter()
     torch.manual_seed(seed)
-    model = build_classifier(config)
+    model = build_classifier(config).to(device)
     stopping = train_converged(model, join(real, cohort), holdout, config, seed=seed)
     counts = {"real": len(real), "synthetic": len(cohort) if cohort is not None else 0}
     return ArmResult(
@@ -105,6 +106,7 @@ def _local_arm(
     cohort_manifest: Path | None,
     test: CaseSet,
     seed: int,
+    device: torch.device | str = "cpu",
 ) -> ArmResult:
     """Each site alone: trained on its own cases (+ its cohort cases), stopped on its own
     holdout, tested on its own test cases."""
@@ -120,7 +122,7 @@ def _local_arm(
             continue
         cohort = load_cohort_for(cohort_manifest, config, site) if cohort_manifest else None
         torch.manual_seed(seed)
-        model = build_classifier(config)
+        model = build_classifier(config).to(device)
         stopping[site] = train_converged(model, join(real, cohort), holdout, config, seed=seed)
         probs[rows] = predict(model, test.images[rows])
         counts["real"] += len(real)
@@ -142,10 +144,12 @@ def run_downstream(
     force_ungated: bool = False,
     trusted_keys: list[str | Path] | None = None,
     progress: Callable[..., None] | None = None,
+    device: torch.device | str = "cpu",
 ) -> dict[str, Any]:
     """Train real-only (and real + cohort) classifiers for every seed; ``results.json``.
     ``local``: every site trains alone (the no-collaboration baseline); ``trusted_keys``: the
-    cohort's gate verdict must be signed by one of these public keys."""
+    cohort's gate verdict must be signed by one of these public keys; ``device``: where the
+    central and local arms train (federated sites train on CPU in the simulation)."""
     out = Path(out)
     real_manifest = Path(real_manifest)
     gate_info: dict[str, Any] | None = None
@@ -173,7 +177,7 @@ def run_downstream(
         for seed in config.downstream.seeds:
             use = cohort_manifest if arm == "real+synthetic" else None
             if local:
-                result = _local_arm(config, real_manifest, use, test, seed)
+                result = _local_arm(config, real_manifest, use, test, seed, device)
             elif federated:
                 from synthct.fed.downstream_app import train_downstream_federated
 
@@ -182,7 +186,7 @@ def run_downstream(
                 real = load_cases(real_manifest, config, splits=("train",))
                 holdout = load_cases(real_manifest, config, splits=("holdout",))
                 cohort = load_cohort_for(use, config, None) if use is not None else None
-                result = _central_arm(config, real, holdout, cohort, test, seed)
+                result = _central_arm(config, real, holdout, cohort, test, seed, device)
             metrics = per_site_metrics(result.probs, result.labels, result.sites, classes, rare)
             test_probs[arm].append(_in_test_order(result, test))
             runs.append(
