@@ -78,7 +78,8 @@ def cmd_data_check(args: argparse.Namespace) -> int:
     from synthct.data.manifest import check_manifest, read_manifest
 
     config = _config(args.config, args.set) if args.config or args.set else None
-    problems = check_manifest(args.manifest, config)
+    spacings: list[tuple[str, tuple]] = []
+    problems = check_manifest(args.manifest, config, spacings=spacings)
     if problems:
         print(f"{args.manifest}: {len(problems)} problem(s)")
         for p in problems:
@@ -91,10 +92,7 @@ def cmd_data_check(args: argparse.Namespace) -> int:
         print(f"  {site:>12} {split:>8}: {n}")
     if config is not None:
         from synthct.data.dataset import coarser_than_config, geometry_note
-        from synthct.data.volume_io import read_volume
 
-        base = Path(args.manifest).parent
-        spacings = [(r.path, read_volume(r.resolve(base)).spacing) for r in rows]
         coarse = [(p, s) for p, s in spacings if coarser_than_config(s, config)]
         if coarse:
             print(f"  warning: {geometry_note(args.manifest, coarse, len(rows), config)}")
@@ -208,9 +206,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
         sample_volumes,
         sites_to_indices,
     )
-    from synthct.training import resolve_device
 
-    device = resolve_device(args.device)
+    device = _device(args)
     gen_dir = _generator_dir(args.generator)
     gen = load_generator(gen_dir, device)
     gen, denoiser, _note = _with_plugins(gen, gen_dir, args)
@@ -262,9 +259,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from synthct.checkpoint import load_generator
     from synthct.cohort import generate_cohort, parse_counts, plan_cohort, reference_counts
     from synthct.progress import progress_bar
-    from synthct.training import resolve_device
 
-    device = resolve_device(args.device)
+    device = _device(args)
     gen_dir = _generator_dir(args.generator)
     gen = load_generator(gen_dir, device)
     gen, denoiser, note = _with_plugins(gen, gen_dir, args)
@@ -312,17 +308,14 @@ def cmd_reference(args: argparse.Namespace) -> int:
     if args.federated:
         from synthct.fed.reference_app import train_reference_federated
 
-        if args.device == "cuda":
-            raise UsageError("--device cuda: federated sites train on CPU in the simulation")
-
+        _device(args, federated=True)
         model = train_reference_federated(config, manifest, out / "federated", seed=args.seed)
     else:
         from synthct.data.dataset import load_cases
         from synthct.progress import progress_bar
         from synthct.reference import train_reference
-        from synthct.training import resolve_device
 
-        device = resolve_device(args.device)
+        device = _device(args)
         train = load_cases(manifest, config, splits=("train",))
         holdout = load_cases(manifest, config, splits=("holdout",))
         with progress_bar("reference") as update:
@@ -368,10 +361,7 @@ def cmd_gate(args: argparse.Namespace) -> int:
         from synthct.pretrained import load_phantom_reference
 
         reference = load_phantom_reference(config.labels.vocabulary_hash)
-    if not args.federated:  # federated sites featurise on their own machines
-        from synthct.training import resolve_device
-
-        reference.to(resolve_device(args.device))
+    reference.to(_device(args, federated=args.federated))  # federated: sites featurise
     cohort = Path(args.cohort)
     if not cohort.exists():
         raise UsageError(f"--cohort {cohort}: no such cohort folder or manifest")
@@ -383,8 +373,6 @@ def cmd_gate(args: argparse.Namespace) -> int:
 
         if not args.data:
             raise GateError("--federated needs --data (each site reads only its own rows)")
-        if not manifest.is_file():
-            raise GateError(f"{manifest}: no cohort manifest")
         report = run_gate_federated(
             manifest,
             args.data,
@@ -437,12 +425,9 @@ def _print_gate(report: dict) -> None:
 def cmd_downstream(args: argparse.Namespace) -> int:
     from synthct.pipeline.downstream import downstream_table, run_downstream
     from synthct.progress import console, progress_bar
-    from synthct.training import resolve_device
 
     config = _config(args.config, args.set)
-    if args.federated and args.device == "cuda":
-        raise UsageError("--device cuda: federated sites train on CPU in the simulation")
-    device = resolve_device(args.device)
+    device = _device(args, federated=args.federated)
     if args.seeds:
         try:
             seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
@@ -480,9 +465,8 @@ def cmd_plugin_train(args: argparse.Namespace) -> int:
     from synthct.data.dataset import load_cases
     from synthct.plugins.adapter import export_plugin, train_plugin
     from synthct.progress import progress_bar
-    from synthct.training import resolve_device
 
-    device = resolve_device(args.device)
+    device = _device(args)
     gen_dir = _generator_dir(args.generator)
     gen = load_generator(gen_dir)
     cfg = gen.config.plugins.model_copy(
@@ -736,6 +720,16 @@ def _device_option(
         + "; auto takes CUDA when there is one"
         + ("" if default else " (default: the config's train.device)"),
     )
+
+
+def _device(args: argparse.Namespace, *, federated: bool = False):
+    """The torch device ``--device`` names (cuda without CUDA is refused); federated sites
+    run on CPU in the simulation, so asking for cuda there is refused too."""
+    from synthct.training import resolve_device
+
+    if federated and args.device == "cuda":
+        raise UsageError("--device cuda: federated sites train on CPU in the simulation")
+    return resolve_device("cpu" if federated else args.device)
 
 
 def _sampling_options(p: argparse.ArgumentParser) -> None:

@@ -116,6 +116,7 @@ MISTAKES = [
     ),
     ("sample --generator pretrained --label nodule --device cuda --out {tmp}/o", 2, "no CUDA"),
     ("gate --cohort {tmp}/unfinished --data m --device cuda", 2, "no CUDA"),
+    ("gate --cohort {tmp}/unfinished --data m --federated --device cuda", 2, "on CPU"),
     ("plugin train --generator g --site s --data d --out {tmp}/p --device cuda", 2, "no CUDA"),
     ("reference --data {tmp}/latin1.csv --out {tmp}/r --device cuda", 2, "no CUDA"),
     ("reference --data {tmp}/latin1.csv --out {tmp}/r --federated --device cuda", 2, "on CPU"),

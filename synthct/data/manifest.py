@@ -146,12 +146,15 @@ def write_site_manifest(pooled: str | Path, site: str, out: str | Path) -> Path:
     return out
 
 
-def check_volume(path: Path) -> list[str]:
-    """Problems of one volume file: unreadable, truncated, NaN/inf, not 3D, not CT-like."""
+def check_volume(path: Path, spacings: list[tuple[str, tuple]] | None = None) -> list[str]:
+    """Problems of one volume file: unreadable, truncated, NaN/inf, not 3D, not CT-like. A
+    readable volume's ``(path, voxel spacing)`` is appended to ``spacings`` when given."""
     try:
         volume = read_volume(path)
     except VolumeError as exc:
         return [str(exc)]
+    if spacings is not None:
+        spacings.append((str(path), volume.spacing))
     if min(volume.hu.shape) < 2:
         return [f"{path}: shape {volume.hu.shape} is a single slice, not a 3D volume"]
     low = float(np.percentile(volume.hu, 1))
@@ -163,13 +166,18 @@ def check_volume(path: Path) -> list[str]:
 
 
 def check_manifest(
-    path: str | Path, config: SynthctConfig | None = None, *, read_volumes: bool = True
+    path: str | Path,
+    config: SynthctConfig | None = None,
+    *,
+    read_volumes: bool = True,
+    spacings: list[tuple[str, tuple]] | None = None,
 ) -> list[str]:
     """Every problem of a manifest at once (empty list = usable).
 
     Checks columns, split values, labels (through each site's ``label_map`` when a config is
     given), duplicate paths, and, with ``read_volumes``, that every file exists, is non-empty,
-    reads completely, is 3D and finite, and looks like CT.
+    reads completely, is 3D and finite, and looks like CT; each volume read adds its
+    ``(path, voxel spacing)`` to ``spacings`` when given (geometry checks, no second read).
     """
     path = Path(path)
     try:
@@ -211,5 +219,5 @@ def check_manifest(
             problems.append(f"{where}: duplicate path {rel}")
         if seen[key] > 1 or not read_volumes:
             continue
-        problems += [f"{where}: {p}" for p in check_volume(resolved)]
+        problems += [f"{where}: {p}" for p in check_volume(resolved, spacings)]
     return problems
