@@ -609,7 +609,7 @@ def cmd_config_validate(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from synthct.demo import run_demo
 
-    return run_demo(args)
+    return run_demo(args, device=_device(args))
 
 
 EXIT_TEXT = (
@@ -799,6 +799,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="train the generator from zero instead of fine-tuning the shipped one",
     )
+    _device_option(p, "auto", "the cohort, the gate and the site plugin (federated stages: CPU)")
     p.set_defaults(func=cmd_demo)
 
     p = _command(

@@ -24,6 +24,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 from rich.table import Table
@@ -31,6 +32,9 @@ from rich.table import Table
 from synthct.artifacts import atomic_write_text, write_json
 from synthct.config import SynthctConfig, load_config, resolve_config_path
 from synthct.progress import console, progress_bar
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["run_demo"]
 
@@ -103,7 +107,9 @@ def _run_stage(name: str, timings: dict[str, float], fn: Callable[[], object]) -
     return result
 
 
-def run_demo(args: argparse.Namespace) -> int:
+def run_demo(args: argparse.Namespace, device: torch.device | str = "cpu") -> int:
+    """The demo's stages in order; ``device`` runs the cohort, the gate's reference models and
+    the site plugin (the federated stages train on CPU in the simulation)."""
     run = Path(args.out)
     overrides = list(getattr(args, "set", None) or [])
     config_path = resolve_config_path(args.config or "demo")
@@ -129,12 +135,18 @@ def run_demo(args: argparse.Namespace) -> int:
             timings,
             lambda: _generator(manifest, config, run, getattr(args, "from_scratch", False)),
         )
-        cohort = _run_stage("synthetic cohort", timings, lambda: _cohort(manifest, run, seed))
-        gate = _run_stage("gate", timings, lambda: _gate(cohort, manifest, config, run, seed))
+        cohort = _run_stage(
+            "synthetic cohort", timings, lambda: _cohort(manifest, run, seed, device)
+        )
+        gate = _run_stage(
+            "gate", timings, lambda: _gate(cohort, manifest, config, run, seed, device)
+        )
         downstream = _run_stage(
             "downstream", timings, lambda: _downstream(manifest, config, run, cohort, gate)
         )
-        plugin = _run_stage("site plugin", timings, lambda: _plugin(manifest, config, run, seed))
+        plugin = _run_stage(
+            "site plugin", timings, lambda: _plugin(manifest, config, run, seed, device)
+        )
         summary = {
             "seed": seed,
             "generator": generator,
@@ -204,7 +216,7 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cohort(manifest: Path, run: Path, seed: int) -> Path:
+def _cohort(manifest: Path, run: Path, seed: int, device: torch.device | str = "cpu") -> Path:
     """Per site, the classes it lacks (the rare class above all), from the run's generator."""
     from synthct.checkpoint import load_generator
     from synthct.cohort import generate_cohort, plan_cohort, reference_counts
@@ -215,16 +227,30 @@ def _cohort(manifest: Path, run: Path, seed: int) -> Path:
     )
     with progress_bar("cohort", total=len(plan)) as update:
         return generate_cohort(
-            gen, run / "generator", plan, run / "cohort", seed=seed, progress=update
+            gen,
+            run / "generator",
+            plan,
+            run / "cohort",
+            seed=seed,
+            progress=update,
+            device=device,
         )
 
 
-def _gate(cohort: Path, manifest: Path, config: SynthctConfig, run: Path, seed: int) -> dict:
+def _gate(
+    cohort: Path,
+    manifest: Path,
+    config: SynthctConfig,
+    run: Path,
+    seed: int,
+    device: torch.device | str = "cpu",
+) -> dict:
     """Judge the cohort against the sites' real train/holdout; a fail is a valid result."""
     from synthct.eval.gate import load_real, run_gate, write_gate
     from synthct.reference import load_reference
 
     reference = load_reference(run / "reference", vocabulary_hash=config.labels.vocabulary_hash)
+    reference.to(device)
     real = load_real(manifest, manifest, config=config, reference=reference)
     report = run_gate(cohort, real, config=config, reference=reference, seed=seed)
     write_gate(report, run / "gate.json", sign_with=_gate_key(run)[0])
@@ -263,7 +289,13 @@ def _downstream(manifest: Path, config: SynthctConfig, run: Path, cohort: Path, 
         )
 
 
-def _plugin(manifest: Path, config: SynthctConfig, run: Path, seed: int) -> dict:
+def _plugin(
+    manifest: Path,
+    config: SynthctConfig,
+    run: Path,
+    seed: int,
+    device: torch.device | str = "cpu",
+) -> dict:
     """A site joins after the rounds: a LoRA plugin on its own ``train`` cases against the
     run's generator, exported, accepted into ``RUN/plugins/registry`` and fused; samples of
     every class from the base and the fused generator, scored by the reference classifier."""
@@ -292,7 +324,7 @@ def _plugin(manifest: Path, config: SynthctConfig, run: Path, seed: int) -> dict
     cfg = config.plugins
     start = time.perf_counter()
     with progress_bar(f"plugin ({site})", total=cfg.steps) as update:
-        unet = train_plugin(gen, own, cfg, seed=seed, progress=update)
+        unet = train_plugin(gen, own, cfg, seed=seed, progress=update, device=device)
     train_s = time.perf_counter() - start
     plugin_dir = export_plugin(
         unet, run / "plugins" / site, gen=gen, generator_dir=gen_dir, site=site, cases=own, cfg=cfg

@@ -121,6 +121,7 @@ MISTAKES = [
     ("reference --data {tmp}/latin1.csv --out {tmp}/r --device cuda", 2, "no CUDA"),
     ("reference --data {tmp}/latin1.csv --out {tmp}/r --federated --device cuda", 2, "on CPU"),
     ("downstream --data m --out {tmp}/d --device cuda", 2, "no CUDA"),
+    ("demo --out {tmp}/demo --device cuda", 2, "no CUDA"),
     ("downstream --data m --out {tmp}/d --federated --device cuda", 2, "on CPU"),
     ("config validate nosuch", 2, "nosuch: config file not found"),
     ("config show --set train.batch_size=0", 2, "train.batch_size = 0"),
