@@ -78,7 +78,10 @@ def train_arm(gen, latents, labels, steps: int, seed: int, log_every: int = 250)
         losses.append(parts["loss"])
         if step % log_every == 0:
             recent = sum(losses[-log_every:]) / log_every
-            print(f"  step {step}/{steps} loss={recent:.4f} {time.perf_counter() - start:.0f}s", flush=True)
+            print(
+                f"  step {step}/{steps} loss={recent:.4f} {time.perf_counter() - start:.0f}s",
+                flush=True,
+            )
     return fresh.ema.eval(), sum(losses[-500:]) / min(500, len(losses))
 
 

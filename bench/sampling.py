@@ -79,7 +79,9 @@ def _arm(args: argparse.Namespace) -> dict:
             clip_sample=False,
         )
         scheduler.set_timesteps(d.num_train_timesteps)
-        inferer = LatentDiffusionInferer(scheduler, scale_factor=gen.scale_factor)
+        if gen.latent_norm.mode != "global":
+            raise SystemExit("the MONAI inferer arm takes one global scale factor only")
+        inferer = LatentDiffusionInferer(scheduler, scale_factor=gen.latent_norm.scale[0])
         wrapped = ContextAsClassLabels(gen.ema.eval())
         torch.manual_seed(0)
         for i in range(0, len(labels), batch):

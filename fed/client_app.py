@@ -8,6 +8,7 @@ every site trains the same networks. A site refuses weights whose hash does not 
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from typing import Any
@@ -22,7 +23,6 @@ from synthct.fed.task import (
     LocalRun,
     OptimizerStateStore,
     SiteError,
-    latent_moments,
     load_site_cases,
     round_seed,
     site_latents,
@@ -32,6 +32,7 @@ from synthct.fed.task import (
     train_diffusion_round,
     write_audit,
 )
+from synthct.models.latent_norm import LatentNorm, latent_moments
 from synthct.training import resolve_device
 
 __all__ = ["app"]
@@ -131,9 +132,9 @@ def train(msg: Message, context: Context) -> Message:
             if phase == "decoder":
                 result = train_decoder_round(config, weights, latents, cases, run)
             else:
-                scale = float(cfg["scale-factor"])
+                norm = LatentNorm.from_json(json.loads(str(cfg["latent-norm"])))
                 result = train_diffusion_round(
-                    config, weights, latents, cases, run, scale_factor=scale
+                    config, weights, latents, cases, run, latent_norm=norm
                 )
         else:
             raise SiteError(f"unknown phase {phase!r}")
@@ -164,7 +165,8 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    """Latent moments under the frozen autoencoder, pooled by the server into a scale factor."""
+    """Per-channel latent moments under the frozen autoencoder, pooled by the server into the
+    UNet's latent normalisation."""
     config, cfg, site = prepare_site(msg, context)
     try:
         cases = load_site_cases(config, site.manifest, site.name)

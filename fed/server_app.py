@@ -14,6 +14,7 @@ with per-site losses, case counts, failures and bytes, and a stop after N rounds
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -48,9 +49,9 @@ from synthct.fed.task import (
     PHASES,
     config_to_json,
     payload_digest,
-    pooled_scale_factor,
     tensors_to_bytes,
 )
+from synthct.models.latent_norm import LatentNorm, pooled_latent_norm
 from synthct.training import EMA, LatentDecoder
 
 __all__ = ["app", "FederatedJob", "FederatedError", "run_federated", "make_strategy"]
@@ -124,12 +125,13 @@ def make_strategy(config: SynthctConfig, phase: str, num_sites: int) -> Strategy
 
 
 class _RunState:
-    """Where the run is: phase, last completed round, pooled scale factor, DP accountant."""
+    """Where the run is: phase, last completed round, pooled latent normalisation, DP
+    accountant."""
 
     def __init__(self, run_dir: Path) -> None:
         self.path = run_dir / "fed_state.json"
         self.phase, self.round = PHASES[0], 0
-        self.scale_factor: float | None = None
+        self.latent_norm: LatentNorm | None = None
         self.accountant: dict[str, Any] | None = None
         # optimiser steps in the server EMA (its warm-up); None: a fine-tuned, trained EMA
         self.ema_steps: int | None = 0
@@ -141,7 +143,10 @@ class _RunState:
     def load(self) -> None:
         data = read_json(self.path)
         self.phase, self.round = data["phase"], int(data["round"])
-        self.scale_factor = data.get("scale_factor")
+        if data.get("latent_norm") is not None:
+            self.latent_norm = LatentNorm.from_json(data["latent_norm"])
+        elif data.get("scale_factor") is not None:  # a run from before per-channel norms
+            self.latent_norm = LatentNorm(scale=(float(data["scale_factor"]),))
         self.accountant = data.get("accountant")
         self.ema_steps = data.get("ema_steps")  # absent: a run from before the warm-up
 
@@ -151,7 +156,7 @@ class _RunState:
             {
                 "phase": self.phase,
                 "round": self.round,
-                "scale_factor": self.scale_factor,
+                "latent_norm": None if self.latent_norm is None else self.latent_norm.to_json(),
                 "accountant": self.accountant,
                 "ema_steps": self.ema_steps,
             },
@@ -246,8 +251,18 @@ class _Driver:
                 except CheckpointError as exc:
                     raise FederatedError(str(exc)) from None
                 state.ema_steps = None  # continue its trained EMA: no warm-up
-                if config.federated.ae_rounds == 0:  # frozen autoencoder: keep its scale factor
-                    state.scale_factor = gen.scale_factor
+                if gen.latent_norm.mode != config.diffusion.latent_norm:
+                    # adopted with a fresh UNet (its own learnt another latent space): the EMA
+                    # warms up from zero and the latents are normalised anew
+                    state.ema_steps = 0
+                    logger.info(
+                        "%s: %s latent normalisation, the config asks for %s: fresh UNet",
+                        self.job.initial,
+                        gen.latent_norm.mode,
+                        config.diffusion.latent_norm,
+                    )
+                elif config.federated.ae_rounds == 0:  # frozen autoencoder: keep its latents
+                    state.latent_norm = gen.latent_norm
             else:
                 gen = build_generator(config, seed=config.seed)
         if state.phase == "autoencoder":
@@ -255,7 +270,7 @@ class _Driver:
                 return gen
             state.phase, state.round = "decoder", 0
             if config.federated.ae_rounds > 0:
-                state.scale_factor = None  # the autoencoder changed: pool a new scale factor
+                state.latent_norm = None  # the autoencoder changed: pool a new normalisation
             self._commit(gen)
         if state.phase == "decoder":
             if not self._rounds(gen, "decoder", config.federated.decoder_rounds):
@@ -263,10 +278,10 @@ class _Driver:
             state.phase, state.round = "diffusion", 0
             self._commit(gen)
         if state.phase == "diffusion":
-            if state.scale_factor is None:
-                gen.scale_factor = state.scale_factor = self._pool_scale_factor(gen)
+            if state.latent_norm is None:
+                gen.latent_norm = state.latent_norm = self._pool_latent_norm(gen)
                 self._commit(gen)
-            gen.scale_factor = state.scale_factor
+            gen.latent_norm = state.latent_norm
             if not self._rounds(gen, "diffusion", config.federated.diffusion_rounds):
                 return gen
             state.phase = "done"  # round stays: a resume with more rounds extends the run
@@ -357,7 +372,7 @@ class _Driver:
         if phase in ("decoder", "diffusion"):  # sites encode their cases with this encoder
             cfg = self._with_frozen_autoencoder(cfg, gen)
         if phase == "diffusion":
-            cfg["scale-factor"] = float(gen.scale_factor)
+            cfg["latent-norm"] = json.dumps(gen.latent_norm.to_json())
         arrays = ArrayRecord(_state_of(model))
         messages = list(strategy.configure_train(server_round, arrays, cfg, self.grid))
         down_bytes = sum(
@@ -441,8 +456,9 @@ class _Driver:
             "bytes_up": sum(s["bytes_up"] for s in sites),
         }
 
-    def _pool_scale_factor(self, gen: Generator) -> float:
-        """1/std of all sites' latents, pooled exactly from per-site count, sum, sum of squares."""
+    def _pool_latent_norm(self, gen: Generator) -> LatentNorm:
+        """The UNet's latent normalisation (the config's kind) over all sites' latents, pooled
+        exactly from each site's per-channel count, sum and sum of squares."""
         config = self.config
         nodes = wait_for_sites(self.grid, config)
         cfg = self._with_frozen_autoencoder(self._base_config("scale"), gen)
@@ -461,21 +477,24 @@ class _Driver:
         if len(ok) < config.federated.min_sites:
             reasons = [r.error.reason for r in replies if r.has_error()]
             raise FederatedError(
-                f"scale factor: {len(ok)} site(s) replied, need {config.federated.min_sites}; "
+                f"latent normalisation: {len(ok)} site(s) replied, need {config.federated.min_sites}; "
                 f"errors: {reasons}"
             )
         moments, per_site = [], {}
         for r in ok:
             m = next(iter(r.content.metric_records.values()))
-            moments.append({k: float(m[k]) for k in ("count", "sum", "sumsq")})
+            moments.append({k: [float(v) for v in m[k]] for k in ("count", "sum", "sumsq")})
             per_site[_site_name(config, r)] = int(m["num-examples"])
-        scale = pooled_scale_factor(moments)
+        try:
+            norm = pooled_latent_norm(moments, config.diffusion.latent_norm)
+        except ValueError as exc:
+            raise FederatedError(str(exc)) from None
         append_jsonl(
             self.rounds_log,
-            {"phase": "scale", "round": 0, "scale_factor": scale, "cases": per_site},
+            {"phase": "scale", "round": 0, "latent_norm": norm.to_json(), "cases": per_site},
         )
-        logger.info("pooled latent scale factor %.4f from %d sites", scale, len(ok))
-        return scale
+        logger.info("pooled %s latent normalisation from %d sites", norm.mode, len(ok))
+        return norm
 
 
 # Tables with one row per site (decoder style, UNet site embeddings): only the site that owns

@@ -28,6 +28,7 @@ from synthct.config import SynthctConfig, TrainConfig, config_from_dict
 from synthct.data.dataset import CaseSet, load_cases
 from synthct.fed.errors import SiteError
 from synthct.models.autoencoder import build_autoencoder, build_discriminator
+from synthct.models.latent_norm import LatentNorm
 from synthct.models.schedulers import training_scheduler
 from synthct.models.unet import build_unet, conditioning_for
 from synthct.training import (
@@ -58,8 +59,6 @@ __all__ = [
     "train_decoder_round",
     "train_diffusion_round",
     "site_latents",
-    "latent_moments",
-    "pooled_scale_factor",
     "write_audit",
     "OptimizerStateStore",
 ]
@@ -366,22 +365,6 @@ def site_latents(
     return _LATENT_CACHE[key]
 
 
-def latent_moments(latents: torch.Tensor) -> dict[str, float]:
-    """Count, sum and sum of squares: the server pools them into one exact std."""
-    z = latents.double()
-    return {"count": float(z.numel()), "sum": float(z.sum()), "sumsq": float((z * z).sum())}
-
-
-def pooled_scale_factor(moments: list[dict[str, float]]) -> float:
-    """``1 / std`` of all sites' latents together, exactly, from their moments."""
-    count = sum(m["count"] for m in moments)
-    if count < 2:
-        raise SiteError("scale factor: fewer than two latent values reported")
-    mean = sum(m["sum"] for m in moments) / count
-    var = (sum(m["sumsq"] for m in moments) / count - mean * mean) * count / (count - 1)
-    return float(1.0 / max(max(var, 0.0) ** 0.5, 1e-6))
-
-
 def train_diffusion_round(
     config: SynthctConfig,
     weights: dict[str, torch.Tensor],
@@ -389,12 +372,13 @@ def train_diffusion_round(
     cases: CaseSet,
     run: LocalRun,
     *,
-    scale_factor: float,
+    latent_norm: LatentNorm,
 ) -> RoundResult:
-    """``run.steps`` latent-diffusion steps from the global UNet on this site's scaled latents."""
+    """``run.steps`` latent-diffusion steps from the global UNet on this site's latents in the
+    pooled normalisation (:mod:`synthct.models.latent_norm`)."""
     unet = build_phase_model(config, "diffusion")
     scheduler = training_scheduler(config.diffusion)
-    z0 = (latents * scale_factor).to(run.device)
+    z0 = latent_norm.apply(latents).to(run.device)
     conditioning = conditioning_for(config)
     sites = conditioning.site_indices(cases.sites)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from synthct.config import SynthctConfig, config_from_dict
 from synthct.errors import SynthctError
 from synthct.models.autoencoder import build_autoencoder, build_discriminator
 from synthct.models.conditioning import Conditioning
+from synthct.models.latent_norm import LatentNorm
 from synthct.models.unet import build_unet, conditioning_for
 
 __all__ = [
@@ -59,7 +60,7 @@ class Generator:
     autoencoder: nn.Module
     unet: nn.Module
     ema: nn.Module
-    scale_factor: float = 1.0
+    latent_norm: LatentNorm = field(default_factory=LatentNorm)
     discriminator: nn.Module | None = None
 
     @property
@@ -140,9 +141,18 @@ def _class_only_to_factorized(state: dict[str, torch.Tensor]) -> dict[str, torch
 def adopt_generator(gen: Generator, config: SynthctConfig, *, what: str = "generator") -> Generator:
     """``gen``'s trained weights under ``config``, which may add site awareness ``gen``
     lacks (a site style in the decoder, a site table in the UNet): new site rows start at zero,
-    so the adopted generator samples exactly as ``gen`` until it trains on. Anything else that
-    differs (or site awareness taken away) is a :class:`CheckpointError` naming ``what``."""
-    old = gen.config
+    so the adopted generator samples exactly as ``gen`` until it trains on. A config with the
+    other latent normalisation keeps the autoencoder and starts the UNet afresh (the old one
+    learnt another latent space). Anything else that differs (or site awareness taken away) is
+    a :class:`CheckpointError` naming ``what``."""
+    renormed = gen.latent_norm.mode != config.diffusion.latent_norm
+    old = gen.config.model_copy(
+        update={
+            "diffusion": gen.config.diffusion.model_copy(
+                update={"latent_norm": config.diffusion.latent_norm}
+            )
+        }
+    )
     lost = [
         name
         for name, had, has in (
@@ -165,12 +175,12 @@ def adopt_generator(gen: Generator, config: SynthctConfig, *, what: str = "gener
         raise CheckpointError(
             f"{what}: cannot fine-tune this generator under the run's config: {mismatch}"
         )
-    new = build_generator(config)
+    new = build_generator(config, seed=config.seed if renormed else None)
     state = gen.autoencoder.state_dict()
     missing, unexpected = new.autoencoder.load_state_dict(state, strict=False)
     if unexpected or any(not k.startswith("site_style.") for k in missing):
         raise CheckpointError(f"{what}: autoencoder tensors do not fit ({missing}, {unexpected})")
-    for name in ("unet", "ema"):
+    for name in () if renormed else ("unet", "ema"):
         state = getattr(gen, name).state_dict()
         if added_sites:
             state = _class_only_to_factorized(state)
@@ -183,7 +193,7 @@ def adopt_generator(gen: Generator, config: SynthctConfig, *, what: str = "gener
                 getattr(new, name).class_embedding.sites.weight.zero_()
     if gen.discriminator is not None and new.discriminator is not None:
         new.discriminator.load_state_dict(gen.discriminator.state_dict())
-    new.scale_factor = gen.scale_factor
+    new.latent_norm = gen.latent_norm
     new.ema.eval().requires_grad_(False)
     return new
 
@@ -242,7 +252,7 @@ def save_generator(
         "config": gen.config.model_dump(mode="json"),
         "vocabulary": gen.config.labels.classes,
         "vocabulary_hash": gen.config.labels.vocabulary_hash,
-        "scale_factor": gen.scale_factor,
+        "latent_norm": gen.latent_norm.to_json(),
         "latent_shape": list(gen.config.latent_shape),
         "files": files,
         **(extra or {}),
@@ -285,7 +295,14 @@ def load_generator(directory: str | Path, device: torch.device | str = "cpu") ->
         _load_state(getattr(gen, name), state, path)
     if "unet" not in files:
         gen.unet.load_state_dict(gen.ema.state_dict())
-    gen.scale_factor = float(meta["scale_factor"])
+    try:
+        gen.latent_norm = (
+            LatentNorm.from_json(meta["latent_norm"])
+            if "latent_norm" in meta
+            else LatentNorm(scale=(float(meta["scale_factor"]),))  # saved before per-channel
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{meta_path}: unreadable latent normalisation ({exc})") from None
     gen.ema.eval().requires_grad_(False)
     return gen.to(device)
 

@@ -343,6 +343,11 @@ class DiffusionConfig(_Strict):
         "the null site, used for site-agnostic cases and sites the generator never saw",
     )
     ema_decay: float = Field(default=0.999, ge=0, lt=1)
+    latent_norm: Literal["global", "per_channel"] = Field(
+        default="global",
+        description="the UNet's latent space: one 1/std (LDM) or each channel's mean and "
+        "1/std (EDM2); see synthct.models.latent_norm",
+    )
 
 
 SamplerName = Literal["dpmpp", "dpmpp_sde", "euler_a", "unipc", "ddim", "ddpm"]

@@ -4,7 +4,7 @@
     for t in scheduler.timesteps:
         out = uncond + g * (cond - uncond)      # both branches in one doubled batch
         z = scheduler.step(out, t, z).prev_sample
-    x = decode(z / scale_factor)                 # -> HU
+    x = decode(undo_norm(z))                     # -> HU
 
 Guidance ``g = 1`` runs the conditional branch only; ``g = 0`` the unconditional one.
 """
@@ -126,7 +126,7 @@ def decode_latents(
     latent windows (MONAI sliding window) so memory stays bounded for large volumes.
     ``sites``: the site each volume is for, rendered in that site's style by a site-styled
     decoder (None or ``pooled``: the null, average style; ignored by a plain decoder)."""
-    return _decode(gen, z / gen.scale_factor, patch=patch, sites=sites)
+    return _decode(gen, gen.latent_norm.undo(z), patch=patch, sites=sites)
 
 
 def _decode(

@@ -30,6 +30,7 @@ from synthct.checkpoint import (
 )
 from synthct.config import SynthctConfig
 from synthct.data.dataset import CaseSet, load_cases
+from synthct.models.latent_norm import fit_latent_norm
 from synthct.models.schedulers import training_scheduler
 from synthct.training import (
     EMA,
@@ -40,7 +41,6 @@ from synthct.training import (
     detail_range,
     diffusion_step,
     encode_latents,
-    latent_scale_factor,
     resolve_device,
 )
 
@@ -298,11 +298,11 @@ def train_central(
             bookkeeping=bookkeeping,
         )
         state.phase, state.step = "diffusion", 0
-        gen.scale_factor = latent_scale_factor(raw_latents)
+        gen.latent_norm = fit_latent_norm(raw_latents, config.diffusion.latent_norm)
         state.save(gen, optimizers, generator, run)
 
     scheduler = training_scheduler(config.diffusion)
-    latents = raw_latents * gen.scale_factor
+    latents = gen.latent_norm.apply(raw_latents)
     conditioning = gen.conditioning
     sites = conditioning.site_indices(train.sites)
     # the EMA has averaged state.step steps so far (its warm-up resumes where it stopped)

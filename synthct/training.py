@@ -32,7 +32,6 @@ __all__ = [
     "LatentDecoder",
     "decoder_step",
     "encode_latents",
-    "latent_scale_factor",
     "diffusion_loss",
     "denoising_target",
     "diffusion_step",
@@ -313,11 +312,6 @@ def encode_latents(ae: nn.Module, x: torch.Tensor, batch_size: int = 16) -> torc
     """Posterior means of the autoencoder: N×1×X×Y×Z -> N×C×x×y×z (no sampling noise)."""
     ae.eval()
     return torch.cat([ae.encode(x[i : i + batch_size])[0] for i in range(0, len(x), batch_size)])
-
-
-def latent_scale_factor(latents: torch.Tensor) -> float:
-    """``1 / std(z)`` so that scaled latents have unit variance, as in LDM."""
-    return float(1.0 / latents.float().std().clamp_min(1e-6))
 
 
 def diffusion_loss(

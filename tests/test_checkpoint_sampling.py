@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from synthct.checkpoint import CheckpointError, build_generator, load_generator, save_generator
+from synthct.models.latent_norm import LatentNorm
 from synthct.sampling import labels_to_indices, sample_volumes
 
 
@@ -15,7 +16,7 @@ def saved(tmp_path, smoke_config):
     with torch.no_grad():  # make EMA differ from the raw UNet so the round trip is meaningful
         for p in gen.ema.parameters():
             p.add_(0.01)
-    gen.scale_factor = 1.7
+    gen.latent_norm = LatentNorm((0.1, -0.2), (1.7, 0.6))
     save_generator(gen, tmp_path / "generator")
     return gen, tmp_path / "generator"
 
@@ -28,7 +29,7 @@ def _sample(gen, **kw):
 def test_round_trip_reproduces_outputs(saved):
     gen, path = saved
     loaded = load_generator(path)
-    assert loaded.scale_factor == pytest.approx(1.7)
+    assert loaded.latent_norm == gen.latent_norm
     a, b = _sample(gen), _sample(loaded)
     assert a.shape == (3, 1, *gen.config.data.shape)
     assert torch.equal(a, b)

@@ -121,7 +121,7 @@ def train_plugin(
         p.requires_grad_(True)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr)
     ae = copy.deepcopy(gen.autoencoder).to(device).eval()
-    z0 = encode_latents(ae, cases.images.to(device)) * gen.scale_factor
+    z0 = gen.latent_norm.apply(encode_latents(ae, cases.images.to(device)))
     del ae
     scheduler = training_scheduler(gen.config.diffusion)
     sampler = BalancedSampler(cases.labels, balanced=True, generator=generator)

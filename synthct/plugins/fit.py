@@ -93,7 +93,7 @@ def validation_draws(
     generator = torch.Generator().manual_seed(seed)
     scheduler = training_scheduler(gen.config.diffusion)
     with torch.no_grad():
-        z0 = encode_latents(gen.autoencoder.eval(), cases.images) * gen.scale_factor
+        z0 = gen.latent_norm.apply(encode_latents(gen.autoencoder.eval(), cases.images))
     z0 = z0.repeat_interleave(draws_per_case, dim=0)
     labels = cases.labels.repeat_interleave(draws_per_case)
     noise = torch.randn(z0.shape, generator=generator)

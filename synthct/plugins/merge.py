@@ -68,7 +68,7 @@ def fuse(gen: Generator, plugins: list[Plugin], weights: list[float] | None = No
         autoencoder=gen.autoencoder,
         unet=copy.deepcopy(gen.ema),
         ema=copy.deepcopy(gen.ema),
-        scale_factor=gen.scale_factor,
+        latent_norm=gen.latent_norm,
     )
     fused.unet.load_state_dict(state)
     fused.ema.load_state_dict(state)

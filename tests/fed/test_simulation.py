@@ -21,6 +21,7 @@ from synthct.checkpoint import build_generator, load_generator
 from synthct.data.dataset import load_cases
 from synthct.fed.errors import FederatedError
 from synthct.fed.simulation import AbortableGrid, train_federated
+from synthct.models.latent_norm import fit_latent_norm
 from synthct.training import ema_decay_at, encode_latents
 
 pytestmark = pytest.mark.slow
@@ -80,7 +81,7 @@ def test_rounds_are_logged_with_sites_bytes_and_audit(fed_run, smoke_config, smo
     counts = _train_counts(smoke_sites)
     for r in rounds:
         if r["phase"] == "scale":
-            assert r["cases"] == dict(counts) and r["scale_factor"] > 0
+            assert r["cases"] == dict(counts) and min(r["latent_norm"]["scale"]) > 0
             continue
         assert r["replies"] == r["sent"] == 3 and r["failures"] == [] and r["aggregated"]
         assert {s["site"]: s["cases"] for s in r["sites"]} == dict(counts)
@@ -113,7 +114,7 @@ def test_aggregate_is_the_case_weighted_mean(fed_run):
         assert torch.allclose(v.double(), expected_unet[k], atol=1e-6), k
 
 
-def test_server_ema_and_pooled_scale_factor(fed_run, smoke_config, smoke_sites):
+def test_server_ema_and_pooled_latent_norm(fed_run, smoke_config, smoke_sites):
     run, gen = fed_run
     by_key = {(r["phase"], r["round"]): r for r in _rounds(run)}
     # warm-up: round 1 (steps 1..k) starts with a copy, round 2 multiplies steps k+1..2k
@@ -126,12 +127,14 @@ def test_server_ema_and_pooled_scale_factor(fed_run, smoke_config, smoke_sites):
             continue
         expected = d2 * w1[k] + (1 - d2) * w2[k]
         assert torch.allclose(v.double(), expected, atol=1e-5), k
-    # the scale factor pooled from site moments equals the one computed on pooled latents
+    # the normalisation pooled from site moments equals the one computed on pooled latents
     train = load_cases(smoke_sites, smoke_config, splits=("train",))
     z = encode_latents(gen.autoencoder, train.images)
-    assert gen.scale_factor == pytest.approx(1.0 / float(z.double().std()), rel=1e-4)
-    saved = load_generator(run / "generator")
-    assert saved.scale_factor == pytest.approx(gen.scale_factor)
+    expected = fit_latent_norm(z, smoke_config.diffusion.latent_norm)
+    assert gen.latent_norm.mode == smoke_config.diffusion.latent_norm
+    assert gen.latent_norm.scale == pytest.approx(expected.scale, rel=1e-4)
+    assert gen.latent_norm.shift == pytest.approx(expected.shift, rel=1e-4, abs=1e-6)
+    assert load_generator(run / "generator").latent_norm == gen.latent_norm
 
 
 def test_fine_tuning_continues_the_trained_ema(tmp_path, fed_run, smoke_config, smoke_sites):
@@ -157,6 +160,34 @@ def test_fine_tuning_continues_the_trained_ema(tmp_path, fed_run, smoke_config, 
             assert torch.allclose(v.double(), expected, atol=1e-5), k
     state = json.loads((tmp_path / "tune" / "fed_state.json").read_text())
     assert state["ema_steps"] is None
+
+
+def test_another_latent_normalisation_restarts_the_unet(
+    tmp_path, fed_run, smoke_config, smoke_sites
+):
+    # a generator continued under the other latent normalisation: its autoencoder is kept,
+    # the latents are normalised anew from the sites' moments and the UNet (learnt in the old
+    # latent space) starts afresh with the EMA warm-up
+    run, trained = fed_run
+    other = "per_channel" if trained.latent_norm.mode == "global" else "global"
+    config = smoke_config.model_copy(
+        update={
+            "federated": smoke_config.federated.finetune_schedule().model_copy(
+                update={"diffusion_rounds": 1}
+            ),
+            "diffusion": smoke_config.diffusion.model_copy(update={"latent_norm": other}),
+        }
+    )
+    tuned = train_federated(config, smoke_sites, tmp_path / "renorm", initial=run / "generator")
+    assert tuned.latent_norm.mode == other
+    train = load_cases(smoke_sites, smoke_config, splits=("train",))
+    expected = fit_latent_norm(encode_latents(trained.autoencoder, train.images), other)
+    assert tuned.latent_norm.scale == pytest.approx(expected.scale, rel=1e-4)
+    for k, v in tuned.autoencoder.state_dict().items():
+        assert torch.equal(v, trained.autoencoder.state_dict()[k]), k
+    state = json.loads((tmp_path / "renorm" / "fed_state.json").read_text())
+    assert state["ema_steps"] == config.federated.local_steps_diffusion  # warm-up from zero
+    assert state["latent_norm"]["scale"] == pytest.approx(list(expected.scale), rel=1e-4)
 
 
 def test_a_trained_generator_learns_site_style_adversarially(
@@ -205,8 +236,9 @@ def test_resumed_run_equals_uninterrupted(tmp_path, fed_run, smoke_config, smoke
     part = tmp_path / "part"
     train_federated(smoke_config, smoke_sites, part, max_rounds=3)
     state = json.loads((part / "fed_state.json").read_text())
-    # autoencoder and decoder rounds done and the scale factor pooled; no diffusion round yet
-    assert (state["phase"], state["round"]) == ("diffusion", 0) and state["scale_factor"] > 0
+    # autoencoder and decoder rounds done and the latent normalisation pooled; no diffusion yet
+    assert (state["phase"], state["round"]) == ("diffusion", 0)
+    assert min(state["latent_norm"]["scale"]) > 0
     resumed = train_federated(smoke_config, smoke_sites, part, resume=True)
     for name in ("autoencoder", "unet", "ema"):
         a, b = getattr(full, name).state_dict(), getattr(resumed, name).state_dict()

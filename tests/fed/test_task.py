@@ -13,16 +13,15 @@ from synthct.fed.task import (
     OptimizerStateStore,
     SiteError,
     build_phase_model,
-    latent_moments,
     load_site_cases,
     payload_digest,
-    pooled_scale_factor,
     round_seed,
     tensors_from_bytes,
     tensors_to_bytes,
     train_autoencoder_round,
     write_audit,
 )
+from synthct.models.latent_norm import latent_moments, pooled_latent_norm
 
 
 def _manifest_with_foreign_rows_broken(src, dst, keep_site: str) -> None:
@@ -125,12 +124,23 @@ def test_audit_record_matches_payload(tmp_path):
     assert payload_digest(kept)[1] == digest
 
 
-def test_latent_moments_pool_to_the_global_std():
+def test_latent_moments_pool_exactly_globally_and_per_channel():
     g = torch.Generator().manual_seed(0)
     parts = [torch.randn(5, 2, 4, 4, 4, generator=g) * s + m for s, m in ((1, 0), (2, 1), (3, -1))]
+    parts = [p * torch.tensor([1.0, 10.0]).view(1, 2, 1, 1, 1) for p in parts]  # uneven channels
     moments = [latent_moments(p) for p in parts]
-    expected = 1.0 / float(torch.cat(parts).double().std())
-    assert pooled_scale_factor(moments) == pytest.approx(expected, rel=1e-9)
+    pooled = torch.cat(parts).double()
+    one = pooled_latent_norm(moments, "global")
+    assert one.shift == (0.0,) and one.scale[0] == pytest.approx(1.0 / float(pooled.std()))
+    each = pooled_latent_norm(moments, "per_channel")
+    channels = pooled.transpose(0, 1).reshape(2, -1)
+    assert each.shift == pytest.approx(channels.mean(1).tolist(), rel=1e-9)
+    assert each.scale == pytest.approx((1.0 / channels.std(1)).tolist(), rel=1e-9)
+    normalised = each.apply(pooled).transpose(0, 1).reshape(2, -1)
+    assert normalised.mean(1).abs().max() < 1e-9 and (normalised.std(1) - 1).abs().max() < 1e-9
+    assert torch.allclose(each.undo(each.apply(pooled)), pooled)
+    with pytest.raises(ValueError, match="fewer than two"):
+        pooled_latent_norm([{"count": [1.0], "sum": [0.0], "sumsq": [0.0]}], "global")
 
 
 def test_site_optimizer_state_carries_over_rounds(tmp_path, smoke_config, smoke_sites):
