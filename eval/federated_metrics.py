@@ -51,6 +51,7 @@ __all__ = [
     "SiteData",
     "CohortSide",
     "Plan",
+    "withhold_small_classes",
     "site_summary",
     "combine_summary",
     "cohort_request",
@@ -86,6 +87,36 @@ class CohortSide:
     features: FeatureSet
     match: MatchSet
     pred: np.ndarray
+
+
+def withhold_small_classes(
+    site: SiteData, num_classes: int, min_cases: int
+) -> tuple[SiteData, np.ndarray]:
+    """The site's data without every class it holds fewer than ``min_cases`` cases of
+    (``train`` and ``holdout`` together, at least one): statistics of a class that small
+    describe a handful of patients, so the site sends none for it and the gate reports the
+    class as not evaluated there. Returns the data that may be used and the K withheld flags."""
+    counts = np.bincount(site.train.labels, minlength=num_classes) + np.bincount(
+        site.holdout.labels, minlength=num_classes
+    )
+    withheld = (counts > 0) & (counts < min_cases)
+    if not withheld.any():
+        return site, withheld.astype(np.int64)
+    keep_train = np.flatnonzero(~withheld[site.train.labels])
+    keep_holdout = np.flatnonzero(~withheld[site.holdout.labels])
+    if not len(keep_train) or not len(keep_holdout):
+        raise ValueError(
+            f"every train or holdout case here is in a class with fewer than {min_cases} "
+            "cases: nothing can be sent without describing a handful of patients"
+        )
+    kept = SiteData(
+        train=site.train.subset(keep_train),
+        holdout=site.holdout.subset(keep_holdout),
+        train_match=site.train_match.subset(keep_train),
+        holdout_match=site.holdout_match.subset(keep_holdout),
+        holdout_pred=site.holdout_pred[keep_holdout],
+    )
+    return kept, withheld.astype(np.int64)
 
 
 # --- round 1 -------------------------------------------------------------------------------

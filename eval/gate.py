@@ -50,6 +50,7 @@ __all__ = [
     "hash_cohort",
     "write_gate",
     "gate_table",
+    "not_evaluated_note",
     "judge",
     "verify_gate",
     "drop_flagged",
@@ -479,6 +480,17 @@ def gate_table(report: dict[str, Any]):
         result = {True: "pass", False: "FAIL", None: "-"}[r["passed"]]
         table.add_row(r["rule"], value, f"{sign} {r['threshold']:.4g}", ci, result)
     return table
+
+
+def not_evaluated_note(report: dict[str, Any]) -> str | None:
+    """A federated gate's classes that sites held too few cases of to send statistics on."""
+    held = report.get("real", {}).get("not_evaluated") or {}
+    if not held:
+        return None
+    k = report["real"].get("min_class_cases")
+    return f"not evaluated (fewer than {k} cases at the site): " + "; ".join(
+        f"{site}: {', '.join(names)}" for site, names in held.items()
+    )
 
 
 def write_gate(

@@ -40,6 +40,7 @@ from synthct.eval.federated_metrics import (
     combine_summary,
     site_evidence,
     site_summary,
+    withhold_small_classes,
 )
 from synthct.eval.gate import DEFAULT_RULES, GateError, RuleSpec, gate_report, hash_cohort
 from synthct.eval.privacy import prepare_for_matching
@@ -116,9 +117,13 @@ def query(msg: Message, context: Context) -> Message:
     config, cfg, site = prepare_site(msg, context)
     step = str(cfg["gate-step"])
     try:
-        data = _site_data(config, site.manifest, site.name, cfg)
+        data, withheld = withhold_small_classes(
+            _site_data(config, site.manifest, site.name, cfg),
+            len(config.labels.classes),
+            config.federated.min_class_cases,
+        )
         if step == "summary":
-            arrays = site_summary(data, len(config.labels.classes))
+            arrays = {**site_summary(data, len(config.labels.classes)), "withheld": withheld}
         elif step == "evidence":
             request = _from_record(msg.content["arrays"])
             images = torch.from_numpy(request.pop("cohort_images")).float()
@@ -214,6 +219,14 @@ def _judge(
         }
     )
     summaries = _ask(grid, nodes, config, base, "summary")
+    classes = list(config.labels.classes)
+    not_evaluated = {
+        name: [classes[c] for c in np.flatnonzero(arrays.pop("withheld"))]
+        for name, arrays in summaries
+    }
+    not_evaluated = {name: held for name, held in not_evaluated.items() if held}
+    if not_evaluated:
+        logger.info("federated gate: classes not evaluated (too few cases) %s", not_evaluated)
     plan = combine_summary([arrays for _, arrays in summaries])
     logger.info("federated gate: %d sites summarised", len(summaries))
     request = cohort_request(plan, side, seed)
@@ -224,7 +237,7 @@ def _judge(
         [name for name, _ in evidence],
         plan,
         side,
-        classes=list(config.labels.classes),
+        classes=classes,
         requested=cohort.labels.numpy(),
         bootstrap=bootstrap,
         seed=seed,
@@ -234,6 +247,9 @@ def _judge(
         "sites": [name for name, _ in evidence],
         "train_cases": int(plan.count_train.sum()),
         "holdout_cases": int(plan.count_holdout.sum()),
+        # classes a site holds fewer than federated.min_class_cases of: it sent nothing on them
+        "min_class_cases": config.federated.min_class_cases,
+        "not_evaluated": not_evaluated,
     }
     return gate_report(
         metrics,

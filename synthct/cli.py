@@ -412,10 +412,13 @@ def gate_path(args: argparse.Namespace) -> Path:
 
 
 def _print_gate(report: dict) -> None:
-    from synthct.eval.gate import gate_table
+    from synthct.eval.gate import gate_table, not_evaluated_note
     from synthct.progress import console
 
     console.print(gate_table(report))
+    note = not_evaluated_note(report)
+    if note:
+        print(note)
     for flag in report["flags"][:10]:
         console.print(f"flagged {flag['path']}: {'; '.join(flag['reasons'])}")
     if len(report["flags"]) > 10:

@@ -440,6 +440,12 @@ class FederatedConfig(_Strict):
 
     strategy: Literal["fedavg", "fedprox"] = "fedavg"
     proximal_mu: float = Field(default=0.01, ge=0, description="FedProx mu")
+    min_class_cases: int = Field(
+        default=5,
+        ge=1,
+        description="federated gate: a site sends no statistics on a class it holds fewer "
+        "cases of (train + holdout); the gate reports the class as not evaluated there",
+    )
     ae_rounds: int = Field(default=20, ge=0)
     diffusion_rounds: int = Field(default=30, ge=0)
     local_steps_ae: int = Field(default=50, ge=0)

@@ -20,6 +20,7 @@ from synthct.eval.federated_metrics import (
     combine_summary,
     site_evidence,
     site_summary,
+    withhold_small_classes,
 )
 from synthct.eval.gate import DEFAULT_RULES, judge, load_real
 from synthct.eval.privacy import prepare_for_matching
@@ -93,11 +94,11 @@ def both_modes(demo_sites, demo_config, tmp_path_factory):
     federated, evidence = combine_evidence(
         replies, sites, plan, side, classes=classes, requested=requested, bootstrap=30
     )
-    return central, federated, evidence
+    return central, federated, evidence, dict(zip(sites, data, strict=True))
 
 
 def test_exact_metrics_equal_central(both_modes):
-    central, federated, _ = both_modes
+    central, federated, *_ = both_modes
     assert set(federated) == set(central)
     for name in EXACT:
         c, f = central[name], federated[name]
@@ -117,7 +118,7 @@ def test_exact_metrics_equal_central(both_modes):
 def test_site_local_metrics_keep_the_verdict(both_modes):
     """Ball radii, the copy threshold and real MS-SSIM use within-site neighbours only: the
     values move (PRDC most), the verdict on a fresh real cohort does not."""
-    central, federated, evidence = both_modes
+    central, federated, evidence, _ = both_modes
     assert all(r["passed"] is not False for r in judge(central, DEFAULT_RULES))
     assert all(r["passed"] is not False for r in judge(federated, DEFAULT_RULES))
     for name in ("msssim_excess", "dcr_share", "membership_auc"):
@@ -127,3 +128,33 @@ def test_site_local_metrics_keep_the_verdict(both_modes):
     for name in ("precision", "density", "recall", "coverage"):
         assert "site-local" in federated[name].detail["federated"]
     assert not evidence["near_copy"].any()
+
+
+def test_a_site_withholds_classes_it_holds_fewer_than_k_cases_of(both_modes, demo_config):
+    """site_c holds 3 consolidation cases: with k = 5 it sends nothing on them (its counts,
+    sums and match sets lose the class), every other class is kept as it was; k = 1 changes
+    nothing; a site left with no cases of a split refuses."""
+    *_, data = both_modes
+    k = demo_config.labels.num_classes
+    rare = demo_config.labels.index("consolidation")
+    site = data["site_c"]
+    held = int((site.train.labels == rare).sum() + (site.holdout.labels == rare).sum())
+    assert 0 < held < 5
+    kept, withheld = withhold_small_classes(site, k, 5)
+    assert withheld.tolist() == [int(c == rare) for c in range(k)]
+    summary = site_summary(kept, k)
+    assert summary["count_train"][rare] == summary["count_holdout"][rare] == 0
+    full = site_summary(site, k)
+    for c in range(k):
+        if c != rare:
+            assert summary["count_train"][c] == full["count_train"][c]
+    assert (
+        len(kept.train_match.band)
+        == len(kept.train.labels)
+        == len(site.train.labels) - int((site.train.labels == rare).sum())
+    )
+    assert len(kept.holdout_pred) == len(kept.holdout.labels)
+    same, none = withhold_small_classes(site, k, 1)
+    assert same is site and not none.any()
+    with pytest.raises(ValueError, match="fewer than 1000 cases"):
+        withhold_small_classes(site, k, 1000)

@@ -59,10 +59,12 @@ def cohorts(tmp_path_factory, demo_config, demo_sites):
 def test_federated_verdicts_agree_with_central(cohorts, demo_config, demo_sites, tmp_path):
     manifests, real, reference = cohorts
     names = list(manifests)
+    # every class evaluated at every site (the small-class guard off): exact equality holds
+    fed = demo_config.federated.model_copy(update={"min_class_cases": 1})
     reports = run_gate_federated(
         [manifests[n] for n in names],
         demo_sites,
-        config=demo_config,
+        config=demo_config.model_copy(update={"federated": fed}),
         reference=reference,
         run_dir=tmp_path / "run",
         bootstrap=50,
@@ -82,7 +84,7 @@ def test_federated_verdicts_agree_with_central(cohorts, demo_config, demo_sites,
                 assert f is None, (name, metric)
                 continue
             assert f == pytest.approx(c, rel=1e-5, abs=1e-6), (name, metric)
-        assert fed["real"]["mode"] == "federated"
+        assert fed["real"]["mode"] == "federated" and fed["real"]["not_evaluated"] == {}
     copies = reports[names.index("near_copies")]
     assert copies["flags"] and all(
         "a train case at site_" in f["reasons"][0] for f in copies["flags"]
@@ -94,10 +96,19 @@ def test_federated_verdicts_agree_with_central(cohorts, demo_config, demo_sites,
         assert [r["phase"] for r in records] == ["gate-summary", "gate-evidence"] * len(names)
 
 
-def test_cli_federated_gate(cohorts, demo_sites, tmp_path):
+def test_cli_federated_gate(cohorts, demo_sites, tmp_path, capsys):
+    """With the default small-class guard (k = 5) site_c and site_d, which hold 3 consolidation
+    cases each, send nothing on that class; the gate names them and still passes a fresh cohort."""
     manifests, _, _ = cohorts
     out = tmp_path / "gate.json"
     args = ["gate", "--cohort", str(manifests["fresh"].parent), "--federated"]
     assert main([*args, "--out", str(tmp_path)]) == 2  # no --data: bad input
     assert main([*args, "--data", str(demo_sites), "--out", str(tmp_path)]) == 0
-    assert json.loads(out.read_text())["verdict"] == "pass"
+    report = json.loads(out.read_text())
+    assert report["verdict"] == "pass"
+    assert report["real"]["min_class_cases"] == 5
+    assert report["real"]["not_evaluated"] == {
+        "site_c": ["consolidation"],
+        "site_d": ["consolidation"],
+    }
+    assert "not evaluated (fewer than 5 cases at the site)" in capsys.readouterr().out
