@@ -339,8 +339,18 @@ def cmd_reference(args: argparse.Namespace) -> int:
 
 
 def cmd_gate(args: argparse.Namespace) -> int:
-    from synthct.artifacts import read_json
     from synthct.data.manifest import read_manifest
+
+    if args.device == "cuda":  # a device the run cannot have is refused first
+        _device(args, federated=args.federated)
+    cohort = Path(args.cohort)  # a mistake here is answered before the heavy imports
+    if not cohort.exists():
+        raise UsageError(f"--cohort {cohort}: no such cohort folder or manifest")
+    manifest = cohort / "manifest.csv" if cohort.is_dir() else cohort
+    read_manifest(manifest)  # a missing or unfinished cohort is refused before any work
+    out = gate_path(args)
+
+    from synthct.artifacts import read_json
     from synthct.eval.gate import (
         GateError,
         drop_flagged,
@@ -362,12 +372,6 @@ def cmd_gate(args: argparse.Namespace) -> int:
 
         reference = load_phantom_reference(config.labels.vocabulary_hash)
     reference.to(_device(args, federated=args.federated))  # federated: sites featurise
-    cohort = Path(args.cohort)
-    if not cohort.exists():
-        raise UsageError(f"--cohort {cohort}: no such cohort folder or manifest")
-    manifest = cohort / "manifest.csv" if cohort.is_dir() else cohort
-    read_manifest(manifest)  # a missing or unfinished cohort is refused before any work
-    out = gate_path(args)
     if args.federated:
         from synthct.fed.gate_app import run_gate_federated
 
