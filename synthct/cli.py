@@ -1163,6 +1163,26 @@ def _check_out(args: argparse.Namespace) -> None:
         raise UsageError(f"--out {out}: exists and is not a folder")
 
 
+def _check_inputs(args: argparse.Namespace) -> None:
+    """Input paths named on the command line exist and are of the right kind, checked before a
+    command imports torch, so a mistyped path is answered at once (with the message the
+    loaders give)."""
+    data = getattr(args, "data", None)
+    if data:
+        path = Path(data)
+        if path.is_dir():
+            raise UsageError(f"{path}: is a folder; give the manifest CSV inside it")
+        if not path.exists():
+            raise UsageError(f"{path}: manifest not found")
+    generator = getattr(args, "generator", None)
+    if generator and generator != "pretrained":
+        record = _generator_dir(generator) / "config.json"
+        if not record.is_file():
+            raise UsageError(f"{record}: no generator here (config.json missing)")
+    if args.func is cmd_plugin_list and not Path(args.registry).is_dir():
+        raise UsageError(f"{args.registry}: no plugin registry there (not a folder)")
+
+
 def main(argv: list[str] | None = None) -> int:
     from synthct.errors import SynthctError  # light: --help and argument errors stay fast
 
@@ -1172,6 +1192,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     try:
         _check_out(args)
+        _check_inputs(args)
         return int(args.func(args))
     except SynthctError as exc:
         if args.debug:

@@ -61,8 +61,9 @@ def test_namespaced_packages_only():
     assert importlib.util.find_spec("eval") is None
 
 
-def test_help_version_and_argument_errors_import_no_heavy_library():
-    """--help, --version and argument mistakes are answered before torch/MONAI/Flower load."""
+def test_help_version_and_argument_errors_import_no_heavy_library(tmp_path):
+    """--help, --version, argument mistakes and input paths that are not there are answered
+    before torch/MONAI/Flower load."""
     probe = (
         "import sys\n"
         "from synthct.cli import main\n"
@@ -71,10 +72,17 @@ def test_help_version_and_argument_errors_import_no_heavy_library():
         "        main(argv)\n"
         "    except SystemExit as exit:\n"
         "        assert exit.code in (0, 2), (argv, exit.code)\n"
+        "for line in ('downstream --data no.csv --out d', 'reference --data no.csv --out r',\n"
+        "             'generate --generator nowhere --data no.csv --out c', 'plugin list nowhere',\n"
+        "             'gate --cohort nowhere', 'plugin train --generator nowhere --site s "
+        "--data no.csv --out p'):\n"
+        "    assert main(line.split()) == 2, line\n"
         "heavy = sorted(m for m in ('torch', 'monai', 'flwr') if m in sys.modules)\n"
         "print('HEAVY', heavy)\n"
     )
-    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, cwd=tmp_path
+    )
     assert done.returncode == 0, done.stderr
     assert "HEAVY []" in done.stdout
     assert "invalid choice: 'FOO'" in done.stderr
@@ -96,7 +104,7 @@ MISTAKES = [
     ("--log-level foo demo", 2, "invalid choice: 'FOO'"),
     ("sample --label normal --out o", 2, "required: --generator"),
     ("gate --data m", 2, "required: --cohort"),
-    ("downstream --data m --out o --seeds 0,x", 2, "--seeds '0,x'"),
+    ("downstream --data {tmp}/a_file --out o --seeds 0,x", 2, "--seeds '0,x'"),
     # outputs of the wrong kind and missing inputs, refused before any work
     ("phantoms --out {tmp}/a_file", 2, "--out {tmp}/a_file: exists and is not a folder"),
     ("gate --cohort c --data m --out {tmp}/a_file", 2, "is not a folder"),
@@ -105,9 +113,23 @@ MISTAKES = [
     ("data check {tmp}/latin1.csv", 2, "not UTF-8 text"),
     ("reference --data {tmp}/missing.csv --out {tmp}/r", 2, "missing.csv: manifest not found"),
     ("downstream --data {tmp}/missing.csv --out {tmp}/d", 2, "missing.csv: manifest not found"),
-    ("gate --cohort {tmp}/unfinished --data m", 2, "2 of 5 planned cases written"),
-    ("gate --cohort {tmp}/nowhere --data m", 2, "--cohort {tmp}/nowhere: no such cohort"),
-    ("generate --generator {tmp}/a_folder --data m --out {tmp}/c", 2, "no generator here"),
+    ("gate --cohort {tmp}/unfinished --data {tmp}/a_file", 2, "2 of 5 planned cases written"),
+    (
+        "gate --cohort {tmp}/nowhere --data {tmp}/a_file",
+        2,
+        "--cohort {tmp}/nowhere: no such cohort",
+    ),
+    (
+        "generate --generator {tmp}/a_folder --data {tmp}/a_file --out {tmp}/c",
+        2,
+        "no generator here",
+    ),
+    ("generate --generator pretrained --data {tmp}/a_folder --out {tmp}/c", 2, "is a folder; give"),
+    (
+        "plugin train --generator {tmp}/nowhere --site s --data {tmp}/a_file --out {tmp}/p",
+        2,
+        "nowhere/generator/config.json: no generator here",
+    ),
     ("sample --generator pretrained --label tumour --out {tmp}/o", 2, "unknown class 'tumour'"),
     (
         "sample --generator pretrained --label nodule --site nowhere --out {tmp}/o",
@@ -115,14 +137,18 @@ MISTAKES = [
         "--site nowhere: this generator is not site-conditioned",
     ),
     ("sample --generator pretrained --label nodule --device cuda --out {tmp}/o", 2, "no CUDA"),
-    ("gate --cohort {tmp}/unfinished --data m --device cuda", 2, "no CUDA"),
-    ("gate --cohort {tmp}/unfinished --data m --federated --device cuda", 2, "on CPU"),
-    ("plugin train --generator g --site s --data d --out {tmp}/p --device cuda", 2, "no CUDA"),
+    ("gate --cohort {tmp}/unfinished --data {tmp}/a_file --device cuda", 2, "no CUDA"),
+    ("gate --cohort {tmp}/unfinished --data {tmp}/a_file --federated --device cuda", 2, "on CPU"),
+    (
+        "plugin train --generator pretrained --site s --data {tmp}/a_file --out {tmp}/p --device cuda",
+        2,
+        "no CUDA",
+    ),
     ("reference --data {tmp}/latin1.csv --out {tmp}/r --device cuda", 2, "no CUDA"),
     ("reference --data {tmp}/latin1.csv --out {tmp}/r --federated --device cuda", 2, "on CPU"),
-    ("downstream --data m --out {tmp}/d --device cuda", 2, "no CUDA"),
+    ("downstream --data {tmp}/a_file --out {tmp}/d --device cuda", 2, "no CUDA"),
     ("demo --out {tmp}/demo --device cuda", 2, "no CUDA"),
-    ("downstream --data m --out {tmp}/d --federated --device cuda", 2, "on CPU"),
+    ("downstream --data {tmp}/a_file --out {tmp}/d --federated --device cuda", 2, "on CPU"),
     ("config validate nosuch", 2, "nosuch: config file not found"),
     ("config show --set train.batch_size=0", 2, "train.batch_size = 0"),
     ("phantoms --config smoke --set data.nope=1 --out {tmp}/p", 2, "data.nope = 1: unknown key"),
