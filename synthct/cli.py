@@ -587,6 +587,21 @@ def _log_site(log: Path) -> str:
     return log.parent.name
 
 
+def cmd_export_bundle(args: argparse.Namespace) -> int:
+    from synthct.bundle import export_bundle
+
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UsageError(f"--out {out}: exists and is not an empty folder")
+    export_bundle(_generator_dir(args.generator), out)
+    print(
+        f"bundle: {out}; sample with python -m monai.bundle run --config_file "
+        f"{out}/configs/inference.json --meta_file {out}/configs/metadata.json "
+        f"--bundle_root {out} --labels \"['CLASS']\""
+    )
+    return EXIT_OK
+
+
 def cmd_keys(args: argparse.Namespace) -> int:
     from synthct.signing import make_signing_key
 
@@ -1062,6 +1077,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="the server's round log: every audit head a site reported must be in its log",
     )
     q.set_defaults(func=cmd_audit_verify)
+
+    p = _command(
+        sub,
+        "export-bundle",
+        "write a generator as a MONAI bundle (metadata, inference config, hashed weights)",
+        "synthct export-bundle --generator runs/gen --out bundles/gen",
+        required=("generator", "out"),
+    )
+    _generator_option(p)
+    p.add_argument("--out", help="new (or empty) folder for the bundle")
+    p.set_defaults(func=cmd_export_bundle)
 
     p = _command(
         sub,
