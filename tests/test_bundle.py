@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -93,3 +95,29 @@ def test_a_tampered_bundle_is_refused(bundle, tmp_path):
 def test_export_refuses_a_folder_in_use(bundle, capsys):
     assert main(["export-bundle", "--generator", "pretrained", "--out", str(bundle)]) == 2
     assert "is not an empty folder" in capsys.readouterr().err
+
+
+def test_the_monai_bundle_command_line_samples(bundle, tmp_path):
+    """The README's command: MONAI's own bundle CLI (python -m monai.bundle run)."""
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "monai.bundle",
+            "run",
+            "--config_file",
+            str(bundle / "configs" / "inference.json"),
+            "--meta_file",
+            str(bundle / "configs" / "metadata.json"),
+            "--bundle_root",
+            str(bundle),
+            "--output_dir",
+            str(tmp_path / "cli"),
+            "--labels",
+            "['ground_glass']",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert [p.name for p in (tmp_path / "cli").iterdir()] == ["ground_glass_seed0_0000.nii.gz"]
