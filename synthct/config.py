@@ -365,6 +365,11 @@ class SamplingConfig(_Strict):
         description="noise levels t/T where guidance applies; elsewhere the conditional "
         "prediction alone (Kynkaanniemi et al. 2024: guidance at high noise collapses variety)",
     )
+    site_guidance: bool = Field(
+        default=False,
+        description="site-conditioned UNets: guidance amplifies the site as well as the class "
+        "(the unconditional branch drops both); off, the site stays on in both branches",
+    )
     batch_size: int = Field(default=8, ge=1)
     decode_patch: int | None = Field(
         default=None, ge=4, description="latent patch size for sliding-window decoding"

@@ -81,17 +81,22 @@ def sample_latents(
     device: torch.device,
     sites: torch.Tensor | None = None,
     guidance_interval: tuple[float, float] = (0.0, 1.0),
+    site_guidance: bool = False,
 ) -> torch.Tensor:
     """Run the reverse process for ``len(class_labels)`` latents (scaled space). ``sites``
-    (site-conditioned UNets) stay on in both guidance branches: guidance amplifies the class,
-    the site's style is not exaggerated. Guidance applies where ``t / T`` lies in
-    ``guidance_interval``; other steps take the conditional prediction alone."""
+    (site-conditioned UNets) stay on in both guidance branches, so guidance amplifies the
+    class only; with ``site_guidance`` the unconditional branch drops the site too and
+    guidance amplifies both. Guidance applies where ``t / T`` lies in ``guidance_interval``;
+    other steps take the conditional prediction alone."""
     n = len(class_labels)
     set_timesteps(scheduler, steps, device)
     z = torch.randn((n, *latent_shape), generator=generator).to(device) * scheduler.init_noise_sigma
     requested = class_labels.to(device)
     cond = conditioning.encode(requested, sites)
-    null = conditioning.encode(torch.full_like(requested, conditioning.null_class), sites)
+    null = conditioning.encode(
+        torch.full_like(requested, conditioning.null_class),
+        None if site_guidance and sites is not None else sites,
+    )
     low, high = guidance_interval
     train_steps = scheduler.config.num_train_timesteps
     for t in scheduler.timesteps:
@@ -233,6 +238,7 @@ def sample_volumes(
             conditioning=gen.conditioning,
             guidance=guidance,
             guidance_interval=cfg.guidance_interval,
+            site_guidance=cfg.site_guidance,
             steps=steps,
             generator=generator,
             device=device,

@@ -86,7 +86,7 @@ def test_site_condition_is_learnt_and_sampled(smoke_config):
         )
     gen.unet.eval()
 
-    def sample(site: int) -> float:
+    def sample(site: int, guidance: float = 1.0, site_guidance: bool = False) -> float:
         z = sample_latents(
             lambda x, t, c, _r: gen.unet(x, t, class_labels=c),
             sampling_scheduler(config.diffusion, "ddim"),
@@ -94,15 +94,23 @@ def test_site_condition_is_learnt_and_sampled(smoke_config):
             sites=torch.full((16,), site),
             latent_shape=config.latent_shape,
             conditioning=gen.conditioning,
-            guidance=1.0,
+            guidance=guidance,
             steps=20,
             generator=torch.Generator().manual_seed(1),
             device=torch.device("cpu"),
+            site_guidance=site_guidance,
         )
         return float(z.mean())
 
     a, b = sample(0), sample(1)  # the data: +1 and -1; a class-only UNet gives both ~0
     assert a > 0.3 and b < -0.3 and a - b > 0.7, (a, b)
+    # guidance amplifies the class only (one class here: little changes) unless asked to
+    # amplify the site as well, which pushes each site's offset further out
+    plain = sample(0, 3.0), sample(1, 3.0)
+    amplified = sample(0, 3.0, site_guidance=True), sample(1, 3.0, site_guidance=True)
+    spread = plain[0] - plain[1], amplified[0] - amplified[1]
+    assert amplified[0] > plain[0] and amplified[1] < plain[1], (plain, amplified)
+    assert spread[1] > spread[0] + 0.15, (plain, amplified)
 
 
 def test_cohort_renders_each_site_and_records_it(smoke_config, tmp_path):
