@@ -28,7 +28,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from phantom_world import phantom_world  # noqa: E402
+from phantom_world import bench_command, phantom_world  # noqa: E402
 from scipy import ndimage  # noqa: E402
 
 from synthct.checkpoint import load_generator  # noqa: E402
@@ -198,8 +198,7 @@ def main() -> None:
         "gate": gates,
         "per_site": per_site,
         "wall_s": round(time.perf_counter() - start, 1),
-        "command": "python bench/autoencoder_ceiling.py "
-        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None),
+        "command": bench_command("autoencoder_ceiling.py", args),
     }
     out.mkdir(parents=True, exist_ok=True)
     targets = [out / "ceiling.json"] + ([Path(args.results)] if args.results else [])

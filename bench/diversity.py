@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 import torch
-from phantom_world import phantom_world
+from phantom_world import bench_command, phantom_world
 
 from synthct.checkpoint import load_generator
 from synthct.config import load_config, packaged_config_path
@@ -101,8 +101,7 @@ def main() -> None:
         "reconstruction_msssim": reconstruction,
         "seed": args.seed,
         "variants": rows,
-        "command": "python bench/diversity.py "
-        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None),
+        "command": bench_command("diversity.py", args),
     }
     if args.results:
         Path(args.results).write_text(json.dumps(summary, indent=1))

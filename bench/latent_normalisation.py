@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 import torch
-from phantom_world import phantom_manifest
+from phantom_world import bench_command, phantom_manifest
 from sampling_fidelity import score
 
 from synthct.checkpoint import build_generator, load_generator
@@ -178,8 +178,7 @@ def main() -> None:
         "latent_stats": stats,
         "split": "train (learning), holdout (scoring, baseline: train vs holdout)",
         "arms": arms,
-        "command": "python bench/latent_normalisation.py "
-        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None),
+        "command": bench_command("latent_normalisation.py", args),
     }
     if args.results:
         Path(args.results).write_text(json.dumps(summary, indent=1))

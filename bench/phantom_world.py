@@ -1,7 +1,9 @@
-"""Shared by the bench scripts: the demo phantoms rendered once under a run folder."""
+"""Shared by the bench scripts: the demo phantoms rendered once under a run folder, and the
+command line a result file records."""
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 from synthct.config import SynthctConfig
@@ -25,3 +27,12 @@ def phantom_world(
     train = load_cases(manifest, config, splits=("train",))
     holdout = load_cases(manifest, config, splits=("holdout",))
     return manifest, train, holdout
+
+
+def bench_command(script: str, args: argparse.Namespace) -> str:
+    """The command that reproduces a run: ``python bench/SCRIPT --option value ...`` (options
+    left at None are omitted)."""
+    options = " ".join(
+        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None
+    )
+    return f"python bench/{script} {options}"

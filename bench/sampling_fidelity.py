@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from phantom_world import phantom_manifest
+from phantom_world import bench_command, phantom_manifest
 
 from synthct.checkpoint import load_generator
 from synthct.config import load_config, packaged_config_path
@@ -140,8 +140,7 @@ def main() -> None:
         "seed": args.seed,
         "reconstructions_of_train": ceiling,
         "variants": rows,
-        "command": "python bench/sampling_fidelity.py "
-        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None),
+        "command": bench_command("sampling_fidelity.py", args),
     }
     if args.results:
         Path(args.results).write_text(json.dumps(summary, indent=1))

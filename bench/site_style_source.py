@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from phantom_world import phantom_manifest
+from phantom_world import bench_command, phantom_manifest
 
 from synthct.checkpoint import load_generator
 from synthct.config import load_config, packaged_config_path
@@ -110,8 +110,7 @@ def main() -> None:
         "seed": args.seed,
         "sources": rows,
         "wall_s": round(time.perf_counter() - start),
-        "command": "python bench/site_style_source.py "
-        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None),
+        "command": bench_command("site_style_source.py", args),
     }
     if args.results:
         Path(args.results).write_text(json.dumps(summary, indent=1) + "\n")
