@@ -102,7 +102,9 @@ class _ScreenedFedAvg(FedAvg):
                     item["reason"],
                 )
             errors = [r for r in replies if r.has_error()]
-            if len(kept) < self.min_train_nodes:  # too few fit updates: no average this round
+            # too few fit updates: no average this round (no replies at all: nothing was sent,
+            # e.g. after early stopping, which is not worth a warning every round)
+            if replies and len(kept) < self.min_train_nodes:
                 logger.warning(
                     "round %d: %d fit updates < %d; not aggregated",
                     server_round,
