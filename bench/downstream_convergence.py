@@ -2,13 +2,15 @@
 
     python bench/downstream_convergence.py LOCAL_EPOCHS MAX_ROUNDS PATIENCE_ROUNDS [--keep-optimizer-state]
         [--data runs/bench_difficulty/report_rare_small/data/manifest.csv] [--seeds 0 1 2]
-        [--central] [--results bench/results/downstream_convergence_<date>.json]
+        [--central | --central-only] [--central-epochs N] [--central-patience N]
+        [--results bench/results/downstream_convergence_<date>.json]
 
 The federated real-only downstream arm on the benchmark phantoms with the given schedule, one
 run per seed, each stopped by holdout early stopping; prints where it stopped and its test
 scores. ``--central`` also trains the central real-only arm on the same seeds (paired), so the
 federated-minus-central gap comes with its spread; ``--results`` writes every run and the
-mean +- sd to a JSON file.
+mean +- sd to a JSON file. ``--central-only`` with ``--central-epochs`` / ``--central-patience``
+probes how far the central arm gets when its holdout-patience stop waits longer.
 """
 
 from __future__ import annotations
@@ -39,6 +41,13 @@ def main() -> None:
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--central", action="store_true", help="also the central arm, paired")
+    parser.add_argument(
+        "--central-only", action="store_true", help="the central arm alone (no federated runs)"
+    )
+    parser.add_argument("--central-epochs", type=int, default=None, help="central epoch cap")
+    parser.add_argument(
+        "--central-patience", type=int, default=None, help="central holdout patience (epochs)"
+    )
     parser.add_argument("--results", default=None, help="JSON file for every run and the summary")
     args = parser.parse_args()
     base = load_config(packaged_config_path("demo"))
@@ -49,13 +58,17 @@ def main() -> None:
             "patience_rounds": args.patience_rounds,
             "keep_optimizer_state": args.keep_optimizer_state,
             "seeds": list(args.seeds),
+            **({"epochs": args.central_epochs} if args.central_epochs else {}),
+            **({"patience": args.central_patience} if args.central_patience else {}),
         }
     )
     config = base.model_copy(update={"downstream": down})
     kept = "_kept" if args.keep_optimizer_state else ""
     out = Path(args.out) / f"{args.local_epochs}_{args.rounds}_{args.patience_rounds}{kept}"
     manifest = Path(args.data) if args.data else phantom_manifest(config, Path(args.out))
-    arms = {"federated": True} | ({"central": False} if args.central else {})
+    arms = ({} if args.central_only else {"federated": True}) | (
+        {"central": False} if args.central or args.central_only else {}
+    )
     runs: dict[str, list[dict]] = {}
     for arm, federated in arms.items():
         start = time.perf_counter()
@@ -88,7 +101,7 @@ def main() -> None:
         }
         for arm, rs in runs.items()
     }
-    if args.central:
+    if args.central and not args.central_only:
         gaps = [
             f["test_balanced_accuracy"] - c["test_balanced_accuracy"]
             for f, c in zip(runs["federated"], runs["central"], strict=True)
