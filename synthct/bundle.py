@@ -27,6 +27,7 @@ from synthct import __version__
 from synthct.artifacts import atomic_write_text, read_json
 from synthct.checkpoint import generator_sha256, load_generator
 from synthct.data.volume_io import write_nifti
+from synthct.errors import UsageError
 from synthct.sampling import inference_settings, labels_to_indices, sample_volumes
 
 __all__ = ["BUNDLE_SCHEMA", "export_bundle", "BundleSampler"]
@@ -129,10 +130,10 @@ def export_bundle(generator_dir: str | Path, out: str | Path) -> Path:
     """Write ``out`` as a MONAI bundle of the generator in ``generator_dir`` (loaded first, so
     a checkpoint whose files fail their hashes is refused, not exported)."""
     generator_dir, out = Path(generator_dir), Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UsageError(f"{out}: exists and is not an empty folder; give a new one for the bundle")
     gen = load_generator(generator_dir)
     sha = generator_sha256(generator_dir)
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out}: not empty; give a new folder for the bundle")
     target = out / _GENERATOR
     target.mkdir(parents=True)
     for name in ["config.json", *(r["file"] for r in _records(generator_dir))]:

@@ -299,11 +299,7 @@ def cmd_reference(args: argparse.Namespace) -> int:
     from synthct.reference import save_reference
 
     config = _config(args.config, args.set)
-    manifest = Path(args.data)
-    if not manifest.is_file():
-        from synthct.data.manifest import ManifestError
-
-        raise ManifestError(f"{manifest}: manifest not found")
+    manifest = Path(args.data)  # that it is a manifest file: checked by main before any command
     out = Path(args.out)
     if args.federated:
         from synthct.fed.reference_app import train_reference_federated
@@ -591,8 +587,6 @@ def cmd_export_bundle(args: argparse.Namespace) -> int:
     from synthct.bundle import export_bundle
 
     out = Path(args.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UsageError(f"--out {out}: exists and is not an empty folder")
     export_bundle(_generator_dir(args.generator), out)
     print(
         f"bundle: {out}; sample with python -m monai.bundle run --config_file "
@@ -1193,13 +1187,11 @@ def _check_inputs(args: argparse.Namespace) -> None:
     """Input paths named on the command line exist and are of the right kind, checked before a
     command imports torch, so a mistyped path is answered at once (with the message the
     loaders give)."""
+    from synthct.data.manifest import require_manifest_file
+
     data = getattr(args, "data", None)
     if data:
-        path = Path(data)
-        if path.is_dir():
-            raise UsageError(f"{path}: is a folder; give the manifest CSV inside it")
-        if not path.exists():
-            raise UsageError(f"{path}: manifest not found")
+        require_manifest_file(Path(data))
     generator = getattr(args, "generator", None)
     if generator and generator != "pretrained":
         record = _generator_dir(generator) / "config.json"

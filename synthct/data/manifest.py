@@ -76,11 +76,19 @@ def _unfinished(manifest: Path) -> str:
     )
 
 
-def _parse(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+def require_manifest_file(path: Path) -> None:
+    """``path`` names a manifest file that is there (not a folder, not an unfinished cohort's,
+    not missing); cheap, so a command can refuse a mistyped path before loading anything."""
     if not path.exists() and partial_manifest_path(path).is_file():
         raise ManifestError(f"{path}: not written yet; {_unfinished(path)}")
     if path.is_dir():
         raise ManifestError(f"{path}: is a folder; give the manifest CSV inside it")
+    if not path.exists():
+        raise ManifestError(f"{path}: manifest not found")
+
+
+def _parse(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    require_manifest_file(path)
     try:
         text = path.read_text(encoding="utf-8-sig")  # spreadsheet programs write a BOM
     except FileNotFoundError:
