@@ -32,6 +32,8 @@ from synthct.reference import load_reference
 from synthct.trainer import ensure_reference
 
 SHIP_DIR = Path(__file__).resolve().parents[1] / "synthct" / "pretrained" / "phantom"
+# the shipped generator's training logs: kept in the repository, not shipped as package data
+RECORD_DIR = Path(__file__).resolve().parent / "results" / "shipped_generator_training"
 TARGETS = {"ae_ceiling_min": 0.9, "conditional_mean_min": 0.8, "conditional_class_min": 0.6}
 
 
@@ -65,24 +67,30 @@ def _run_name(initial: Path) -> str:
     return initial.parent.name
 
 
+def _records_of(initial: Path) -> Path:
+    """Where the run that made the generator folder ``initial`` keeps its round logs."""
+    return RECORD_DIR if initial.parent.resolve() == SHIP_DIR.resolve() else initial.parent
+
+
 def ship(
     gen, run: Path, report: dict, command: str, log: Path | None, initial: Path | None
 ) -> None:
     """Export ``gen`` (the run's weights with this command's inference settings)."""
     history = ""
     staged = None
-    if initial is not None and (initial.parent / "rounds.jsonl").is_file():
+    if initial is not None and (_records_of(initial) / "rounds.jsonl").is_file():
         # a continuation ships its predecessor's round and console logs too (history/NAME/);
         # staged first because the predecessor may be the shipped folder replaced below
         staged = Path(tempfile.mkdtemp(prefix="synthct-ship-"))
-        shutil.copy2(initial.parent / "rounds.jsonl", staged / "rounds.jsonl")
-        for console in (initial.parent.with_suffix(".log"), initial.parent / "training.log"):
+        records = _records_of(initial)
+        shutil.copy2(records / "rounds.jsonl", staged / "rounds.jsonl")
+        for console in (initial.parent.with_suffix(".log"), records / "training.log"):
             if console.is_file():
                 shutil.copy2(console, staged / "training.log")
         for notes in ("TRAINING.md", "quality.json"):  # the shipped predecessor's own record
             if (initial.parent / notes).is_file():
                 shutil.copy2(initial.parent / notes, staged / notes)
-        for earlier in sorted((initial.parent / "history").glob("*")):  # its own predecessors
+        for earlier in sorted((records / "history").glob("*")):  # its own predecessors
             shutil.copytree(earlier, staged.parent / f"{staged.name}-{earlier.name}")
         earlier_min = sum(
             _wall_min(log) for log in staged.parent.glob(f"{staged.name}-*/rounds.jsonl")
@@ -90,15 +98,17 @@ def ship(
         history = (
             f"Continued from `{initial}` (run `{_run_name(initial)}`, {_wall_min(staged / 'rounds.jsonl'):.1f} min of "
             f"federated rounds, {earlier_min:.1f} min more in the runs it continued; their logs "
-            f"in `history/`). "
+            f"in `history/` beside its round log). "
         )
-    if SHIP_DIR.exists():
-        shutil.rmtree(SHIP_DIR)
+    for folder in (SHIP_DIR, RECORD_DIR):
+        if folder.exists():
+            shutil.rmtree(folder)
+    RECORD_DIR.mkdir(parents=True)
     if staged is not None:
-        shutil.copytree(staged, SHIP_DIR / "history" / _run_name(initial))
+        shutil.copytree(staged, RECORD_DIR / "history" / _run_name(initial))
         for earlier in sorted(staged.parent.glob(f"{staged.name}-*")):
             name = earlier.name[len(staged.name) + 1 :]
-            shutil.copytree(earlier, SHIP_DIR / "history" / name)
+            shutil.copytree(earlier, RECORD_DIR / "history" / name)
             shutil.rmtree(earlier)
         shutil.rmtree(staged)
     save_generator(
@@ -113,9 +123,9 @@ def ship(
         {"manifest_sha256": sha256_file(run / "data" / "manifest.csv")},
         kind="reference-training-data",
     )
-    shutil.copy2(run / "rounds.jsonl", SHIP_DIR / "rounds.jsonl")
+    shutil.copy2(run / "rounds.jsonl", RECORD_DIR / "rounds.jsonl")
     if log is not None and log.is_file():
-        shutil.copy2(log, SHIP_DIR / "training.log")
+        shutil.copy2(log, RECORD_DIR / "training.log")
     met = report.get("targets_met", {})
     verdict = (
         "All generator quality targets are met."
@@ -123,21 +133,22 @@ def ship(
         else f"Quality targets NOT met: {', '.join(k for k, v in met.items() if not v)}."
     )
     write_json(SHIP_DIR / "quality.json", report, kind="pretrained-quality")
-    size = sum(p.stat().st_size for p in (SHIP_DIR / "generator").glob("*.safetensors"))
+    size = sum(p.stat().st_size for p in (SHIP_DIR / "generator").rglob("*.safetensors"))
     atomic_write_text(
         SHIP_DIR / "TRAINING.md",
         "# Pretrained phantom generator\n\n"
         f"Trained federatedly (Flower simulation, {len(gen.config.site_names)} demo sites, "
         f"FedAvg) on {time.strftime('%Y-%m-%d')}, CPU ({os.cpu_count()} cores). {history}"
-        f"{_wall_min(run / 'rounds.jsonl'):.1f} min of federated rounds here (`rounds.jsonl`; console log "
-        f"in `training.log`). {verdict}\n\n"
+        f"{_wall_min(run / 'rounds.jsonl'):.1f} min of federated rounds here (round log `rounds.jsonl`, "
+        f"console log `training.log`, both in the repository's `{RECORD_DIR.relative_to(SHIP_DIR.parents[2])}/`, "
+        f"not package data). {verdict}\n\n"
         f"Exact command (from the repository root, rerun to resume):\n\n    {command}\n\n"
         f"Generator sha256 (config.json): `{generator_sha256(SHIP_DIR / 'generator')}`; "
         f"weights {size / 2**20:.1f} MiB (autoencoder + EMA UNet, safetensors).\n\n"
         "Scores (reference classifier on holdout phantoms; targets: autoencoder ceiling >= 0.9 "
         "per class, conditional accuracy >= 0.8 mean and >= 0.6 per class):\n\n"
         f"```json\n{json.dumps(report, indent=2)}\n```\n\n"
-        "`rounds.jsonl` is the full round log (per-site losses, cases, bytes, sha256).\n",
+        "The round log holds per-site losses, cases, bytes and sha256 of every round.\n",
     )
     print(f"shipped to {SHIP_DIR} ({size / 2**20:.1f} MiB of weights)")
 

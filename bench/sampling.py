@@ -159,14 +159,13 @@ def _arm(args: argparse.Namespace) -> dict:
 def _quality(run: Path, volumes_file: str) -> dict:
     from safetensors.torch import load_file
 
-    from synthct.artifacts import read_json
-    from synthct.config import config_from_dict
+    from synthct.checkpoint import generator_config
     from synthct.data.dataset import load_cases
     from synthct.data.preprocess import hu_to_model, model_to_hu
     from synthct.eval.generator_quality import hu_histogram
     from synthct.reference import evaluate_classifier, load_reference
 
-    config = config_from_dict(read_json(run / "generator" / "config.json")["config"])
+    config = generator_config(run / "generator")
     data = load_file(volumes_file)
     hu, labels = data["hu"], data["labels"]
     reference = load_reference(run / "reference", vocabulary_hash=config.labels.vocabulary_hash)

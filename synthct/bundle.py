@@ -25,10 +25,11 @@ import torch
 
 from synthct import __version__
 from synthct.artifacts import atomic_write_text, read_json
-from synthct.checkpoint import generator_sha256, load_generator
+from synthct.checkpoint import generator_sha256, load_generator, network_data_format
 from synthct.data.volume_io import write_nifti
 from synthct.errors import UsageError
-from synthct.sampling import inference_settings, labels_to_indices, sample_volumes
+from synthct.generator_pipeline import SynthctPipeline
+from synthct.sampling import inference_settings
 
 __all__ = ["BUNDLE_SCHEMA", "export_bundle", "BundleSampler"]
 
@@ -96,33 +97,7 @@ def _metadata(gen, sha: str) -> dict[str, Any]:
         "sites": cfg.site_names if gen.renders_sites else [],
         "spacing_mm": list(cfg.data.spacing_mm),
         "inference_settings": settings,
-        "network_data_format": {
-            "inputs": {
-                "labels": {
-                    "type": "string",
-                    "format": "class name",
-                    "num_channels": 1,
-                    "spatial_shape": [],
-                    "dtype": "str",
-                    "value_range": classes,
-                    "is_patch_data": False,
-                    "channel_def": {"0": "class"},
-                }
-            },
-            "outputs": {
-                "pred": {
-                    "type": "image",
-                    "format": "hounsfield",
-                    "modality": "CT",
-                    "num_channels": 1,
-                    "spatial_shape": list(cfg.data.shape),
-                    "dtype": "int16",
-                    "value_range": list(cfg.data.hu_window),
-                    "is_patch_data": False,
-                    "channel_def": {"0": "image"},
-                }
-            },
-        },
+        "network_data_format": network_data_format(cfg, sites=gen.renders_sites),
     }
 
 
@@ -137,6 +112,7 @@ def export_bundle(generator_dir: str | Path, out: str | Path) -> Path:
     target = out / _GENERATOR
     target.mkdir(parents=True)
     for name in ["config.json", *(r["file"] for r in _records(generator_dir))]:
+        (target / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(generator_dir / name, target / name)
     for name, content in (
         ("metadata.json", _metadata(gen, sha)),
@@ -155,7 +131,9 @@ def export_bundle(generator_dir: str | Path, out: str | Path) -> Path:
 
 
 def _records(generator_dir: Path) -> list[dict[str, Any]]:
-    return list(read_json(generator_dir / "config.json")["files"].values())
+    """Every file the generator's record pins (weights, then component configs)."""
+    meta = read_json(generator_dir / "config.json")
+    return [*meta["files"].values(), *meta.get("configs", {}).values()]
 
 
 class BundleSampler:
@@ -177,20 +155,13 @@ class BundleSampler:
         self.sites = list(sites) if sites is not None else None
 
     def run(self) -> list[Path]:
-        gen = load_generator(self.generator_dir, self.device)
-        indices = labels_to_indices(gen, self.labels)
-        volumes = sample_volumes(
-            gen,
-            indices,
-            generator=torch.Generator().manual_seed(self.seed),
-            device=self.device,
-            sites=self.sites,
-        )
+        pipe = SynthctPipeline.from_pretrained(self.generator_dir, device=self.device)
+        out = pipe(self.labels, sites=self.sites, seed=self.seed)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         paths = []
-        for i, (name, vol) in enumerate(zip(self.labels, volumes, strict=True)):
+        for i, (name, vol) in enumerate(zip(self.labels, out.volumes, strict=True)):
             path = self.output_dir / f"{name}_seed{self.seed}_{i:04d}.nii.gz"
-            write_nifti(path, vol[0].numpy(), gen.config.data.spacing_mm)
+            write_nifti(path, vol[0].numpy(), out.spacing_mm)
             paths.append(path)
         logger.info("bundle sampled %d volumes into %s", len(paths), self.output_dir)
         return paths

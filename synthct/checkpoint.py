@@ -1,8 +1,21 @@
-"""A generator is a directory: ``config.json`` + ``*.safetensors`` with the sha256 of each.
+"""A generator is a folder laid out per component, as diffusers lays out a pipeline:
+
+    config.json                         the record: training config, vocabulary, latent
+                                        normalisation, and the size + sha256 of every file below
+    inference.json                      inference defaults (sampler, steps, guidance, ...)
+    autoencoder/config.json, model.safetensors
+    unet/config.json, model.safetensors the EMA UNet: what sampling uses
+    scheduler/scheduler_config.json     the training noise schedule (diffusers' own format)
+    training/unet.safetensors, discriminator.safetensors
+                                        resume state only (absent from a shipped generator)
 
 Weights are safetensors only: nothing is ever unpickled. ``config.json`` is written last, so a
-directory whose ``config.json`` exists is complete; every weight file is checked against its
-recorded size and sha256 before loading, and a truncated or altered file is refused by name.
+folder whose ``config.json`` exists is complete; every file is checked against its recorded
+size and sha256 before it is used, and a truncated or altered file is refused by name. The
+inference defaults live in ``inference.json`` alone (the record's config has no sampling
+section), so a command, the demo and a bench sample one generator the same way unless told
+otherwise. Folders of the earlier flat layout (``autoencoder.safetensors``, ``ema.safetensors``
+beside ``config.json``) still load.
 """
 
 from __future__ import annotations
@@ -17,12 +30,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from synthct.artifacts import atomic_path, read_json, sha256_file, write_json
+from synthct.artifacts import artifact_header, atomic_path, read_json, sha256_file, write_json
 from synthct.config import SynthctConfig, config_from_dict
 from synthct.errors import SynthctError
 from synthct.models.autoencoder import build_autoencoder, build_discriminator
 from synthct.models.conditioning import Conditioning
 from synthct.models.latent_norm import LatentNorm
+from synthct.models.schedulers import training_scheduler
 from synthct.models.unet import build_unet, conditioning_for
 
 __all__ = [
@@ -35,16 +49,23 @@ __all__ = [
     "save_tensors",
     "load_tensors",
     "generator_sha256",
+    "generator_config",
+    "network_data_format",
+    "LAYOUT",
 ]
 
 logger = logging.getLogger(__name__)
 
+LAYOUT = 2  # 1: flat files beside config.json (read only)
 _WEIGHT_FILES = {
-    "autoencoder": "autoencoder.safetensors",
-    "unet": "unet.safetensors",
-    "ema": "ema.safetensors",
-    "discriminator": "discriminator.safetensors",  # training only: kept while training goes on
+    "autoencoder": "autoencoder/model.safetensors",
+    "ema": "unet/model.safetensors",  # the EMA UNet is the inference UNet
+    "unet": "training/unet.safetensors",  # training only: resumes the raw UNet
+    "discriminator": "training/discriminator.safetensors",  # while an adversarial decoder trains
 }
+_FLAT_FILES = {name: f"{name}.safetensors" for name in _WEIGHT_FILES}  # layout 1
+INFERENCE_FILE = "inference.json"
+SCHEDULER_DIR = "scheduler"
 
 
 class CheckpointError(SynthctError, ValueError):
@@ -205,12 +226,10 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> dict[str, Any]
     return {"file": path.name, "sha256": sha256_file(path), "bytes": path.stat().st_size}
 
 
-def load_tensors(
-    path: Path, *, sha256: str | None = None, size: int | None = None
-) -> dict[str, torch.Tensor]:
-    """Read safetensors after checking size and hash (when given)."""
+def _check_file(path: Path, *, sha256: str | None, size: int | None) -> None:
+    """Refuse a missing file, or one whose size or sha256 is not the recorded one."""
     if not path.is_file():
-        raise CheckpointError(f"{path}: weight file missing")
+        raise CheckpointError(f"{path}: file missing")
     if size is not None and path.stat().st_size != size:
         raise CheckpointError(
             f"{path}: size {path.stat().st_size} bytes, expected {size} (truncated or altered)"
@@ -219,10 +238,85 @@ def load_tensors(
         raise CheckpointError(
             f"{path}: sha256 does not match the checkpoint record (altered or corrupt)"
         )
+
+
+def load_tensors(
+    path: Path, *, sha256: str | None = None, size: int | None = None
+) -> dict[str, torch.Tensor]:
+    """Read safetensors after checking size and hash (when given)."""
+    _check_file(path, sha256=sha256, size=size)
     try:
         return load_file(str(path))
     except Exception as exc:  # safetensors raises its own error types for bad headers
         raise CheckpointError(f"{path}: not a valid safetensors file ({exc})") from None
+
+
+def _file_record(directory: Path, relative: str) -> dict[str, Any]:
+    path = directory / relative
+    return {"file": relative, "sha256": sha256_file(path), "bytes": path.stat().st_size}
+
+
+def network_data_format(config: SynthctConfig, *, sites: bool) -> dict[str, Any]:
+    """What the generator takes and gives, in MONAI bundle terms (``metadata.json``)."""
+    inputs: dict[str, Any] = {
+        "labels": {
+            "type": "string",
+            "format": "class name",
+            "num_channels": 1,
+            "spatial_shape": [],
+            "dtype": "str",
+            "value_range": list(config.labels.classes),
+            "is_patch_data": False,
+            "channel_def": {"0": "class"},
+        }
+    }
+    if sites:
+        inputs["sites"] = {
+            **inputs["labels"],
+            "format": "site name (None or 'pooled': site-agnostic)",
+            "value_range": list(config.site_names),
+            "channel_def": {"0": "site"},
+        }
+    return {
+        "inputs": inputs,
+        "outputs": {
+            "pred": {
+                "type": "image",
+                "format": "hounsfield",
+                "modality": "CT",
+                "num_channels": 1,
+                "spatial_shape": list(config.data.shape),
+                "spacing_mm": list(config.data.spacing_mm),
+                "dtype": "int16",
+                "value_range": list(config.data.hu_window),
+                "is_patch_data": False,
+                "channel_def": {"0": "image"},
+            }
+        },
+    }
+
+
+def _component_configs(gen: Generator) -> dict[str, dict[str, Any]]:
+    """What each component folder's ``config.json`` says: how to rebuild that network alone."""
+    config = gen.config
+    return {
+        "autoencoder": {
+            "builder": "synthct.models.autoencoder.build_autoencoder",
+            **config.autoencoder.model_dump(mode="json"),
+            "site_names": list(config.site_names),
+            "image_shape": list(config.data.shape),
+            "latent_shape": list(config.latent_shape),
+        },
+        "unet": {
+            "builder": "synthct.models.unet.build_unet",
+            **config.unet.model_dump(mode="json"),
+            "latent_channels": config.autoencoder.latent_channels,
+            "num_classes": config.labels.num_classes,
+            "classes": list(config.labels.classes),
+            "num_sites": len(config.site_names),
+            "weights": "exponential moving average of the trained UNet",
+        },
+    }
 
 
 def save_generator(
@@ -232,29 +326,50 @@ def save_generator(
     extra: dict[str, Any] | None = None,
     sampling_only: bool = False,
 ) -> Path:
-    """Write weights then ``config.json`` (the commit marker). Returns the directory.
+    """Write the component files, then ``config.json`` (the commit marker). Returns the folder.
 
     ``sampling_only`` keeps the autoencoder and the EMA UNet (what sampling uses) and drops
-    the raw UNet: half the size, for shipping; loading then starts the UNet from the EMA.
+    the training state (raw UNet, discriminator): half the size, for shipping; loading then
+    starts the UNet from the EMA.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     training_only = ("unet", "discriminator") if sampling_only else ()
     names = [n for n in _WEIGHT_FILES if n not in training_only and getattr(gen, n) is not None]
-    files = {
-        name: save_tensors(directory / _WEIGHT_FILES[name], getattr(gen, name).state_dict())
-        for name in names
-    }
-    for name in _WEIGHT_FILES:
-        if name not in names:  # a stale file of an earlier save would look like part of it
+    files = {}
+    for name in names:
+        path = directory / _WEIGHT_FILES[name]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        files[name] = {
+            **save_tensors(path, getattr(gen, name).state_dict()),
+            "file": _WEIGHT_FILES[name],
+        }
+    for name in _WEIGHT_FILES:  # a stale file of an earlier save would look like part of it
+        if name not in names:
             (directory / _WEIGHT_FILES[name]).unlink(missing_ok=True)
+        (directory / _FLAT_FILES[name]).unlink(missing_ok=True)
+    configs = {}
+    for name, content in _component_configs(gen).items():
+        write_json(directory / name / "config.json", content, kind=f"generator-{name}")
+        configs[name] = _file_record(directory, f"{name}/config.json")
+    write_json(
+        directory / INFERENCE_FILE,
+        gen.config.sampling.model_dump(mode="json"),
+        kind="generator-inference",
+    )
+    configs["inference"] = _file_record(directory, INFERENCE_FILE)
+    training_scheduler(gen.config.diffusion).save_config(str(directory / SCHEDULER_DIR))
+    configs["scheduler"] = _file_record(directory, f"{SCHEDULER_DIR}/scheduler_config.json")
     payload = {
-        "config": gen.config.model_dump(mode="json"),
+        "layout": LAYOUT,
+        "config": gen.config.model_dump(mode="json", exclude={"sampling"}),
         "vocabulary": gen.config.labels.classes,
         "vocabulary_hash": gen.config.labels.vocabulary_hash,
         "latent_norm": gen.latent_norm.to_json(),
         "latent_shape": list(gen.config.latent_shape),
+        "network_data_format": network_data_format(gen.config, sites=gen.renders_sites),
         "files": files,
+        "configs": configs,
         **(extra or {}),
     }
     write_json(directory / "config.json", payload, kind="generator")
@@ -269,28 +384,64 @@ def _load_state(module: nn.Module, state: dict[str, torch.Tensor], path: Path) -
         raise CheckpointError(f"{path}: tensors do not fit the configured model ({exc})") from None
 
 
-def load_generator(directory: str | Path, device: torch.device | str = "cpu") -> Generator:
-    """Rebuild the exact generator saved in ``directory`` (hash-checked)."""
-    directory = Path(directory)
+def _recorded_path(directory: Path, record: dict[str, Any], meta_path: Path) -> Path:
+    """The file a record names, refused if it would lie outside the generator folder."""
+    relative = Path(str(record["file"]))
+    if relative.is_absolute() or ".." in relative.parts:
+        raise CheckpointError(f"{meta_path}: file {relative} lies outside the generator folder")
+    return directory / relative
+
+
+def _read_record(directory: Path) -> tuple[dict[str, Any], SynthctConfig]:
+    """The folder's ``config.json`` and the generator config it describes, with the inference
+    defaults of its (hash-checked) ``inference.json``; every recorded config file is checked."""
     meta_path = directory / "config.json"
     if not meta_path.is_file():
         raise CheckpointError(f"{meta_path}: no generator here (config.json missing)")
     try:
         meta = read_json(meta_path)
-        config = config_from_dict(meta["config"], source=str(meta_path))
+        raw = dict(meta["config"])
         files = meta["files"]
-    except (json.JSONDecodeError, KeyError) as exc:
+        configs = meta.get("configs", {}) if meta.get("layout", 1) >= 2 else {}
+        if meta.get("layout", 1) >= 2 and "inference" not in configs:
+            raise KeyError("configs.inference")
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{meta_path}: unreadable generator record ({exc})") from None
+    if not isinstance(files, dict):
+        raise CheckpointError(f"{meta_path}: unreadable generator record (files)")
+    for record in configs.values():
+        path = _recorded_path(directory, record, meta_path)
+        _check_file(path, sha256=record.get("sha256"), size=record.get("bytes"))
+    if "inference" in configs:
+        inference = read_json(_recorded_path(directory, configs["inference"], meta_path))
+        raw["sampling"] = {
+            k: v for k, v in inference.items() if k not in artifact_header("generator-inference")
+        }
+    return meta, config_from_dict(raw, source=str(meta_path))
+
+
+def generator_config(directory: str | Path) -> SynthctConfig:
+    """The config of the generator saved in ``directory`` (its inference defaults included),
+    without loading its weights."""
+    return _read_record(Path(directory))[1]
+
+
+def load_generator(directory: str | Path, device: torch.device | str = "cpu") -> Generator:
+    """Rebuild the exact generator saved in ``directory`` (hash-checked)."""
+    directory = Path(directory)
+    meta_path = directory / "config.json"
+    meta, config = _read_record(directory)
+    files = meta["files"]
     gen = build_generator(config)
-    for name, fname in _WEIGHT_FILES.items():
+    for name in _WEIGHT_FILES:
         record = files.get(name)
         if record is None and name == "unet" and "ema" in files:
             continue  # a sampling-only generator: the UNet starts from the EMA below
         if name == "discriminator" and (record is None or gen.discriminator is None):
             continue  # none saved: a fresh one (a first adversarial phase); none configured
         if record is None:
-            raise CheckpointError(f"{meta_path}: no record of {fname}")
-        path = directory / fname
+            raise CheckpointError(f"{meta_path}: no record of the {name} weights")
+        path = _recorded_path(directory, record, meta_path)
         state = load_tensors(path, sha256=record["sha256"], size=record["bytes"])
         _load_state(getattr(gen, name), state, path)
     if "unet" not in files:

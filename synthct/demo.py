@@ -493,14 +493,13 @@ def _reference(manifest: Path, config: SynthctConfig, run: Path) -> dict:
 
 def _pretrained_matches(config: SynthctConfig) -> Path | None:
     """The shipped generator's folder if its networks fit ``config``, else None."""
-    from synthct.artifacts import read_json
-    from synthct.config import config_from_dict
+    from synthct.checkpoint import generator_config
     from synthct.pretrained import phantom_dir
 
     path = phantom_dir() / "generator"
     if not (path / "config.json").is_file():
         return None
-    shipped = config_from_dict(read_json(path / "config.json")["config"])
+    shipped = generator_config(path)
     return path if config.network_mismatch(shipped) is None else None
 
 

@@ -79,7 +79,7 @@ def test_monai_bundle_run_samples_as_synthct_does(bundle, tmp_path):
 def test_a_tampered_bundle_is_refused(bundle, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(bundle, copy)
-    weights = copy / "models" / "generator" / "ema.safetensors"
+    weights = copy / "models" / "generator" / "unet" / "model.safetensors"
     data = bytearray(weights.read_bytes())
     data[-1] ^= 0xFF
     weights.write_bytes(bytes(data))
@@ -88,7 +88,7 @@ def test_a_tampered_bundle_is_refused(bundle, tmp_path):
     cause = failed.value
     while cause is not None and not isinstance(cause, CheckpointError):
         cause = cause.__cause__
-    assert cause is not None and "ema.safetensors: sha256 does not match" in str(cause)
+    assert cause is not None and "unet/model.safetensors: sha256 does not match" in str(cause)
     assert not (tmp_path / "out").exists()
 
 

@@ -2,8 +2,9 @@
 
 ``phantom/generator`` is a sampling-only generator checkpoint (autoencoder + EMA UNet,
 safetensors, hash-checked), ``phantom/reference`` the real-only reference classifier/encoder,
-``phantom/TRAINING.md`` the exact command and ``phantom/rounds.jsonl`` the training log. Nothing
-is downloaded at run time: the files are package data.
+``phantom/TRAINING.md`` the exact command and scores (its training logs stay in the repository,
+``bench/results/shipped_generator_training``). Nothing is downloaded at run time: the files are
+package data.
 """
 
 from __future__ import annotations
