@@ -51,9 +51,22 @@ def normalisers(latents: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Te
     }
 
 
-def train_arm(gen, latents, labels, steps: int, seed: int, log_every: int = 250):
-    """A fresh UNet (+ EMA) trained ``steps`` steps on ``latents`` as the trainer does."""
-    config = gen.config
+def train_arm(
+    gen,
+    latents,
+    labels,
+    steps: int,
+    seed: int,
+    log_every: int = 250,
+    *,
+    config=None,
+    checkpoints: tuple[int, ...] = (),
+    on_checkpoint=None,
+):
+    """A fresh UNet (+ EMA) trained ``steps`` steps on ``latents`` as the trainer does; at each
+    step in ``checkpoints`` ``on_checkpoint(step, ema)`` scores the EMA UNet so far. ``config``
+    (default: the generator's) may give the fresh UNet another width."""
+    config = config or gen.config
     fresh = build_generator(config, seed=seed)
     unet, conditioning = fresh.unet, gen.conditioning
     opt = torch.optim.AdamW(unet.parameters(), lr=config.train.diffusion_lr)
@@ -82,6 +95,9 @@ def train_arm(gen, latents, labels, steps: int, seed: int, log_every: int = 250)
                 f"  step {step}/{steps} loss={recent:.4f} {time.perf_counter() - start:.0f}s",
                 flush=True,
             )
+        if on_checkpoint is not None and step in checkpoints:
+            on_checkpoint(step, fresh.ema.eval())
+            fresh.ema.train()
     return fresh.ema.eval(), sum(losses[-500:]) / min(500, len(losses))
 
 
