@@ -188,4 +188,5 @@ def train_downstream_federated(
         num_sites=len(config.site_names),
         run_dir=run_dir,
         client_cpus=config.federated.client_cpus,
+        client_gpus=config.federated.num_gpus,
     )

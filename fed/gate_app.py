@@ -313,5 +313,6 @@ def run_gate_federated(
         num_sites=len(config.site_names),
         run_dir=run_dir,
         client_cpus=config.federated.client_cpus,
+        client_gpus=config.federated.num_gpus,
     )
     return reports[0] if single else reports

@@ -107,6 +107,19 @@ class AbortableGrid:
         return replies
 
 
+def require_gpus(client_gpus: float) -> None:
+    """Refuse GPU shares on a machine without CUDA (Ray would wait for them for ever)."""
+    if client_gpus <= 0:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise FederatedError(
+            f"federated.num_gpus is {client_gpus} but this machine has no CUDA GPU; "
+            "set it to 0 to simulate the sites on the CPU"
+        )
+
+
 def simulate(
     server_main: Callable[..., T],
     client_app,  # noqa: ANN001 - a flwr ClientApp
@@ -114,9 +127,12 @@ def simulate(
     num_sites: int,
     run_dir: Path,
     client_cpus: int = 1,
+    client_gpus: float = 0.0,
 ) -> T:
     """Run ``server_main(grid)`` as a ServerApp against ``num_sites`` virtual SuperNodes running
-    ``client_app``; returns what ``server_main`` returned. Ray is shut down afterwards."""
+    ``client_app`` (each reserving ``client_cpus`` CPUs and ``client_gpus`` of a GPU); returns
+    what ``server_main`` returned. Ray is shut down afterwards."""
+    require_gpus(client_gpus)
     quiet_flower_environment()
     import ray
     from flwr.serverapp import Grid, ServerApp
@@ -137,7 +153,7 @@ def simulate(
     cpus = os.cpu_count() or 1
     ray_dir, remove_ray_dir = _ray_temp_dir(run_dir)
     backend_config = {
-        "client_resources": {"num_cpus": min(client_cpus, cpus), "num_gpus": 0.0},
+        "client_resources": {"num_cpus": min(client_cpus, cpus), "num_gpus": float(client_gpus)},
         "init_args": {
             "num_cpus": cpus,
             "_temp_dir": str(ray_dir),
@@ -202,4 +218,5 @@ def train_federated(
         num_sites=len(config.site_names),
         run_dir=run_dir,
         client_cpus=config.federated.client_cpus,
+        client_gpus=config.federated.num_gpus,
     )

@@ -300,10 +300,17 @@ def train_autoencoder_round(
     torch.manual_seed(run.seed)  # the KL sampling noise inside AutoencoderKL
     detail = detail_range(config.autoencoder, config.data.hu_window)
 
-    def step(optimizer, idx, _generator, extra):
+    def step(optimizer, idx, generator, extra):
         x = cases.images[idx].to(run.device)
         return autoencoder_step(
-            ae, optimizer, x, config.autoencoder, extra_loss=extra, detail=detail
+            ae,
+            optimizer,
+            x,
+            config.autoencoder,
+            extra_loss=extra,
+            detail=detail,
+            patch=config.train.ae_patch,
+            generator=generator,
         )
 
     return _local_training(
@@ -338,6 +345,8 @@ def train_decoder_round(
             sites=sites,
             detail=detail,
             extra_loss=extra,
+            patch=config.train.ae_patch,
+            generator=generator,
         )
 
     return _local_training(

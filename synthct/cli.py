@@ -613,6 +613,29 @@ def cmd_config_show(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_config_memory(args: argparse.Namespace) -> int:
+    """Estimated accelerator memory per phase of a config (measured on the meta device)."""
+    from synthct.models.memory import estimate_memory
+
+    config = _config(args.config, args.set)
+    rows = estimate_memory(config, batch_size=args.batch_size)
+    print(
+        f"{'phase':<14} {'batch':>5} {'input':<18} {'weights':>9} {'AdamW':>9} "
+        f"{'activations':>12} {'total MiB':>10}"
+    )
+    for r in rows:
+        shape = "x".join(str(v) for v in r.shape)
+        print(
+            f"{r.phase:<14} {r.batch:>5} {shape:<18} {r.weights_mib:>9.1f} "
+            f"{r.optimizer_mib:>9.1f} {r.activations_mib:>12.1f} {r.total_mib:>10.1f}"
+        )
+    print(
+        "fp32; bf16 autocast roughly halves activations; add the CUDA context (~0.4 GiB) "
+        "and ~25 % for the allocator"
+    )
+    return EXIT_OK
+
+
 def cmd_config_validate(args: argparse.Namespace) -> int:
     config = _config(args.config, args.set)
     sites = ", ".join(config.site_names) or "none"
@@ -1102,6 +1125,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _config_options(q)
     q.set_defaults(func=cmd_config_show)
+    q = _command(
+        cfg_sub,
+        "memory",
+        "estimate the accelerator memory each phase of a config needs (nothing allocated)",
+        "synthct config memory --config chest128",
+    )
+    _config_options(q)
+    q.add_argument(
+        "--batch-size", type=int, default=None, help="batch (default: the config's batches)"
+    )
+    q.set_defaults(func=cmd_config_memory)
     q = _command(
         cfg_sub,
         "validate",

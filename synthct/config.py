@@ -228,6 +228,7 @@ _LOSS_ONLY = {
         "adversarial_weight",
         "discriminator_channels",
         "discriminator_layers",
+        "gradient_checkpointing",
     }
 }
 
@@ -277,6 +278,11 @@ class AutoencoderConfig(_Strict):
     )
     discriminator_channels: int = Field(default=16, ge=4, description="first layer's channels")
     discriminator_layers: int = Field(default=2, ge=1, le=4, description="strided layers")
+    gradient_checkpointing: bool = Field(
+        default=False,
+        description="recompute the autoencoder's blocks in the backward pass (MONAI "
+        "AutoencoderKL use_checkpoint): less activation memory for large volumes, more time",
+    )
 
     @model_validator(mode="after")
     def _groups_divide(self) -> AutoencoderConfig:
@@ -372,7 +378,13 @@ class SamplingConfig(_Strict):
     )
     batch_size: int = Field(default=8, ge=1)
     decode_patch: int | None = Field(
-        default=None, ge=4, description="latent patch size for sliding-window decoding"
+        default=None,
+        ge=4,
+        description="latent window for sliding-window decoding (bounded memory). The decoder's "
+        "GroupNorm sees one window's statistics, so small windows drift: on the shipped "
+        "autoencoder, windows of 12 of 16 latents differ from the whole decode by 17 HU on "
+        "average, windows of 8 by 86 HU (tests/test_checkpoint_sampling.py); keep it >= 3/4 "
+        "of the latent grid",
     )
 
     @model_validator(mode="after")
@@ -409,6 +421,12 @@ class TrainConfig(_Strict):
     diffusion_lr: float = Field(default=3e-4, gt=0)
     balanced: bool = Field(
         default=True, description="sample classes uniformly so rare ones are seen"
+    )
+    ae_patch: tuple[int, int, int] | None = Field(
+        default=None,
+        description="train the autoencoder (and the decoder phase) on random patches of this "
+        "many voxels, one location per batch, instead of whole volumes: the memory of large "
+        "volumes; a multiple of the autoencoder's downsampling, at most data.shape",
     )
     checkpoint_every: int = Field(default=250, ge=1)
     budget_min: float | None = Field(default=None, gt=0, description="stop a phase after this")
@@ -473,6 +491,13 @@ class FederatedConfig(_Strict):
     round_timeout_s: float = Field(default=1800.0, gt=0)
     connect_timeout_s: float = Field(default=120.0, gt=0)
     client_cpus: int = Field(default=1, ge=1, description="CPUs per simulated site")
+    num_gpus: float = Field(
+        default=0.0,
+        ge=0,
+        le=1,
+        description="share of a GPU each simulated site reserves (0.25: four sites per GPU); "
+        "0 keeps the sites on the CPU. Needs a CUDA GPU; train.device picks the device",
+    )
     keep_optimizer_state: bool = Field(
         default=True,
         description="each site keeps its AdamW moments between rounds on its own disk",
@@ -578,6 +603,21 @@ class SynthctConfig(_Strict):
         return (self.autoencoder.latent_channels, *(s // f for s in self.data.shape))
 
     @model_validator(mode="after")
+    def _patch_fits(self) -> SynthctConfig:
+        patch = self.train.ae_patch
+        if patch is None:
+            return self
+        f = self.autoencoder.downsample
+        if any(p > s or p % f for p, s in zip(patch, self.data.shape, strict=True)):
+            raise _LocatedError(
+                ("train", "ae_patch"),
+                list(patch),
+                f"patches must fit data.shape {list(self.data.shape)} and be multiples of the "
+                f"autoencoder's downsampling ({f})",
+            )
+        return self
+
+    @model_validator(mode="after")
     def _labels_known(self) -> SynthctConfig:
         classes = set(self.labels.classes)
         for i, site in enumerate(self.data.sites):
@@ -670,7 +710,7 @@ def _lookup(document: Any, loc: tuple[Any, ...]) -> Any:
     return node
 
 
-PACKAGED_CONFIGS = ("demo", "smoke")
+PACKAGED_CONFIGS = ("demo", "smoke", "chest64", "chest128")  # chest*: GPU scale
 
 
 def resolve_config_path(name_or_path: str | Path) -> Path:

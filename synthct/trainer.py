@@ -209,6 +209,8 @@ def _decoder_phase(
             config.autoencoder,
             sites=None if sites is None else sites.to(device),
             detail=detail,
+            patch=config.train.ae_patch,
+            generator=sampler.generator,
         )
         half = budget_s / 2 if budget_s else None
         if state.record("decoder", parts, total, budget_s=half, **bookkeeping):
@@ -272,6 +274,8 @@ def train_central(
                 train.images[idx].to(device),
                 config.autoencoder,
                 detail=detail,
+                patch=config.train.ae_patch,
+                generator=sampler.generator,
             )
             if state.record(
                 "autoencoder",

@@ -7,7 +7,7 @@ Notation follows the DDPM/LDM papers: ``z_0`` latents of real volumes, ``z_t`` n
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +22,7 @@ from synthct.models.conditioning import Conditioning
 __all__ = [
     "resolve_device",
     "autocast",
+    "random_patch",
     "BalancedSampler",
     "EMA",
     "ema_decay_at",
@@ -191,6 +192,30 @@ def autoencoder_loss(
     return loss, parts
 
 
+def random_patch(
+    x: torch.Tensor,
+    size: Sequence[int],
+    generator: torch.Generator,
+    *,
+    latents: torch.Tensor | None = None,
+    downsample: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One random ``size``-voxel crop of every volume in ``x`` (B×1×X×Y×Z; one place for the
+    whole batch, at a multiple of ``downsample``) and the same region of ``latents``
+    (B×C×X/f×Y/f×Z/f, ``f = downsample``) when given: patch training of the autoencoder."""
+    starts = [
+        int(torch.randint(0, (full - p) // downsample + 1, (1,), generator=generator)) * downsample
+        for full, p in zip(x.shape[2:], size, strict=True)
+    ]
+    crop = x[(..., *(slice(a, a + p) for a, p in zip(starts, size, strict=True)))]
+    if latents is None:
+        return crop, None
+    region = (
+        slice(a // downsample, (a + p) // downsample) for a, p in zip(starts, size, strict=True)
+    )
+    return crop, latents[(..., *region)]
+
+
 def autoencoder_step(
     ae: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -200,8 +225,13 @@ def autoencoder_step(
     feature_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
     extra_loss: Callable[[], torch.Tensor] | None = None,
     detail: tuple[float, float] | None = None,
+    patch: Sequence[int] | None = None,
+    generator: torch.Generator | None = None,
 ) -> dict[str, float]:
-    """One optimiser step on a batch; ``extra_loss`` is e.g. a FedProx proximal term."""
+    """One optimiser step on a batch (on one random ``patch`` of it when given, drawn with
+    ``generator``); ``extra_loss`` is e.g. a FedProx proximal term."""
+    if patch is not None:
+        x, _ = random_patch(x, patch, generator or torch.default_generator)
     ae.train()
     optimizer.zero_grad(set_to_none=True)
     with autocast(x.device):  # bf16 on GPU only
@@ -256,14 +286,20 @@ def decoder_step(
     sites: torch.Tensor | None = None,
     detail: tuple[float, float] | None = None,
     extra_loss: Callable[[], torch.Tensor] | None = None,
+    patch: Sequence[int] | None = None,
+    generator: torch.Generator | None = None,
 ) -> dict[str, float]:
     """One decoder-only step: reconstruct ``x`` from its frozen encoder's posterior means
     ``z`` (what sampling decodes), so the encoder's latents and a UNet trained on them stay
     valid; ``sites``: style rows of a site-styled decoder (:meth:`LatentDecoder.site_rows`).
+    With ``patch`` the step decodes one random region (``patch`` voxels) of the latents.
 
     With ``cfg.adversarial_weight`` the decoder also learns to fool the patch discriminator
     (least squares), and the discriminator, in the same step from the same weights, learns to
     tell ``x`` from the reconstruction (MONAI's tutorial recipe, one optimiser for both)."""
+    if patch is not None:
+        f = x.shape[2] // z.shape[2]
+        x, z = random_patch(x, patch, generator or torch.default_generator, latents=z, downsample=f)
     decoder.train()
     optimizer.zero_grad(set_to_none=True)
     disc = decoder.discriminator

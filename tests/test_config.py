@@ -24,6 +24,10 @@ def test_packaged_configs_validate():
     assert demo.data.shape == (32, 32, 32)
     assert smoke.data.shape == (16, 16, 16)
     assert demo.labels.classes[-1] == "consolidation"
+    chest64, chest128 = load_config("chest64"), load_config("chest128")
+    assert chest64.data.shape == (64,) * 3 and chest64.data.spacing_mm == (3.0,) * 3
+    assert chest128.data.shape == (128,) * 3 and chest128.data.spacing_mm == (1.5,) * 3
+    assert chest128.train.ae_patch == (64, 64, 64) and chest128.autoencoder.gradient_checkpointing
 
 
 def test_demo_rare_class_share_and_a_site_without_it(demo_config):
@@ -66,6 +70,12 @@ def test_demo_rare_class_share_and_a_site_without_it(demo_config):
             "data.sites[1].label_map.x",
         ),
         (lambda d: d["labels"].__setitem__("rare", ["tumour"]), "labels"),
+        (  # patches must be whole latent cells and fit the volume
+            lambda d: d["train"].__setitem__("ae_patch", [13, 16, 16]),
+            "train.ae_patch = [13, 16, 16]",
+        ),
+        (lambda d: d["train"].__setitem__("ae_patch", [64, 16, 16]), "train.ae_patch"),
+        (lambda d: d["federated"].__setitem__("num_gpus", 2), "federated.num_gpus"),
         (lambda d: d.__delitem__("labels"), "labels = '<missing>'"),
     ],
 )

@@ -19,6 +19,7 @@ from synthct.training import (
     ema_decay_at,
     encode_latents,
     proximal_term,
+    random_patch,
     reconstruction_loss,
 )
 
@@ -148,3 +149,66 @@ def test_decoder_step_trains_the_decoding_half_only(smoke_config):
         assert torch.equal(v, after[k]) != (k in names), k  # decoder moved, encoder did not
     assert torch.equal(encode_latents(ae, x), z)
     assert torch.allclose(decoder(z), ae.decode(z))
+
+
+def test_random_patch_crops_volumes_and_their_latents_alike():
+    g = torch.Generator().manual_seed(0)
+    x = torch.arange(2 * 16**3, dtype=torch.float32).view(2, 1, 16, 16, 16)
+    z = torch.nn.functional.avg_pool3d(x, 4)  # a latent grid 4x coarser
+    seen = set()
+    for _ in range(20):
+        crop, zc = random_patch(x, (8, 8, 8), g, latents=z, downsample=4)
+        assert crop.shape == (2, 1, 8, 8, 8) and zc.shape == (2, 1, 2, 2, 2)
+        assert torch.equal(torch.nn.functional.avg_pool3d(crop, 4), zc)  # the same region
+        seen.add(int(crop[0, 0, 0, 0, 0]))
+    assert len(seen) > 1  # the place moves
+
+
+@pytest.mark.parametrize("name", ["chest64", "chest128"])
+def test_clinical_config_trains_and_samples_one_step_at_reduced_width(name):
+    """Each clinical config's networks, at a width a CPU runs, through one real step of every
+    phase: shapes from volume to latents and back (whole or by sliding window)."""
+    from synthct.config import load_config
+    from synthct.sampling import decode_latents
+
+    levels = len(load_config(name).unet.channels)
+    config = load_config(
+        name,
+        [
+            "autoencoder.channels=[8, 8, 8]",
+            "autoencoder.norm_num_groups=4",
+            f"unet.channels={[8] * levels}",
+            "unet.num_head_channels=8",
+            "unet.norm_num_groups=4",
+        ],
+    )
+    gen = build_generator(config, seed=0)
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(1, 1, *config.data.shape, generator=g) * 2 - 1
+    opt = torch.optim.AdamW(gen.autoencoder.parameters(), lr=1e-4)
+    parts = autoencoder_step(
+        gen.autoencoder,
+        opt,
+        x,
+        config.autoencoder,
+        detail=detail_range(config.autoencoder, config.data.hu_window),
+        patch=config.train.ae_patch,
+        generator=g,
+    )
+    assert torch.isfinite(torch.tensor(parts["loss"]))
+    z = encode_latents(gen.autoencoder, x)
+    assert z.shape == (1, *config.latent_shape)
+    opt = torch.optim.AdamW(gen.unet.parameters(), lr=1e-4)
+    parts = diffusion_step(
+        gen.unet,
+        opt,
+        z,
+        torch.tensor([1]),
+        training_scheduler(config.diffusion),
+        config.diffusion,
+        conditioning=gen.conditioning,
+        generator=g,
+    )
+    assert torch.isfinite(torch.tensor(parts["loss"]))
+    out = decode_latents(gen, gen.latent_norm.apply(z), patch=config.sampling.decode_patch)
+    assert out.shape == x.shape and torch.isfinite(out).all()

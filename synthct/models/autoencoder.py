@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.utils.checkpoint
 from monai.networks.nets import AutoencoderKL, PatchDiscriminator
 from torch import nn
 
@@ -86,6 +87,16 @@ class SiteStyledAutoencoderKL(AutoencoderKL):
         self.site_style = SiteStyle(sites, spare_site_slots, channels)
 
     def decode(self, z: torch.Tensor, sites: torch.Tensor | None = None) -> torch.Tensor:
+        if self.use_checkpoint and torch.is_grad_enabled():  # as AutoencoderKL.decode does
+            return torch.utils.checkpoint.checkpoint(
+                styled_decode,
+                self.post_quant_conv,
+                self.decoder,
+                self.site_style,
+                z,
+                sites,
+                use_reentrant=False,
+            )
         return styled_decode(self.post_quant_conv, self.decoder, self.site_style, z, sites)
 
 
@@ -108,6 +119,7 @@ def build_autoencoder(cfg: AutoencoderConfig, sites: Sequence[str] = ()) -> Auto
         with_encoder_nonlocal_attn=cfg.attention,
         with_decoder_nonlocal_attn=cfg.attention,
         include_fc=False,
+        use_checkpoint=cfg.gradient_checkpointing,
     )
     if not cfg.site_style:
         return AutoencoderKL(**kwargs)

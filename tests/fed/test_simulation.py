@@ -426,3 +426,13 @@ def test_a_dead_runtime_ends_the_server_wait_instead_of_the_round_timeout():
     with pytest.raises(FederatedError, match="simulation runtime stopped"):
         grid.send_and_receive(["a", "b"], timeout=600)
     assert time.monotonic() - start < 5
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without a GPU")
+def test_gpu_shares_without_a_gpu_are_refused_before_ray_waits_for_them():
+    from synthct.fed.errors import FederatedError
+    from synthct.fed.simulation import require_gpus
+
+    require_gpus(0.0)
+    with pytest.raises(FederatedError, match="federated.num_gpus is 0.25 but this machine has no"):
+        require_gpus(0.25)
