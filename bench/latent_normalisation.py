@@ -125,6 +125,32 @@ def sample(gen, ema, shift, scale, labels, guidance: float, seed: int) -> torch.
     return torch.cat(out)
 
 
+def shipped_world(out: Path):
+    """The demo config, the shipped generator and reference model, and the demo phantoms'
+    real ``train`` / ``holdout`` cases with their features (rendered under ``out``)."""
+    config = load_config(packaged_config_path("demo"))
+    manifest = phantom_manifest(config, out)
+    gen = load_generator(phantom_dir() / "generator")
+    reference = load_phantom_reference(config.labels.vocabulary_hash)
+    real = load_real(manifest, manifest, config=config, reference=reference)
+    return config, gen, reference, real
+
+
+def score_ema(gen, ema, shift, scale, labels, guidance: float, seed: int, reference, real) -> dict:
+    """Sample ``labels`` with a trained EMA UNet and score them as sampling_fidelity.py does,
+    with the reference classifier's recall per class."""
+    classes, window = list(gen.config.labels.classes), gen.config.data.hu_window
+    images = sample(gen, ema, shift, scale, labels, guidance, seed)
+    images = hu_to_model(model_to_hu(images, window), window)  # as a cohort file
+    fs = extract_features(images, labels, ["pooled"] * len(labels), reference, window)
+    predicted = reference.predict(images).argmax(1)
+    recall = {
+        c: round(float((predicted[labels == i] == i).float().mean()), 3)
+        for i, c in enumerate(classes)
+    }
+    return {**score(fs, real, classes), "conditional_recall": recall}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=3000)
@@ -135,13 +161,8 @@ def main() -> None:
     p.add_argument("--results", default=None)
     args = p.parse_args()
     torch.set_num_threads(2)
-    config = load_config(packaged_config_path("demo"))
+    config, gen, reference, real = shipped_world(Path(args.out))
     classes = list(config.labels.classes)
-    window = config.data.hu_window
-    manifest = phantom_manifest(config, Path(args.out))
-    gen = load_generator(phantom_dir() / "generator")
-    reference = load_phantom_reference(config.labels.vocabulary_hash)
-    real = load_real(manifest, manifest, config=config, reference=reference)
     raw = encode_latents(gen.autoencoder, real.train.images)
     labels = real.train.labels
     stats = {
@@ -161,17 +182,10 @@ def main() -> None:
         train_s = time.perf_counter() - start
         rows = []
         for guidance in args.guidance:
-            images = sample(gen, ema, shift, scale, sample_labels, guidance, args.seed)
-            images = hu_to_model(model_to_hu(images, window), window)  # as a cohort file
-            fs = extract_features(
-                images, sample_labels, ["pooled"] * len(sample_labels), reference, window
+            scores = score_ema(
+                gen, ema, shift, scale, sample_labels, guidance, args.seed, reference, real
             )
-            predicted = reference.predict(images).argmax(1)
-            recall = {
-                c: round(float((predicted[sample_labels == i] == i).float().mean()), 3)
-                for i, c in enumerate(classes)
-            }
-            row = {"guidance": guidance, **score(fs, real, classes), "conditional_recall": recall}
+            row = {"guidance": guidance, **scores}
             print(json.dumps(row), flush=True)
             rows.append(row)
         arms.append(

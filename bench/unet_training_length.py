@@ -24,16 +24,9 @@ import time
 from pathlib import Path
 
 import torch
-from latent_normalisation import normalisers, sample, train_arm
-from phantom_world import bench_command, phantom_manifest
-from sampling_fidelity import score
+from latent_normalisation import normalisers, score_ema, shipped_world, train_arm
+from phantom_world import bench_command
 
-from synthct.checkpoint import load_generator
-from synthct.config import load_config, packaged_config_path
-from synthct.data.preprocess import hu_to_model, model_to_hu
-from synthct.eval.features import extract_features
-from synthct.eval.gate import load_real
-from synthct.pretrained import load_phantom_reference, phantom_dir
 from synthct.training import encode_latents
 
 
@@ -49,13 +42,8 @@ def main() -> None:
     p.add_argument("--results", default=None)
     args = p.parse_args()
     torch.set_num_threads(2)
-    config = load_config(packaged_config_path("demo"))
+    config, gen, reference, real = shipped_world(Path(args.out))
     classes = list(config.labels.classes)
-    window = config.data.hu_window
-    manifest = phantom_manifest(config, Path(args.out))
-    gen = load_generator(phantom_dir() / "generator")
-    reference = load_phantom_reference(config.labels.vocabulary_hash)
-    real = load_real(manifest, manifest, config=config, reference=reference)
     raw = encode_latents(gen.autoencoder, real.train.images)
     shift, scale = normalisers(raw)["global"]
     unet_cfg = gen.config.unet
@@ -68,22 +56,13 @@ def main() -> None:
 
     def on_checkpoint(step: int, ema) -> None:
         for guidance in args.guidance:
-            images = sample(gen, ema, shift, scale, sample_labels, guidance, args.seed)
-            images = hu_to_model(model_to_hu(images, window), window)  # as a cohort file
-            fs = extract_features(
-                images, sample_labels, ["pooled"] * len(sample_labels), reference, window
-            )
-            predicted = reference.predict(images).argmax(1)
-            recall = {
-                c: round(float((predicted[sample_labels == i] == i).float().mean()), 3)
-                for i, c in enumerate(classes)
-            }
             row = {
                 "step": step,
                 "guidance": guidance,
                 "train_wall_s": round(time.perf_counter() - start),
-                **score(fs, real, classes),
-                "conditional_recall": recall,
+                **score_ema(
+                    gen, ema, shift, scale, sample_labels, guidance, args.seed, reference, real
+                ),
             }
             print(json.dumps(row), flush=True)
             rows.append(row)
