@@ -191,6 +191,8 @@ class EarlyStopping:
         return {
             "best_at": self.best_at,
             "checks": self.checks,
+            "stopped_early": self.stop,
+            "checks_without_improvement": self.since_improved,
             "holdout_balanced_accuracy": bal,
             "holdout_loss": -neg_loss,
         }
