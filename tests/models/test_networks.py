@@ -51,3 +51,42 @@ def test_samplers_do_not_print_numpy2_notices(smoke_config, sampler):
         set_timesteps(scheduler, 15, "cpu")
     assert len(scheduler.timesteps) == 15
     assert [str(w.message) for w in caught] == []
+
+
+def test_networks_run_under_bf16_autocast_close_to_fp32(smoke_config):
+    """What `training.autocast` turns on for CUDA, checked on the CPU's bf16 autocast: the
+    site-styled autoencoder, its gradient-checkpointed backward and the UNet run in mixed
+    precision and stay within bf16 rounding of fp32 (same op lists for convolutions)."""
+    torch.manual_seed(0)
+    ae_cfg = smoke_config.autoencoder.model_copy(
+        update={"site_style": True, "gradient_checkpointing": True}
+    )
+    ae = build_autoencoder(ae_cfg, smoke_config.site_names)
+    with torch.no_grad():
+        for p in ae.site_style.parameters():
+            p.normal_(0, 0.1)  # a trained style, not the zero start
+    unet = build_unet(smoke_config.unet, latent_channels=2, num_classes=4)
+    with torch.no_grad():
+        for p in unet.out.parameters():
+            p.normal_(0, 0.05)  # MONAI starts the output layer at zero: nothing to compare
+    x = torch.randn(2, 1, *smoke_config.data.shape)
+    sites = torch.tensor([0, 1])
+    t, c = torch.tensor([10, 90]), torch.tensor([1, 2])
+
+    def run():
+        mu, _ = ae.encode(x)
+        recon = ae.decode(mu, sites)
+        return recon, unet(mu, t, class_labels=c)
+
+    with torch.no_grad():
+        ref_recon, ref_eps = run()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        recon, eps = run()
+        loss = (recon.float() - x).abs().mean() + eps.float().pow(2).mean()
+    assert recon.dtype == torch.bfloat16 and eps.dtype == torch.bfloat16
+    loss.backward()  # through the checkpointed encoder and decoder
+    grads = [p.grad for p in ae.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    for got, want in ((recon, ref_recon), (eps, ref_eps)):
+        err = float((got.detach().float() - want).abs().mean() / want.abs().mean())
+        assert err < 0.05, err
