@@ -61,9 +61,10 @@ def test_converged_training_stops_on_holdout(tiny, demo_sites):
     )
     train = load_cases(demo_sites, config, splits=("train",), sites=("site_a",))
     holdout = load_cases(demo_sites, config, splits=("holdout",), sites=("site_a",))
-    torch.manual_seed(0)  # the initial weights: independent of the tests run before
-    model = build_classifier(config)
-    info = train_converged(model, train, holdout, config, seed=0)
+    with torch.random.fork_rng():  # initial weights independent of the tests run before,
+        torch.manual_seed(0)  # and the global RNG left as it was for those after
+        model = build_classifier(config)
+        info = train_converged(model, train, holdout, config, seed=0)
     # it stopped once neither the holdout balanced accuracy nor the loss had improved for
     # `patience` epochs (the best by (accuracy, -loss) may still be one of them), or ran all
     assert info["epochs_run"] == 40 or (
