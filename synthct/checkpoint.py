@@ -402,8 +402,9 @@ def _read_record(directory: Path) -> tuple[dict[str, Any], SynthctConfig]:
         meta = read_json(meta_path)
         raw = dict(meta["config"])
         files = meta["files"]
-        configs = meta.get("configs", {}) if meta.get("layout", 1) >= 2 else {}
-        if meta.get("layout", 1) >= 2 and "inference" not in configs:
+        layout = meta.get("layout", 1)  # 1: flat, no config files pinned
+        configs = meta["configs"] if layout >= 2 else {}
+        if layout >= 2 and "inference" not in configs:
             raise KeyError("configs.inference")
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{meta_path}: unreadable generator record ({exc})") from None

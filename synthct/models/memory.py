@@ -98,19 +98,22 @@ class PhaseMemory:
         }
 
 
-def _nbytes(module: nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in module.parameters())
+def _nbytes(params) -> int:
+    return sum(p.numel() * p.element_size() for p in params)
 
 
-def _training(phase: str, model: nn.Module, x: torch.Tensor, loss: Callable) -> PhaseMemory:
+def _training(
+    phase: str, model: nn.Module, x: torch.Tensor, loss: Callable, *, ema: bool = False
+) -> PhaseMemory:
     """Forward + backward of one step (the gradients, made in the backward pass, are part of
-    its peak); weights and AdamW's two moments are held throughout."""
+    its peak); weights (twice with an ``ema`` copy) and AdamW's two moments are held
+    throughout."""
     trained = [p for p in model.parameters() if p.requires_grad]
-    adamw = 2 * sum(p.numel() * p.element_size() for p in trained)
+    adamw = 2 * _nbytes(trained)
     peak = peak_bytes(lambda: loss(model, x).backward())
     for p in trained:
         p.grad = None
-    weights = _nbytes(model) * (2 if phase == "diffusion" else 1)  # + the EMA copy
+    weights = _nbytes(model.parameters()) * (2 if ema else 1)
     return PhaseMemory(
         phase, x.shape[0], tuple(x.shape[1:]), weights / MIB, adamw / MIB, peak / MIB
     )
@@ -122,7 +125,8 @@ def _inference(phase: str, model: nn.Module, x: torch.Tensor, run: Callable) -> 
             run(model, x)
 
     peak = peak_bytes(step)
-    return PhaseMemory(phase, x.shape[0], tuple(x.shape[1:]), _nbytes(model) / MIB, 0.0, peak / MIB)
+    weights = _nbytes(model.parameters())
+    return PhaseMemory(phase, x.shape[0], tuple(x.shape[1:]), weights / MIB, 0.0, peak / MIB)
 
 
 def estimate_memory(
@@ -169,22 +173,18 @@ def estimate_memory(
             loss = loss + disc(recon)[-1].mean()
         return loss
 
-    def diffusion_loss(model, z):
-        labels = torch.zeros(z.shape[0], dtype=torch.long, device=z.device)
-        return model(z, t.expand(z.shape[0]), class_labels=labels).pow(2).mean()
-
     def denoise(model, z):
         labels = torch.zeros(z.shape[0], dtype=torch.long, device=z.device)
         return model(z, t.expand(z.shape[0]), class_labels=labels)
 
-    ae.encoder.requires_grad_(True)
     phases = [_training("autoencoder", ae, x_patch, ae_loss)]
     ae.encoder.requires_grad_(False)  # the decoder phase trains the decoder only
     if hasattr(ae, "quant_conv_mu"):
         ae.quant_conv_mu.requires_grad_(False)
         ae.quant_conv_log_sigma.requires_grad_(False)
     phases.append(_training("decoder", ae, z_patch, decoder_loss))
-    phases.append(_training("diffusion", unet, z_train, diffusion_loss))
+    diffusion_loss = lambda m, z: denoise(m, z).pow(2).mean()  # noqa: E731
+    phases.append(_training("diffusion", unet, z_train, diffusion_loss, ema=True))
     phases.append(_inference("sampling step", unet, z_sample, denoise))
     name = "decode window" if config.sampling.decode_patch else "decode"
     phases.append(_inference(name, ae, z_decode, lambda m, z: m.decode(z)))
