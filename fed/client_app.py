@@ -3,7 +3,9 @@
 Where a site's data is comes from the SuperNode's ``--node-config`` (``site``, ``manifest``,
 ``audit-dir``) in a deployment; in the simulation the site is ``data.sites[partition-id]`` and
 the server names the (single-machine) manifest. The run's config travels in every message, so
-every site trains the same networks. A site refuses weights whose hash does not match.
+every site trains the same networks. A site refuses weights whose hash does not match. Under
+``federated.secagg`` the same train function runs inside Flower's SecAgg+ protocol
+(``fed/secagg.py``); a SuperNode started with ``require-secagg=true`` refuses plain rounds.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from synthct.config import SynthctConfig
+from synthct.fed.secagg import secure_train_mod
 from synthct.fed.sites import SiteSettings, prepare_site
 from synthct.fed.task import (
     LocalRun,
@@ -103,7 +106,7 @@ def _frozen_autoencoder(cfg: ConfigRecord) -> tuple[dict[str, torch.Tensor], str
     return weights, sha
 
 
-@app.train()
+@app.train(mods=[secure_train_mod])
 def train(msg: Message, context: Context) -> Message:
     """One round of local training for the phase the server names."""
     config, cfg, site = prepare_site(msg, context)

@@ -32,6 +32,8 @@ from flwr.serverapp.strategy import (
     FedProx,
     Strategy,
 )
+from flwr.supercore.differential_privacy import compute_stdv
+from flwr.supercore.privacy_accounting import GaussianPrivacyEvent
 
 from synthct.artifacts import append_jsonl, read_json, sha256_bytes, write_json
 from synthct.checkpoint import (
@@ -44,6 +46,7 @@ from synthct.checkpoint import (
 )
 from synthct.config import SynthctConfig, load_config, packaged_config_path
 from synthct.fed.errors import FederatedError
+from synthct.fed.secagg import SecAggSettings, SecureRound, secure_round, site_weight_factor
 from synthct.fed.sites import screen_updates, wait_for_sites
 from synthct.fed.task import (
     PHASES,
@@ -373,6 +376,8 @@ class _Driver:
             cfg = self._with_frozen_autoencoder(cfg, gen)
         if phase == "diffusion":
             cfg["latent-norm"] = json.dumps(gen.latent_norm.to_json())
+        if fed.secagg.enabled:
+            return self._one_secure_round(model, strategy, phase, server_round, cfg, t0)
         arrays = ArrayRecord(_state_of(model))
         messages = list(strategy.configure_train(server_round, arrays, cfg, self.grid))
         down_bytes = sum(
@@ -456,6 +461,89 @@ class _Driver:
             "bytes_up": sum(s["bytes_up"] for s in sites),
         }
 
+    def _one_secure_round(
+        self,
+        model: torch.nn.Module,
+        strategy: Strategy,
+        phase: str,
+        server_round: int,
+        cfg: ConfigRecord,
+        t0: float,
+    ) -> dict[str, Any]:
+        """One round under SecAgg+: the server gets only the weighted mean of the sites'
+        clipped updates (``fed/secagg.py``); under DP it adds the noise to that mean."""
+        config, fed = self.config, self.config.federated
+        nodes = list(self.grid.get_node_ids())
+        if fed.strategy == "fedprox":
+            cfg["proximal-mu"] = fed.proximal_mu
+        dp = phase == "diffusion" and fed.privacy.enabled
+        settings = SecAggSettings(
+            clip_norm=fed.privacy.clipping_norm if dp else getattr(fed.secagg.clip_norm, phase),
+            max_weight=float(fed.secagg.max_weight),
+            min_replies=max(fed.secagg.min_replies, fed.min_sites),
+            quantization_range=fed.secagg.quantization_range,
+            timeout_s=fed.round_timeout_s,
+            unit_weight=dp,
+        )
+        global_state = _state_of(model)
+        result = secure_round(self.grid, nodes, global_state, cfg, server_round, settings)
+        for reason in result.failures:
+            logger.warning("%s round %d (secure): %s", phase, server_round, reason)
+        if result.aggregated:
+            mean = result.mean_update
+            if dp:
+                _add_dp_noise(mean, fed.privacy.noise_multiplier, settings.clip_norm, len(nodes))
+                accountant = getattr(strategy, "accountant", None)
+                if accountant is not None and len(result.sites) == len(nodes):
+                    accountant.compose(
+                        GaussianPrivacyEvent(
+                            noise_multiplier=fed.privacy.noise_multiplier,
+                            sample_size=len(nodes),
+                            population_size=len(config.site_names),
+                        )
+                    )
+            else:
+                owned_rows_from_secure_mean(mean, result, settings)
+            new = {
+                k: (v.double() + mean[k]).to(v.dtype) if k in mean else v
+                for k, v in global_state.items()
+            }
+            model.load_state_dict(new, strict=True)
+        sites = []
+        for s in sorted(result.sites, key=lambda s: config.site_names[int(s["site-index"])]):
+            loss = float(s["loss"])
+            sites.append(
+                {
+                    "site": config.site_names[int(s["site-index"])],
+                    "loss": loss if math.isfinite(loss) else None,
+                    "cases": int(s["num-examples"]),
+                    "steps": int(s["steps"]),
+                    "bytes_up": result.bytes_up // max(len(result.sites), 1),
+                    "sha256_up": str(s["update-sha256"]),  # the site's digest of its update
+                    "update_norm": float(s["update-norm"]),  # before clipping
+                    "audit_chain": s.get("audit-chain"),
+                }
+            )
+        scored = [s for s in sites if s["loss"] is not None]
+        total_cases = sum(s["cases"] for s in scored)
+        return {
+            "phase": phase,
+            "round": server_round,
+            "wall_s": round(time.perf_counter() - t0, 3),
+            "secure_aggregation": {"clip_norm": settings.clip_norm, "unit_weight": dp},
+            "replies": len(result.sites),
+            "sent": len(nodes),
+            "failures": [{"reason": r} for r in result.failures],
+            "timed_out": 0,
+            "aggregated": result.aggregated,
+            "loss": (
+                sum(s["loss"] * s["cases"] for s in scored) / total_cases if total_cases else None
+            ),
+            "sites": sites,
+            "bytes_down": result.bytes_down,
+            "bytes_up": result.bytes_up,
+        }
+
     def _pool_latent_norm(self, gen: Generator) -> LatentNorm:
         """The UNet's latent normalisation (the config's kind) over all sites' latents, pooled
         exactly from each site's per-channel count, sum and sum of squares."""
@@ -518,6 +606,35 @@ def take_owned_rows(
         for key in PER_SITE_ROWS:
             if key in state and key in theirs and index < len(state[key]):
                 state[key][index] = theirs[key][index]
+
+
+def owned_rows_from_secure_mean(
+    mean: dict[str, torch.Tensor], result: SecureRound, settings: SecAggSettings
+) -> None:
+    """``take_owned_rows`` for a secure mean (in place): only site i moves row i, so the
+    mean's row i is ``q_i / sum(q)`` times site i's row update (``q``: the protocol's integer
+    weight from the plain-text case count); scaling it back gives that site's own row update.
+    (Weight decay on the other sites moves the row slightly too; that share stays in.)"""
+    weights = {
+        int(s["site-index"]): site_weight_factor(int(s["num-examples"]), settings)
+        for s in result.sites
+    }
+    total = sum(weights.values())
+    for key in PER_SITE_ROWS:
+        if key not in mean:
+            continue
+        for index, q in weights.items():
+            if index < len(mean[key]) and q > 0:
+                mean[key][index] *= total / q
+
+
+def _add_dp_noise(
+    mean: dict[str, torch.Tensor], noise_multiplier: float, clip: float, sampled: int
+) -> None:
+    """Flower's central DP noise (``compute_stdv``: z * C / m) on the secure mean update."""
+    std = compute_stdv(noise_multiplier, clip, sampled)
+    for value in mean.values():
+        value += torch.randn_like(value) * std
 
 
 def _audit_chain(reply: Message) -> str | None:

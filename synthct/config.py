@@ -458,6 +458,43 @@ class DPConfig(_Strict):
     target_delta: float = Field(default=1e-3, gt=0, lt=1)
 
 
+class SecAggClipNorms(_Strict):
+    """L2 bound of one site's update per round and phase, applied on the site under SecAgg+
+    (the server cannot see an update to screen it). Set above an honest site's usual update
+    norm (each round's log records every site's norm before clipping) and as low as that
+    allows: the quantisation step grows with it."""
+
+    autoencoder: float = Field(default=5.0, gt=0)
+    decoder: float = Field(default=5.0, gt=0)
+    diffusion: float = Field(default=5.0, gt=0)
+
+
+class SecAggConfig(_Strict):
+    """Flower's SecAgg+ for the generator's rounds: each site sends its update (weights
+    minus the global ones) masked and quantised; the server learns only the case-weighted
+    mean. Replaces the server's per-site norm screening by clipping on the sites. With
+    ``privacy.enabled`` the diffusion phase's updates are clipped to ``privacy.clipping_norm``
+    with equal weights and the server adds the noise to the secure mean."""
+
+    enabled: bool = False
+    clip_norm: SecAggClipNorms = SecAggClipNorms()
+    max_weight: int = Field(
+        default=1024,
+        gt=0,
+        description="at least the largest site's train cases (a site with more refuses); "
+        "the protocol weighs site i by cases_i / max_weight",
+    )
+    quantization_range: int = Field(
+        default=2**24,
+        gt=0,
+        description="quantisation levels per element over [-clip, clip]; sites x this must "
+        "stay below 2^32",
+    )
+    min_replies: int = Field(
+        default=2, ge=2, description="fewest sites whose masked updates still aggregate"
+    )
+
+
 class FederatedConfig(_Strict):
     """Flower training: rounds per phase, local steps per round, strategy, robustness."""
 
@@ -510,6 +547,7 @@ class FederatedConfig(_Strict):
         "rejected. The round goes on with the rest and the log names the site",
     )
     privacy: DPConfig = DPConfig()
+    secagg: SecAggConfig = SecAggConfig()
     faults: list[FaultConfig] = Field(default_factory=list)
 
     def finetune_schedule(self) -> FederatedConfig:

@@ -436,3 +436,47 @@ def test_gpu_shares_without_a_gpu_are_refused_before_ray_waits_for_them():
     require_gpus(0.0)
     with pytest.raises(FederatedError, match="federated.num_gpus is 0.25 but this machine has no"):
         require_gpus(0.25)
+
+
+def test_secure_aggregation_equals_fedavg_and_pairs_with_dp(tmp_path, smoke_config, smoke_sites):
+    """SecAgg+ in Flower's simulation: the autoencoder round's aggregate is the case-weighted
+    mean of what the sites kept (within the quantisation step), the round log carries each
+    site's own digest and norm but no upload the server could read, and under DP the
+    diffusion round releases a clipped, noised mean with epsilon accounted."""
+    doc = smoke_config.model_dump()
+    doc["federated"].update(
+        {
+            "ae_rounds": 1,
+            "decoder_rounds": 0,
+            "diffusion_rounds": 1,
+            "round_timeout_s": 300.0,
+            "secagg": {"enabled": True, "clip_norm": {"autoencoder": 50.0}, "max_weight": 64},
+            "privacy": {"enabled": True, "noise_multiplier": 1e-9, "clipping_norm": 0.05},
+        }
+    )
+    doc["train"]["diffusion_lr"] = 0.05  # unclipped updates would be far above 0.05
+    config = type(smoke_config).model_validate(doc)
+    run = tmp_path / "secagg"
+    gen = train_federated(config, smoke_sites, run, keep_payloads=True)
+    ae, _, diffusion = _rounds(run)
+    assert ae["aggregated"] and ae["replies"] == 3 and ae["failures"] == []
+    assert ae["secure_aggregation"] == {"clip_norm": 50.0, "unit_weight": False}
+    init = build_generator(config, seed=config.seed)
+    expected = _weighted_mean(run, ae)
+    cases = sum(s["cases"] for s in ae["sites"])
+    step = 3 * 2 * 50.0 / (cases / 64 * 2**24)  # sites x quantisation step / total weight
+    for k, v in gen.autoencoder.state_dict().items():
+        assert torch.allclose(v.double(), expected[k], atol=step + 1e-6), k
+    for s in ae["sites"]:
+        kept = _payload(run, s["site"], "autoencoder", 1)
+        start = init.autoencoder.state_dict()
+        norm = math.sqrt(
+            sum(float((v.double() - start[k].double()).pow(2).sum()) for k, v in kept.items())
+        )
+        assert s["update_norm"] == pytest.approx(norm, rel=1e-6) and norm < 50.0
+        assert len(s["sha256_up"]) == 64 and s["audit_chain"]
+    assert diffusion["aggregated"] and diffusion["secure_aggregation"]["unit_weight"]
+    assert min(s["update_norm"] for s in diffusion["sites"]) > 0.5
+    released = float((_flat(gen.unet.state_dict()) - _flat(init.unet.state_dict())).norm())
+    assert released <= 0.05 * 1.01
+    assert diffusion["dp"]["epsilon"] > 0 and diffusion["dp"]["releases"] == 1
