@@ -43,6 +43,7 @@ from synthct.config import SynthctConfig
 from synthct.data.manifest import read_manifest
 from synthct.fed.errors import SiteError
 from synthct.fed.fedavg_run import fedavg_then_evaluate, holdout_count_metrics
+from synthct.fed.secagg import secure_train_mod
 from synthct.fed.sites import prepare_site, wait_for_sites
 from synthct.fed.task import OptimizerStateStore, config_to_json, load_site_cases, round_seed
 
@@ -53,7 +54,7 @@ logger = logging.getLogger(__name__)
 app = ClientApp()
 
 
-@app.train()
+@app.train(mods=[secure_train_mod])
 def train(msg: Message, context: Context) -> Message:
     """Local epochs on this site's real train cases (+ its cohort cases)."""
     config, cfg, site = prepare_site(msg, context)

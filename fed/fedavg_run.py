@@ -27,6 +27,7 @@ from flwr.serverapp.strategy import FedAvg, Result
 from synthct.classifier import EarlyStopping, score_from_counts
 from synthct.config import SynthctConfig
 from synthct.fed.errors import FederatedError
+from synthct.fed.secagg import SecAggSettings, SecureRound, secure_round, settings_from_config
 from synthct.fed.sites import screen_updates
 
 __all__ = ["fedavg_then_evaluate", "holdout_count_metrics", "Converged"]
@@ -74,20 +75,46 @@ class Converged:
 
 class _ScreenedFedAvg(FedAvg):
     """Flower's FedAvg that sets aside a NaN/Inf or outsized update (``screen_updates``)
-    before averaging, as the generator's rounds do; the others are averaged as usual."""
+    before averaging, as the generator's rounds do; the others are averaged as usual.
 
-    def __init__(self, norm_ratio: float, **kwargs: Any) -> None:
+    With ``secure`` settings each training round runs Flower's SecAgg+ instead
+    (``fed/secagg.py``): no plain message is sent, the sites' clipped updates are masked and
+    only their case-weighted mean reaches the server."""
+
+    def __init__(
+        self, norm_ratio: float, secure: SecAggSettings | None = None, **kwargs: Any
+    ) -> None:
         super().__init__(**kwargs)
         self.norm_ratio = norm_ratio
+        self.secure = secure
         self._sent: dict[str, Any] | None = None
+        self._secure_result: SecureRound | None = None
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self._sent = arrays.to_torch_state_dict()
-        return super().configure_train(server_round, arrays, config, grid)
+        if self.secure is None:
+            return super().configure_train(server_round, arrays, config, grid)
+        nodes = list(grid.get_node_ids())
+        self._secure_result = secure_round(
+            grid, nodes, self._sent, config, server_round, self.secure
+        )
+        for reason in self._secure_result.failures:
+            logger.warning("round %d (secure): %s", server_round, reason)
+        return []  # the round already ran; Flower's loop sends nothing more
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        if self.secure is not None:
+            result, self._secure_result = self._secure_result, None
+            if result is None or result.mean_update is None or self._sent is None:
+                return None, None
+            mean = result.mean_update
+            new = {
+                k: (v.double() + mean[k]).to(v.dtype) if k in mean else v
+                for k, v in self._sent.items()
+            }
+            return ArrayRecord(new), MetricRecord({"secure-replies": len(result.sites)})
         replies = list(replies)
         if self._sent is not None:
             fit = [r for r in replies if not r.has_error()]
@@ -169,18 +196,23 @@ def fedavg_then_evaluate(
     train_config: ConfigRecord,
     what: str,
     holdout_patience: int | None = None,
+    phase: str | None = None,
 ) -> tuple[Result, list[RecordDict], Converged | None]:
     """``rounds`` of FedAvg from ``initial``, then every node evaluates the final weights;
     returns Flower's result, each site's reply content and, with ``holdout_patience`` (0 =
     keep the best round but never stop early), where holdout early stopping left it. The
     final evaluation message carries ``eval-split = test``; the per-round ones ``holdout``.
-    A site error stops with a :class:`FederatedError` naming ``what`` was being evaluated."""
+    A site error stops with a :class:`FederatedError` naming ``what`` was being evaluated.
+    Under ``federated.secagg`` the training rounds run SecAgg+ with ``phase``'s clip norm
+    (``what`` when not given)."""
     common = {
         "min_train_nodes": config.federated.min_sites,
         "min_available_nodes": min(len(nodes), len(config.site_names)),
     }
     evaluate_config = None
     common["norm_ratio"] = config.federated.reject_norm_ratio
+    if config.federated.secagg.enabled:
+        common["secure"] = settings_from_config(config.federated, phase or what)
     if holdout_patience is None:
         strategy: FedAvg = _ScreenedFedAvg(fraction_evaluate=0.0, **common)
     else:

@@ -33,6 +33,7 @@ from synthct.config import SynthctConfig
 from synthct.data.dataset import load_cases
 from synthct.fed.errors import SiteError
 from synthct.fed.fedavg_run import fedavg_then_evaluate
+from synthct.fed.secagg import secure_train_mod
 from synthct.fed.sites import prepare_site, wait_for_sites
 from synthct.fed.task import config_to_json, load_site_cases, round_seed, write_audit
 from synthct.reference import ReferenceModel, ReferenceNet, fit_reference
@@ -74,7 +75,7 @@ def _model_from(arrays: ArrayRecord, num_classes: int) -> ReferenceNet:
     return net
 
 
-@app.train()
+@app.train(mods=[secure_train_mod])
 def train(msg: Message, context: Context) -> Message:
     """Local epochs of reference training on this site's own ``train`` cases."""
     config, cfg, site = prepare_site(msg, context)

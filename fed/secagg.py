@@ -58,6 +58,7 @@ from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.serverapp import Grid
 from flwr.supercore.differential_privacy import clip_inputs_inplace, get_norm
 
+from synthct.config import FederatedConfig
 from synthct.fed.errors import SiteError
 
 __all__ = [
@@ -65,6 +66,7 @@ __all__ = [
     "SecureRound",
     "secure_round",
     "secure_train_mod",
+    "settings_from_config",
     "site_weight_factor",
     "REQUIRE_NODE_KEY",
 ]
@@ -103,6 +105,20 @@ class SecureRound:
     @property
     def aggregated(self) -> bool:
         return self.mean_update is not None
+
+
+def settings_from_config(fed: FederatedConfig, phase: str, *, dp: bool = False) -> SecAggSettings:
+    """The protocol settings of ``federated.secagg`` for one phase (``autoencoder``,
+    ``decoder``, ``diffusion``, ``reference``, ``downstream``); under DP the updates are
+    clipped to ``privacy.clipping_norm`` and weigh the same."""
+    return SecAggSettings(
+        clip_norm=fed.privacy.clipping_norm if dp else getattr(fed.secagg.clip_norm, phase),
+        max_weight=float(fed.secagg.max_weight),
+        min_replies=max(fed.secagg.min_replies, fed.min_sites),
+        quantization_range=fed.secagg.quantization_range,
+        timeout_s=fed.round_timeout_s,
+        unit_weight=dp,
+    )
 
 
 def site_weight_factor(num_examples: int, settings: SecAggSettings) -> int:

@@ -46,7 +46,13 @@ from synthct.checkpoint import (
 )
 from synthct.config import SynthctConfig, load_config, packaged_config_path
 from synthct.fed.errors import FederatedError
-from synthct.fed.secagg import SecAggSettings, SecureRound, secure_round, site_weight_factor
+from synthct.fed.secagg import (
+    SecAggSettings,
+    SecureRound,
+    secure_round,
+    settings_from_config,
+    site_weight_factor,
+)
 from synthct.fed.sites import screen_updates, wait_for_sites
 from synthct.fed.task import (
     PHASES,
@@ -477,14 +483,7 @@ class _Driver:
         if fed.strategy == "fedprox":
             cfg["proximal-mu"] = fed.proximal_mu
         dp = phase == "diffusion" and fed.privacy.enabled
-        settings = SecAggSettings(
-            clip_norm=fed.privacy.clipping_norm if dp else getattr(fed.secagg.clip_norm, phase),
-            max_weight=float(fed.secagg.max_weight),
-            min_replies=max(fed.secagg.min_replies, fed.min_sites),
-            quantization_range=fed.secagg.quantization_range,
-            timeout_s=fed.round_timeout_s,
-            unit_weight=dp,
-        )
+        settings = settings_from_config(fed, phase, dp=dp)
         global_state = _state_of(model)
         result = secure_round(self.grid, nodes, global_state, cfg, server_round, settings)
         for reason in result.failures:

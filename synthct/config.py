@@ -467,22 +467,25 @@ class SecAggClipNorms(_Strict):
     autoencoder: float = Field(default=5.0, gt=0)
     decoder: float = Field(default=5.0, gt=0)
     diffusion: float = Field(default=5.0, gt=0)
+    reference: float = Field(default=5.0, gt=0)
+    downstream: float = Field(default=5.0, gt=0)
 
 
 class SecAggConfig(_Strict):
-    """Flower's SecAgg+ for the generator's rounds: each site sends its update (weights
-    minus the global ones) masked and quantised; the server learns only the case-weighted
-    mean. Replaces the server's per-site norm screening by clipping on the sites. With
+    """Flower's SecAgg+ for every aggregation of model updates (generator phases, reference
+    and downstream classifiers): each site sends its update (weights minus the global ones)
+    masked and quantised; the server learns only the case-weighted mean. Replaces the server's per-site norm screening by clipping on the sites. With
     ``privacy.enabled`` the diffusion phase's updates are clipped to ``privacy.clipping_norm``
     with equal weights and the server adds the noise to the secure mean."""
 
     enabled: bool = False
     clip_norm: SecAggClipNorms = SecAggClipNorms()
     max_weight: int = Field(
-        default=1024,
+        default=256,
         gt=0,
         description="at least the largest site's train cases (a site with more refuses); "
-        "the protocol weighs site i by cases_i / max_weight",
+        "the protocol weighs site i by cases_i / max_weight, so keep it near the largest "
+        "site: the mean's quantisation error grows with max_weight / total cases",
     )
     quantization_range: int = Field(
         default=2**24,
