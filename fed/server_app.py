@@ -92,7 +92,7 @@ class FederatedJob:
 def make_strategy(config: SynthctConfig, phase: str, num_sites: int) -> Strategy:
     """Flower strategy for a phase: FedAvg/FedProx weighted by cases, or uniform under DP."""
     fed = config.federated
-    dp = phase == "diffusion" and fed.privacy.enabled
+    dp = fed.dp_phase(phase)
     common: dict[str, Any] = {
         "fraction_train": 1.0,
         "fraction_evaluate": 0.0,
@@ -114,16 +114,15 @@ def make_strategy(config: SynthctConfig, phase: str, num_sites: int) -> Strategy
     )
     from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 
-    accountant = None
-    if fed.strategy == "fedavg":  # Flower's accountant supports plain FedAvg aggregation only
-        accountant = RdpAccountant(
-            PrivacyConfig(
-                target_delta=fed.privacy.target_delta,
-                population_size=num_sites,
-                neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
-                sampling_method=SamplingMethod.NO_AMPLIFICATION,
-            )
+    # the config refuses DP with FedProx: Flower's accountant covers plain FedAvg only
+    accountant = RdpAccountant(
+        PrivacyConfig(
+            target_delta=fed.privacy.target_delta,
+            population_size=num_sites,
+            neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+            sampling_method=SamplingMethod.NO_AMPLIFICATION,
         )
+    )
     return DifferentialPrivacyServerSideFixedClipping(
         strategy,
         noise_multiplier=fed.privacy.noise_multiplier,
@@ -142,6 +141,7 @@ class _RunState:
         self.phase, self.round = PHASES[0], 0
         self.latent_norm: LatentNorm | None = None
         self.accountant: dict[str, Any] | None = None
+        self.privacy_spent: dict[str, Any] | None = None  # the last noised release's account
         # optimiser steps in the server EMA (its warm-up); None: a fine-tuned, trained EMA
         self.ema_steps: int | None = 0
 
@@ -157,6 +157,7 @@ class _RunState:
         elif data.get("scale_factor") is not None:  # a run from before per-channel norms
             self.latent_norm = LatentNorm(scale=(float(data["scale_factor"]),))
         self.accountant = data.get("accountant")
+        self.privacy_spent = data.get("privacy_spent")
         self.ema_steps = data.get("ema_steps")  # absent: a run from before the warm-up
 
     def save(self) -> None:
@@ -167,6 +168,7 @@ class _RunState:
                 "round": self.round,
                 "latent_norm": None if self.latent_norm is None else self.latent_norm.to_json(),
                 "accountant": self.accountant,
+                "privacy_spent": self.privacy_spent,
                 "ema_steps": self.ema_steps,
             },
             kind="federated-state",
@@ -300,13 +302,12 @@ class _Driver:
     def _commit(self, gen: Generator, record: dict[str, Any] | None = None) -> None:
         """Checkpoint, round log line, then state: the state file is the commit point (on
         resume, log lines past it are dropped)."""
-        save_generator(
-            gen,
-            self.run_dir / "generator",
-            extra={
-                "trained": {"federated": True, "phase": self.state.phase, "round": self.state.round}
-            },
-        )
+        extra: dict[str, Any] = {
+            "trained": {"federated": True, "phase": self.state.phase, "round": self.state.round}
+        }
+        if self.config.federated.privacy.enabled:
+            extra["privacy"] = privacy_record(self.config, self.state.privacy_spent)
+        save_generator(gen, self.run_dir / "generator", extra=extra)
         if record is not None:
             append_jsonl(self.rounds_log, record)
         self.state.save()
@@ -343,17 +344,17 @@ class _Driver:
             if record["aggregated"] and ema is not None:
                 ema.update(gen.unet, steps)  # one round = local_steps optimiser steps
                 state.ema_steps = ema.step
-            if phase == "diffusion" and config.federated.privacy.enabled:
-                dp: dict[str, Any] = {
-                    "epsilon": None,  # Flower's accountant supports FedAvg only
+            if config.federated.dp_phase(phase) and accountant is not None:
+                state.accountant = accountant.state_dict()
+                spent = accountant.get_privacy_spent()
+                record["dp"] = {
+                    "epsilon": spent.epsilon,  # the whole run so far, every phase
+                    "delta": spent.delta,
+                    "releases": spent.num_releases,
                     "noise_multiplier": config.federated.privacy.noise_multiplier,
                     "clipping_norm": config.federated.privacy.clipping_norm,
                 }
-                if accountant is not None:
-                    state.accountant = accountant.state_dict()
-                    spent = accountant.get_privacy_spent()
-                    dp.update(epsilon=spent.epsilon, delta=spent.delta, releases=spent.num_releases)
-                record["dp"] = dp
+                state.privacy_spent = record["dp"]
             state.round = server_round
             self._commit(gen, record)
             self.executed += 1
@@ -428,7 +429,7 @@ class _Driver:
             strategy.aggregate_train(server_round, _errors(replies))  # releases DP bookkeeping
         if aggregated is not None:
             state = aggregated.to_torch_state_dict()
-            if not (fed.privacy.enabled and phase == "diffusion"):  # DP noises every row
+            if not fed.dp_phase(phase):  # DP noises every row
                 owned = [(_site_index(r), r.content["arrays"].to_torch_state_dict()) for r in ok]
                 take_owned_rows(state, owned)
             model.load_state_dict(state, strict=True)
@@ -482,7 +483,7 @@ class _Driver:
         nodes = list(self.grid.get_node_ids())
         if fed.strategy == "fedprox":
             cfg["proximal-mu"] = fed.proximal_mu
-        dp = phase == "diffusion" and fed.privacy.enabled
+        dp = fed.dp_phase(phase)
         settings = settings_from_config(fed, phase, dp=dp)
         global_state = _state_of(model)
         result = secure_round(self.grid, nodes, global_state, cfg, server_round, settings)
@@ -605,6 +606,26 @@ def take_owned_rows(
         for key in PER_SITE_ROWS:
             if key in state and key in theirs and index < len(state[key]):
                 state[key][index] = theirs[key][index]
+
+
+def privacy_record(config: SynthctConfig, spent: dict[str, Any] | None) -> dict[str, Any]:
+    """The generator's privacy account: one (epsilon, delta) per site for every noised
+    release of the run, and what it does not cover."""
+    dp = config.federated.privacy
+    return {
+        "mechanism": "central DP, Gaussian, server-side fixed clipping (Flower), RDP accountant",
+        "epsilon": None if spent is None else spent["epsilon"],  # None: nothing released yet
+        "delta": dp.target_delta,
+        "releases": 0 if spent is None else spent["releases"],
+        "noise_multiplier": dp.noise_multiplier,
+        "clipping_norm": dp.clipping_norm,
+        "phases": list(dp.phases),
+        "not_covered": [
+            *[f"{p} updates" for p in PHASES if p not in dp.phases],
+            "latent moments (per-channel mean and variance of each site's latents, pooled "
+            "once for the latent normalisation)",
+        ],
+    }
 
 
 def owned_rows_from_secure_mean(

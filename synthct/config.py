@@ -448,14 +448,22 @@ class FaultConfig(_Strict):
 
 
 class DPConfig(_Strict):
-    """Central DP on the diffusion phase (Flower's server-side fixed clipping wrapper):
+    """Central DP on the generator's phases (Flower's server-side fixed clipping wrapper):
     each site's update is clipped to ``clipping_norm`` and Gaussian noise of std
-    ``noise_multiplier * clipping_norm / n_sites`` is added to the uniform mean."""
+    ``noise_multiplier * clipping_norm / n_sites`` is added to the uniform mean. One RDP
+    accountant composes every noised release of the run, whatever its phase, so the
+    generator carries one (epsilon, delta) per site. FedAvg only (Flower's accountant)."""
 
     enabled: bool = False
     noise_multiplier: float = Field(default=1.0, gt=0)
     clipping_norm: float = Field(default=1.0, gt=0)
     target_delta: float = Field(default=1e-3, gt=0, lt=1)
+    phases: list[Literal["autoencoder", "decoder", "diffusion"]] = Field(
+        default_factory=lambda: ["autoencoder", "decoder", "diffusion"],
+        min_length=1,
+        description="the phases whose updates are clipped and noised; a phase left out "
+        "releases its updates without noise and the recorded epsilon does not cover it",
+    )
 
 
 class SecAggClipNorms(_Strict):
@@ -552,6 +560,19 @@ class FederatedConfig(_Strict):
     privacy: DPConfig = DPConfig()
     secagg: SecAggConfig = SecAggConfig()
     faults: list[FaultConfig] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _dp_needs_fedavg(self) -> FederatedConfig:
+        if self.privacy.enabled and self.strategy != "fedavg":
+            raise ValueError(
+                "privacy.enabled needs strategy fedavg: Flower's privacy accountant covers "
+                "plain FedAvg only, so a FedProx run would have no epsilon"
+            )
+        return self
+
+    def dp_phase(self, phase: str) -> bool:
+        """Whether ``phase``'s updates are clipped and noised."""
+        return self.privacy.enabled and phase in self.privacy.phases
 
     def finetune_schedule(self) -> FederatedConfig:
         """This schedule for fine-tuning a pretrained generator: ``finetune_rounds`` diffusion

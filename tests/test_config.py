@@ -158,3 +158,10 @@ def test_config_show_prints_a_config_that_loads_back_to_the_same(tmp_path, capsy
     assert main(["config", "validate", str(shown)]) == 0
     assert main(["config", "validate", "demo", "--set", "data.spacing_mm=[0, 1, 1]"]) == 2
     assert "data.spacing_mm" in capsys.readouterr().err
+
+
+def test_dp_with_fedprox_is_refused_with_the_reason(smoke_config):
+    doc = smoke_config.model_dump()
+    doc["federated"].update({"strategy": "fedprox", "privacy": {"enabled": True}})
+    with pytest.raises(ValueError, match="FedProx run would have no epsilon"):
+        type(smoke_config).model_validate(doc)

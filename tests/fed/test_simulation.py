@@ -383,6 +383,31 @@ def test_dp_clips_each_site_update(tmp_path, smoke_config, smoke_sites):
     assert released <= 0.05 * (1 + 1e-4)
 
 
+def test_one_privacy_account_covers_every_phase(tmp_path, smoke_config, smoke_sites):
+    """DP on the autoencoder and the diffusion phase: one accountant composes both releases,
+    and the generator records that epsilon with what it does not cover."""
+    doc = smoke_config.model_dump()
+    doc["federated"].update(
+        {
+            "ae_rounds": 1,
+            "decoder_rounds": 0,
+            "diffusion_rounds": 1,
+            "privacy": {"enabled": True, "noise_multiplier": 1.0, "clipping_norm": 0.5},
+        }
+    )
+    config = type(smoke_config).model_validate(doc)
+    run = tmp_path / "dp_all"
+    train_federated(config, smoke_sites, run)
+    ae, _, diffusion = _rounds(run)
+    assert ae["dp"]["releases"] == 1 and diffusion["dp"]["releases"] == 2
+    assert 0 < ae["dp"]["epsilon"] < diffusion["dp"]["epsilon"]
+    record = json.loads((run / "generator" / "config.json").read_text())["privacy"]
+    assert record["epsilon"] == diffusion["dp"]["epsilon"] and record["releases"] == 2
+    assert record["phases"] == ["autoencoder", "decoder", "diffusion"]
+    assert [x for x in record["not_covered"] if "updates" in x] == []
+    assert any("latent moments" in x for x in record["not_covered"])
+
+
 def test_cli_train_defaults_to_federated(tmp_path, smoke_sites):
     from synthct.cli import main
     from synthct.config import packaged_config_path
@@ -451,7 +476,12 @@ def test_secure_aggregation_equals_fedavg_and_pairs_with_dp(tmp_path, smoke_conf
             "diffusion_rounds": 1,
             "round_timeout_s": 300.0,
             "secagg": {"enabled": True, "clip_norm": {"autoencoder": 50.0}, "max_weight": 64},
-            "privacy": {"enabled": True, "noise_multiplier": 1e-9, "clipping_norm": 0.05},
+            "privacy": {
+                "enabled": True,
+                "noise_multiplier": 1e-9,
+                "clipping_norm": 0.05,
+                "phases": ["diffusion"],
+            },
         }
     )
     doc["train"]["diffusion_lr"] = 0.05  # unclipped updates would be far above 0.05
@@ -480,3 +510,5 @@ def test_secure_aggregation_equals_fedavg_and_pairs_with_dp(tmp_path, smoke_conf
     released = float((_flat(gen.unet.state_dict()) - _flat(init.unet.state_dict())).norm())
     assert released <= 0.05 * 1.01
     assert diffusion["dp"]["epsilon"] > 0 and diffusion["dp"]["releases"] == 1
+    record = json.loads((run / "generator" / "config.json").read_text())["privacy"]
+    assert "autoencoder updates" in record["not_covered"]  # DP on the diffusion phase only
