@@ -122,7 +122,7 @@ def main() -> None:
     }
     print(json.dumps(summary, indent=1))
     if args.results:
-        write_json(Path(args.results), summary)
+        write_json(Path(args.results), summary, kind="bench-secagg-cost")
 
 
 if __name__ == "__main__":

@@ -338,7 +338,12 @@ def secure_round(
         sites=sites,
         failures=failures,
         bytes_up=8 * (numel + len(float_keys) + 1) * len(sites),
-        bytes_down=sum(a.nbytes for a in arrays) * len(nodes),
+        # the global weights and any bytes in the config (the frozen autoencoder)
+        bytes_down=(
+            sum(a.nbytes for a in arrays)
+            + sum(len(v) for v in dict(config).values() if isinstance(v, bytes))
+        )
+        * len(nodes),
     )
     if strategy.mean is None:
         logger.warning(

@@ -449,24 +449,18 @@ class _Driver:
                     "audit_chain": _audit_chain(r),
                 }
             )
-        scored = [s for s in sites if s["loss"] is not None]
-        total_cases = sum(s["cases"] for s in scored)
-        return {
-            "phase": phase,
-            "round": server_round,
-            "wall_s": round(time.perf_counter() - t0, 3),
-            "replies": len(ok),
-            "sent": len(messages),
-            "failures": failures,
-            "timed_out": timed_out,
-            "aggregated": aggregated is not None,
-            "loss": (
-                sum(s["loss"] * s["cases"] for s in scored) / total_cases if total_cases else None
-            ),
-            "sites": sites,
-            "bytes_down": down_bytes,
-            "bytes_up": sum(s["bytes_up"] for s in sites),
-        }
+        return _round_record(
+            phase,
+            server_round,
+            t0,
+            sites,
+            replies=len(ok),
+            sent=len(messages),
+            failures=failures,
+            timed_out=timed_out,
+            aggregated=aggregated is not None,
+            bytes_down=down_bytes,
+        )
 
     def _one_secure_round(
         self,
@@ -524,25 +518,19 @@ class _Driver:
                     "audit_chain": s.get("audit-chain"),
                 }
             )
-        scored = [s for s in sites if s["loss"] is not None]
-        total_cases = sum(s["cases"] for s in scored)
-        return {
-            "phase": phase,
-            "round": server_round,
-            "wall_s": round(time.perf_counter() - t0, 3),
-            "secure_aggregation": {"clip_norm": settings.clip_norm, "unit_weight": dp},
-            "replies": len(result.sites),
-            "sent": len(nodes),
-            "failures": [{"reason": r} for r in result.failures],
-            "timed_out": 0,
-            "aggregated": result.aggregated,
-            "loss": (
-                sum(s["loss"] * s["cases"] for s in scored) / total_cases if total_cases else None
-            ),
-            "sites": sites,
-            "bytes_down": result.bytes_down,
-            "bytes_up": result.bytes_up,
-        }
+        return _round_record(
+            phase,
+            server_round,
+            t0,
+            sites,
+            secure_aggregation={"clip_norm": settings.clip_norm, "unit_weight": dp},
+            replies=len(result.sites),
+            sent=len(nodes),
+            failures=[{"reason": r} for r in result.failures],
+            timed_out=0,
+            aggregated=result.aggregated,
+            bytes_down=result.bytes_down,
+        )
 
     def _pool_latent_norm(self, gen: Generator) -> LatentNorm:
         """The UNet's latent normalisation (the config's kind) over all sites' latents, pooled
@@ -606,6 +594,25 @@ def take_owned_rows(
         for key in PER_SITE_ROWS:
             if key in state and key in theirs and index < len(state[key]):
                 state[key][index] = theirs[key][index]
+
+
+def _round_record(
+    phase: str, server_round: int, t0: float, sites: list[dict[str, Any]], **fields: Any
+) -> dict[str, Any]:
+    """One ``rounds.jsonl`` line: the round's fields, its case-weighted mean loss over the
+    sites that trained and the bytes they sent."""
+    scored = [s for s in sites if s["loss"] is not None]
+    total_cases = sum(s["cases"] for s in scored)
+    loss = sum(s["loss"] * s["cases"] for s in scored) / total_cases if total_cases else None
+    return {
+        "phase": phase,
+        "round": server_round,
+        "wall_s": round(time.perf_counter() - t0, 3),
+        **fields,
+        "loss": loss,
+        "sites": sites,
+        "bytes_up": sum(s["bytes_up"] for s in sites),
+    }
 
 
 def privacy_record(config: SynthctConfig, spent: dict[str, Any] | None) -> dict[str, Any]:

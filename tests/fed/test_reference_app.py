@@ -73,7 +73,7 @@ def test_a_reference_trained_under_secagg_matches_plain_fedavg(smoke_sites, smok
     from synthct.fed.reference_app import train_reference_federated
 
     doc = smoke_config.model_dump()
-    doc["federated"]["reference_rounds"] = 2
+    doc["federated"]["reference_rounds"] = 1
     plain_config = type(smoke_config).model_validate(doc)
     doc["federated"]["secagg"] = {
         "enabled": True,
