@@ -146,6 +146,15 @@ def cmd_train(args: argparse.Namespace) -> int:
                 progress=report,
             )
     print(f"generator: {run / 'generator'}")
+    from synthct.artifacts import read_json
+
+    privacy = read_json(run / "generator" / "config.json").get("privacy")
+    if privacy and privacy["epsilon"] is not None:
+        print(
+            f"privacy: epsilon {privacy['epsilon']:.3g} at delta {privacy['delta']:g} per site, "
+            f"{privacy['releases']} noised releases ({', '.join(privacy['phases'])}); "
+            f"not covered: {'; '.join(privacy['not_covered'])}"
+        )
     return EXIT_OK
 
 

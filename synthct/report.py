@@ -225,6 +225,31 @@ def downstream_bars(results: dict[str, Any]) -> str | None:
     return _png(fig)
 
 
+def federation_html(rounds: list[dict[str, Any]]) -> str:
+    """What protected the sites in these rounds: secure aggregation, and the run's privacy
+    account (the last noised release's epsilon covers every earlier one)."""
+    trained = [r for r in rounds if r.get("sites")]
+    if not trained:
+        return ""
+    notes = []
+    if all("secure_aggregation" in r for r in trained):
+        notes.append(
+            "Every round ran Flower's SecAgg+: the server saw only the sum of the sites' "
+            "masked updates, never one site's."
+        )
+    dp = [r["dp"] for r in trained if r.get("dp")]
+    if dp:
+        last = dp[-1]
+        notes.append(
+            f"Differential privacy: epsilon {last['epsilon']:.3g} at delta {last['delta']:g} "
+            f"per site over {last['releases']} noised releases (noise multiplier "
+            f"{last['noise_multiplier']:g}, clip {last['clipping_norm']:g})."
+        )
+    else:
+        notes.append("No differential privacy: the trained weights carry no epsilon.")
+    return "".join(f"<p class='note'>{html.escape(n)}</p>" for n in notes)
+
+
 def _gate_html(gate: dict[str, Any]) -> str:
     verdict = gate["verdict"]
     rows = []
@@ -379,6 +404,7 @@ def write_report(
     parts.append("<h2>HU histograms</h2>")
     add(hu_histograms(real or {}, synthetic), "HU histograms")
     parts.append("<h2>Federated training</h2>")
+    parts.append(federation_html(rounds))
     add(training_curves(rounds), "training curves")
     if gate is not None:
         parts.append("<h2>Gate: every rule</h2>" + _gate_html(gate))

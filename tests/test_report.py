@@ -86,3 +86,20 @@ def test_report_pictures_render_and_are_not_blank(tmp_path, volumes, render_chec
     assert seen["expected"] == 7 == len(seen["images"])
     for img in seen["images"]:
         assert img["w"] > 50 and img["h"] > 50 and img["range"] > 50
+
+
+def test_the_report_says_what_protected_the_sites():
+    from synthct.report import federation_html
+
+    plain = [{"phase": "autoencoder", "round": 1, "sites": [{"site": "a"}]}]
+    assert "No differential privacy" in federation_html(plain)
+    assert "SecAgg+" not in federation_html(plain)
+    dp = {"epsilon": 3.21, "delta": 1e-3, "releases": 2, "noise_multiplier": 1.0}
+    secure = [
+        {**plain[0], "secure_aggregation": {"clip_norm": 3.0}, "dp": {**dp, "releases": 1}},
+        {"phase": "scale", "round": 0},  # no sites: not a training round
+        {**plain[0], "round": 2, "secure_aggregation": {}, "dp": {**dp, "clipping_norm": 0.5}},
+    ]
+    secure[0]["dp"]["clipping_norm"] = 0.5
+    text = federation_html(secure)
+    assert "SecAgg+" in text and "epsilon 3.21 at delta 0.001" in text and "2 noised" in text
