@@ -2,7 +2,8 @@
 
 ``flwr run APP_DIR`` packs APP_DIR's files into a FAB that every node unpacks onto its
 ``sys.path``. synthct's app directory therefore holds only a ``pyproject.toml`` naming the
-installed ``synthct.fed.server_app:app`` / ``synthct.fed.client_app:app``: no Python file is
+installed ``synthct.fed.app:server`` / ``synthct.fed.app:client`` (one app for the generator,
+reference and gate tasks, chosen by the run config's ``task``): no Python file is
 shipped, so nothing can shadow the synthct every site has installed. It is written on demand
 into a folder the user chooses (``synthct fed app DIR``), because ``flwr run`` edits the
 pyproject it is given.
@@ -20,7 +21,7 @@ from synthct.artifacts import atomic_write_bytes, atomic_write_text
 __all__ = ["write_flower_app", "write_tls_certificates", "write_supernode_keys"]
 
 _APP_TEMPLATE = """\
-# Flower app for synthct federated generator training (written by `synthct fed app`).
+# Flower app for synthct federated tasks (written by `synthct fed app`).
 # It ships no code: every node runs the synthct installed in its own environment.
 [build-system]
 requires = ["hatchling"]
@@ -37,15 +38,24 @@ dependencies = ["synthct=={version}"]
 publisher = "synthct"
 
 [tool.flwr.app.components]
-serverapp = "synthct.fed.server_app:app"
-clientapp = "synthct.fed.client_app:app"
+serverapp = "synthct.fed.app:server"
+clientapp = "synthct.fed.app:client"
 
 [tool.flwr.app.config]
-# Paths are on the SuperLink's machine. `config`: a YAML path or a packaged name (demo, smoke).
+# Paths are on the SuperLink's machine. `task`: generator, reference or gate (override with
+# flwr run APP --run-config "task='gate' cohort='...' reference='...' out='...'").
+# `config`: a YAML path or a packaged name (demo, smoke).
+task = "generator"
 config = "{config}"
 out = "{out}"
 resume = false
 max-rounds = 0
+seed = 0
+cohort = ""
+reference = ""
+rules = ""
+sign-key = ""
+bootstrap = 200
 """
 
 

@@ -44,8 +44,8 @@ from synthct.data.manifest import read_manifest
 from synthct.fed.errors import SiteError
 from synthct.fed.fedavg_run import fedavg_then_evaluate, holdout_count_metrics
 from synthct.fed.secagg import secure_train_mod
-from synthct.fed.sites import prepare_site, wait_for_sites
-from synthct.fed.task import OptimizerStateStore, config_to_json, load_site_cases, round_seed
+from synthct.fed.sites import prepare_site, task_config, wait_for_sites
+from synthct.fed.task import OptimizerStateStore, load_site_cases, round_seed
 
 __all__ = ["app", "train_downstream_federated"]
 
@@ -133,10 +133,7 @@ def _server(
     model = build_classifier(config)
     base = ConfigRecord(
         {
-            "synthct-config": config_to_json(config),
-            "sim-manifest": str(manifest),
-            "sim-threads": config.federated.client_cpus,
-            "sim-site-root": str(run_dir / "sites"),
+            **task_config(config, "downstream", manifest=manifest, site_root=run_dir / "sites"),
             "cohort-manifest": "" if cohort is None else str(cohort),
             "seed": seed,
             "run-id": uuid.uuid4().hex[:12],  # names this arm's optimizer states at the sites
@@ -177,6 +174,7 @@ def train_downstream_federated(
     config: SynthctConfig, manifest: Path, cohort: Path | None, run_dir: Path, seed: int
 ) -> ArmResult:
     """One federated arm in Flower's simulation (one virtual SuperNode per site)."""
+    from synthct.fed.app import client as unified_client
     from synthct.fed.simulation import simulate
 
     run_dir = Path(run_dir).resolve()
@@ -185,7 +183,7 @@ def train_downstream_federated(
     cohort = Path(cohort).resolve() if cohort is not None else None
     return simulate(
         lambda grid: _server(grid, config, manifest, cohort, seed, run_dir),
-        app,
+        unified_client,
         num_sites=len(config.site_names),
         run_dir=run_dir,
         client_cpus=config.federated.client_cpus,

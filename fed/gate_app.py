@@ -45,8 +45,8 @@ from synthct.eval.federated_metrics import (
 from synthct.eval.gate import DEFAULT_RULES, GateError, RuleSpec, gate_report, hash_cohort
 from synthct.eval.privacy import prepare_for_matching
 from synthct.fed.errors import FederatedError, SiteError
-from synthct.fed.sites import prepare_site, wait_for_sites
-from synthct.fed.task import config_to_json, tensors_from_bytes, tensors_to_bytes, write_audit
+from synthct.fed.sites import prepare_site, task_config, wait_for_sites
+from synthct.fed.task import tensors_from_bytes, tensors_to_bytes, write_audit
 from synthct.reference import ReferenceModel, ReferenceNet
 
 __all__ = ["app", "run_gate_federated"]
@@ -184,12 +184,12 @@ def _judge(
     nodes: list[int],
     config: SynthctConfig,
     cohort_manifest: Path,
-    manifest: Path,
+    manifest: Path | None,
     reference: ReferenceModel,
     rules: dict[str, RuleSpec],
     seed: int,
     bootstrap: int,
-    site_root: Path,
+    site_root: Path | None,
 ) -> dict[str, Any]:
     files, listed = hash_cohort(cohort_manifest)
     cohort = load_cases(cohort_manifest, config, splits=("train",))
@@ -209,10 +209,7 @@ def _judge(
     }
     base = ConfigRecord(
         {
-            "synthct-config": config_to_json(config),
-            "sim-manifest": str(manifest),
-            "sim-threads": config.federated.client_cpus,
-            "sim-site-root": str(site_root),
+            **task_config(config, "gate", manifest=manifest, site_root=site_root),
             "reference-safetensors": weights,
             "reference-sha256": sha256_bytes(weights),
             "reference-meta": json.dumps(meta),
@@ -265,7 +262,9 @@ def _judge(
     )
 
 
-def _server(grid: Grid, config: SynthctConfig, cohorts: list[Path], **kwargs) -> list[dict]:
+def gate_server(grid: Grid, config: SynthctConfig, cohorts: list[Path], **kwargs) -> list[dict]:
+    """The federated gate's reports for ``cohorts`` on ``grid`` (``_judge``'s settings as
+    keywords; ``manifest``/``site_root`` None in a deployment)."""
     nodes = wait_for_sites(grid, config)
     if len(nodes) < len(config.site_names):
         raise FederatedError(
@@ -289,6 +288,7 @@ def run_gate_federated(
     """The gate report of a cohort (a list of reports for a list of cohorts, judged in one
     run) by the sites in Flower's simulation: one virtual SuperNode per site, each reading
     only its own rows of ``manifest``."""
+    from synthct.fed.app import client as unified_client
     from synthct.fed.simulation import simulate
 
     if reference.vocabulary_hash != config.labels.vocabulary_hash:
@@ -298,7 +298,7 @@ def run_gate_federated(
     run_dir = Path(run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     reports = simulate(
-        lambda grid: _server(
+        lambda grid: gate_server(
             grid,
             config,
             cohorts,
@@ -309,7 +309,7 @@ def run_gate_federated(
             bootstrap=bootstrap,
             site_root=run_dir / "sites",
         ),
-        app,
+        unified_client,
         num_sites=len(config.site_names),
         run_dir=run_dir,
         client_cpus=config.federated.client_cpus,

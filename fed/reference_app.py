@@ -34,8 +34,8 @@ from synthct.data.dataset import load_cases
 from synthct.fed.errors import SiteError
 from synthct.fed.fedavg_run import fedavg_then_evaluate
 from synthct.fed.secagg import secure_train_mod
-from synthct.fed.sites import prepare_site, wait_for_sites
-from synthct.fed.task import config_to_json, load_site_cases, round_seed, write_audit
+from synthct.fed.sites import prepare_site, task_config, wait_for_sites
+from synthct.fed.task import load_site_cases, round_seed, write_audit
 from synthct.reference import ReferenceModel, ReferenceNet, fit_reference
 
 __all__ = ["app", "train_reference_federated", "round_lr"]
@@ -156,9 +156,11 @@ def holdout_from_confusion(confusion: np.ndarray, classes: list[str]) -> dict:
     }
 
 
-def _server(
-    grid: Grid, config: SynthctConfig, manifest: Path, run_dir: Path, seed: int
+def reference_server(
+    grid: Grid, config: SynthctConfig, manifest: Path | None, run_dir: Path, seed: int
 ) -> ReferenceModel:
+    """The reference's FedAvg rounds on ``grid`` (simulation: ``manifest`` is the
+    single-machine one; deployment: None, each site reads its own)."""
     start = time.perf_counter()
     nodes = wait_for_sites(grid, config)
     rounds = config.federated.reference_rounds
@@ -166,10 +168,7 @@ def _server(
     net = ReferenceNet(config.labels.num_classes)
     base = ConfigRecord(
         {
-            "synthct-config": config_to_json(config),
-            "sim-manifest": str(manifest),
-            "sim-threads": config.federated.client_cpus,
-            "sim-site-root": str(run_dir / "sites"),
+            **task_config(config, "reference", manifest=manifest, site_root=run_dir / "sites"),
             "seed": seed,
             "rounds": rounds,
             "local-epochs": config.federated.local_epochs_reference,
@@ -210,14 +209,15 @@ def train_reference_federated(
 ) -> ReferenceModel:
     """Train the reference classifier/encoder with FedAvg in Flower's simulation (one virtual
     SuperNode per site, each reading only its own rows of ``manifest``)."""
+    from synthct.fed.app import client as unified_client
     from synthct.fed.simulation import simulate
 
     run_dir = Path(run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     manifest = Path(manifest).resolve()
     return simulate(
-        lambda grid: _server(grid, config, manifest, run_dir, seed),
-        app,
+        lambda grid: reference_server(grid, config, manifest, run_dir, seed),
+        unified_client,
         num_sites=len(config.site_names),
         run_dir=run_dir,
         client_cpus=config.federated.client_cpus,

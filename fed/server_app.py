@@ -53,10 +53,9 @@ from synthct.fed.secagg import (
     settings_from_config,
     site_weight_factor,
 )
-from synthct.fed.sites import screen_updates, wait_for_sites
+from synthct.fed.sites import screen_updates, task_config, wait_for_sites
 from synthct.fed.task import (
     PHASES,
-    config_to_json,
     payload_digest,
     tensors_to_bytes,
 )
@@ -222,10 +221,15 @@ class _Driver:
 
     # -- shared message settings --------------------------------------------------------
     def _base_config(self, phase: str) -> ConfigRecord:
-        cfg = ConfigRecord({"synthct-config": config_to_json(self.config), "phase": phase})
-        if self.job.sim_manifest is not None:
-            cfg["sim-manifest"] = self.job.sim_manifest
-            cfg["sim-site-root"] = str(self.run_dir / "sites")
+        manifest = None if self.job.sim_manifest is None else Path(self.job.sim_manifest)
+        cfg = ConfigRecord(
+            {
+                **task_config(
+                    self.config, "generator", manifest=manifest, site_root=self.run_dir / "sites"
+                ),
+                "phase": phase,
+            }
+        )
         if self.job.sim_threads is not None:
             cfg["sim-threads"] = self.job.sim_threads
         if self.job.keep_payloads:

@@ -195,7 +195,7 @@ def train_federated(
     progress: Callable[..., None] | None = None,
 ) -> Generator:
     """Federated generator training over the config's sites in Flower's simulation."""
-    from synthct.fed.client_app import app as client_app
+    from synthct.fed.app import client as client_app
     from synthct.fed.server_app import FederatedJob, run_federated
 
     run_dir = Path(run).resolve()

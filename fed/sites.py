@@ -23,9 +23,16 @@ from flwr.serverapp import Grid
 
 from synthct.config import SynthctConfig
 from synthct.fed.errors import FederatedError, SiteError
-from synthct.fed.task import config_from_json
+from synthct.fed.task import config_from_json, config_to_json
 
-__all__ = ["SiteSettings", "site_settings", "prepare_site", "wait_for_sites", "screen_updates"]
+__all__ = [
+    "SiteSettings",
+    "site_settings",
+    "prepare_site",
+    "wait_for_sites",
+    "screen_updates",
+    "task_config",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +73,22 @@ def site_settings(context: Context, config: SynthctConfig, cfg: ConfigRecord) ->
     else:
         audit_dir = manifest.parent / "synthct-audit" / name
     return SiteSettings(name, config.site_names.index(name), manifest, audit_dir)
+
+
+def task_config(
+    config: SynthctConfig, task: str, *, manifest: Path | None, site_root: Path | None
+) -> dict[str, Any]:
+    """What every message of a federated task carries: the run's config and the task's name
+    (``fed/app.py`` routes on it), plus, in Flower's simulation (``manifest`` given), where the
+    single-machine manifest and the sites' folders are; a deployed site takes both from its
+    SuperNode's node config instead."""
+    out: dict[str, Any] = {"synthct-config": config_to_json(config), "task": task}
+    if manifest is not None:
+        out["sim-manifest"] = str(manifest)
+        out["sim-threads"] = config.federated.client_cpus
+        if site_root is not None:
+            out["sim-site-root"] = str(site_root)
+    return out
 
 
 def prepare_site(

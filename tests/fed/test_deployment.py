@@ -1,7 +1,8 @@
 """A real Flower deployment on loopback: one SuperLink and one SuperNode per site, each a
 separate process, TLS on every connection and SuperNode authentication (only registered site
 keys may connect). Each site sees only its own manifest. ``flwr run`` ships the code-free app
-directory; the run must complete with every site's result in every round.
+directory; the generator run must complete with every site's result in every round, then the
+same app trains the federated reference and gates a cohort on the same SuperNodes.
 """
 
 from __future__ import annotations
@@ -13,15 +14,18 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import yaml
 
 from synthct.checkpoint import load_generator
-from synthct.config import packaged_config_path
+from synthct.config import load_config, packaged_config_path
 from synthct.data.manifest import write_site_manifest
+from synthct.eval.negatives import fresh_real_cohort
 from synthct.fed.deployment import write_flower_app, write_supernode_keys, write_tls_certificates
+from synthct.reference import load_reference
 
 pytestmark = pytest.mark.slow
 
@@ -113,13 +117,23 @@ def test_superlink_and_supernodes_with_tls_and_node_auth(tmp_path, smoke_sites):
     )
     config = yaml.safe_load(packaged_config_path("smoke").read_text())
     config["federated"].update(
-        {"ae_rounds": 1, "diffusion_rounds": 1, "connect_timeout_s": 120, "round_timeout_s": 240}
+        {
+            "ae_rounds": 1,
+            "diffusion_rounds": 1,
+            "connect_timeout_s": 120,
+            "round_timeout_s": 240,
+            "min_class_cases": 1,  # the smoke sites hold 2-4 cases per class
+        }
     )
     config_path = tmp_path / "fed.yaml"
     config_path.write_text(yaml.safe_dump(config))
     run_dir = tmp_path / "run"
     app_dir = tmp_path / "app"
     write_flower_app(app_dir, config=str(config_path), out=str(run_dir))
+    reference_dir, gate_dir = tmp_path / "reference", tmp_path / "gate"
+    smoke = load_config(config_path)
+    counts = dict.fromkeys(smoke.labels.classes, 2)
+    cohort = fresh_real_cohort(smoke, counts, tmp_path / "cohort", seed=5, sites=SITES)
 
     procs = _Processes(tmp_path / "logs")
     try:
@@ -166,23 +180,38 @@ def test_superlink_and_supernodes_with_tls_and_node_auth(tmp_path, smoke_sites):
                 ],
                 env,
             )  # fmt: skip
-        result = subprocess.run(
-            ["flwr", "run", str(app_dir), "local", "--stream"],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=900,
-            cwd=tmp_path,
-        )
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-        deadline = time.monotonic() + 600
+
+        def flwr_run(done: Callable[[], bool], what: str, run_config: str | None = None) -> None:
+            cmd = ["flwr", "run", str(app_dir), "local", "--stream"]
+            if run_config:
+                cmd += ["--run-config", run_config]
+            result = subprocess.run(
+                cmd, env=env, capture_output=True, text=True, timeout=900, cwd=tmp_path
+            )
+            assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+            deadline = time.monotonic() + 600
+            while time.monotonic() < deadline and not done():
+                time.sleep(2)
+            if not done():
+                pytest.fail(f"{what} did not finish\n" + procs.tail())
+
         state = run_dir / "fed_state.json"
-        while time.monotonic() < deadline:
-            if state.is_file() and json.loads(state.read_text())["phase"] == "done":
-                break
-            time.sleep(2)
-        else:
-            pytest.fail("federated run did not finish\n" + procs.tail())
+        flwr_run(
+            lambda: state.is_file() and json.loads(state.read_text())["phase"] == "done",
+            "federated generator run",
+        )
+        # the same app, the same SuperNodes: the reference, then the gate on a cohort
+        flwr_run(
+            lambda: (reference_dir / "reference.json").is_file(),
+            "federated reference",
+            f"task='reference' out='{reference_dir}'",
+        )
+        flwr_run(
+            lambda: (gate_dir / "gate.json").is_file(),
+            "federated gate",
+            f"task='gate' cohort='{cohort}' reference='{reference_dir}' out='{gate_dir}' "
+            "bootstrap=20",
+        )
     finally:
         procs.stop()
 
@@ -196,7 +225,18 @@ def test_superlink_and_supernodes_with_tls_and_node_auth(tmp_path, smoke_sites):
     for r in train_rounds:
         assert r["replies"] == r["sent"] == 3 and r["failures"] == [], r
         assert {s["site"] for s in r["sites"]} == set(SITES)
-    for site in SITES:  # each site's own audit log, in its own folder
-        audit = (tmp_path / site / "audit" / "audit.jsonl").read_text().splitlines()
-        assert len(audit) == 4  # autoencoder, decoder, scale moments, diffusion
     assert min(load_generator(run_dir / "generator").latent_norm.scale) > 0
+    reference = load_reference(reference_dir, vocabulary_hash=smoke.labels.vocabulary_hash)
+    assert reference.info["trained"] == "federated" and reference.info["sites"] == len(SITES)
+    gate = json.loads((gate_dir / "gate.json").read_text())
+    assert gate["real"]["mode"] == "federated" and gate["real"]["sites"] == list(SITES)
+    assert gate["verdict"] in ("pass", "fail") and gate["metrics"]
+    for site in SITES:  # each site's own audit log, in its own folder: every task's releases
+        audit = (tmp_path / site / "audit" / "audit.jsonl").read_text().splitlines()
+        phases = [json.loads(line)["phase"] for line in audit]
+        assert phases[:4] == ["autoencoder", "decoder", "scale", "diffusion"], phases
+        assert phases[4:] == ["reference"] * smoke.federated.reference_rounds + [
+            "reference-holdout",
+            "gate-summary",
+            "gate-evidence",
+        ], phases

@@ -1,0 +1,134 @@
+"""One Flower app for every federated task: the generator's training, the reference
+classifier, the gate and the downstream classifiers, in Flower's simulation and on a
+SuperLink with SuperNodes alike.
+
+Every synthct message carries the task it belongs to in its config record (``task``, see
+``fed/sites.task_config``); the ClientApp here routes each message to that task's handler
+(``fed/client_app.py``, ``reference_app.py``, ``gate_app.py``, ``downstream_app.py``), behind
+the SecAgg+ mod. The ServerApp runs the task named by the run config (``flwr run APP
+--run-config "task='gate' ..."``): settings are paths on the SuperLink's machine; each site's
+data comes from its SuperNode's node config (``site``, ``manifest``, ``audit-dir``).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import ClientAppCallable
+from flwr.serverapp import Grid, ServerApp
+
+from synthct.config import SynthctConfig, load_config, packaged_config_path
+from synthct.fed import client_app, downstream_app, gate_app, reference_app
+from synthct.fed.errors import FederatedError, SiteError
+from synthct.fed.secagg import secure_train_mod
+
+__all__ = ["client", "server", "TASKS"]
+
+logger = logging.getLogger(__name__)
+
+TASKS = ("generator", "reference", "gate", "downstream")
+
+# (message kind, task) -> the task's handler
+_HANDLERS: dict[tuple[str, str], ClientAppCallable] = {
+    ("train", "generator"): client_app.train,
+    ("query", "generator"): client_app.query,
+    ("train", "reference"): reference_app.train,
+    ("evaluate", "reference"): reference_app.evaluate,
+    ("query", "gate"): gate_app.query,
+    ("train", "downstream"): downstream_app.train,
+    ("evaluate", "downstream"): downstream_app.evaluate,
+}
+
+client = ClientApp()
+
+
+def _route(kind: str, msg: Message, context: Context) -> Message:
+    cfg = msg.content.config_records.get("config")
+    task = str(cfg.get("task", "generator")) if cfg is not None else "generator"
+    handler = _HANDLERS.get((kind, task))
+    if handler is None:
+        raise SiteError(f"no {kind} handler for task {task!r} (tasks: {', '.join(TASKS)})")
+    return handler(msg, context)
+
+
+@client.train(mods=[secure_train_mod])
+def train(msg: Message, context: Context) -> Message:
+    """A training round of the message's task (under SecAgg+ when the server runs it)."""
+    return _route("train", msg, context)
+
+
+@client.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """An evaluation of the message's task (a site scores on its own split)."""
+    return _route("evaluate", msg, context)
+
+
+@client.query()
+def query(msg: Message, context: Context) -> Message:
+    """A statistics query of the message's task (latent moments, gate summaries)."""
+    return _route("query", msg, context)
+
+
+server = ServerApp()
+
+
+def _config(name: str) -> SynthctConfig:
+    path = Path(name) if Path(name).suffix in (".yaml", ".yml") else packaged_config_path(name)
+    return load_config(path)
+
+
+def _path(value: object, key: str, task: str) -> Path:
+    if not str(value):
+        raise FederatedError(f"task {task!r} needs the run config's {key!r} (a path on the server)")
+    return Path(str(value))
+
+
+@server.main()
+def main(grid: Grid, context: Context) -> None:
+    """Run the task the run config names; its result is written under ``out``."""
+    rc = context.run_config
+    task = str(rc.get("task", "generator"))
+    config = _config(str(rc.get("config", "demo")))
+    out = Path(str(rc.get("out", "runs/federated")))
+    seed = int(rc.get("seed", 0))
+    if task == "generator":
+        from synthct.fed.server_app import FederatedJob, run_federated
+
+        max_rounds = int(rc.get("max-rounds", 0)) or None
+        job = FederatedJob(config, out, resume=bool(rc.get("resume", False)), max_rounds=max_rounds)
+        run_federated(grid, job)
+    elif task == "reference":
+        from synthct.reference import save_reference
+
+        model = reference_app.reference_server(grid, config, None, out / "federated", seed)
+        save_reference(model, out)
+    elif task == "gate":
+        from synthct.eval.gate import load_rules, write_gate
+        from synthct.reference import load_reference
+
+        reference = load_reference(
+            _path(rc.get("reference", ""), "reference", task),
+            vocabulary_hash=config.labels.vocabulary_hash,
+        )
+        (report,) = gate_app.gate_server(
+            grid,
+            config,
+            [_path(rc.get("cohort", ""), "cohort", task)],
+            manifest=None,
+            reference=reference,
+            rules=load_rules(str(rc.get("rules", "")) or None),
+            seed=seed,
+            bootstrap=int(rc.get("bootstrap", 200)),
+            site_root=None,
+        )
+        sign = str(rc.get("sign-key", ""))
+        out.mkdir(parents=True, exist_ok=True)
+        write_gate(report, out / "gate.json", sign_with=Path(sign) if sign else None)
+    else:
+        raise FederatedError(
+            f"run config task {task!r}: deployable tasks are generator, reference and gate"
+        )
+    logger.info("task %s done: %s", task, out)
