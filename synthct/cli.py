@@ -1165,7 +1165,8 @@ def build_parser() -> argparse.ArgumentParser:
     q = _command(
         fed,
         "app",
-        "write the code-free Flower app directory for `flwr run`",
+        "write the code-free Flower app directory for `flwr run` (one app for the generator, "
+        "reference and gate tasks: --run-config \"task='gate' cohort=... reference=...\")",
         "synthct fed app flower_app --config demo --out runs/federated",
     )
     q.add_argument("dir", help="folder for the Flower app")
