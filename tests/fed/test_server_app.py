@@ -27,3 +27,17 @@ def test_each_per_site_row_comes_from_its_own_site_and_shared_rows_keep_the_aver
     assert torch.equal(rows[0], torch.ones(3)) and torch.equal(rows[1], torch.ones(3))
     assert torch.equal(rows[2], torch.full((3,), 0.5)) and torch.equal(rows[3], torch.zeros(3))
     assert torch.equal(averaged["decoder.w"], torch.tensor([0.5, 0.5]))  # shared weights: FedAvg
+
+
+def test_the_privacy_record_names_what_its_epsilon_does_not_cover(smoke_config):
+    from synthct.fed.server_app import privacy_record
+
+    doc = smoke_config.model_dump()
+    doc["federated"]["privacy"] = {"enabled": True, "phases": ["diffusion"]}
+    config = type(smoke_config).model_validate(doc)
+    assert privacy_record(config, None)["epsilon"] is None  # nothing released yet
+    record = privacy_record(config, {"epsilon": 2.5, "releases": 4})
+    assert (
+        record["epsilon"] == 2.5 and record["releases"] == 4 and record["phases"] == ["diffusion"]
+    )
+    assert record["not_covered"][:2] == ["autoencoder updates", "decoder updates"]

@@ -383,31 +383,6 @@ def test_dp_clips_each_site_update(tmp_path, smoke_config, smoke_sites):
     assert released <= 0.05 * (1 + 1e-4)
 
 
-def test_one_privacy_account_covers_every_phase(tmp_path, smoke_config, smoke_sites):
-    """DP on the autoencoder and the diffusion phase: one accountant composes both releases,
-    and the generator records that epsilon with what it does not cover."""
-    doc = smoke_config.model_dump()
-    doc["federated"].update(
-        {
-            "ae_rounds": 1,
-            "decoder_rounds": 0,
-            "diffusion_rounds": 1,
-            "privacy": {"enabled": True, "noise_multiplier": 1.0, "clipping_norm": 0.5},
-        }
-    )
-    config = type(smoke_config).model_validate(doc)
-    run = tmp_path / "dp_all"
-    train_federated(config, smoke_sites, run)
-    ae, _, diffusion = _rounds(run)
-    assert ae["dp"]["releases"] == 1 and diffusion["dp"]["releases"] == 2
-    assert 0 < ae["dp"]["epsilon"] < diffusion["dp"]["epsilon"]
-    record = json.loads((run / "generator" / "config.json").read_text())["privacy"]
-    assert record["epsilon"] == diffusion["dp"]["epsilon"] and record["releases"] == 2
-    assert record["phases"] == ["autoencoder", "decoder", "diffusion"]
-    assert [x for x in record["not_covered"] if "updates" in x] == []
-    assert any("latent moments" in x for x in record["not_covered"])
-
-
 def test_cli_train_defaults_to_federated(tmp_path, smoke_sites):
     from synthct.cli import main
     from synthct.config import packaged_config_path
@@ -463,11 +438,11 @@ def test_gpu_shares_without_a_gpu_are_refused_before_ray_waits_for_them():
         require_gpus(0.25)
 
 
-def test_secure_aggregation_equals_fedavg_and_pairs_with_dp(tmp_path, smoke_config, smoke_sites):
-    """SecAgg+ in Flower's simulation: the autoencoder round's aggregate is the case-weighted
-    mean of what the sites kept (within the quantisation step), the round log carries each
-    site's own digest and norm but no upload the server could read, and under DP the
-    diffusion round releases a clipped, noised mean with epsilon accounted."""
+def test_secure_aggregation_under_dp_on_every_phase(tmp_path, smoke_config, smoke_sites):
+    """SecAgg+ with DP in Flower's simulation: each site clips its update to the DP bound
+    and the server, seeing only the masked sum, releases the equal-weight mean of the clipped
+    updates (plus noise, negligible here); the round log carries each site's own norm and
+    digest; one accountant composes both phases' releases into the generator's epsilon."""
     doc = smoke_config.model_dump()
     doc["federated"].update(
         {
@@ -475,13 +450,8 @@ def test_secure_aggregation_equals_fedavg_and_pairs_with_dp(tmp_path, smoke_conf
             "decoder_rounds": 0,
             "diffusion_rounds": 1,
             "round_timeout_s": 300.0,
-            "secagg": {"enabled": True, "clip_norm": {"autoencoder": 50.0}, "max_weight": 64},
-            "privacy": {
-                "enabled": True,
-                "noise_multiplier": 1e-9,
-                "clipping_norm": 0.05,
-                "phases": ["diffusion"],
-            },
+            "secagg": {"enabled": True},
+            "privacy": {"enabled": True, "noise_multiplier": 1e-9, "clipping_norm": 0.05},
         }
     )
     doc["train"]["diffusion_lr"] = 0.05  # unclipped updates would be far above 0.05
@@ -490,25 +460,27 @@ def test_secure_aggregation_equals_fedavg_and_pairs_with_dp(tmp_path, smoke_conf
     gen = train_federated(config, smoke_sites, run, keep_payloads=True)
     ae, _, diffusion = _rounds(run)
     assert ae["aggregated"] and ae["replies"] == 3 and ae["failures"] == []
-    assert ae["secure_aggregation"] == {"clip_norm": 50.0, "unit_weight": False}
+    assert ae["secure_aggregation"] == {"clip_norm": 0.05, "unit_weight": True}
     init = build_generator(config, seed=config.seed)
-    expected = _weighted_mean(run, ae)
-    cases = sum(s["cases"] for s in ae["sites"])
-    step = 3 * 2 * 50.0 / (cases / 64 * 2**24)  # sites x quantisation step / total weight
-    for k, v in gen.autoencoder.state_dict().items():
-        assert torch.allclose(v.double(), expected[k], atol=step + 1e-6), k
+    start = init.autoencoder.state_dict()
+    expected = {k: v.double().clone() for k, v in start.items()}
     for s in ae["sites"]:
         kept = _payload(run, s["site"], "autoencoder", 1)
-        start = init.autoencoder.state_dict()
-        norm = math.sqrt(
-            sum(float((v.double() - start[k].double()).pow(2).sum()) for k, v in kept.items())
-        )
-        assert s["update_norm"] == pytest.approx(norm, rel=1e-6) and norm < 50.0
+        update = {k: v.double() - start[k].double() for k, v in kept.items()}
+        norm = math.sqrt(sum(float(u.pow(2).sum()) for u in update.values()))
+        assert s["update_norm"] == pytest.approx(norm, rel=1e-6) and norm > 0.05  # clipped
         assert len(s["sha256_up"]) == 64 and s["audit_chain"]
-    assert diffusion["aggregated"] and diffusion["secure_aggregation"]["unit_weight"]
-    assert min(s["update_norm"] for s in diffusion["sites"]) > 0.5
+        for k, u in update.items():
+            expected[k] += u * (0.05 / norm) / 3  # clipped on the site, equal weights
+    for k, v in gen.autoencoder.state_dict().items():
+        assert torch.allclose(v.double(), expected[k], atol=1e-6), k
+    assert diffusion["aggregated"] and min(s["update_norm"] for s in diffusion["sites"]) > 0.5
     released = float((_flat(gen.unet.state_dict()) - _flat(init.unet.state_dict())).norm())
     assert released <= 0.05 * 1.01
-    assert diffusion["dp"]["epsilon"] > 0 and diffusion["dp"]["releases"] == 1
+    assert ae["dp"]["releases"] == 1 and diffusion["dp"]["releases"] == 2
+    assert 0 < ae["dp"]["epsilon"] < diffusion["dp"]["epsilon"]
     record = json.loads((run / "generator" / "config.json").read_text())["privacy"]
-    assert "autoencoder updates" in record["not_covered"]  # DP on the diffusion phase only
+    assert record["epsilon"] == diffusion["dp"]["epsilon"] and record["releases"] == 2
+    assert record["phases"] == ["autoencoder", "decoder", "diffusion"]
+    assert [x for x in record["not_covered"] if "updates" in x] == []
+    assert any("latent moments" in x for x in record["not_covered"])
