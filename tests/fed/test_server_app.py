@@ -41,3 +41,28 @@ def test_the_privacy_record_names_what_its_epsilon_does_not_cover(smoke_config):
         record["epsilon"] == 2.5 and record["releases"] == 4 and record["phases"] == ["diffusion"]
     )
     assert record["not_covered"][:2] == ["autoencoder updates", "decoder updates"]
+
+
+def test_per_site_rows_come_back_out_of_the_secure_mean():
+    """Under SecAgg+ the server only has the weighted mean; site i alone moved row i, so the
+    mean's row i is q_i / sum(q) of its update, and scaling by sum(q) / q_i recovers it."""
+    from synthct.fed.secagg import SecAggSettings, SecureRound, site_weight_factor
+    from synthct.fed.server_app import owned_rows_from_secure_mean
+
+    settings = SecAggSettings(clip_norm=1.0, max_weight=64, min_replies=2)
+    cases = {0: 10, 1: 30}
+    own = {0: torch.tensor([1.0, 2.0]), 1: torch.tensor([-3.0, 0.5])}
+    q = {i: site_weight_factor(n, settings) for i, n in cases.items()}
+    rows = torch.zeros(3, 2)  # site_a, site_b, null
+    for i in own:
+        rows[i] = own[i] * q[i] / sum(q.values())
+    mean = {"class_embedding.sites.weight": rows, "shared.w": torch.tensor([0.25])}
+    result = SecureRound(
+        mean_update=mean,
+        sites=[{"site-index": i, "num-examples": n} for i, n in cases.items()],
+    )
+    owned_rows_from_secure_mean(mean, result, settings)
+    for i in own:
+        assert torch.allclose(mean["class_embedding.sites.weight"][i], own[i])
+    assert torch.equal(mean["class_embedding.sites.weight"][2], torch.zeros(2))
+    assert torch.equal(mean["shared.w"], torch.tensor([0.25]))  # shared weights: the mean
