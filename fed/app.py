@@ -20,7 +20,7 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.serverapp import Grid, ServerApp
 
-from synthct.config import SynthctConfig, load_config, packaged_config_path
+from synthct.config import load_config
 from synthct.fed import client_app, downstream_app, gate_app, reference_app
 from synthct.fed.errors import FederatedError, SiteError
 from synthct.fed.secagg import secure_train_mod
@@ -75,11 +75,6 @@ def query(msg: Message, context: Context) -> Message:
 server = ServerApp()
 
 
-def _config(name: str) -> SynthctConfig:
-    path = Path(name) if Path(name).suffix in (".yaml", ".yml") else packaged_config_path(name)
-    return load_config(path)
-
-
 def _path(value: object, key: str, task: str) -> Path:
     if not str(value):
         raise FederatedError(f"task {task!r} needs the run config's {key!r} (a path on the server)")
@@ -91,7 +86,7 @@ def main(grid: Grid, context: Context) -> None:
     """Run the task the run config names; its result is written under ``out``."""
     rc = context.run_config
     task = str(rc.get("task", "generator"))
-    config = _config(str(rc.get("config", "demo")))
+    config = load_config(str(rc.get("config", "demo")))  # a server-side path or a packaged name
     out = Path(str(rc.get("out", "runs/federated")))
     seed = int(rc.get("seed", 0))
     if task == "generator":

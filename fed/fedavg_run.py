@@ -27,7 +27,13 @@ from flwr.serverapp.strategy import FedAvg, Result
 from synthct.classifier import EarlyStopping, score_from_counts
 from synthct.config import SynthctConfig
 from synthct.fed.errors import FederatedError
-from synthct.fed.secagg import SecAggSettings, SecureRound, secure_round, settings_from_config
+from synthct.fed.secagg import (
+    SecAggSettings,
+    SecureRound,
+    apply_mean_update,
+    secure_round,
+    settings_from_config,
+)
 from synthct.fed.sites import screen_updates
 
 __all__ = ["fedavg_then_evaluate", "holdout_count_metrics", "Converged"]
@@ -109,11 +115,7 @@ class _ScreenedFedAvg(FedAvg):
             result, self._secure_result = self._secure_result, None
             if result is None or result.mean_update is None or self._sent is None:
                 return None, None
-            mean = result.mean_update
-            new = {
-                k: (v.double() + mean[k]).to(v.dtype) if k in mean else v
-                for k, v in self._sent.items()
-            }
+            new = apply_mean_update(self._sent, result.mean_update)
             return ArrayRecord(new), MetricRecord({"secure-replies": len(result.sites)})
         replies = list(replies)
         if self._sent is not None:

@@ -65,6 +65,7 @@ __all__ = [
     "SecAggSettings",
     "SecureRound",
     "secure_round",
+    "apply_mean_update",
     "secure_train_mod",
     "settings_from_config",
     "site_weight_factor",
@@ -283,6 +284,16 @@ class _OneRound(Strategy):
 
     def evaluate(self, server_round, parameters):  # noqa: ANN001, ANN201
         return None
+
+
+def apply_mean_update(
+    global_state: dict[str, torch.Tensor], mean: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """The new global weights: each float tensor moved by the secure mean update (added in
+    float64, cast back to its dtype); tensors the protocol does not carry stay as they were."""
+    return {
+        k: (v.double() + mean[k]).to(v.dtype) if k in mean else v for k, v in global_state.items()
+    }
 
 
 def secure_round(

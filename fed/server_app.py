@@ -44,11 +44,12 @@ from synthct.checkpoint import (
     load_generator,
     save_generator,
 )
-from synthct.config import SynthctConfig, load_config, packaged_config_path
+from synthct.config import SynthctConfig
 from synthct.fed.errors import FederatedError
 from synthct.fed.secagg import (
     SecAggSettings,
     SecureRound,
+    apply_mean_update,
     secure_round,
     settings_from_config,
     site_weight_factor,
@@ -376,7 +377,7 @@ class _Driver:
     ) -> dict[str, Any]:
         config, fed = self.config, self.config.federated
         t0 = time.perf_counter()
-        wait_for_sites(self.grid, config)
+        nodes = wait_for_sites(self.grid, config)
         cfg = self._base_config(phase)
         cfg["local-steps"] = {
             "autoencoder": fed.local_steps_ae,
@@ -388,7 +389,7 @@ class _Driver:
         if phase == "diffusion":
             cfg["latent-norm"] = json.dumps(gen.latent_norm.to_json())
         if fed.secagg.enabled:
-            return self._one_secure_round(model, strategy, phase, server_round, cfg, t0)
+            return self._one_secure_round(model, strategy, phase, server_round, cfg, nodes, t0)
         arrays = ArrayRecord(_state_of(model))
         messages = list(strategy.configure_train(server_round, arrays, cfg, self.grid))
         down_bytes = sum(
@@ -473,12 +474,12 @@ class _Driver:
         phase: str,
         server_round: int,
         cfg: ConfigRecord,
+        nodes: list[int],
         t0: float,
     ) -> dict[str, Any]:
-        """One round under SecAgg+: the server gets only the weighted mean of the sites'
-        clipped updates (``fed/secagg.py``); under DP it adds the noise to that mean."""
+        """One round under SecAgg+ on ``nodes``: the server gets only the weighted mean of the
+        sites' clipped updates (``fed/secagg.py``); under DP it adds the noise to that mean."""
         config, fed = self.config, self.config.federated
-        nodes = list(self.grid.get_node_ids())
         if fed.strategy == "fedprox":
             cfg["proximal-mu"] = fed.proximal_mu
         dp = fed.dp_phase(phase)
@@ -502,11 +503,7 @@ class _Driver:
                     )
             else:
                 owned_rows_from_secure_mean(mean, result, settings)
-            new = {
-                k: (v.double() + mean[k]).to(v.dtype) if k in mean else v
-                for k, v in global_state.items()
-            }
-            model.load_state_dict(new, strict=True)
+            model.load_state_dict(apply_mean_update(global_state, mean), strict=True)
         sites = []
         for s in sorted(result.sites, key=lambda s: config.site_names[int(s["site-index"])]):
             loss = float(s["loss"])
@@ -685,19 +682,8 @@ def run_federated(grid: Grid, job: FederatedJob) -> Generator:
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Deployment entry (``flwr run``): settings come from the run config.
+    """Deployment entry of app directories written before ``fed/app.py``: the one app's
+    server with its run config (task ``generator`` unless it names another)."""
+    from synthct.fed.app import main as run_task
 
-    ``config`` (a path on the server machine, or a packaged name such as ``demo``), ``out``
-    (run directory on the server machine), ``resume`` (bool), ``max-rounds`` (int, 0 = all).
-    """
-    rc = context.run_config
-    name = str(rc.get("config", "demo"))
-    path = Path(name) if Path(name).suffix in (".yaml", ".yml") else packaged_config_path(name)
-    max_rounds = int(rc.get("max-rounds", 0)) or None
-    job = FederatedJob(
-        config=load_config(path),
-        run_dir=Path(str(rc.get("out", "runs/federated"))),
-        resume=bool(rc.get("resume", False)),
-        max_rounds=max_rounds,
-    )
-    run_federated(grid, job)
+    run_task(grid, context)
