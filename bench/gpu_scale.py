@@ -92,7 +92,16 @@ def bench_config(name: str, device: torch.device, steps: int, out: Path) -> dict
         levels = len(config.unet.channels)
         config = load_config(name, [*overrides, f"unet.channels={[8] * levels}"])
     world = small_world(config)
+    started = time.perf_counter()
+
+    def progress(stage: str) -> None:
+        print(
+            f"{name}: {stage} at {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True
+        )
+
+    progress("rendering phantoms")
     manifest = write_phantom_sites(world, out / name)
+    progress("building the generator")
     cases = load_cases(manifest, world, splits=("train",))
     gen = build_generator(config, seed=0).to(device)
     bs = config.train.batch_size
@@ -103,6 +112,7 @@ def bench_config(name: str, device: torch.device, steps: int, out: Path) -> dict
     timer = Phase(device)
     rows: dict[str, dict] = {}
 
+    progress("autoencoder steps")
     ae_opt = torch.optim.AdamW(gen.autoencoder.parameters(), lr=config.train.ae_lr)
     rows["autoencoder"] = timer.run(
         lambda: autoencoder_step(
@@ -116,6 +126,7 @@ def bench_config(name: str, device: torch.device, steps: int, out: Path) -> dict
         ),
         steps,
     )
+    progress("decoder steps")
     z = encode_latents(gen.autoencoder, x, batch_size=1)
     decoder = LatentDecoder(gen.autoencoder, gen.discriminator)
     dec_opt = torch.optim.AdamW(decoder.parameters(), lr=config.train.decoder_lr)
@@ -132,6 +143,7 @@ def bench_config(name: str, device: torch.device, steps: int, out: Path) -> dict
         ),
         steps,
     )
+    progress("diffusion steps")
     unet_opt = torch.optim.AdamW(gen.unet.parameters(), lr=config.train.diffusion_lr)
     scheduler = training_scheduler(config.diffusion)
     rows["diffusion"] = timer.run(
@@ -147,6 +159,7 @@ def bench_config(name: str, device: torch.device, steps: int, out: Path) -> dict
         ),
         steps,
     )
+    progress("sampling")
     wanted = labels_to_indices(gen, [config.labels.classes[-1]] * config.sampling.batch_size)
     sampling = timer.run(
         lambda: sample_volumes(
@@ -190,22 +203,21 @@ def main() -> int:
         )
         return 2
     device = torch.device(args.device)
-    results = []
-    with tempfile.TemporaryDirectory(prefix="synthct-gpu-") as tmp:
-        for name in args.configs:
-            row = bench_config(name, device, args.steps, Path(tmp))
-            print(json.dumps(row), flush=True)
-            results.append(row)
     summary = {
         "date": time.strftime("%Y-%m-%d"),
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu (reduced width)",
         "versions": library_versions(),
         "precision": "bf16 autocast" if device.type == "cuda" else "fp32",
-        "configs": results,
+        "configs": [],
         "command": bench_command("gpu_scale.py", args),
     }
-    if args.results:
-        Path(args.results).write_text(json.dumps(summary, indent=1))
+    with tempfile.TemporaryDirectory(prefix="synthct-gpu-") as tmp:
+        for name in args.configs:
+            row = bench_config(name, device, args.steps, Path(tmp))
+            print(json.dumps(row), flush=True)
+            summary["configs"].append(row)
+            if args.results:  # after each config: a run cut short keeps what it measured
+                Path(args.results).write_text(json.dumps(summary, indent=1))
     return 0
 
 

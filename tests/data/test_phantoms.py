@@ -177,3 +177,22 @@ def test_lesion_profile_sets_how_visible_a_lesion_is(demo_config):
     original = lesion_voxels(LesionProfile())
     benchmark = lesion_voxels(demo_config.data.lesions)
     assert 0 < benchmark < 0.6 * original, (benchmark, original)
+
+
+def test_rendering_in_threads_writes_the_same_sites_as_one_by_one(
+    smoke_config, tmp_path, monkeypatch
+):
+    from synthct.data import phantoms
+
+    threaded = phantoms.write_phantom_sites(smoke_config, tmp_path / "threads")
+    monkeypatch.setattr(phantoms, "_RENDER_THREADS", 1)
+    seen = []
+    serial = phantoms.write_phantom_sites(
+        smoke_config, tmp_path / "serial", progress=lambda i, n: seen.append((i, n))
+    )
+    assert serial.read_text() == threaded.read_text()
+    assert seen[-1][0] == seen[-1][1] == len(seen)
+    for row in read_manifest(serial):
+        a, b = read_volume(serial.parent / row.path), read_volume(threaded.parent / row.path)
+        np.testing.assert_array_equal(a.hu, b.hu)
+        np.testing.assert_array_equal(a.affine, b.affine)
