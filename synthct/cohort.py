@@ -41,6 +41,7 @@ from synthct.data.volume_io import write_dicom_series, write_nifti
 from synthct.errors import SynthctError
 from synthct.models.conditioning import UnknownSiteError
 from synthct.sampling import (
+    class_scales,
     inference_settings,
     labels_to_indices,
     sample_volumes,
@@ -185,7 +186,8 @@ def _load_or_start(out: Path, settings: dict) -> list[ManifestRow]:
     if not meta_path.is_file() or not rows:
         write_json(meta_path, settings, kind="synthct-cohort")
         return []
-    previous = {"volume_format": "nifti", **read_json(meta_path)}  # older cohorts: NIfTI
+    # what cohorts begun before a setting existed were made with: NIfTI, one guidance
+    previous = {"volume_format": "nifti", "class_guidance": {}, **read_json(meta_path)}
     changed = [k for k in settings if previous.get(k) != settings[k]]
     if changed:
         raise CohortError(
@@ -221,7 +223,10 @@ def generate_cohort(
     if volume_format not in VOLUME_FORMATS:
         raise CohortError(f"unknown volume format {volume_format!r}; known: {list(VOLUME_FORMATS)}")
     out = Path(out)
-    sampler, steps, guidance = inference_settings(gen, sampler, steps, guidance).values()
+    inference = inference_settings(gen, sampler, steps, guidance)
+    sampler, steps, guidance = inference["sampler"], inference["steps"], inference["guidance"]
+    class_guidance = inference["class_guidance"]
+    case_guidance = class_scales(gen, guidance, class_guidance)
     labels_to_indices(gen, sorted({c.label for c in plan}))  # unknown classes fail first
     try:  # and unknown sites, naming the ones the generator knows
         sites_to_indices(gen, sorted({c.site for c in plan}))
@@ -237,6 +242,7 @@ def generate_cohort(
         "sampler": sampler,
         "steps": steps,
         "guidance": guidance,
+        "class_guidance": class_guidance,
         "batch_size": batch_size,
         "vocabulary_hash": gen.config.labels.vocabulary_hash,
         "volume_format": volume_format,
@@ -257,6 +263,7 @@ def generate_cohort(
             sampler=sampler,
             steps=steps,
             guidance=guidance,
+            class_guidance=class_guidance,
             batch_size=batch_size,
             generator=torch.Generator().manual_seed(batch_seed),
             device=device,
@@ -273,7 +280,7 @@ def generate_cohort(
                 "seed": str(batch_seed),
                 "sampler": sampler,
                 "steps": str(steps),
-                "guidance": f"{guidance:g}",
+                "guidance": f"{case_guidance[case.label]:g}",
                 "site_condition": (
                     ("null" if case.site == POOLED else case.site) if conditioned else "none"
                 ),

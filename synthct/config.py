@@ -366,6 +366,12 @@ class SamplingConfig(_Strict):
     sampler: SamplerName = "dpmpp"
     steps: int = Field(default=15, ge=1, le=1000)
     guidance: float = Field(default=3.0, ge=0)
+    class_guidance: dict[str, float] = Field(
+        default_factory=dict,
+        description="guidance per class name, for classes whose samples come closest to real "
+        "at another scale than `guidance` (chosen on holdout: bench/class_guidance.py); "
+        "classes not named use `guidance`, and a command-line --guidance applies to all",
+    )
     guidance_interval: tuple[float, float] = Field(
         default=(0.0, 1.0),
         description="noise levels t/T where guidance applies; elsewhere the conditional "
@@ -700,6 +706,17 @@ class SynthctConfig(_Strict):
                         target,
                         f"maps to unknown class {target!r} (vocabulary: {self.labels.classes})",
                     )
+        for name, scale in self.sampling.class_guidance.items():
+            if name not in classes:
+                raise _LocatedError(
+                    ("sampling", "class_guidance", name),
+                    name,
+                    f"unknown class {name!r} (vocabulary: {self.labels.classes})",
+                )
+            if scale < 0:
+                raise _LocatedError(
+                    ("sampling", "class_guidance", name), scale, "guidance must be >= 0"
+                )
         for i, fault in enumerate(self.federated.faults):
             if fault.site not in self.site_names:
                 raise _LocatedError(

@@ -29,6 +29,7 @@ __all__ = [
     "decode_latents",
     "reconstruct",
     "sample_volumes",
+    "class_scales",
     "inference_settings",
     "labels_to_indices",
     "sites_to_indices",
@@ -75,7 +76,7 @@ def sample_latents(
     *,
     latent_shape: Sequence[int],
     conditioning: Conditioning,
-    guidance: float,
+    guidance: float | torch.Tensor,
     steps: int,
     generator: torch.Generator,
     device: torch.device,
@@ -86,8 +87,9 @@ def sample_latents(
     """Run the reverse process for ``len(class_labels)`` latents (scaled space). ``sites``
     (site-conditioned UNets) stay on in both guidance branches, so guidance amplifies the
     class only; with ``site_guidance`` the unconditional branch drops the site too and
-    guidance amplifies both. Guidance applies where ``t / T`` lies in ``guidance_interval``;
-    other steps take the conditional prediction alone."""
+    guidance amplifies both. ``guidance``: one scale, or one per latent (per-class guidance).
+    Guidance applies where ``t / T`` lies in ``guidance_interval``; other steps take the
+    conditional prediction alone."""
     n = len(class_labels)
     set_timesteps(scheduler, steps, device)
     z = torch.randn((n, *latent_shape), generator=generator).to(device) * scheduler.init_noise_sigma
@@ -99,12 +101,14 @@ def sample_latents(
     )
     low, high = guidance_interval
     train_steps = scheduler.config.num_train_timesteps
+    scales = torch.as_tensor(guidance, dtype=torch.float32).expand(n).to(device)
+    scales = scales.view(n, *[1] * len(latent_shape))
     for t in scheduler.timesteps:
         z_in = scheduler.scale_model_input(z, t)
-        scale = guidance if low <= float(t) / train_steps <= high else 1.0
-        if scale == 1.0:
+        scale = scales if low <= float(t) / train_steps <= high else torch.ones_like(scales)
+        if bool((scale == 1.0).all()):
             out = denoiser(z_in, t.expand(n), cond, requested)
-        elif scale == 0.0:
+        elif bool((scale == 0.0).all()):
             out = denoiser(z_in, t.expand(n), null, requested)
         else:
             both = denoiser(
@@ -190,13 +194,22 @@ def inference_settings(
     gen: Generator, sampler: str | None, steps: int | None, guidance: float | None
 ) -> dict[str, Any]:
     """Sampler, steps and guidance to sample with: the values given, else the generator's own
-    inference settings (its saved ``sampling`` section)."""
+    inference settings (its saved ``sampling`` section). ``class_guidance``: the scales of
+    classes that do not use ``guidance`` (none when a guidance is given: it applies to all)."""
     cfg = gen.config.sampling
     return {
         "sampler": sampler or cfg.sampler,
         "steps": steps or cfg.steps,
         "guidance": cfg.guidance if guidance is None else guidance,
+        "class_guidance": dict(cfg.class_guidance) if guidance is None else {},
     }
+
+
+def class_scales(
+    gen: Generator, guidance: float, class_guidance: dict[str, float]
+) -> dict[str, float]:
+    """The guidance of every class, in vocabulary order: its own scale, else ``guidance``."""
+    return {name: class_guidance.get(name, guidance) for name in gen.config.labels.classes}
 
 
 @torch.no_grad()
@@ -207,17 +220,23 @@ def sample_volumes(
     sampler: str | None = None,
     steps: int | None = None,
     guidance: float | None = None,
+    class_guidance: dict[str, float] | None = None,
     batch_size: int | None = None,
     generator: torch.Generator,
     device: torch.device | str = "cpu",
     denoiser: Denoiser | None = None,
     sites: Sequence[str | None] | None = None,
 ) -> torch.Tensor:
-    """Sample HU volumes N×1×X×Y×Z (on ``config.data.spacing_mm``); ``None`` = config value.
-    ``sites``: the site each volume is for (None or ``pooled``: site-agnostic); a
-    site-conditioned generator renders that site's style."""
+    """Sample HU volumes N×1×X×Y×Z (on ``config.data.spacing_mm``); ``None`` = config value
+    (a ``guidance`` given without ``class_guidance`` applies to every class). ``sites``: the
+    site each volume is for (None or ``pooled``: site-agnostic); a site-conditioned generator
+    renders that site's style."""
     cfg = gen.config.sampling
-    sampler, steps, guidance = inference_settings(gen, sampler, steps, guidance).values()
+    settings = inference_settings(gen, sampler, steps, guidance)
+    sampler, steps = settings["sampler"], settings["steps"]
+    if class_guidance is None:
+        class_guidance = settings["class_guidance"]
+    per_class = torch.tensor([*class_scales(gen, settings["guidance"], class_guidance).values()])
     batch_size = batch_size or cfg.batch_size
     names = list(sites) if sites is not None else [None] * len(class_labels)
     if len(names) != len(class_labels):
@@ -236,7 +255,7 @@ def sample_volumes(
             sites=None if site_index is None else site_index[start : start + batch_size],
             latent_shape=gen.config.latent_shape,
             conditioning=gen.conditioning,
-            guidance=guidance,
+            guidance=per_class[labels.cpu()],
             guidance_interval=cfg.guidance_interval,
             site_guidance=cfg.site_guidance,
             steps=steps,

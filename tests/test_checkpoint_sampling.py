@@ -69,6 +69,28 @@ def test_guidance_interval_limits_where_guidance_applies(saved):
         gen.config.sampling.model_validate({"guidance_interval": [0.8, 0.2]})
 
 
+def test_each_class_samples_at_its_own_guidance(saved, tmp_path):
+    gen, _ = saved
+    per_class = {"nodule": 0.0, "consolidation": 4.0}  # normal keeps the config's guidance
+    sampling = gen.config.sampling.model_copy(update={"class_guidance": per_class})
+    gen.config = gen.config.model_copy(update={"sampling": sampling})
+    mixed = _sample(gen)  # nodule, normal, consolidation in one batch
+    for row, scale in enumerate([0.0, gen.config.sampling.guidance, 4.0]):
+        alone = _sample(gen, guidance=scale)  # a given guidance applies to every class
+        torch.testing.assert_close(mixed[row], alone[row], atol=0.05, rtol=0)  # HU
+    assert not torch.equal(_sample(gen, guidance=4.0)[0], mixed[0])
+    # the per-class scales are saved with the generator and used again after loading
+    save_generator(gen, tmp_path / "per_class")
+    assert torch.equal(_sample(load_generator(tmp_path / "per_class")), mixed)
+
+
+def test_guidance_for_an_unknown_class_is_refused(smoke_config):
+    from synthct.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"sampling\.class_guidance.*unknown class 'tumour'"):
+        load_config("smoke", ["sampling.class_guidance={tumour: 2.0}"])
+
+
 def test_unknown_label(saved):
     gen, _ = saved
     with pytest.raises(ValueError, match="unknown class 'tumour'"):

@@ -91,6 +91,28 @@ def test_generation_writes_manifest_and_resumes_without_duplicates(
         generate_cohort(gen, smoke_generator, plan, out, batch_size=4, steps=2, guidance=7.0)
 
 
+def test_each_case_records_the_guidance_of_its_class(
+    tmp_path, smoke_config, smoke_sites, smoke_generator
+):
+    from synthct.checkpoint import load_generator
+
+    gen = load_generator(smoke_generator)
+    sampling = gen.config.sampling.model_copy(update={"class_guidance": {"nodule": 6.0}})
+    gen.config = gen.config.model_copy(update={"sampling": sampling})
+    plan = plan_cohort(reference_counts(smoke_sites, smoke_config), CLASSES, per_site=True)
+    plan = list({c.label: c for c in plan}.values())  # one case per class
+    manifest = generate_cohort(gen, smoke_generator, plan, tmp_path / "c", batch_size=4, steps=2)
+    default = f"{gen.config.sampling.guidance:g}"
+    assert {r.label: r.extra["guidance"] for r in read_manifest(manifest)} == {
+        c.label: "6" if c.label == "nodule" else default for c in plan
+    }
+    # one guidance for all classes is another cohort, not a resume of this one
+    with pytest.raises(CohortError, match="class_guidance"):
+        generate_cohort(
+            gen, smoke_generator, plan, tmp_path / "c", batch_size=4, steps=2, guidance=3.0
+        )
+
+
 def test_an_interrupted_cohort_is_never_read_as_whole(
     tmp_path, smoke_config, smoke_sites, smoke_generator
 ):
