@@ -2,9 +2,10 @@
 
 ``fresh_real_cohort`` renders new phantoms (another seed) with a requested class mix: real data
 a good gate must pass. The hard negatives each break one property: ``near_copies`` (flipped,
-shifted, noised train cases, for all or part of a cohort), ``mode_collapse`` (one volume per
-class, lightly noised), ``hu_shift`` (every volume offset by some HU), ``relabelled`` (labels
-permuted), ``single_site`` (every case in one hospital's scanner style), ``sites_shuffled``
+shifted, noised train cases, for all or part of a cohort), ``mode_collapse`` (one or a few
+volumes per class, lightly noised), ``smoothed`` (noise and texture blurred away),
+``hu_shift`` (every volume offset by some HU), ``relabelled`` (labels rotated, for all or part
+of a cohort), ``single_site`` (every case in one hospital's scanner style), ``sites_shuffled``
 (each case claims to be made for another site) and ``one_style_for_all_sites`` (cases claimed
 for every site, all in one site's style).
 """
@@ -27,6 +28,7 @@ __all__ = [
     "fresh_real_cohort",
     "near_copies",
     "mode_collapse",
+    "smoothed",
     "hu_shift",
     "relabelled",
     "sites_shuffled",
@@ -147,16 +149,37 @@ def mode_collapse(
     *,
     seed: int = 0,
     noise_hu: float = 10.0,
+    distinct: int = 1,
 ) -> Path:
-    """Every case of a class is the class's first case plus light noise."""
+    """Every case of a class is one of the class's first ``distinct`` cases plus light noise."""
     rng = np.random.default_rng(seed)
     volumes, labels, spacings = (list(x) for x in base)
-    first = {}
+    originals = [v.copy() for v in volumes]
+    seen: dict[str, list[int]] = {}
     for i, label in enumerate(labels):
-        j = first.setdefault(label, i)
-        volumes[i] = volumes[j] + rng.normal(0, noise_hu, volumes[j].shape)
+        kept = seen.setdefault(label, [])
+        if len(kept) < distinct:  # one of the class's few originals
+            kept.append(i)
+            j = i
+        else:  # a noised repeat of one of them
+            j = kept[0] if distinct == 1 else kept[int(rng.integers(distinct))]
+        volumes[i] = originals[j] + rng.normal(0, noise_hu, originals[j].shape)
         spacings[i] = spacings[j]
-    return write_cohort(out, volumes, labels, spacings, source="negative:mode-collapse")
+    tag = "mode-collapse" if distinct == 1 else f"mode-collapse:{distinct}"
+    return write_cohort(out, volumes, labels, spacings, source=f"negative:{tag}")
+
+
+def smoothed(
+    base: tuple[Sequence[np.ndarray], Sequence[str], Sequence[tuple]],
+    out: str | Path,
+    *,
+    sigma_vox: float,
+) -> Path:
+    """Every volume blurred by a Gaussian of ``sigma_vox`` voxels: the scanner's noise and
+    fine texture gone, as in the samples of an autoencoder trained without a texture loss."""
+    volumes, labels, spacings = (list(x) for x in base)
+    blurred = [ndimage.gaussian_filter(v, sigma_vox) for v in volumes]
+    return write_cohort(out, blurred, labels, spacings, source=f"negative:smoothed:{sigma_vox}")
 
 
 def hu_shift(
@@ -176,13 +199,18 @@ def relabelled(
     out: str | Path,
     *,
     classes: Sequence[str],
+    fraction: float = 1.0,
+    seed: int = 0,
 ) -> Path:
-    """Labels rotated through the vocabulary: every case claims the next class."""
+    """Labels rotated through the vocabulary: ``fraction`` of the cases (chosen at random)
+    claim the next class (label noise)."""
     volumes, labels, spacings = (list(x) for x in base)
     rotate = {c: classes[(i + 1) % len(classes)] for i, c in enumerate(classes)}
-    return write_cohort(
-        out, volumes, [rotate[x] for x in labels], spacings, source="negative:relabelled"
-    )
+    n = int(round(fraction * len(labels)))
+    wrong = set(np.random.default_rng(seed).choice(len(labels), size=n, replace=False).tolist())
+    noisy = [rotate[x] if i in wrong else x for i, x in enumerate(labels)]
+    tag = "relabelled" if n == len(labels) else f"relabelled:{fraction}"
+    return write_cohort(out, volumes, noisy, spacings, source=f"negative:{tag}")
 
 
 def one_style_for_all_sites(
