@@ -93,6 +93,8 @@ def conditional_quality(
         "hu_histogram_l1": hist,
         "pairwise_msssim": msssim,
         "guidance": config.sampling.guidance if guidance is None else guidance,
+        # the per-class scales the samples used (a given guidance applies to every class)
+        "class_guidance": dict(config.sampling.class_guidance) if guidance is None else {},
         "volumes": len(labels),
         "sampling_wall_s": round(wall, 2),
     }
@@ -124,6 +126,7 @@ def conditional_report(
             "sampler": gen.config.sampling.sampler,
             "steps": gen.config.sampling.steps,
             "guidance": cond["guidance"],
+            **({"class_guidance": cond["class_guidance"]} if cond["class_guidance"] else {}),
             "volumes": cond["volumes"],
             "wall_s": cond["sampling_wall_s"],
         },
