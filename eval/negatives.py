@@ -169,6 +169,12 @@ def mode_collapse(
     return write_cohort(out, volumes, labels, spacings, source=f"negative:{tag}")
 
 
+def _each_volume(base, out: str | Path, transform, source: str) -> Path:
+    """The ``base`` cohort with ``transform`` applied to every volume (labels kept)."""
+    volumes, labels, spacings = (list(x) for x in base)
+    return write_cohort(out, [transform(v) for v in volumes], labels, spacings, source=source)
+
+
 def smoothed(
     base: tuple[Sequence[np.ndarray], Sequence[str], Sequence[tuple]],
     out: str | Path,
@@ -177,9 +183,12 @@ def smoothed(
 ) -> Path:
     """Every volume blurred by a Gaussian of ``sigma_vox`` voxels: the scanner's noise and
     fine texture gone, as in the samples of an autoencoder trained without a texture loss."""
-    volumes, labels, spacings = (list(x) for x in base)
-    blurred = [ndimage.gaussian_filter(v, sigma_vox) for v in volumes]
-    return write_cohort(out, blurred, labels, spacings, source=f"negative:smoothed:{sigma_vox}")
+    return _each_volume(
+        base,
+        out,
+        lambda v: ndimage.gaussian_filter(v, sigma_vox),
+        f"negative:smoothed:{sigma_vox}",
+    )
 
 
 def hu_shift(
@@ -189,9 +198,9 @@ def hu_shift(
     offset_hu: float,
 ) -> Path:
     """Every voxel inside the body offset by ``offset_hu`` (air stays air)."""
-    volumes, labels, spacings = (list(x) for x in base)
-    shifted = [np.where(v > -900, v + offset_hu, v) for v in volumes]
-    return write_cohort(out, shifted, labels, spacings, source=f"negative:hu-shift:{offset_hu}")
+    return _each_volume(
+        base, out, lambda v: np.where(v > -900, v + offset_hu, v), f"negative:hu-shift:{offset_hu}"
+    )
 
 
 def relabelled(

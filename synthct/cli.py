@@ -794,7 +794,8 @@ def _sampling_options(p: argparse.ArgumentParser) -> None:
         "--guidance",
         type=non_negative_float,
         default=None,
-        help="classifier-free guidance scale (default: the generator's)",
+        help="classifier-free guidance scale for every class (default: the generator's own, "
+        "per class where it has per-class scales)",
     )
 
 
