@@ -12,7 +12,17 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["roc_auc", "classification_metrics", "per_site_metrics", "paired_effect"]
+DOWNSTREAM_FORMAT = 1  # results.json of the downstream arms (central, local, federated)
+
+__all__ = [
+    "DOWNSTREAM_FORMAT",
+    "roc_auc",
+    "classification_metrics",
+    "per_site_metrics",
+    "paired_effect",
+    "summarise_runs",
+    "compare_arms",
+]
 
 
 def roc_auc(pos: np.ndarray, neg: np.ndarray) -> float:
@@ -159,3 +169,70 @@ def paired_effect(
             for key, p, lo, hi in zip(keys, point, low, high, strict=True)
         },
     }
+
+
+def _mean_sd(values: list[float]) -> dict[str, float]:
+    arr = np.asarray([v for v in values if v is not None and np.isfinite(v)], dtype=float)
+    if not len(arr):
+        return {"mean": float("nan"), "sd": float("nan")}
+    return {"mean": float(arr.mean()), "sd": float(arr.std(ddof=1)) if len(arr) > 1 else 0.0}
+
+
+def summarise_runs(runs: list[dict[str, Any]], rare: list[str]) -> dict[str, Any]:
+    """Mean ± sd over seeds of the headline numbers."""
+    out = {
+        "balanced_accuracy": _mean_sd([r["overall"]["balanced_accuracy"] for r in runs]),
+        "macro_auc": _mean_sd([r["overall"]["macro_auc"] for r in runs]),
+        "worst_site_balanced_accuracy": _mean_sd([r["worst_site_balanced_accuracy"] for r in runs]),
+        "best_worst_gap": _mean_sd([r["best_worst_gap"] for r in runs]),
+    }
+    for name in rare:
+        out[f"recall_{name}"] = _mean_sd([r["overall"]["per_class_recall"].get(name) for r in runs])
+    sites = sorted(runs[0]["per_site"]) if runs else []
+    out["per_site_balanced_accuracy"] = {
+        s: _mean_sd([r["per_site"][s]["balanced_accuracy"] for r in runs]) for s in sites
+    }
+    return out
+
+
+def _by_site(result) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """An arm's test probabilities, labels and sites ordered by site (stable within a site:
+    every site returns its own test cases in file order, whichever arm or transport)."""
+    order = np.argsort(np.asarray(result.sites), kind="stable")
+    return result.probs[order], np.asarray(result.labels)[order], [result.sites[i] for i in order]
+
+
+def compare_arms(
+    arms: dict[str, list[tuple[int, Any]]], classes: list[str], rare: list[str]
+) -> dict[str, Any]:
+    """Each arm's runs (seed, ``ArmResult``) scored per site, summarised over seeds and, with
+    two arms, the paired effect of the second over the first. Every run must hold the same
+    test cases (the same labels per site); a mismatch is an error, not a silent misalignment."""
+    out: dict[str, Any] = {}
+    aligned: dict[str, list[np.ndarray]] = {}
+    reference: tuple[np.ndarray, list[str]] | None = None
+    for arm, results in arms.items():
+        runs = []
+        for seed, result in results:
+            metrics = per_site_metrics(result.probs, result.labels, result.sites, classes, rare)
+            runs.append(
+                {
+                    "seed": seed,
+                    "train_cases": result.train_cases,
+                    "wall_s": round(result.wall_s, 1),
+                    "stopping": result.stopping,
+                    **metrics,
+                }
+            )
+            probs, labels, sites = _by_site(result)
+            if reference is None:
+                reference = (labels, sites)
+            elif sites != reference[1] or not np.array_equal(labels, reference[0]):
+                raise ValueError(f"arm {arm!r}, seed {seed}: evaluated on other test cases")
+            aligned.setdefault(arm, []).append(probs)
+        out[arm] = {"runs": runs, "summary": summarise_runs(runs, rare)}
+    payload: dict[str, Any] = {"arms": out}
+    if len(arms) == 2 and reference is not None:
+        before, after = aligned.values()
+        payload["effect"] = paired_effect(before, after, *reference, classes, rare)
+    return payload

@@ -35,7 +35,7 @@ from synthct.eval.cohort_metrics import CohortEvidence, MetricValue, cohort_metr
 from synthct.eval.features import FeatureSet, extract_features
 from synthct.eval.privacy import MatchSet, prepare_for_matching
 from synthct.reference import ReferenceModel
-from synthct.signing import sign_document, verify_document
+from synthct.signing import SignatureError, sign_document, verify_document
 
 __all__ = [
     "GATE_FORMAT",
@@ -569,3 +569,37 @@ def drop_flagged(cohort_dir: str | Path, report: dict[str, Any], out_dir: str | 
     write_manifest(out_dir / "manifest.csv", kept)
     logger.info("kept %d of %d cases in %s", len(kept), len(kept) + len(flagged), out_dir)
     return out_dir / "manifest.csv"
+
+
+def check_cohort_gate(
+    cohort_dir: Path,
+    gate_json: Path | None,
+    force_ungated: bool,
+    trusted_keys: list[str | Path] | None = None,
+) -> dict[str, Any]:
+    """The gate's verdict on the cohort; refuses (GateError, SignatureError) unless it passed
+    unchanged and, with ``trusted_keys``, was signed by one of them. Rules that differed from
+    the defaults are passed on (and logged) so results and reports can show them."""
+    gate_json = gate_json or cohort_dir / "gate.json"
+    try:
+        report = verify_gate(gate_json, cohort_dir, trusted_keys)
+    except (GateError, SignatureError) as exc:
+        if not force_ungated:
+            raise
+        logger.warning("UNGATED cohort used (--force-ungated): %s", exc)
+        return {"gated": False, "gate": str(gate_json), "refusal": str(exc)}
+    if not trusted_keys:
+        logger.warning(
+            "%s: verdict accepted without a signature check (no trusted keys)", gate_json
+        )
+    changed = report.get("rules_changed") or {}
+    if changed:
+        logger.warning("%s was judged under non-default rules: %s", gate_json, changed)
+    return {
+        "gated": True,
+        "gate": str(gate_json),
+        "manifest": str(cohort_dir / report["cohort"]["manifest"]),  # the list it judged
+        "verdict": report["verdict"],
+        "signed_by": report.get("signed_by"),
+        "rules_changed": changed,
+    }

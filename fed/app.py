@@ -7,7 +7,8 @@ Every synthct message carries the task it belongs to in its config record (``tas
 (``fed/client_app.py``, ``reference_app.py``, ``gate_app.py``, ``downstream_app.py``), behind
 the SecAgg+ mod. The ServerApp runs the task named by the run config (``flwr run APP
 --run-config "task='gate' ..."``): settings are paths on the SuperLink's machine; each site's
-data comes from its SuperNode's node config (``site``, ``manifest``, ``audit-dir``).
+data comes from its SuperNode's node config (``site``, ``manifest``, ``audit-dir`` and, for
+the downstream task with a cohort, ``cohort``: the site's copy of the gated cohort).
 """
 
 from __future__ import annotations
@@ -81,6 +82,51 @@ def _path(value: object, key: str, task: str) -> Path:
     return Path(str(value))
 
 
+def _downstream(grid: Grid, config, rc, out: Path) -> None:
+    """Real-only and (with ``cohort``: a gated cohort folder on the server) real + synthetic
+    federated classifiers over ``downstream.seeds``; each site trains on its own copy of the
+    cohort, checked against the gated one's digest. Writes ``out/results.json``."""
+    from synthct.artifacts import write_json
+    from synthct.eval.classification import DOWNSTREAM_FORMAT, compare_arms
+    from synthct.eval.gate import check_cohort_gate
+
+    cohort_dir = Path(str(rc.get("cohort", ""))) if str(rc.get("cohort", "")) else None
+    gate_info, cohort = None, None
+    if cohort_dir is not None:
+        gate = str(rc.get("gate", ""))
+        keys = [k for k in str(rc.get("trusted-keys", "")).split(",") if k]
+        gate_info = check_cohort_gate(
+            cohort_dir, Path(gate) if gate else None, bool(rc.get("force-ungated", False)), keys
+        )
+        cohort = Path(gate_info.get("manifest") or cohort_dir / "manifest.csv")
+    arms = {"real": None, **({"real+synthetic": cohort} if cohort is not None else {})}
+    results = {
+        arm: [
+            (
+                seed,
+                downstream_app.downstream_server(grid, config, seed, cohort=use, site_copies=True),
+            )
+            for seed in config.downstream.seeds
+        ]
+        for arm, use in arms.items()
+    }
+    classes, rare = list(config.labels.classes), list(config.labels.rare)
+    out.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "mode": "federated (deployment)",
+        "cohort": None if cohort_dir is None else str(cohort_dir),
+        "gate": gate_info,
+        "ungated": bool(gate_info and not gate_info["gated"]),
+        "classes": classes,
+        "rare": rare,
+        "seeds": list(config.downstream.seeds),
+        "test_cases": len(results["real"][0][1].labels),
+        **compare_arms(results, classes, rare),
+        "format": DOWNSTREAM_FORMAT,
+    }
+    write_json(out / "results.json", payload, kind="synthct-downstream")
+
+
 @server.main()
 def main(grid: Grid, context: Context) -> None:
     """Run the task the run config names; its result is written under ``out``."""
@@ -122,8 +168,8 @@ def main(grid: Grid, context: Context) -> None:
         sign = str(rc.get("sign-key", ""))
         out.mkdir(parents=True, exist_ok=True)
         write_gate(report, out / "gate.json", sign_with=Path(sign) if sign else None)
+    elif task == "downstream":
+        _downstream(grid, config, rc, out)
     else:
-        raise FederatedError(
-            f"run config task {task!r}: deployable tasks are generator, reference and gate"
-        )
+        raise FederatedError(f"run config task {task!r}: deployable tasks are {', '.join(TASKS)}")
     logger.info("task %s done: %s", task, out)

@@ -3,7 +3,7 @@
 ``flwr run APP_DIR`` packs APP_DIR's files into a FAB that every node unpacks onto its
 ``sys.path``. synthct's app directory therefore holds only a ``pyproject.toml`` naming the
 installed ``synthct.fed.app:server`` / ``synthct.fed.app:client`` (one app for the generator,
-reference and gate tasks, chosen by the run config's ``task``): no Python file is
+reference, gate and downstream tasks, chosen by the run config's ``task``): no Python file is
 shipped, so nothing can shadow the synthct every site has installed. It is written on demand
 into a folder the user chooses (``synthct fed app DIR``), because ``flwr run`` edits the
 pyproject it is given.
@@ -42,9 +42,12 @@ serverapp = "synthct.fed.app:server"
 clientapp = "synthct.fed.app:client"
 
 [tool.flwr.app.config]
-# Paths are on the SuperLink's machine. `task`: generator, reference or gate (override with
-# flwr run APP --run-config "task='gate' cohort='...' reference='...' out='...'").
-# `config`: a YAML path or a packaged name (demo, smoke).
+# Paths are on the SuperLink's machine. `task`: generator, reference, gate or downstream
+# (override with flwr run APP --run-config "task='gate' cohort='...' reference='...' out='...'").
+# `config`: a YAML path or a packaged name (demo, smoke). downstream: `cohort` (a gated cohort
+# folder; each site names its own copy's manifest in its node config `cohort`), `gate` (its
+# gate.json, default COHORT/gate.json), `trusted-keys` (comma-separated public keys that must
+# have signed it), `force-ungated` (use a cohort the gate refused; the results say so).
 task = "generator"
 config = "{config}"
 out = "{out}"
@@ -56,6 +59,9 @@ reference = ""
 rules = ""
 sign-key = ""
 bootstrap = 200
+gate = ""
+trusted-keys = ""
+force-ungated = false
 """
 
 

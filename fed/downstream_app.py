@@ -1,7 +1,9 @@
 """Federated downstream classifier on Flower: FedAvg over the sites, then per-site evaluation.
 
 Each site trains on its own real ``train`` cases plus the cohort cases meant for it (``site`` =
-itself or ``pooled``). After every round it scores the global model on its own ``holdout``
+itself or ``pooled``). In Flower's simulation the cohort is the server's folder; a deployed site
+reads its own copy (node config ``cohort``: the copy's manifest) and trains on it only when its
+files hash to the digest of the cohort the gate judged, which the server sends. After every round it scores the global model on its own ``holdout``
 split and sends per-class counts only; the server stops when the pooled holdout score stalls
 (``downstream.patience_rounds``) and keeps the best round. Each site then evaluates that model on its
 own ``test`` split; only weights, holdout counts and the test-set class probabilities (with
@@ -12,6 +14,7 @@ not just their average.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import uuid
@@ -30,6 +33,7 @@ from flwr.app import (
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
 
+from synthct.artifacts import sha256_bytes
 from synthct.classifier import (
     ArmResult,
     build_classifier,
@@ -44,14 +48,47 @@ from synthct.data.manifest import read_manifest
 from synthct.fed.errors import SiteError
 from synthct.fed.fedavg_run import fedavg_then_evaluate, holdout_count_metrics
 from synthct.fed.secagg import secure_train_mod
-from synthct.fed.sites import prepare_site, task_config, wait_for_sites
-from synthct.fed.task import OptimizerStateStore, load_site_cases, round_seed
+from synthct.fed.sites import SiteSettings, prepare_site, task_config, wait_for_sites
+from synthct.fed.task import OptimizerStateStore, load_site_cases, round_seed, write_audit
 
-__all__ = ["app", "train_downstream_federated"]
+__all__ = ["app", "cohort_digest", "downstream_server", "train_downstream_federated"]
 
 logger = logging.getLogger(__name__)
 
 app = ClientApp()
+
+
+def cohort_digest(manifest: Path) -> str:
+    """One sha256 over a cohort's manifest and every file it lists (what the gate hashed)."""
+    from synthct.eval.gate import hash_cohort
+
+    info, _ = hash_cohort(Path(manifest))
+    return sha256_bytes(json.dumps(info, sort_keys=True).encode())
+
+
+def _site_cohort(cfg: ConfigRecord, context: Context, site: SiteSettings) -> Path | None:
+    """The cohort manifest this site trains on: the server's (simulation), or the site's own
+    copy named by its node config, refused unless it hashes to the gated cohort's digest."""
+    digest = str(cfg.get("cohort-digest", ""))
+    if not digest:
+        path = str(cfg.get("cohort-manifest", ""))
+        return Path(path) if path else None
+    local = str(context.node_config.get("cohort", ""))
+    if not local:
+        raise SiteError(
+            f"site {site.name!r}: the run trains on a synthetic cohort but this SuperNode's "
+            "node config names none (--node-config \"cohort='…/manifest.csv'\")"
+        )
+    try:
+        mine = cohort_digest(Path(local))
+    except (OSError, ValueError) as exc:
+        raise SiteError(f"site {site.name!r}: cohort {local}: {exc}") from None
+    if mine != digest:
+        raise SiteError(
+            f"site {site.name!r}: cohort {local} is not the cohort the gate judged "
+            f"(its files hash to {mine[:12]}…, the gated cohort's to {digest[:12]}…)"
+        )
+    return Path(local)
 
 
 @app.train(mods=[secure_train_mod])
@@ -60,8 +97,8 @@ def train(msg: Message, context: Context) -> Message:
     config, cfg, site = prepare_site(msg, context)
     try:
         real = load_site_cases(config, site.manifest, site.name)
-        cohort_path = str(cfg.get("cohort-manifest", ""))
-        cohort = load_cohort_for(Path(cohort_path), config, site.name) if cohort_path else None
+        cohort_path = _site_cohort(cfg, context, site)
+        cohort = load_cohort_for(cohort_path, config, site.name) if cohort_path else None
         data = join(real, cohort)
         model = build_classifier(config)
         model.load_state_dict(msg.content["arrays"].to_torch_state_dict(), strict=True)
@@ -85,9 +122,16 @@ def train(msg: Message, context: Context) -> Message:
         "site-index": site.index,
         "loss": loss,
     }
-    content = RecordDict(
-        {"arrays": ArrayRecord(model.state_dict()), "metrics": MetricRecord(metrics)}
+    state = model.state_dict()
+    write_audit(
+        site.audit_dir,
+        site=site.name,
+        phase="downstream",
+        server_round=server_round,
+        tensors=state,
+        metrics=metrics,
     )
+    content = RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord(metrics)})
     return Message(content=content, reply_to=msg)
 
 
@@ -108,33 +152,60 @@ def evaluate(msg: Message, context: Context) -> Message:
         raise
     except Exception as exc:
         raise SiteError(f"site {site.name!r}: {type(exc).__name__}: {exc}") from exc
+    server_round = int(cfg.get("server-round", 0))
     if split == "holdout":
         k = config.labels.num_classes
         counts = class_counts(probs_np.reshape(-1, k), cases.labels.numpy(), k)
-        metrics = MetricRecord(holdout_count_metrics(*counts, cases=len(cases)))
-        return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
+        released = holdout_count_metrics(*counts, cases=len(cases))
+        write_audit(
+            site.audit_dir,
+            site=site.name,
+            phase="downstream-holdout",
+            server_round=server_round,
+            tensors={},
+            metrics=released,
+        )
+        return Message(content=RecordDict({"metrics": MetricRecord(released)}), reply_to=msg)
     probs = torch.from_numpy(probs_np).float()
     arrays = ArrayRecord({"probs": probs, "labels": cases.labels.clone()})
-    metrics = MetricRecord({"num-examples": len(cases), "site-index": site.index})
-    return Message(content=RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+    trained = len(load_site_cases(config, site.manifest, site.name))  # cached from training
+    released = {"num-examples": len(cases), "site-index": site.index, "train-real": trained}
+    write_audit(
+        site.audit_dir,
+        site=site.name,
+        phase="downstream-test",
+        server_round=server_round,
+        tensors=arrays.to_torch_state_dict(),
+        metrics=released,
+    )
+    content = RecordDict({"arrays": arrays, "metrics": MetricRecord(released)})
+    return Message(content=content, reply_to=msg)
 
 
-def _server(
+def downstream_server(
     grid: Grid,
     config: SynthctConfig,
-    manifest: Path,
-    cohort: Path | None,
     seed: int,
-    run_dir: Path,
+    *,
+    cohort: Path | None = None,
+    site_copies: bool = False,
+    manifest: Path | None = None,
+    site_root: Path | None = None,
 ) -> ArmResult:
+    """One federated arm: FedAvg with holdout early stopping, then every site's test
+    probabilities. ``cohort`` (the server's manifest) adds synthetic cases: the sites read it
+    (simulation) or, with ``site_copies`` (deployment), their own copies, checked against its
+    digest. ``manifest``/``site_root``: the simulation's single-machine data, else None."""
     start = time.perf_counter()
+    digest = cohort_digest(cohort) if cohort is not None and site_copies else ""
     nodes = wait_for_sites(grid, config)
     torch.manual_seed(seed)
     model = build_classifier(config)
     base = ConfigRecord(
         {
-            **task_config(config, "downstream", manifest=manifest, site_root=run_dir / "sites"),
-            "cohort-manifest": "" if cohort is None else str(cohort),
+            **task_config(config, "downstream", manifest=manifest, site_root=site_root),
+            "cohort-manifest": "" if cohort is None or site_copies else str(cohort),
+            "cohort-digest": digest,
             "seed": seed,
             "run-id": uuid.uuid4().hex[:12],  # names this arm's optimizer states at the sites
             "local-epochs": config.downstream.local_epochs,
@@ -151,13 +222,15 @@ def _server(
         holdout_patience=config.downstream.patience_rounds,
     )
     probs, labels, sites = [], [], []
+    train_cases = {"real": 0}
     for content in replies:
         arrays = content["arrays"].to_torch_state_dict()
-        name = config.site_names[int(content["metrics"]["site-index"])]
+        metrics = content["metrics"]
+        name = config.site_names[int(metrics["site-index"])]
         probs.append(arrays["probs"].numpy())
         labels.append(arrays["labels"].numpy())
         sites += [name] * len(arrays["labels"])
-    train_cases = {"real": sum(1 for r in read_manifest(manifest) if r.split == "train")}
+        train_cases["real"] += int(metrics["train-real"])
     if cohort is not None:
         train_cases["synthetic"] = sum(1 for r in read_manifest(cohort) if r.split == "train")
     return ArmResult(
@@ -182,7 +255,9 @@ def train_downstream_federated(
     manifest = Path(manifest).resolve()
     cohort = Path(cohort).resolve() if cohort is not None else None
     return simulate(
-        lambda grid: _server(grid, config, manifest, cohort, seed, run_dir),
+        lambda grid: downstream_server(
+            grid, config, seed, cohort=cohort, manifest=manifest, site_root=run_dir / "sites"
+        ),
         unified_client,
         num_sites=len(config.site_names),
         run_dir=run_dir,

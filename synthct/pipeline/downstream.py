@@ -30,50 +30,12 @@ from synthct.classifier import (
 )
 from synthct.config import SynthctConfig
 from synthct.data.dataset import CaseSet, load_cases
-from synthct.eval.classification import paired_effect, per_site_metrics
+from synthct.eval.classification import DOWNSTREAM_FORMAT, compare_arms
+from synthct.eval.gate import check_cohort_gate
 
 __all__ = ["check_cohort_gate", "run_downstream", "downstream_table"]
 
 logger = logging.getLogger(__name__)
-
-RESULTS_FORMAT = 1
-
-
-def check_cohort_gate(
-    cohort_dir: Path,
-    gate_json: Path | None,
-    force_ungated: bool,
-    trusted_keys: list[str | Path] | None = None,
-) -> dict[str, Any]:
-    """The gate's verdict on the cohort; refuses (GateError, SignatureError) unless it passed
-    unchanged and, with ``trusted_keys``, was signed by one of them. Rules that differed from
-    the defaults are passed on (and logged) so results and reports can show them."""
-    from synthct.eval.gate import GateError, verify_gate
-    from synthct.signing import SignatureError
-
-    gate_json = gate_json or cohort_dir / "gate.json"
-    try:
-        report = verify_gate(gate_json, cohort_dir, trusted_keys)
-    except (GateError, SignatureError) as exc:
-        if not force_ungated:
-            raise
-        logger.warning("UNGATED cohort used (--force-ungated): %s", exc)
-        return {"gated": False, "gate": str(gate_json), "refusal": str(exc)}
-    if not trusted_keys:
-        logger.warning(
-            "%s: verdict accepted without a signature check (no trusted keys)", gate_json
-        )
-    changed = report.get("rules_changed") or {}
-    if changed:
-        logger.warning("%s was judged under non-default rules: %s", gate_json, changed)
-    return {
-        "gated": True,
-        "gate": str(gate_json),
-        "manifest": str(cohort_dir / report["cohort"]["manifest"]),  # the list it judged
-        "verdict": report["verdict"],
-        "signed_by": report.get("signed_by"),
-        "rules_changed": changed,
-    }
 
 
 def _central_arm(
@@ -168,12 +130,10 @@ def run_downstream(
     out.mkdir(parents=True, exist_ok=True)  # only once the inputs are accepted
     classes, rare = list(config.labels.classes), list(config.labels.rare)
     arms = ["real"] + (["real+synthetic"] if cohort_manifest is not None else [])
-    results: dict[str, Any] = {}
-    test_probs: dict[str, list[np.ndarray]] = {arm: [] for arm in arms}
+    results: dict[str, list[tuple[int, ArmResult]]] = {arm: [] for arm in arms}
     total = len(arms) * len(config.downstream.seeds)
     done = 0
     for arm in arms:
-        runs = []
         for seed in config.downstream.seeds:
             use = cohort_manifest if arm == "real+synthetic" else None
             if local:
@@ -187,21 +147,11 @@ def run_downstream(
                 holdout = load_cases(real_manifest, config, splits=("holdout",))
                 cohort = load_cohort_for(use, config, None) if use is not None else None
                 result = _central_arm(config, real, holdout, cohort, test, seed, device)
-            metrics = per_site_metrics(result.probs, result.labels, result.sites, classes, rare)
-            test_probs[arm].append(_in_test_order(result, test))
-            runs.append(
-                {
-                    "seed": seed,
-                    "train_cases": result.train_cases,
-                    "wall_s": round(result.wall_s, 1),
-                    "stopping": result.stopping,
-                    **metrics,
-                }
-            )
+            _check_complete(result, test)
+            results[arm].append((seed, result))
             done += 1
             if progress is not None:
                 progress(done, total, arm=arm, seed=seed)
-        results[arm] = {"runs": runs, "summary": _summary(runs, rare)}
     payload = {
         "mode": "local" if local else "federated" if federated else "central",
         "real_manifest": str(real_manifest),
@@ -212,64 +162,23 @@ def run_downstream(
         "rare": rare,
         "seeds": list(config.downstream.seeds),
         "test_cases": len(test),
-        "arms": results,
-        "format": RESULTS_FORMAT,
+        # per arm and seed, and (two arms) what the synthetic data changed, paired by seed,
+        # with 95 % intervals
+        **compare_arms(results, classes, rare),
+        "format": DOWNSTREAM_FORMAT,
     }
-    if len(arms) == 2:  # what the synthetic data changed, paired by seed, with 95 % intervals
-        payload["effect"] = paired_effect(
-            test_probs["real"],
-            test_probs["real+synthetic"],
-            test.labels.numpy(),
-            list(test.sites),
-            classes,
-            rare,
-        )
     write_json(out / "results.json", payload, kind="synthct-downstream")
     return payload
 
 
-def _in_test_order(result: ArmResult, test: CaseSet) -> np.ndarray:
-    """The arm's test probabilities in ``test``'s case order (a federated arm returns them
-    site by site, in whatever order the sites replied; within a site both keep file order)."""
-    if list(result.sites) == list(test.sites):
-        return result.probs
+def _check_complete(result: ArmResult, test: CaseSet) -> None:
+    """An arm must return every test case of every site (in any site order)."""
     if sorted(result.sites) != sorted(test.sites):
         missing = sorted(set(test.sites) - set(result.sites))
         raise RuntimeError(
             f"an arm returned {len(result.sites)} test cases for {len(test.sites)} "
             f"(sites without results: {missing or 'none'})"
         )
-    want = np.argsort(np.asarray(test.sites), kind="stable")
-    have = np.argsort(np.asarray(result.sites), kind="stable")
-    probs = np.empty_like(result.probs)
-    probs[want] = result.probs[have]
-    if not np.array_equal(result.labels[have], test.labels.numpy()[want]):
-        raise RuntimeError("an arm's test cases do not line up with the test split")
-    return probs
-
-
-def _mean_sd(values: list[float]) -> dict[str, float]:
-    arr = np.asarray([v for v in values if v is not None and np.isfinite(v)], dtype=float)
-    if not len(arr):
-        return {"mean": float("nan"), "sd": float("nan")}
-    return {"mean": float(arr.mean()), "sd": float(arr.std(ddof=1)) if len(arr) > 1 else 0.0}
-
-
-def _summary(runs: list[dict[str, Any]], rare: list[str]) -> dict[str, Any]:
-    """Mean ± sd over seeds of the headline numbers."""
-    out = {
-        "balanced_accuracy": _mean_sd([r["overall"]["balanced_accuracy"] for r in runs]),
-        "macro_auc": _mean_sd([r["overall"]["macro_auc"] for r in runs]),
-        "worst_site_balanced_accuracy": _mean_sd([r["worst_site_balanced_accuracy"] for r in runs]),
-        "best_worst_gap": _mean_sd([r["best_worst_gap"] for r in runs]),
-    }
-    for name in rare:
-        out[f"recall_{name}"] = _mean_sd([r["overall"]["per_class_recall"].get(name) for r in runs])
-    sites = sorted(runs[0]["per_site"]) if runs else []
-    out["per_site_balanced_accuracy"] = {
-        s: _mean_sd([r["per_site"][s]["balanced_accuracy"] for r in runs]) for s in sites
-    }
-    return out
 
 
 def downstream_table(results: dict[str, Any]):

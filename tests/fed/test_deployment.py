@@ -2,13 +2,15 @@
 separate process, TLS on every connection and SuperNode authentication (only registered site
 keys may connect). Each site sees only its own manifest. ``flwr run`` ships the code-free app
 directory; the generator run must complete with every site's result in every round, then the
-same app trains the federated reference and gates a cohort on the same SuperNodes.
+same app trains the federated reference, gates a cohort and trains the downstream classifiers
+(real-only and with each site's own copy of the cohort) on the same SuperNodes.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -125,12 +127,13 @@ def test_superlink_and_supernodes_with_tls_and_node_auth(tmp_path, smoke_sites):
             "min_class_cases": 1,  # the smoke sites hold 2-4 cases per class
         }
     )
+    config["downstream"]["seeds"] = [0]
     config_path = tmp_path / "fed.yaml"
     config_path.write_text(yaml.safe_dump(config))
     run_dir = tmp_path / "run"
     app_dir = tmp_path / "app"
     write_flower_app(app_dir, config=str(config_path), out=str(run_dir))
-    reference_dir, gate_dir = tmp_path / "reference", tmp_path / "gate"
+    reference_dir, gate_dir, down_dir = tmp_path / "reference", tmp_path / "gate", tmp_path / "down"
     smoke = load_config(config_path)
     counts = dict.fromkeys(smoke.labels.classes, 2)
     cohort = fresh_real_cohort(smoke, counts, tmp_path / "cohort", seed=5, sites=SITES)
@@ -164,8 +167,10 @@ def test_superlink_and_supernodes_with_tls_and_node_auth(tmp_path, smoke_sites):
             )
             assert reg.returncode == 0, reg.stdout + reg.stderr
             manifest = write_site_manifest(smoke_sites, site, tmp_path / site / "manifest.csv")
+            copy = shutil.copytree(cohort.parent, tmp_path / site / "cohort")  # the site's own
             node_config = (
-                f"site='{site}' manifest='{manifest}' audit-dir='{tmp_path / site / 'audit'}'"
+                f"site='{site}' manifest='{manifest}' audit-dir='{tmp_path / site / 'audit'}' "
+                f"cohort='{copy / 'manifest.csv'}'"
             )
             procs.start(
                 site,
@@ -212,6 +217,14 @@ def test_superlink_and_supernodes_with_tls_and_node_auth(tmp_path, smoke_sites):
             f"task='gate' cohort='{cohort}' reference='{reference_dir}' out='{gate_dir}' "
             "bootstrap=20",
         )
+        # and the downstream classifiers, real-only and with the cohort each site holds a copy
+        # of (the gate's verdict may be a fail on these few smoke cases: forced, and said so)
+        flwr_run(
+            lambda: (down_dir / "results.json").is_file(),
+            "federated downstream",
+            f"task='downstream' cohort='{cohort.parent}' gate='{gate_dir / 'gate.json'}' "
+            f"force-ungated=true out='{down_dir}'",
+        )
     finally:
         procs.stop()
 
@@ -235,8 +248,21 @@ def test_superlink_and_supernodes_with_tls_and_node_auth(tmp_path, smoke_sites):
         audit = (tmp_path / site / "audit" / "audit.jsonl").read_text().splitlines()
         phases = [json.loads(line)["phase"] for line in audit]
         assert phases[:4] == ["autoencoder", "decoder", "scale", "diffusion"], phases
-        assert phases[4:] == ["reference"] * smoke.federated.reference_rounds + [
+        n_ref = smoke.federated.reference_rounds
+        assert phases[4 : 7 + n_ref] == ["reference"] * n_ref + [
             "reference-holdout",
             "gate-summary",
             "gate-evidence",
         ], phases
+        downstream = phases[7 + n_ref :]  # two arms: rounds of weights and holdout counts
+        assert downstream.count("downstream-test") == 2 and "downstream" in downstream
+        assert set(downstream) == {"downstream", "downstream-holdout", "downstream-test"}
+    results = json.loads((down_dir / "results.json").read_text())
+    assert results["mode"] == "federated (deployment)"
+    assert results["ungated"] == (gate["verdict"] != "pass")
+    for arm in ("real", "real+synthetic"):
+        (run,) = results["arms"][arm]["runs"]
+        assert set(run["per_site"]) == set(SITES)
+    synthetic = results["arms"]["real+synthetic"]["runs"][0]["train_cases"]
+    assert synthetic["synthetic"] == sum(counts.values()) and synthetic["real"] > 0
+    assert "balanced_accuracy" in results["effect"]
