@@ -22,6 +22,7 @@ __all__ = [
     "paired_effect",
     "summarise_runs",
     "compare_arms",
+    "downstream_payload",
 ]
 
 
@@ -236,3 +237,32 @@ def compare_arms(
         before, after = aligned.values()
         payload["effect"] = paired_effect(before, after, *reference, classes, rare)
     return payload
+
+
+def downstream_payload(
+    arms: dict[str, list[tuple[int, Any]]],
+    *,
+    classes: list[str],
+    rare: list[str],
+    seeds: list[int],
+    mode: str,
+    cohort: str | None,
+    gate: dict[str, Any] | None,
+    test_cases: int,
+    **extra: Any,
+) -> dict[str, Any]:
+    """The downstream ``results.json``: what ran (mode, cohort and its gate, seeds), each arm
+    per seed and (two arms) the paired effect of the synthetic data with 95 % intervals."""
+    return {
+        "mode": mode,
+        **extra,
+        "cohort": cohort,
+        "gate": gate,
+        "ungated": bool(gate and not gate["gated"]),
+        "classes": classes,
+        "rare": rare,
+        "seeds": seeds,
+        "test_cases": test_cases,
+        **compare_arms(arms, classes, rare),
+        "format": DOWNSTREAM_FORMAT,
+    }

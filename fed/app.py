@@ -87,7 +87,7 @@ def _downstream(grid: Grid, config, rc, out: Path) -> None:
     federated classifiers over ``downstream.seeds``; each site trains on its own copy of the
     cohort, checked against the gated one's digest. Writes ``out/results.json``."""
     from synthct.artifacts import write_json
-    from synthct.eval.classification import DOWNSTREAM_FORMAT, compare_arms
+    from synthct.eval.classification import downstream_payload
     from synthct.eval.gate import check_cohort_gate
 
     cohort_dir = Path(str(rc.get("cohort", ""))) if str(rc.get("cohort", "")) else None
@@ -110,20 +110,17 @@ def _downstream(grid: Grid, config, rc, out: Path) -> None:
         ]
         for arm, use in arms.items()
     }
-    classes, rare = list(config.labels.classes), list(config.labels.rare)
     out.mkdir(parents=True, exist_ok=True)
-    payload = {
-        "mode": "federated (deployment)",
-        "cohort": None if cohort_dir is None else str(cohort_dir),
-        "gate": gate_info,
-        "ungated": bool(gate_info and not gate_info["gated"]),
-        "classes": classes,
-        "rare": rare,
-        "seeds": list(config.downstream.seeds),
-        "test_cases": len(results["real"][0][1].labels),
-        **compare_arms(results, classes, rare),
-        "format": DOWNSTREAM_FORMAT,
-    }
+    payload = downstream_payload(
+        results,
+        classes=list(config.labels.classes),
+        rare=list(config.labels.rare),
+        seeds=list(config.downstream.seeds),
+        mode="federated (deployment)",
+        cohort=None if cohort_dir is None else str(cohort_dir),
+        gate=gate_info,
+        test_cases=len(results["real"][0][1].labels),
+    )
     write_json(out / "results.json", payload, kind="synthct-downstream")
 
 

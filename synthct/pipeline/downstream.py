@@ -30,7 +30,7 @@ from synthct.classifier import (
 )
 from synthct.config import SynthctConfig
 from synthct.data.dataset import CaseSet, load_cases
-from synthct.eval.classification import DOWNSTREAM_FORMAT, compare_arms
+from synthct.eval.classification import downstream_payload
 from synthct.eval.gate import check_cohort_gate
 
 __all__ = ["check_cohort_gate", "run_downstream", "downstream_table"]
@@ -152,21 +152,17 @@ def run_downstream(
             done += 1
             if progress is not None:
                 progress(done, total, arm=arm, seed=seed)
-    payload = {
-        "mode": "local" if local else "federated" if federated else "central",
-        "real_manifest": str(real_manifest),
-        "cohort": None if cohort_dir is None else str(cohort_dir),
-        "gate": gate_info,
-        "ungated": bool(gate_info and not gate_info["gated"]),
-        "classes": classes,
-        "rare": rare,
-        "seeds": list(config.downstream.seeds),
-        "test_cases": len(test),
-        # per arm and seed, and (two arms) what the synthetic data changed, paired by seed,
-        # with 95 % intervals
-        **compare_arms(results, classes, rare),
-        "format": DOWNSTREAM_FORMAT,
-    }
+    payload = downstream_payload(
+        results,
+        classes=classes,
+        rare=rare,
+        seeds=list(config.downstream.seeds),
+        mode="local" if local else "federated" if federated else "central",
+        real_manifest=str(real_manifest),
+        cohort=None if cohort_dir is None else str(cohort_dir),
+        gate=gate_info,
+        test_cases=len(test),
+    )
     write_json(out / "results.json", payload, kind="synthct-downstream")
     return payload
 
