@@ -100,11 +100,14 @@ def _downstream(grid: Grid, config, rc, out: Path) -> None:
         )
         cohort = Path(gate_info.get("manifest") or cohort_dir / "manifest.csv")
     arms = {"real": None, **({"real+synthetic": cohort} if cohort is not None else {})}
+    dp = downstream_app.downstream_dp(config)  # one account over every arm and seed
     results = {
         arm: [
             (
                 seed,
-                downstream_app.downstream_server(grid, config, seed, cohort=use, site_copies=True),
+                downstream_app.downstream_server(
+                    grid, config, seed, cohort=use, site_copies=True, dp=dp
+                ),
             )
             for seed in config.downstream.seeds
         ]
@@ -120,6 +123,7 @@ def _downstream(grid: Grid, config, rc, out: Path) -> None:
         cohort=None if cohort_dir is None else str(cohort_dir),
         gate=gate_info,
         test_cases=len(results["real"][0][1].labels),
+        **({"privacy": dp.record(downstream_app.DOWNSTREAM_NOT_COVERED)} if dp else {}),
     )
     write_json(out / "results.json", payload, kind="synthct-downstream")
 

@@ -45,13 +45,21 @@ from synthct.classifier import (
 )
 from synthct.config import SynthctConfig
 from synthct.data.manifest import read_manifest
+from synthct.fed.dp import ClassifierDP
 from synthct.fed.errors import SiteError
 from synthct.fed.fedavg_run import fedavg_then_evaluate, holdout_count_metrics
 from synthct.fed.secagg import secure_train_mod
 from synthct.fed.sites import SiteSettings, prepare_site, task_config, wait_for_sites
 from synthct.fed.task import OptimizerStateStore, load_site_cases, round_seed, write_audit
 
-__all__ = ["app", "cohort_digest", "downstream_server", "train_downstream_federated"]
+__all__ = [
+    "app",
+    "cohort_digest",
+    "downstream_dp",
+    "downstream_server",
+    "train_downstream_federated",
+    "DOWNSTREAM_NOT_COVERED",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -191,11 +199,13 @@ def downstream_server(
     site_copies: bool = False,
     manifest: Path | None = None,
     site_root: Path | None = None,
+    dp: ClassifierDP | None = None,
 ) -> ArmResult:
     """One federated arm: FedAvg with holdout early stopping, then every site's test
     probabilities. ``cohort`` (the server's manifest) adds synthetic cases: the sites read it
     (simulation) or, with ``site_copies`` (deployment), their own copies, checked against its
-    digest. ``manifest``/``site_root``: the simulation's single-machine data, else None."""
+    digest. ``manifest``/``site_root``: the simulation's single-machine data, else None.
+    ``dp``: the task's DP account (one for every arm and seed: they train on the same cases)."""
     start = time.perf_counter()
     digest = cohort_digest(cohort) if cohort is not None and site_copies else ""
     nodes = wait_for_sites(grid, config)
@@ -220,6 +230,7 @@ def downstream_server(
         train_config=base,
         what="downstream",
         holdout_patience=config.downstream.patience_rounds,
+        dp=dp,
     )
     probs, labels, sites = [], [], []
     train_cases = {"real": 0}
@@ -243,8 +254,24 @@ def downstream_server(
     )
 
 
+def downstream_dp(config: SynthctConfig) -> ClassifierDP | None:
+    """The downstream task's DP account when ``privacy.phases`` lists it, else None."""
+    return ClassifierDP(config, "downstream") if config.federated.dp_phase("downstream") else None
+
+
+DOWNSTREAM_NOT_COVERED = [
+    "each site's holdout counts per round (early stopping)",
+    "each site's test-set class probabilities (final evaluation)",
+]
+
+
 def train_downstream_federated(
-    config: SynthctConfig, manifest: Path, cohort: Path | None, run_dir: Path, seed: int
+    config: SynthctConfig,
+    manifest: Path,
+    cohort: Path | None,
+    run_dir: Path,
+    seed: int,
+    dp: ClassifierDP | None = None,
 ) -> ArmResult:
     """One federated arm in Flower's simulation (one virtual SuperNode per site)."""
     from synthct.fed.app import client as unified_client
@@ -256,7 +283,13 @@ def train_downstream_federated(
     cohort = Path(cohort).resolve() if cohort is not None else None
     return simulate(
         lambda grid: downstream_server(
-            grid, config, seed, cohort=cohort, manifest=manifest, site_root=run_dir / "sites"
+            grid,
+            config,
+            seed,
+            cohort=cohort,
+            manifest=manifest,
+            site_root=run_dir / "sites",
+            dp=dp,
         ),
         unified_client,
         num_sites=len(config.site_names),

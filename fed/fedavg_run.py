@@ -26,6 +26,7 @@ from flwr.serverapp.strategy import FedAvg, Result
 
 from synthct.classifier import EarlyStopping, score_from_counts
 from synthct.config import SynthctConfig
+from synthct.fed.dp import ClassifierDP
 from synthct.fed.errors import FederatedError
 from synthct.fed.secagg import (
     SecAggSettings,
@@ -88,11 +89,16 @@ class _ScreenedFedAvg(FedAvg):
     only their case-weighted mean reaches the server."""
 
     def __init__(
-        self, norm_ratio: float, secure: SecAggSettings | None = None, **kwargs: Any
+        self,
+        norm_ratio: float,
+        secure: SecAggSettings | None = None,
+        dp: ClassifierDP | None = None,
+        **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.norm_ratio = norm_ratio
         self.secure = secure
+        self.dp = dp
         self._sent: dict[str, Any] | None = None
         self._secure_result: SecureRound | None = None
 
@@ -115,6 +121,8 @@ class _ScreenedFedAvg(FedAvg):
             result, self._secure_result = self._secure_result, None
             if result is None or result.mean_update is None or self._sent is None:
                 return None, None
+            if self.dp is not None:  # unit weights and the DP clip norm were used on the sites
+                self.dp.noise_mean(result.mean_update, len(result.sites))
             new = apply_mean_update(self._sent, result.mean_update)
             return ArrayRecord(new), MetricRecord({"secure-replies": len(result.sites)})
         replies = list(replies)
@@ -141,6 +149,12 @@ class _ScreenedFedAvg(FedAvg):
                     self.min_train_nodes,
                 )
                 kept = []
+            if self.dp is not None:
+                if not kept:
+                    return None, None
+                _, metrics = super().aggregate_train(server_round, kept)  # the sites' metrics
+                states = [r.content["arrays"].to_torch_state_dict() for r in kept]
+                return ArrayRecord(self.dp.release(self._sent, states)), metrics
             replies = kept + errors
         return super().aggregate_train(server_round, replies)
 
@@ -199,6 +213,7 @@ def fedavg_then_evaluate(
     what: str,
     holdout_patience: int | None = None,
     phase: str | None = None,
+    dp: ClassifierDP | None = None,
 ) -> tuple[Result, list[RecordDict], Converged | None]:
     """``rounds`` of FedAvg from ``initial``, then every node evaluates the final weights;
     returns Flower's result, each site's reply content and, with ``holdout_patience`` (0 =
@@ -206,15 +221,17 @@ def fedavg_then_evaluate(
     final evaluation message carries ``eval-split = test``; the per-round ones ``holdout``.
     A site error stops with a :class:`FederatedError` naming ``what`` was being evaluated.
     Under ``federated.secagg`` the training rounds run SecAgg+ with ``phase``'s clip norm
-    (``what`` when not given)."""
+    (``what`` when not given). With ``dp`` every aggregate is ``fed/dp.py``'s noised,
+    equal-weight mean of clipped updates, composed into its accountant."""
     common = {
         "min_train_nodes": config.federated.min_sites,
         "min_available_nodes": min(len(nodes), len(config.site_names)),
     }
     evaluate_config = None
     common["norm_ratio"] = config.federated.reject_norm_ratio
+    common["dp"] = dp  # updates clipped, averaged with equal weights, noised and accounted
     if config.federated.secagg.enabled:
-        common["secure"] = settings_from_config(config.federated, phase or what)
+        common["secure"] = settings_from_config(config.federated, phase or what, dp=dp is not None)
     if holdout_patience is None:
         strategy: FedAvg = _ScreenedFedAvg(fraction_evaluate=0.0, **common)
     else:

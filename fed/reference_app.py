@@ -31,6 +31,7 @@ from flwr.serverapp import Grid
 
 from synthct.config import SynthctConfig
 from synthct.data.dataset import load_cases
+from synthct.fed.dp import ClassifierDP
 from synthct.fed.errors import SiteError
 from synthct.fed.fedavg_run import fedavg_then_evaluate
 from synthct.fed.secagg import secure_train_mod
@@ -174,6 +175,7 @@ def reference_server(
             "local-epochs": config.federated.local_epochs_reference,
         }
     )
+    dp = ClassifierDP(config, "reference") if config.federated.dp_phase("reference") else None
     result, replies, _ = fedavg_then_evaluate(
         grid,
         nodes,
@@ -182,6 +184,7 @@ def reference_server(
         rounds=rounds,
         train_config=base,
         what="reference",
+        dp=dp,
     )
     net = _model_from(result.arrays, config.labels.num_classes).eval().requires_grad_(False)
     k = config.labels.num_classes
@@ -200,6 +203,8 @@ def reference_server(
         "wall_s": round(time.perf_counter() - start, 1),
         "holdout": holdout_from_confusion(confusion, list(config.labels.classes)),
     }
+    if dp is not None:
+        info["privacy"] = dp.record(["each site's holdout confusion counts (final evaluation)"])
     logger.info("federated reference: holdout accuracy %.3f", info["holdout"]["accuracy"])
     return ReferenceModel(net, list(config.labels.classes), config.labels.vocabulary_hash, info)
 

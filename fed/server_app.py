@@ -32,7 +32,6 @@ from flwr.serverapp.strategy import (
     FedProx,
     Strategy,
 )
-from flwr.supercore.differential_privacy import compute_stdv
 from flwr.supercore.privacy_accounting import GaussianPrivacyEvent
 
 from synthct.artifacts import append_jsonl, read_json, sha256_bytes, write_json
@@ -45,6 +44,7 @@ from synthct.checkpoint import (
     save_generator,
 )
 from synthct.config import SynthctConfig
+from synthct.fed.dp import add_dp_noise, make_accountant
 from synthct.fed.errors import FederatedError
 from synthct.fed.secagg import (
     SecAggSettings,
@@ -107,22 +107,8 @@ def make_strategy(config: SynthctConfig, phase: str, num_sites: int) -> Strategy
         strategy = FedAvg(**common)
     if not dp:
         return strategy
-    from flwr.supercore.privacy_accounting import (
-        NeighboringRelation,
-        PrivacyConfig,
-        SamplingMethod,
-    )
-    from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
-
     # the config refuses DP with FedProx: Flower's accountant covers plain FedAvg only
-    accountant = RdpAccountant(
-        PrivacyConfig(
-            target_delta=fed.privacy.target_delta,
-            population_size=num_sites,
-            neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
-            sampling_method=SamplingMethod.NO_AMPLIFICATION,
-        )
-    )
+    accountant = make_accountant(config, num_sites)
     return DifferentialPrivacyServerSideFixedClipping(
         strategy,
         noise_multiplier=fed.privacy.noise_multiplier,
@@ -491,7 +477,7 @@ class _Driver:
         if result.aggregated:
             mean = result.mean_update
             if dp:
-                _add_dp_noise(mean, fed.privacy.noise_multiplier, settings.clip_norm, len(nodes))
+                add_dp_noise(mean, fed.privacy.noise_multiplier, settings.clip_norm, len(nodes))
                 accountant = getattr(strategy, "accountant", None)
                 if accountant is not None and len(result.sites) == len(nodes):
                     accountant.compose(
@@ -654,15 +640,6 @@ def owned_rows_from_secure_mean(
         for index, q in weights.items():
             if index < len(mean[key]) and q > 0:
                 mean[key][index] *= total / q
-
-
-def _add_dp_noise(
-    mean: dict[str, torch.Tensor], noise_multiplier: float, clip: float, sampled: int
-) -> None:
-    """Flower's central DP noise (``compute_stdv``: z * C / m) on the secure mean update."""
-    std = compute_stdv(noise_multiplier, clip, sampled)
-    for value in mean.values():
-        value += torch.randn_like(value) * std
 
 
 def _audit_chain(reply: Message) -> str | None:

@@ -454,7 +454,8 @@ class FaultConfig(_Strict):
 
 
 class DPConfig(_Strict):
-    """Central DP on the generator's phases (Flower's server-side fixed clipping wrapper):
+    """Central DP on the generator's phases (Flower's server-side fixed clipping wrapper) and,
+    when listed, the classifiers' FedAvg (``fed/dp.py``):
     each site's update is clipped to ``clipping_norm`` and Gaussian noise of std
     ``noise_multiplier * clipping_norm / n_sites`` is added to the uniform mean. One RDP
     accountant composes every noised release of the run, whatever its phase, so the
@@ -464,11 +465,13 @@ class DPConfig(_Strict):
     noise_multiplier: float = Field(default=1.0, gt=0)
     clipping_norm: float = Field(default=1.0, gt=0)
     target_delta: float = Field(default=1e-3, gt=0, lt=1)
-    phases: list[Literal["autoencoder", "decoder", "diffusion"]] = Field(
+    phases: list[Literal["autoencoder", "decoder", "diffusion", "reference", "downstream"]] = Field(
         default_factory=lambda: ["autoencoder", "decoder", "diffusion"],
         min_length=1,
         description="the phases whose updates are clipped and noised; a phase left out "
-        "releases its updates without noise and the recorded epsilon does not cover it",
+        "releases its updates without noise and the recorded epsilon does not cover it. "
+        "The classifiers (reference, downstream) each keep their own account, recorded "
+        "with the reference model and in the downstream results",
     )
 
 

@@ -131,6 +131,11 @@ def run_downstream(
     classes, rare = list(config.labels.classes), list(config.labels.rare)
     arms = ["real"] + (["real+synthetic"] if cohort_manifest is not None else [])
     results: dict[str, list[tuple[int, ArmResult]]] = {arm: [] for arm in arms}
+    dp = None
+    if federated:  # one DP account over every arm and seed (they train on the same cases)
+        from synthct.fed.downstream_app import downstream_dp
+
+        dp = downstream_dp(config)
     total = len(arms) * len(config.downstream.seeds)
     done = 0
     for arm in arms:
@@ -141,7 +146,7 @@ def run_downstream(
             elif federated:
                 from synthct.fed.downstream_app import train_downstream_federated
 
-                result = train_downstream_federated(config, real_manifest, use, out, seed)
+                result = train_downstream_federated(config, real_manifest, use, out, seed, dp)
             else:
                 real = load_cases(real_manifest, config, splits=("train",))
                 holdout = load_cases(real_manifest, config, splits=("holdout",))
@@ -162,9 +167,16 @@ def run_downstream(
         cohort=None if cohort_dir is None else str(cohort_dir),
         gate=gate_info,
         test_cases=len(test),
+        **({"privacy": _privacy(dp)} if dp is not None else {}),
     )
     write_json(out / "results.json", payload, kind="synthct-downstream")
     return payload
+
+
+def _privacy(dp) -> dict[str, Any]:
+    from synthct.fed.downstream_app import DOWNSTREAM_NOT_COVERED
+
+    return dp.record(DOWNSTREAM_NOT_COVERED)
 
 
 def _check_complete(result: ArmResult, test: CaseSet) -> None:

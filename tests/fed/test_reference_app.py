@@ -92,3 +92,20 @@ def test_a_reference_trained_under_secagg_matches_plain_fedavg(smoke_sites, smok
     assert np.array_equal(
         plain.predict(holdout.images).argmax(1), secure.predict(holdout.images).argmax(1)
     )
+
+
+def test_a_reference_under_dp_and_secagg_records_its_privacy(smoke_sites, smoke_config, tmp_path):
+    """DP on the reference's phase: every round's secure mean (equal weights, the sites
+    clipped to the DP bound) is noised and accounted; the model records its epsilon."""
+    from synthct.fed.reference_app import train_reference_federated
+
+    doc = smoke_config.model_dump()
+    doc["federated"]["reference_rounds"] = 2
+    doc["federated"]["privacy"] = {"enabled": True, "phases": ["reference"], "clipping_norm": 5.0}
+    doc["federated"]["secagg"] = {"enabled": True, "max_weight": 64}
+    model = train_reference_federated(
+        type(smoke_config).model_validate(doc), smoke_sites, tmp_path / "dp"
+    )
+    privacy = model.info["privacy"]
+    assert privacy["releases"] == 2 and privacy["epsilon"] > 0 and privacy["phase"] == "reference"
+    assert "holdout confusion" in privacy["not_covered"][0]

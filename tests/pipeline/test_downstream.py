@@ -138,3 +138,27 @@ def test_federated_end_to_end_through_the_cli(tmp_path, demo_sites, gated):
                 for r in (1, 2)
             )
             assert float(second["0.step"]) == 2 * float(first["0.step"]) > 0
+
+
+def test_federated_arms_under_dp_share_one_privacy_account(tmp_path, tiny, demo_sites, gated):
+    good, _ = gated
+    privacy = tiny.federated.privacy.model_copy(
+        update={"enabled": True, "phases": ["downstream"], "noise_multiplier": 0.5}
+    )
+    down = tiny.downstream.model_copy(update={"rounds": 2})
+    config = tiny.model_copy(
+        update={
+            "federated": tiny.federated.model_copy(update={"privacy": privacy}),
+            "downstream": down,
+        }
+    )
+    results = run_downstream(config, demo_sites, tmp_path / "dp", cohort_dir=good, federated=True)
+    rounds = sum(
+        run["stopping"]["all"]["epochs_run"]
+        for arm in results["arms"].values()
+        for run in arm["runs"]
+    )
+    privacy = results["privacy"]
+    # every aggregated round of both arms is one noised release in the same account
+    assert privacy["releases"] == rounds == 4 and privacy["epsilon"] > 0
+    assert privacy["phase"] == "downstream" and len(privacy["not_covered"]) == 2
