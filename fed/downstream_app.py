@@ -3,10 +3,10 @@
 Each site trains on its own real ``train`` cases plus the cohort cases meant for it (``site`` =
 itself or ``pooled``). In Flower's simulation the cohort is the server's folder; a deployed site
 reads its own copy (node config ``cohort``: the copy's manifest) and trains on it only when its
-files hash to the digest of the cohort the gate judged, which the server sends. After every round it scores the global model on its own ``holdout``
-split and sends per-class counts only; the server stops when the pooled holdout score stalls
-(``downstream.patience_rounds``) and keeps the best round. Each site then evaluates that model on its
-own ``test`` split; only weights, holdout counts and the test-set class probabilities (with
+files hash to the digest of the cohort the gate judged, which the server sends. After every
+round it scores the global model on its own ``holdout`` split and sends per-class counts only;
+the server stops when the pooled holdout score stalls (``downstream.patience_rounds``) and
+keeps the best round. Each site then evaluates that model on its own ``test`` split; only weights, holdout counts and the test-set class probabilities (with
 their labels) leave a site. The training loop is Flower's own ``FedAvg.start`` (weighted by
 cases); the final evaluation round is sent explicitly so every site's results are collected,
 not just their average.

@@ -10,7 +10,6 @@ the end) is not noised: the privacy record lists it under ``not_covered``.
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import torch
@@ -26,8 +25,6 @@ from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 from synthct.config import SynthctConfig
 
 __all__ = ["make_accountant", "add_dp_noise", "ClassifierDP"]
-
-logger = logging.getLogger(__name__)
 
 
 def make_accountant(config: SynthctConfig, population: int | None = None) -> RdpAccountant:
