@@ -2,7 +2,7 @@
 ceiling, decoder-only, from the shipped generator?
 
     python bench/site_decoder_probe.py [--steps 600] [--arms plain site site+adv0.01 ...]
-        [--lr 1e-4] [--results bench/results/site_decoder_probe_<date>.txt]
+        [--lr 1e-4] [--results bench/results/site_decoder_probe_<date>.txt] [--save]
 
 The shipped autoencoder's encoder is frozen (its latents, and any UNet trained on them, stay
 valid); its decoder is refined for STEPS decoder-only steps of the product's decoder phase
@@ -10,7 +10,8 @@ valid); its decoder is refined for STEPS decoder-only steps of the product's dec
 from the same start in each arm: ``plain`` (no site), ``site`` (``autoencoder.site_style``),
 ``site+advW`` (site style and ``adversarial_weight`` W, MONAI PatchDiscriminator). A fresh real
 cohort (seed 4242, each case for its own site) is reconstructed by each arm, for its site, and
-gated, as in bench/autoencoder_ceiling.py.
+gated, as in bench/autoencoder_ceiling.py. ``--save`` keeps each arm's refined generator (its
+shipped UNet unchanged) as ``OUT/ARM/generator`` for bench/cohort_gate.py.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 import torch
 from phantom_world import phantom_manifest
 
-from synthct.checkpoint import adopt_generator, load_generator
+from synthct.checkpoint import adopt_generator, load_generator, save_generator
 from synthct.config import load_config, packaged_config_path
 from synthct.data.dataset import load_cases
 from synthct.data.manifest import read_manifest, write_manifest
@@ -80,6 +81,7 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--out", default="runs/bench_site_decoder")
     p.add_argument("--results", default=None)
+    p.add_argument("--save", action="store_true", help="keep each arm's refined generator")
     args = p.parse_args()
     torch.set_num_threads(2)
     out = Path(args.out)
@@ -108,6 +110,8 @@ def main() -> None:
                 config.data.hu_window,
             )
         d = out / arm
+        if args.save:
+            save_generator(gen, d / "generator", sampling_only=True, extra={"probe": info})
         for row, v in zip(rows, recon, strict=True):
             write_nifti(d / row.path, v[0].numpy(), config.data.spacing_mm)
         write_manifest(d / "manifest.csv", rows)

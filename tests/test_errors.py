@@ -37,11 +37,12 @@ def test_every_user_error_is_a_synthct_error_and_keeps_its_old_base(error):
 @pytest.mark.parametrize("error", USER_ERRORS, ids=lambda e: e.__name__)
 def test_the_cli_answers_each_with_one_line_and_exit_2(error, monkeypatch, capsys):
     from synthct import cli
+    from synthct.cli import data
 
     def fail(args):
         raise error("/data/x.nii.gz: wrong shape")
 
-    monkeypatch.setattr(cli, "cmd_data_check", fail)
+    monkeypatch.setattr(data, "cmd_data_check", fail)
     assert cli.main(["data", "check", "m.csv"]) == cli.EXIT_BAD_INPUT
     err = capsys.readouterr().err
     assert err == "synthct: error: /data/x.nii.gz: wrong shape\n"
