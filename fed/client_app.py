@@ -13,15 +13,14 @@ from __future__ import annotations
 import json
 import logging
 import time
-from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
 from synthct.config import SynthctConfig
 from synthct.fed.secagg import secure_train_mod
-from synthct.fed.sites import SiteSettings, prepare_site
+from synthct.fed.sites import prepare_site, release
 from synthct.fed.task import (
     LocalRun,
     OptimizerStateStore,
@@ -33,7 +32,6 @@ from synthct.fed.task import (
     train_autoencoder_round,
     train_decoder_round,
     train_diffusion_round,
-    write_audit,
 )
 from synthct.models.latent_norm import LatentNorm, latent_moments
 from synthct.training import resolve_device
@@ -69,33 +67,6 @@ def _corrupt_update(
         elif fault.kind == "huge":
             for t in floats:
                 t.mul_(1000.0)
-
-
-def _reply(
-    msg: Message,
-    site: SiteSettings,
-    phase: str,
-    server_round: int,
-    tensors: dict[str, torch.Tensor],
-    metrics: dict[str, Any],
-    keep_payload: bool,
-) -> Message:
-    record = write_audit(
-        site.audit_dir,
-        site=site.name,
-        phase=phase,
-        server_round=server_round,
-        tensors=tensors,
-        metrics=metrics,
-        keep_payload=keep_payload,
-    )
-    # the server logs where this site's audit chain stood: a rewritten log cannot match it
-    content = RecordDict(
-        {"metrics": MetricRecord(metrics), "audit": ConfigRecord({"chain": record["chain"]})}
-    )
-    if tensors:
-        content["arrays"] = ArrayRecord(tensors)
-    return Message(content=content, reply_to=msg)
 
 
 def _frozen_autoencoder(cfg: ConfigRecord) -> tuple[dict[str, torch.Tensor], str]:
@@ -155,13 +126,13 @@ def train(msg: Message, context: Context) -> Message:
         "loss": result.loss,
         "steps": result.steps,
     }
-    return _reply(
+    return release(
         msg,
         site,
-        phase,
-        server_round,
-        result.state,
-        metrics,
+        phase=phase,
+        server_round=server_round,
+        tensors=result.state,
+        metrics=metrics,
         keep_payload=bool(cfg.get("keep-payload", False)),
     )
 
@@ -180,4 +151,4 @@ def query(msg: Message, context: Context) -> Message:
     except Exception as exc:
         raise SiteError(f"site {site.name!r}: {type(exc).__name__}: {exc}") from exc
     metrics = {"num-examples": len(cases), "site-index": site.index, **moments}
-    return _reply(msg, site, "scale", 0, {}, metrics, keep_payload=False)
+    return release(msg, site, phase="scale", server_round=0, tensors={}, metrics=metrics)

@@ -27,8 +27,6 @@ from flwr.app import (
     ConfigRecord,
     Context,
     Message,
-    MetricRecord,
-    RecordDict,
 )
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
@@ -49,8 +47,8 @@ from synthct.fed.dp import ClassifierDP
 from synthct.fed.errors import SiteError
 from synthct.fed.fedavg_run import fedavg_then_evaluate, holdout_count_metrics
 from synthct.fed.secagg import secure_train_mod
-from synthct.fed.sites import SiteSettings, prepare_site, task_config, wait_for_sites
-from synthct.fed.task import OptimizerStateStore, load_site_cases, round_seed, write_audit
+from synthct.fed.sites import SiteSettings, prepare_site, release, task_config, wait_for_sites
+from synthct.fed.task import OptimizerStateStore, load_site_cases, round_seed
 
 __all__ = [
     "app",
@@ -130,17 +128,14 @@ def train(msg: Message, context: Context) -> Message:
         "site-index": site.index,
         "loss": loss,
     }
-    state = model.state_dict()
-    write_audit(
-        site.audit_dir,
-        site=site.name,
+    return release(
+        msg,
+        site,
         phase="downstream",
         server_round=server_round,
-        tensors=state,
+        tensors=model.state_dict(),
         metrics=metrics,
     )
-    content = RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord(metrics)})
-    return Message(content=content, reply_to=msg)
 
 
 @app.evaluate()
@@ -165,29 +160,28 @@ def evaluate(msg: Message, context: Context) -> Message:
         k = config.labels.num_classes
         counts = class_counts(probs_np.reshape(-1, k), cases.labels.numpy(), k)
         released = holdout_count_metrics(*counts, cases=len(cases))
-        write_audit(
-            site.audit_dir,
-            site=site.name,
+        return release(
+            msg,
+            site,
             phase="downstream-holdout",
             server_round=server_round,
             tensors={},
             metrics=released,
         )
-        return Message(content=RecordDict({"metrics": MetricRecord(released)}), reply_to=msg)
     probs = torch.from_numpy(probs_np).float()
-    arrays = ArrayRecord({"probs": probs, "labels": cases.labels.clone()})
-    trained = len(load_site_cases(config, site.manifest, site.name))  # cached from training
+    # counted from the manifest: a deployed SuperNode need not read its train images again
+    trained = sum(
+        1 for r in read_manifest(site.manifest) if (r.site, r.split) == (site.name, "train")
+    )
     released = {"num-examples": len(cases), "site-index": site.index, "train-real": trained}
-    write_audit(
-        site.audit_dir,
-        site=site.name,
+    return release(
+        msg,
+        site,
         phase="downstream-test",
         server_round=server_round,
-        tensors=arrays.to_torch_state_dict(),
+        tensors={"probs": probs, "labels": cases.labels.clone()},
         metrics=released,
     )
-    content = RecordDict({"arrays": arrays, "metrics": MetricRecord(released)})
-    return Message(content=content, reply_to=msg)
 
 
 def downstream_server(

@@ -22,7 +22,6 @@ from flwr.app import (
     Context,
     Message,
     MessageType,
-    MetricRecord,
     RecordDict,
 )
 from flwr.clientapp import ClientApp
@@ -45,8 +44,8 @@ from synthct.eval.federated_metrics import (
 from synthct.eval.gate import DEFAULT_RULES, GateError, RuleSpec, gate_report, hash_cohort
 from synthct.eval.privacy import prepare_for_matching
 from synthct.fed.errors import FederatedError, SiteError
-from synthct.fed.sites import prepare_site, task_config, wait_for_sites
-from synthct.fed.task import tensors_from_bytes, tensors_to_bytes, write_audit
+from synthct.fed.sites import prepare_site, release, task_config, wait_for_sites
+from synthct.fed.task import tensors_from_bytes, tensors_to_bytes
 from synthct.reference import ReferenceModel, ReferenceNet
 
 __all__ = ["app", "run_gate_federated"]
@@ -137,16 +136,14 @@ def query(msg: Message, context: Context) -> Message:
         raise SiteError(f"site {site.name!r}: {type(exc).__name__}: {exc}") from exc
     tensors = _to_tensors(arrays)
     metrics = {"site-index": site.index}
-    write_audit(
-        site.audit_dir,
-        site=site.name,
+    return release(
+        msg,
+        site,
         phase=f"gate-{step}",
         server_round=1 if step == "summary" else 2,
         tensors=tensors,
         metrics=metrics,
     )
-    content = RecordDict({"arrays": ArrayRecord(tensors), "metrics": MetricRecord(metrics)})
-    return Message(content=content, reply_to=msg)
 
 
 def _ask(

@@ -23,8 +23,6 @@ from flwr.app import (
     ConfigRecord,
     Context,
     Message,
-    MetricRecord,
-    RecordDict,
 )
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
@@ -35,8 +33,8 @@ from synthct.fed.dp import ClassifierDP
 from synthct.fed.errors import SiteError
 from synthct.fed.fedavg_run import fedavg_then_evaluate
 from synthct.fed.secagg import secure_train_mod
-from synthct.fed.sites import prepare_site, task_config, wait_for_sites
-from synthct.fed.task import load_site_cases, round_seed, write_audit
+from synthct.fed.sites import prepare_site, release, task_config, wait_for_sites
+from synthct.fed.task import load_site_cases, round_seed
 from synthct.reference import ReferenceModel, ReferenceNet, fit_reference
 
 __all__ = ["app", "train_reference_federated", "round_lr"]
@@ -98,16 +96,14 @@ def train(msg: Message, context: Context) -> Message:
         raise SiteError(f"site {site.name!r}: {type(exc).__name__}: {exc}") from exc
     arrays = _record(net)
     metrics = {"num-examples": len(cases), "site-index": site.index, "loss": loss}
-    write_audit(
-        site.audit_dir,
-        site=site.name,
+    return release(
+        msg,
+        site,
         phase="reference",
         server_round=server_round,
         tensors=arrays.to_torch_state_dict(),
         metrics=metrics,
     )
-    content = RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)})
-    return Message(content=content, reply_to=msg)
 
 
 @app.evaluate()
@@ -127,18 +123,14 @@ def evaluate(msg: Message, context: Context) -> Message:
     except Exception as exc:
         raise SiteError(f"site {site.name!r}: {type(exc).__name__}: {exc}") from exc
     metrics = {"num-examples": len(holdout), "site-index": site.index}
-    write_audit(
-        site.audit_dir,
-        site=site.name,
+    return release(
+        msg,
+        site,
         phase="reference-holdout",
         server_round=int(cfg.get("server-round", 0)),
         tensors={"confusion": confusion},
         metrics=metrics,
     )
-    content = RecordDict(
-        {"arrays": ArrayRecord({"confusion": confusion}), "metrics": MetricRecord(metrics)}
-    )
-    return Message(content=content, reply_to=msg)
 
 
 def holdout_from_confusion(confusion: np.ndarray, classes: list[str]) -> dict:

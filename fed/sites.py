@@ -18,17 +18,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import ConfigRecord, Context, Message
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
 from synthct.config import SynthctConfig
 from synthct.fed.errors import FederatedError, SiteError
-from synthct.fed.task import config_from_json, config_to_json
+from synthct.fed.task import config_from_json, config_to_json, write_audit
 
 __all__ = [
     "SiteSettings",
     "site_settings",
     "prepare_site",
+    "release",
     "wait_for_sites",
     "screen_updates",
     "task_config",
@@ -101,6 +102,37 @@ def prepare_site(
     if "sim-threads" in cfg:
         torch.set_num_threads(int(cfg["sim-threads"]))
     return config, cfg, site_settings(context, config, cfg)
+
+
+def release(
+    msg: Message,
+    site: SiteSettings,
+    *,
+    phase: str,
+    server_round: int,
+    tensors: dict[str, torch.Tensor],
+    metrics: dict[str, Any],
+    keep_payload: bool = False,
+) -> Message:
+    """The reply that carries what a site sends (``tensors``, ``metrics``), written to the
+    site's hash-chained audit log first: every app releases through here, so nothing leaves a
+    site unaudited. The reply names where the site's chain stood, so a server that logs it can
+    later show a rewritten log does not match."""
+    record = write_audit(
+        site.audit_dir,
+        site=site.name,
+        phase=phase,
+        server_round=server_round,
+        tensors=tensors,
+        metrics=metrics,
+        keep_payload=keep_payload,
+    )
+    content = RecordDict(
+        {"metrics": MetricRecord(metrics), "audit": ConfigRecord({"chain": record["chain"]})}
+    )
+    if tensors:
+        content["arrays"] = ArrayRecord(tensors)
+    return Message(content=content, reply_to=msg)
 
 
 def wait_for_sites(grid: Grid, config: SynthctConfig) -> list[int]:
