@@ -86,9 +86,18 @@ def train_epochs(
 
 
 class _EpochLoop:
-    """One optimiser and sampler over ``cases``; ``epoch()`` makes one pass."""
+    """One optimiser and sampler over ``cases``; ``epoch()`` makes one pass. With
+    ``schedule_epochs`` the learning rate follows one cycle over that many epochs
+    (``downstream.lr_schedule: onecycle``)."""
 
-    def __init__(self, model: nn.Module, cases: CaseSet, config: SynthctConfig, seed: int) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        cases: CaseSet,
+        config: SynthctConfig,
+        seed: int,
+        schedule_epochs: int | None = None,
+    ) -> None:
         d = config.downstream
         self.model, self.cases, self.batch_size = model, cases, d.batch_size
         self.generator = torch.Generator().manual_seed(seed)
@@ -97,6 +106,13 @@ class _EpochLoop:
         self.sampler = BalancedSampler(cases.labels, balanced=d.balanced, generator=self.generator)
         self.steps = max(len(cases) // d.batch_size, 1)
         self.device = next(model.parameters()).device
+        self.scheduler = (
+            torch.optim.lr_scheduler.OneCycleLR(
+                self.optimizer, max_lr=d.lr, total_steps=schedule_epochs * self.steps
+            )
+            if schedule_epochs
+            else None
+        )
 
     def epoch(self) -> float:
         self.model.train()
@@ -108,6 +124,8 @@ class _EpochLoop:
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
+            if self.scheduler is not None:
+                self.scheduler.step()
             losses.append(loss.item())
         self.model.eval()
         return float(np.mean(losses))
@@ -210,7 +228,8 @@ def train_converged(
     improved for ``downstream.patience`` epochs, and leave ``model`` at its best epoch.
     Returns where it stopped and the best holdout score (the test split is never looked at)."""
     d = config.downstream
-    loop = _EpochLoop(model, cases, config, seed)
+    cycle = d.epochs if d.lr_schedule == "onecycle" else None
+    loop = _EpochLoop(model, cases, config, seed, schedule_epochs=cycle)
     stopper = EarlyStopping(d.patience)
     epochs_run = 0
     for _ in range(d.epochs):

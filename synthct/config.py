@@ -621,6 +621,11 @@ class DownstreamConfig(_Strict):
     )
     batch_size: int = Field(default=8, ge=1)
     lr: float = Field(default=1e-3, gt=0)
+    lr_schedule: Literal["constant", "onecycle"] = Field(
+        default="constant",
+        description="central and local arms: a constant ``lr``, or one cycle over ``epochs`` "
+        "peaking at ``lr`` (federated rounds keep a constant rate)",
+    )
     balanced: bool = Field(
         default=False,
         description="class-balanced batches; off by default: the natural imbalance is the problem "

@@ -75,3 +75,25 @@ def test_converged_training_stops_on_holdout(tiny, demo_sites):
     bal, neg_loss = holdout_score(model, holdout, config.labels.num_classes)
     assert bal == pytest.approx(info["holdout_balanced_accuracy"])
     assert -neg_loss == pytest.approx(info["holdout_loss"], rel=1e-5)
+
+
+def test_one_cycle_schedule_rises_to_the_peak_and_ends_near_zero(tiny, demo_sites):
+    """``lr_schedule: onecycle`` runs one cycle over ``epochs`` peaking at ``lr``; the constant
+    schedule never moves the rate."""
+    from synthct.classifier import _EpochLoop
+    from synthct.data.dataset import load_cases
+
+    train = load_cases(demo_sites, tiny, splits=("train",), sites=("site_a",))
+    down = tiny.downstream.model_copy(update={"lr": 3e-3, "lr_schedule": "onecycle"})
+    config = tiny.model_copy(update={"downstream": down})
+    model = build_classifier(config)
+    loop = _EpochLoop(model, train, config, seed=0, schedule_epochs=4)
+    rates = []
+    for _ in range(4):
+        loop.epoch()
+        rates.append(loop.optimizer.param_groups[0]["lr"])
+    assert max(rates) <= 3e-3 * (1 + 1e-6) and rates[-1] < 3e-3 / 100
+    assert rates.index(max(rates)) in (0, 1)  # warm-up takes the first ~30 % of the steps
+    constant = _EpochLoop(build_classifier(tiny), train, tiny, seed=0)
+    constant.epoch()
+    assert constant.optimizer.param_groups[0]["lr"] == tiny.downstream.lr

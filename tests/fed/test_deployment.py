@@ -125,9 +125,12 @@ def test_superlink_and_supernodes_with_tls_and_node_auth(tmp_path, smoke_sites):
             "connect_timeout_s": 120,
             "round_timeout_s": 240,
             "min_class_cases": 1,  # the smoke sites hold 2-4 cases per class
+            # every message starts a ClientApp process (~10 s of imports on 2 cores): one round
+            # per task shows each task deploys; the simulation tests cover longer runs
+            "reference_rounds": 1,
         }
     )
-    config["downstream"]["seeds"] = [0]
+    config["downstream"].update({"seeds": [0], "rounds": 1})
     config_path = tmp_path / "fed.yaml"
     config_path.write_text(yaml.safe_dump(config))
     run_dir = tmp_path / "run"
