@@ -61,6 +61,7 @@ from synthct.fed.task import (
     tensors_to_bytes,
 )
 from synthct.models.latent_norm import LatentNorm, pooled_latent_norm
+from synthct.phases import Next, PhasePosition, run_phases
 from synthct.training import EMA, LatentDecoder
 
 __all__ = ["app", "FederatedJob", "FederatedError", "run_federated", "make_strategy"]
@@ -118,13 +119,13 @@ def make_strategy(config: SynthctConfig, phase: str, num_sites: int) -> Strategy
     )
 
 
-class _RunState:
-    """Where the run is: phase, last completed round, pooled latent normalisation, DP
-    accountant."""
+class _RunState(PhasePosition):
+    """Where the run is: phase, last completed round (``unit``), pooled latent normalisation,
+    DP accountant."""
 
     def __init__(self, run_dir: Path) -> None:
+        super().__init__()
         self.path = run_dir / "fed_state.json"
-        self.phase, self.round = PHASES[0], 0
         self.latent_norm: LatentNorm | None = None
         self.accountant: dict[str, Any] | None = None
         self.privacy_spent: dict[str, Any] | None = None  # the last noised release's account
@@ -137,7 +138,7 @@ class _RunState:
 
     def load(self) -> None:
         data = read_json(self.path)
-        self.phase, self.round = data["phase"], int(data["round"])
+        self.phase, self.unit = data["phase"], int(data["round"])
         if data.get("latent_norm") is not None:
             self.latent_norm = LatentNorm.from_json(data["latent_norm"])
         elif data.get("scale_factor") is not None:  # a run from before per-channel norms
@@ -151,7 +152,7 @@ class _RunState:
             self.path,
             {
                 "phase": self.phase,
-                "round": self.round,
+                "round": self.unit,
                 "latent_norm": None if self.latent_norm is None else self.latent_norm.to_json(),
                 "accountant": self.accountant,
                 "privacy_spent": self.privacy_spent,
@@ -190,21 +191,28 @@ def _truncate_rounds_log(path: Path, state: _RunState) -> None:
     for line in path.read_text(encoding="utf-8").splitlines():
         rec = json.loads(line)
         before = order[rec["phase"]] < order[state.phase]
-        if before or (rec["phase"] == state.phase and rec["round"] <= state.round):
+        if before or (rec["phase"] == state.phase and rec["round"] <= state.unit):
             kept.append(line)
     path.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
 
 
 class _Driver:
-    """Runs the phases for one job on one grid."""
+    """Runs one job on one grid: the federated driver of :func:`synthct.phases.run_phases`
+    (one round per unit; the state file is the commit point)."""
 
     def __init__(self, grid: Grid, job: FederatedJob) -> None:
         self.grid, self.job, self.config = grid, job, job.config
         self.run_dir = job.run_dir
         self.state = _RunState(self.run_dir)
+        self.position: PhasePosition = self.state  # what run_phases moves on
         self.rounds_log = self.run_dir / "rounds.jsonl"
         self.executed = 0
         self.started = time.monotonic()
+        self.gen: Generator | None = None
+        self.model: torch.nn.Module | None = None  # the phase's, set by start()
+        self.strategy: Strategy | None = None
+        self.accountant: Any = None
+        self.ema: EMA | None = None
 
     # -- shared message settings --------------------------------------------------------
     def _base_config(self, phase: str) -> ConfigRecord:
@@ -237,9 +245,7 @@ class _Driver:
             state.load()
             gen = load_generator(self.run_dir / "generator")
             _truncate_rounds_log(self.rounds_log, state)
-            if state.phase == "done" and state.round < config.federated.diffusion_rounds:
-                state.phase = "diffusion"  # the config asks for more rounds: extend the run
-            logger.info("resuming federated run at %s round %d", state.phase, state.round)
+            logger.info("resuming federated run at %s round %d", state.phase, state.unit)
         else:
             if state.exists:
                 raise FederatedError(
@@ -267,34 +273,85 @@ class _Driver:
                     state.latent_norm = gen.latent_norm
             else:
                 gen = build_generator(config, seed=config.seed)
-        if state.phase == "autoencoder":
-            if not self._rounds(gen, "autoencoder", config.federated.ae_rounds):
-                return gen
-            state.phase, state.round = "decoder", 0
-            if config.federated.ae_rounds > 0:
-                state.latent_norm = None  # the autoencoder changed: pool a new normalisation
-            self._commit(gen)
-        if state.phase == "decoder":
-            if not self._rounds(gen, "decoder", config.federated.decoder_rounds):
-                return gen
-            state.phase, state.round = "diffusion", 0
-            self._commit(gen)
-        if state.phase == "diffusion":
+        self.gen = gen
+        run_phases(self)
+        return gen
+
+    # -- the phase driver (synthct.phases.run_phases): one federated round per unit -------
+    def total(self, phase: str) -> int:
+        fed = self.config.federated
+        return {
+            "autoencoder": fed.ae_rounds,
+            "decoder": fed.decoder_rounds,
+            "diffusion": fed.diffusion_rounds,
+        }[phase]
+
+    def start(self, phase: str) -> None:
+        """The phase's model, strategy (and its DP accountant) and the server EMA; before
+        diffusion, the sites' pooled latent normalisation once per autoencoder."""
+        config, state, gen = self.config, self.state, self.gen
+        if phase == "diffusion":
             if state.latent_norm is None:
                 gen.latent_norm = state.latent_norm = self._pool_latent_norm(gen)
                 self._commit(gen)
             gen.latent_norm = state.latent_norm
-            if not self._rounds(gen, "diffusion", config.federated.diffusion_rounds):
-                return gen
-            state.phase = "done"  # round stays: a resume with more rounds extends the run
-            self._commit(gen)
-        return gen
+        self.model = {
+            "autoencoder": gen.autoencoder,
+            # shares the autoencoder's (and the discriminator's) modules
+            "decoder": LatentDecoder(gen.autoencoder, gen.discriminator),
+            "diffusion": gen.unet,
+        }[phase]
+        self.strategy = make_strategy(config, phase, len(config.site_names))
+        self.accountant = getattr(self.strategy, "accountant", None)
+        if self.accountant is not None and state.accountant:
+            self.accountant.load_state_dict(state.accountant)
+        self.ema = None
+        if phase == "diffusion":
+            self.ema = EMA(
+                gen.unet, config.diffusion.ema_decay, target=gen.ema, step=state.ema_steps
+            )
+
+    def unit(self, phase: str, index: int) -> tuple[dict[str, Any] | None, Next]:
+        """One round; a round cap or budget stops the run before it (resumably)."""
+        config, state = self.config, self.state
+        if self._should_stop():
+            self.job.stopped_early = True
+            logger.info("stopping after %d round(s); resume to continue", self.executed)
+            return None, Next.STOP
+        record = self._one_round(self.gen, self.model, self.strategy, phase, index)
+        if record["aggregated"] and self.ema is not None:
+            # one round = local_steps optimiser steps
+            self.ema.update(self.gen.unet, config.federated.local_steps_diffusion)
+            state.ema_steps = self.ema.step
+        if config.federated.dp_phase(phase) and self.accountant is not None:
+            state.accountant = self.accountant.state_dict()
+            spent = self.accountant.get_privacy_spent()
+            record["dp"] = {
+                "epsilon": spent.epsilon,  # the whole run so far, every phase
+                "delta": spent.delta,
+                "releases": spent.num_releases,
+                "noise_multiplier": config.federated.privacy.noise_multiplier,
+                "clipping_norm": config.federated.privacy.clipping_norm,
+            }
+            state.privacy_spent = record["dp"]
+        return record, Next.CONTINUE
+
+    def commit(self, phase: str, record: dict[str, Any]) -> None:
+        self._commit(self.gen, record)
+        self.executed += 1
+        if self.job.progress:
+            self.job.progress(phase, self.state.unit, self.total(phase), loss=record.get("loss"))
+
+    def end(self, phase: str) -> None:
+        if phase == "autoencoder" and self.config.federated.ae_rounds > 0:
+            self.state.latent_norm = None  # the autoencoder changed: pool a new normalisation
+        self._commit(self.gen)
 
     def _commit(self, gen: Generator, record: dict[str, Any] | None = None) -> None:
         """Checkpoint, round log line, then state: the state file is the commit point (on
         resume, log lines past it are dropped)."""
         extra: dict[str, Any] = {
-            "trained": {"federated": True, "phase": self.state.phase, "round": self.state.round}
+            "trained": {"federated": True, "phase": self.state.phase, "round": self.state.unit}
         }
         if self.config.federated.privacy.enabled:
             extra["privacy"] = privacy_record(self.config, self.state.privacy_spent)
@@ -308,50 +365,6 @@ class _Driver:
         if job.max_rounds is not None and self.executed >= job.max_rounds:
             return True
         return bool(job.budget_min and time.monotonic() - self.started > job.budget_min * 60)
-
-    def _rounds(self, gen: Generator, phase: str, total: int) -> bool:
-        """Run the phase's remaining rounds; False if stopped early (resumable)."""
-        config, state = self.config, self.state
-        model = {
-            "autoencoder": gen.autoencoder,
-            # shares the autoencoder's (and the discriminator's) modules
-            "decoder": LatentDecoder(gen.autoencoder, gen.discriminator),
-            "diffusion": gen.unet,
-        }[phase]
-        strategy = make_strategy(config, phase, len(config.site_names))
-        accountant = getattr(strategy, "accountant", None)
-        if accountant is not None and state.accountant:
-            accountant.load_state_dict(state.accountant)
-        ema = None
-        steps = config.federated.local_steps_diffusion
-        if phase == "diffusion":
-            ema = EMA(gen.unet, config.diffusion.ema_decay, target=gen.ema, step=state.ema_steps)
-        for server_round in range(state.round + 1, total + 1):
-            if self._should_stop():
-                self.job.stopped_early = True
-                logger.info("stopping after %d round(s); resume to continue", self.executed)
-                return False
-            record = self._one_round(gen, model, strategy, phase, server_round)
-            if record["aggregated"] and ema is not None:
-                ema.update(gen.unet, steps)  # one round = local_steps optimiser steps
-                state.ema_steps = ema.step
-            if config.federated.dp_phase(phase) and accountant is not None:
-                state.accountant = accountant.state_dict()
-                spent = accountant.get_privacy_spent()
-                record["dp"] = {
-                    "epsilon": spent.epsilon,  # the whole run so far, every phase
-                    "delta": spent.delta,
-                    "releases": spent.num_releases,
-                    "noise_multiplier": config.federated.privacy.noise_multiplier,
-                    "clipping_norm": config.federated.privacy.clipping_norm,
-                }
-                state.privacy_spent = record["dp"]
-            state.round = server_round
-            self._commit(gen, record)
-            self.executed += 1
-            if self.job.progress:
-                self.job.progress(phase, server_round, total, loss=record.get("loss"))
-        return True
 
     def _one_round(
         self,

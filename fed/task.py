@@ -31,6 +31,7 @@ from synthct.models.autoencoder import build_autoencoder, build_discriminator
 from synthct.models.latent_norm import LatentNorm
 from synthct.models.schedulers import training_scheduler
 from synthct.models.unet import build_unet, conditioning_for
+from synthct.phases import PHASES
 from synthct.training import (
     BalancedSampler,
     LatentDecoder,
@@ -64,8 +65,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-PHASES = ("autoencoder", "decoder", "diffusion")
 
 
 @dataclass

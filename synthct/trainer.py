@@ -32,6 +32,7 @@ from synthct.config import SynthctConfig
 from synthct.data.dataset import CaseSet, load_cases
 from synthct.models.latent_norm import fit_latent_norm
 from synthct.models.schedulers import training_scheduler
+from synthct.phases import Next, PhasePosition, run_phases
 from synthct.training import (
     EMA,
     BalancedSampler,
@@ -74,43 +75,19 @@ def load_optimizer_tensors(
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
-class _State:
-    """Where a training run is: phase, step, RNG, optimisers; saved next to the generator."""
+class _State(PhasePosition):
+    """Where a training run is (phase, steps of it committed), its wall time, RNG and
+    optimisers; saved next to the generator as ``train_state/``."""
 
     def __init__(self, run: Path) -> None:
+        super().__init__()
         self.dir = run / "train_state"
-        self.phase, self.step = "autoencoder", 0
         self.wall_s = 0.0  # generator training seconds so far, summed over resumed sessions
         self._since = time.perf_counter()
 
     def elapsed_s(self) -> float:
         """Training wall seconds so far, this session's included (what a budget counts)."""
         return self.wall_s + time.perf_counter() - self._since
-
-    def record(
-        self,
-        phase: str,
-        parts: dict[str, float],
-        total: int,
-        *,
-        metrics_path: Path,
-        progress: Progress | None,
-        checkpoint_every: int,
-        save: Callable[[], None],
-        budget_s: float | None,
-    ) -> bool:
-        """After one step of ``phase``: count it, log it, report it, checkpoint every
-        ``checkpoint_every`` steps; True once ``budget_s`` is spent (the phase stops there)."""
-        self.step += 1
-        append_jsonl(metrics_path, {"phase": phase, "step": self.step, **parts})
-        if progress:
-            progress(phase, self.step, total, loss=parts["loss"])
-        if self.step % checkpoint_every == 0:
-            save()
-        if budget_s and self.elapsed_s() > budget_s:
-            logger.info("%s budget reached at step %d", phase, self.step)
-            return True
-        return False
 
     def save(
         self,
@@ -120,12 +97,12 @@ class _State:
         run: Path,
     ) -> None:
         save_generator(
-            gen, run / "generator", extra={"trained": {"phase": self.phase, "step": self.step}}
+            gen, run / "generator", extra={"trained": {"phase": self.phase, "step": self.unit}}
         )
         tensors: dict[str, torch.Tensor] = {"rng": generator.get_state()}
         meta: dict[str, Any] = {
             "phase": self.phase,
-            "step": self.step,
+            "step": self.unit,
             "wall_s": round(self.elapsed_s(), 3),
             "optimizers": {},
         }
@@ -148,7 +125,7 @@ class _State:
             sub = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
             if sub:
                 load_optimizer_tensors(opt, sub, meta["optimizers"][name])
-        self.phase, self.step = meta["phase"], int(meta["step"])
+        self.phase, self.unit = meta["phase"], int(meta["step"])
         self.wall_s, self._since = float(meta.get("wall_s", 0.0)), time.perf_counter()
 
 
@@ -177,44 +154,144 @@ def ensure_reference(
     return model.info
 
 
-def _decoder_phase(
-    decoder: LatentDecoder,
-    optimizer: torch.optim.Optimizer,
-    raw_latents: torch.Tensor,
-    train: CaseSet,
-    config: SynthctConfig,
-    state: _State,
-    sampler: BalancedSampler,
-    *,
-    budget_s: float | None,
-    bookkeeping: dict[str, Any],
-) -> None:
-    """``train.decoder_steps`` decoder-only steps on the frozen encoder's posterior means (the
-    federated decoder phase's step, with its site rows and null-site dropout)."""
-    total = config.train.decoder_steps
-    detail = detail_range(config.autoencoder, config.data.hu_window)
-    device = raw_latents.device
-    while state.step < total:
-        idx = sampler(config.train.batch_size)
-        sites = decoder.site_rows(
-            [train.sites[i] for i in idx.tolist()],
-            dropout=config.autoencoder.site_style_dropout,
-            generator=sampler.generator,
+class _CentralDriver:
+    """One optimiser step per unit on the pooled ``train`` cases (the same step functions the
+    federated sites run); checkpoints every ``train.checkpoint_every`` steps and at each
+    phase's end. A wall-time budget ends the autoencoder and decoder phases at half of it
+    each and stops diffusion at all of it (resume continues there)."""
+
+    def __init__(
+        self,
+        config: SynthctConfig,
+        gen: Generator,
+        train: CaseSet,
+        run: Path,
+        state: _State,
+        *,
+        resume: bool,
+        budget_s: float | None,
+        progress: Progress | None,
+    ) -> None:
+        self.config, self.gen, self.train, self.run, self.position = config, gen, train, run, state
+        self.budget_s, self.progress = budget_s, progress
+        self.device = next(gen.unet.parameters()).device
+        self.decoder = LatentDecoder(gen.autoencoder, gen.discriminator)
+        self.optimizers = {
+            "autoencoder": torch.optim.AdamW(gen.autoencoder.parameters(), lr=config.train.ae_lr),
+            "decoder": torch.optim.AdamW(self.decoder.parameters(), lr=config.train.decoder_lr),
+            "unet": torch.optim.AdamW(gen.unet.parameters(), lr=config.train.diffusion_lr),
+        }
+        self.generator = torch.Generator().manual_seed(config.seed)
+        if resume:
+            state.load(self.optimizers, self.generator)
+            logger.info("resuming at phase %s step %d", state.phase, state.unit)
+        self.sampler = BalancedSampler(
+            train.labels, balanced=config.train.balanced, generator=self.generator
         )
-        parts = decoder_step(
-            decoder,
-            optimizer,
-            raw_latents[idx],
-            train.images[idx].to(device),
-            config.autoencoder,
-            sites=None if sites is None else sites.to(device),
-            detail=detail,
-            patch=config.train.ae_patch,
-            generator=sampler.generator,
-        )
-        half = budget_s / 2 if budget_s else None
-        if state.record("decoder", parts, total, budget_s=half, **bookkeeping):
-            break
+        self.detail = detail_range(config.autoencoder, config.data.hu_window)
+        self.raw_latents: torch.Tensor | None = None  # the frozen encoder's, once it is frozen
+        self.step_fn: Callable[[torch.Tensor], dict[str, float]] | None = None
+
+    def total(self, phase: str) -> int:
+        t = self.config.train
+        return {
+            "autoencoder": t.ae_steps,
+            "decoder": t.decoder_steps,
+            "diffusion": t.diffusion_steps,
+        }[phase]
+
+    def save(self) -> None:
+        self.position.save(self.gen, self.optimizers, self.generator, self.run)
+
+    def _latents(self) -> torch.Tensor:
+        if self.raw_latents is None:  # the encoder is frozen from the decoder phase on
+            self.raw_latents = encode_latents(
+                self.gen.autoencoder, self.train.images.to(self.device)
+            )
+        return self.raw_latents
+
+    def start(self, phase: str) -> None:
+        cfg, gen, train = self.config, self.gen, self.train
+        if phase == "autoencoder":
+            self.step_fn = lambda idx: autoencoder_step(
+                gen.autoencoder,
+                self.optimizers["autoencoder"],
+                train.images[idx].to(self.device),
+                cfg.autoencoder,
+                detail=self.detail,
+                patch=cfg.train.ae_patch,
+                generator=self.sampler.generator,
+            )
+        elif phase == "decoder":
+            raw = self._latents()
+
+            def decoder_unit(idx: torch.Tensor) -> dict[str, float]:
+                sites = self.decoder.site_rows(
+                    [train.sites[i] for i in idx.tolist()],
+                    dropout=cfg.autoencoder.site_style_dropout,
+                    generator=self.sampler.generator,
+                )
+                return decoder_step(
+                    self.decoder,
+                    self.optimizers["decoder"],
+                    raw[idx],
+                    train.images[idx].to(self.device),
+                    cfg.autoencoder,
+                    sites=None if sites is None else sites.to(self.device),
+                    detail=self.detail,
+                    patch=cfg.train.ae_patch,
+                    generator=self.sampler.generator,
+                )
+
+            self.step_fn = decoder_unit
+        else:
+            scheduler = training_scheduler(cfg.diffusion)
+            latents = gen.latent_norm.apply(self._latents())
+            sites = gen.conditioning.site_indices(train.sites)
+            # the EMA has averaged `unit` steps so far (its warm-up resumes where it stopped)
+            ema = EMA(gen.unet, cfg.diffusion.ema_decay, target=gen.ema, step=self.position.unit)
+
+            def diffusion_unit(idx: torch.Tensor) -> dict[str, float]:
+                parts = diffusion_step(
+                    gen.unet,
+                    self.optimizers["unet"],
+                    latents[idx],
+                    train.labels[idx].to(self.device),
+                    scheduler,
+                    cfg.diffusion,
+                    conditioning=gen.conditioning,
+                    sites=None if sites is None else sites[idx],
+                    generator=self.generator,
+                )
+                ema.update(gen.unet)
+                return parts
+
+            self.step_fn = diffusion_unit
+
+    def unit(self, phase: str, index: int) -> tuple[dict[str, Any], Next]:
+        assert self.step_fn is not None
+        parts = self.step_fn(self.sampler(self.config.train.batch_size))
+        budget = self.budget_s if phase == "diffusion" else (self.budget_s or 0) / 2 or None
+        if budget and self.position.elapsed_s() > budget:
+            logger.info("%s budget reached at step %d", phase, index)
+            return parts, Next.STOP if phase == "diffusion" else Next.END_PHASE
+        return parts, Next.CONTINUE
+
+    def commit(self, phase: str, record: dict[str, Any]) -> None:
+        step = self.position.unit
+        append_jsonl(self.run / "metrics.jsonl", {"phase": phase, "step": step, **record})
+        if self.progress:
+            self.progress(phase, step, self.total(phase), loss=record["loss"])
+        if step % self.config.train.checkpoint_every == 0:
+            self.save()
+
+    def end(self, phase: str) -> None:
+        if phase == "decoder":
+            self.gen.latent_norm = fit_latent_norm(
+                self._latents(), self.config.diffusion.latent_norm
+            )
+        if phase != "diffusion":  # the run's last save follows run_phases
+            self.save()
 
 
 def train_central(
@@ -229,8 +306,9 @@ def train_central(
     """Train reference models and the generator on the pooled ``train`` split.
 
     ``progress(phase, step, total, **metrics)`` is called every step. ``budget_min`` caps wall
-    time (reference training excluded, resumed sessions summed): the autoencoder stops at half,
-    diffusion gets whatever is left (steps not reached are skipped).
+    time (reference training excluded, resumed sessions summed): the autoencoder and the
+    decoder phase stop at half of it each, diffusion gets whatever is left (steps not reached
+    are skipped; resume continues diffusion).
     """
     run = Path(run)
     device = resolve_device(config.train.device)
@@ -239,95 +317,16 @@ def train_central(
     holdout = load_cases(manifest, config, splits=("holdout",))
     ensure_reference(config, train, holdout, run, progress)
 
-    generator = torch.Generator().manual_seed(config.seed)
     state = _State(run)
-    if resume and (state.dir / "state.json").is_file():
-        gen = load_generator(run / "generator", device)
-    else:
-        gen = build_generator(config, seed=config.seed).to(device)
-    ae_opt = torch.optim.AdamW(gen.autoencoder.parameters(), lr=config.train.ae_lr)
-    decoder = LatentDecoder(gen.autoencoder, gen.discriminator)
-    decoder_opt = torch.optim.AdamW(decoder.parameters(), lr=config.train.decoder_lr)
-    unet_opt = torch.optim.AdamW(gen.unet.parameters(), lr=config.train.diffusion_lr)
-    optimizers = {"autoencoder": ae_opt, "decoder": decoder_opt, "unet": unet_opt}
-    if resume and (state.dir / "state.json").is_file():
-        state.load(optimizers, generator)
-        logger.info("resuming at phase %s step %d", state.phase, state.step)
-    sampler = BalancedSampler(train.labels, balanced=config.train.balanced, generator=generator)
-    bs, every = config.train.batch_size, config.train.checkpoint_every
-    metrics_path = run / "metrics.jsonl"
-    bookkeeping: dict[str, Any] = {
-        "metrics_path": metrics_path,
-        "progress": progress,
-        "checkpoint_every": every,
-        "save": lambda: state.save(gen, optimizers, generator, run),
-    }
-
-    if state.phase == "autoencoder":
-        total = config.train.ae_steps
-        detail = detail_range(config.autoencoder, config.data.hu_window)
-        while state.step < total:
-            idx = sampler(bs)
-            parts = autoencoder_step(
-                gen.autoencoder,
-                ae_opt,
-                train.images[idx].to(device),
-                config.autoencoder,
-                detail=detail,
-                patch=config.train.ae_patch,
-                generator=sampler.generator,
-            )
-            if state.record(
-                "autoencoder",
-                parts,
-                total,
-                budget_s=budget_s / 2 if budget_s else None,
-                **bookkeeping,
-            ):
-                break
-        state.phase, state.step = "decoder", 0
-        state.save(gen, optimizers, generator, run)
-
-    raw_latents = encode_latents(gen.autoencoder, train.images.to(device))  # encoder frozen now
-    if state.phase == "decoder":
-        _decoder_phase(
-            decoder,
-            decoder_opt,
-            raw_latents,
-            train,
-            config,
-            state,
-            sampler,
-            budget_s=budget_s,
-            bookkeeping=bookkeeping,
-        )
-        state.phase, state.step = "diffusion", 0
-        gen.latent_norm = fit_latent_norm(raw_latents, config.diffusion.latent_norm)
-        state.save(gen, optimizers, generator, run)
-
-    scheduler = training_scheduler(config.diffusion)
-    latents = gen.latent_norm.apply(raw_latents)
-    conditioning = gen.conditioning
-    sites = conditioning.site_indices(train.sites)
-    # the EMA has averaged state.step steps so far (its warm-up resumes where it stopped)
-    ema = EMA(gen.unet, config.diffusion.ema_decay, target=gen.ema, step=state.step)
-    total = config.train.diffusion_steps
-    while state.step < total:
-        idx = sampler(bs)
-        parts = diffusion_step(
-            gen.unet,
-            unet_opt,
-            latents[idx],
-            train.labels[idx].to(device),
-            scheduler,
-            config.diffusion,
-            conditioning=conditioning,
-            sites=None if sites is None else sites[idx],
-            generator=generator,
-        )
-        ema.update(gen.unet)
-        if state.record("diffusion", parts, total, budget_s=budget_s, **bookkeeping):
-            break
-    state.phase = "done" if state.step >= total else "diffusion"
-    state.save(gen, optimizers, generator, run)
+    resuming = resume and (state.dir / "state.json").is_file()
+    gen = (
+        load_generator(run / "generator", device)
+        if resuming
+        else build_generator(config, seed=config.seed).to(device)
+    )
+    driver = _CentralDriver(
+        config, gen, train, run, state, resume=resuming, budget_s=budget_s, progress=progress
+    )
+    run_phases(driver)
+    driver.save()
     return gen
