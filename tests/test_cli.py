@@ -263,3 +263,19 @@ def test_a_config_that_does_not_fit_the_data_is_named(smoke_sites, capsys):
     assert "warning:" in out and "coarser voxels than the config's 11x11x10 mm" in out
     assert main(["data", "check", str(smoke_sites), "--config", "smoke"]) == 0
     assert "warning" not in capsys.readouterr().out
+
+
+def test_python_dash_m_runs_the_same_command_line(tmp_path):
+    """``python -m synthct.cli`` (what bench/demo.py runs) is the ``synthct`` command."""
+    done = subprocess.run(
+        [sys.executable, "-m", "synthct.cli", "--version"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().startswith("synthct ")
+    bad = subprocess.run(
+        [sys.executable, "-m", "synthct.cli", "nope"], capture_output=True, text=True, cwd=tmp_path
+    )
+    assert bad.returncode == 2 and "invalid choice: 'nope'" in bad.stderr

@@ -160,7 +160,3 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("synthct: interrupted; completed work is kept on disk", file=sys.stderr)
         return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())
