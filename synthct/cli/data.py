@@ -53,7 +53,7 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    """phantoms, data check"""
+    """Add this module's commands to ``synthct``: phantoms, data check."""
     p = command(
         sub,
         "phantoms",

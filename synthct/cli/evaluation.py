@@ -194,7 +194,7 @@ def cmd_downstream(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    """gate, reference, downstream"""
+    """Add this module's commands to ``synthct``: gate, reference, downstream."""
     p = command(
         sub,
         "gate",

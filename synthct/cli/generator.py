@@ -233,7 +233,7 @@ def cmd_export_bundle(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    """train, sample, generate, export-bundle"""
+    """Add this module's commands to ``synthct``: train, sample, generate, export-bundle."""
     p = command(
         sub,
         "train",

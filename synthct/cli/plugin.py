@@ -73,7 +73,7 @@ def cmd_plugin_list(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    """plugin train|add|list"""
+    """Add this module's commands to ``synthct``: plugin train|add|list."""
     plug = group(sub, "plugin", "site LoRA plugins: train, register, list")
     q = command(
         plug,

@@ -88,7 +88,7 @@ def cmd_fed_keys(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    """keys, audit verify, fed app|certs|keys"""
+    """Add this module's commands to ``synthct``: keys, audit verify, fed app|certs|keys."""
     p = command(
         sub,
         "keys",

@@ -49,7 +49,7 @@ def cmd_config_validate(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    """config show|memory|validate"""
+    """Add this module's commands to ``synthct``: config show|memory|validate."""
     cfg_sub = group(sub, "config", "show or validate a config")
     q = command(
         cfg_sub,
