@@ -271,9 +271,10 @@ class _CentralDriver:
     def unit(self, phase: str, index: int) -> tuple[dict[str, Any], Next]:
         assert self.step_fn is not None
         parts = self.step_fn(self.sampler(self.config.train.batch_size))
-        budget = self.budget_s if phase == "diffusion" else (self.budget_s or 0) / 2 or None
+        share = 1.0 if phase == "diffusion" else 0.5  # of the wall-time budget
         # the last unit ends its phase anyway (a finished diffusion is saved as done)
-        if budget and self.position.elapsed_s() > budget and index < self.total(phase):
+        over = self.budget_s and self.position.elapsed_s() > self.budget_s * share
+        if over and index < self.total(phase):
             logger.info("%s budget reached at step %d", phase, index)
             return parts, Next.STOP if phase == "diffusion" else Next.END_PHASE
         return parts, Next.CONTINUE
