@@ -6,10 +6,10 @@ reads its own copy (node config ``cohort``: the copy's manifest) and trains on i
 files hash to the digest of the cohort the gate judged, which the server sends. After every
 round it scores the global model on its own ``holdout`` split and sends per-class counts only;
 the server stops when the pooled holdout score stalls (``downstream.patience_rounds``) and
-keeps the best round. Each site then evaluates that model on its own ``test`` split; only weights, holdout counts and the test-set class probabilities (with
-their labels) leave a site. The training loop is Flower's own ``FedAvg.start`` (weighted by
-cases); the final evaluation round is sent explicitly so every site's results are collected,
-not just their average.
+keeps the best round. Each site then evaluates that model on its own ``test`` split; only
+weights, holdout counts and the test-set class probabilities (with their labels) leave a site.
+The training loop is Flower's own ``FedAvg.start`` (weighted by cases); the final evaluation
+round is sent explicitly so every site's results are collected, not just their average.
 """
 
 from __future__ import annotations
@@ -248,15 +248,17 @@ def downstream_server(
     )
 
 
-def downstream_dp(config: SynthctConfig) -> ClassifierDP | None:
-    """The downstream task's DP account when ``privacy.phases`` lists it, else None."""
-    return ClassifierDP(config, "downstream") if config.federated.dp_phase("downstream") else None
-
-
 DOWNSTREAM_NOT_COVERED = [
     "each site's holdout counts per round (early stopping)",
     "each site's test-set class probabilities (final evaluation)",
 ]
+
+
+def downstream_dp(config: SynthctConfig) -> ClassifierDP | None:
+    """The downstream task's DP account when ``privacy.phases`` lists it, else None."""
+    if not config.federated.dp_phase("downstream"):
+        return None
+    return ClassifierDP(config, "downstream", DOWNSTREAM_NOT_COVERED)
 
 
 def train_downstream_federated(

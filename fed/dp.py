@@ -52,9 +52,10 @@ def add_dp_noise(
 class ClassifierDP:
     """Clip, average with equal weights, noise and account one task's classifier updates."""
 
-    def __init__(self, config: SynthctConfig, phase: str) -> None:
+    def __init__(self, config: SynthctConfig, phase: str, not_covered: list[str]) -> None:
+        """``not_covered``: what the task's sites release besides the noised updates."""
         dp = config.federated.privacy
-        self.phase = phase
+        self.phase, self.not_covered = phase, list(not_covered)
         self.noise_multiplier, self.clipping_norm = dp.noise_multiplier, dp.clipping_norm
         self.target_delta = dp.target_delta
         self.population = len(config.site_names)
@@ -96,7 +97,7 @@ class ClassifierDP:
         )
         self.releases += 1
 
-    def record(self, not_covered: list[str]) -> dict[str, Any]:
+    def record(self) -> dict[str, Any]:
         """The task's privacy account: one (epsilon, delta) per site over every release."""
         spent = self.accountant.get_privacy_spent() if self.releases else None
         return {
@@ -107,5 +108,5 @@ class ClassifierDP:
             "releases": self.releases,
             "noise_multiplier": self.noise_multiplier,
             "clipping_norm": self.clipping_norm,
-            "not_covered": not_covered,
+            "not_covered": self.not_covered,
         }

@@ -167,7 +167,10 @@ def reference_server(
             "local-epochs": config.federated.local_epochs_reference,
         }
     )
-    dp = ClassifierDP(config, "reference") if config.federated.dp_phase("reference") else None
+    dp = None
+    if config.federated.dp_phase("reference"):
+        final = ["each site's holdout confusion counts (final evaluation)"]
+        dp = ClassifierDP(config, "reference", final)
     result, replies, _ = fedavg_then_evaluate(
         grid,
         nodes,
@@ -196,7 +199,7 @@ def reference_server(
         "holdout": holdout_from_confusion(confusion, list(config.labels.classes)),
     }
     if dp is not None:
-        info["privacy"] = dp.record(["each site's holdout confusion counts (final evaluation)"])
+        info["privacy"] = dp.record()
     logger.info("federated reference: holdout accuracy %.3f", info["holdout"]["accuracy"])
     return ReferenceModel(net, list(config.labels.classes), config.labels.vocabulary_hash, info)
 

@@ -167,16 +167,10 @@ def run_downstream(
         cohort=None if cohort_dir is None else str(cohort_dir),
         gate=gate_info,
         test_cases=len(test),
-        **({"privacy": _privacy(dp)} if dp is not None else {}),
+        **({"privacy": dp.record()} if dp is not None else {}),
     )
     write_json(out / "results.json", payload, kind="synthct-downstream")
     return payload
-
-
-def _privacy(dp) -> dict[str, Any]:
-    from synthct.fed.downstream_app import DOWNSTREAM_NOT_COVERED
-
-    return dp.record(DOWNSTREAM_NOT_COVERED)
 
 
 def _check_complete(result: ArmResult, test: CaseSet) -> None:

@@ -10,12 +10,15 @@ import torch
 from synthct.fed.dp import ClassifierDP
 
 
-def _dp(smoke_config, noise: float = 1.0, clip: float = 1.0) -> ClassifierDP:
+def _dp(
+    smoke_config, noise: float = 1.0, clip: float = 1.0, not_covered: tuple[str, ...] = ()
+) -> ClassifierDP:
     privacy = smoke_config.federated.privacy.model_copy(
         update={"enabled": True, "noise_multiplier": noise, "clipping_norm": clip}
     )
     fed = smoke_config.federated.model_copy(update={"privacy": privacy})
-    return ClassifierDP(smoke_config.model_copy(update={"federated": fed}), "downstream")
+    config = smoke_config.model_copy(update={"federated": fed})
+    return ClassifierDP(config, "downstream", list(not_covered))
 
 
 def test_updates_are_clipped_and_integer_buffers_stay_as_sent(smoke_config):
@@ -30,18 +33,18 @@ def test_updates_are_clipped_and_integer_buffers_stay_as_sent(smoke_config):
 
 
 def test_noise_has_flowers_std_and_every_release_is_accounted(smoke_config):
-    dp = _dp(smoke_config, noise=2.0, clip=0.5)
+    dp = _dp(smoke_config, noise=2.0, clip=0.5, not_covered=("holdout counts",))
     sent = {"w": torch.zeros(200_000)}
     m = len(smoke_config.site_names)
     states = [{"w": torch.zeros(200_000)} for _ in range(m)]
     out = dp.release(sent, states)
     assert float(out["w"].std()) == pytest.approx(2.0 * 0.5 / m, rel=0.02)  # z * C / m
-    first = dp.record([])["epsilon"]
+    first = dp.record()["epsilon"]
     dp.release(sent, states)
-    record = dp.record(["holdout counts"])
+    record = dp.record()
     assert record["releases"] == 2 and math.isfinite(first) and record["epsilon"] > first > 0
     assert record["not_covered"] == ["holdout counts"] and record["phase"] == "downstream"
 
 
 def test_a_task_without_releases_has_no_epsilon(smoke_config):
-    assert _dp(smoke_config).record([])["epsilon"] is None
+    assert _dp(smoke_config).record()["epsilon"] is None
