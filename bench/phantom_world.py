@@ -32,7 +32,11 @@ def phantom_world(
 def bench_command(script: str, args: argparse.Namespace) -> str:
     """The command that reproduces a run: ``python bench/SCRIPT --option value ...`` (options
     left at None are omitted)."""
+
+    def value(v) -> str:
+        return " ".join(map(str, v)) if isinstance(v, list | tuple) else str(v)
+
     options = " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None
+        f"--{k.replace('_', '-')} {value(v)}" for k, v in vars(args).items() if v is not None
     )
     return f"python bench/{script} {options}"

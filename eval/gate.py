@@ -2,7 +2,7 @@
 copy of anyone's scan and not biased.
 
 Works on any cohort folder with a ``manifest.csv`` (``path,label,site,split``; synthct's or
-another generator's). Rules are thresholds over :mod:`synthct.eval.cohort_metrics`; a rule is
+another generator's). Rules are thresholds over :mod:`synthct.eval.metrics`; a rule is
 absolute, or relative to the metric's real-vs-real baseline. ``gate.json`` records every rule
 (value, threshold, interval, pass/fail, reason), the verdict, per-volume flags and the sha256 of
 the manifest and of every file it lists, so a later stage can refuse a cohort that changed.
@@ -31,9 +31,11 @@ from synthct.config import SynthctConfig
 from synthct.data.dataset import load_cases
 from synthct.data.manifest import ManifestError, ManifestRow, read_manifest, write_manifest
 from synthct.errors import SynthctError
-from synthct.eval.cohort_metrics import CohortEvidence, MetricValue, cohort_metrics
 from synthct.eval.features import FeatureSet, extract_features
+from synthct.eval.metric_values import MetricValue
+from synthct.eval.metrics import CohortSide, central_metrics
 from synthct.eval.privacy import MatchSet, prepare_for_matching
+from synthct.eval.site_statistics import SiteData
 from synthct.reference import ReferenceModel
 from synthct.signing import SignatureError, sign_document, verify_document
 
@@ -45,6 +47,7 @@ __all__ = [
     "load_rules",
     "RealSide",
     "load_real",
+    "featurise_cohort",
     "run_gate",
     "gate_report",
     "hash_cohort",
@@ -310,6 +313,26 @@ class RealSide:
     holdout_pred: np.ndarray
     provenance: dict[str, Any]
 
+    def as_site(self) -> SiteData:
+        """The real cases as the one site of the central gate."""
+        return SiteData(
+            self.train_features,
+            self.holdout_features,
+            self.train_match,
+            self.holdout_match,
+            self.holdout_pred,
+        )
+
+
+def featurise_cohort(cohort, reference: ReferenceModel, hu_window) -> CohortSide:
+    """What the gate compares of a cohort (loaded cases): reference features, the matching
+    set for copy checks and the reference's predicted class of each volume."""
+    return CohortSide(
+        extract_features(cohort.images, cohort.labels, cohort.sites, reference, hu_window),
+        prepare_for_matching(cohort.images, hu_window),
+        reference.predict(cohort.images).argmax(1).numpy(),
+    )
+
 
 def load_real(
     train_manifest: str | Path,
@@ -366,21 +389,13 @@ def run_gate(
     cohort = load_cases(cohort_manifest, config, splits=("train",))
     if len(cohort) == 0:
         raise GateError(f"{cohort_manifest}: no cases with split 'train' (synthetic cases train)")
-    evidence = CohortEvidence(
-        cohort=extract_features(
-            cohort.images, cohort.labels, cohort.sites, reference, config.data.hu_window
-        ),
-        train=real.train_features,
-        holdout=real.holdout_features,
-        cohort_match=prepare_for_matching(cohort.images, config.data.hu_window),
-        train_match=real.train_match,
-        holdout_match=real.holdout_match,
-        cohort_pred=reference.predict(cohort.images).argmax(1).numpy(),
-        holdout_pred=real.holdout_pred,
+    metrics, per_volume = central_metrics(
+        real.as_site(),
+        featurise_cohort(cohort, reference, config.data.hu_window),
         classes=list(config.labels.classes),
-    )
-    metrics, per_volume = cohort_metrics(
-        evidence, requested=cohort.labels.numpy(), bootstrap=bootstrap, seed=seed
+        requested=cohort.labels.numpy(),
+        bootstrap=bootstrap,
+        seed=seed,
     )
     per_volume["copy_of"] = [
         f"train case {Path(real.train.paths[int(i)]).name}" for i in per_volume["copy_of"]

@@ -1,5 +1,7 @@
-"""Memorisation checks in image space: is a synthetic volume a (flipped, shifted, noised) copy
-of a real ``train`` volume, and can an attacker tell members from non-members?
+"""Memorisation in image space: how close each synthetic volume comes to a real one, so the
+gate can tell a (flipped, shifted, noised) copy of a ``train`` volume, and its DCR and
+membership metrics (:mod:`synthct.eval.metrics`) can ask whether training cases sit closer to
+the cohort than unseen ones.
 
 The similarity of two volumes is their best normalised cross-correlation over the 8 axis
 flips and shifts of up to ``max_shift`` voxels, computed on a difference-of-Gaussians band
@@ -22,7 +24,6 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from synthct.data.preprocess import model_to_hu
-from synthct.eval.classification import roc_auc
 from synthct.eval.features import tissue_masks
 
 __all__ = [
@@ -30,8 +31,6 @@ __all__ = [
     "MatchSet",
     "prepare_for_matching",
     "copy_scores",
-    "dcr_share",
-    "membership_auc",
 ]
 
 _FLIPS = [dims for r in range(4) for dims in itertools.combinations((1, 2, 3), r)]
@@ -165,50 +164,3 @@ def copy_scores(
         best = torch.where(better, value, best)
         best_idx = torch.where(better, cand, best_idx)
     return CopyMatch(best.numpy().astype(np.float64), best_idx.numpy())
-
-
-def _equal_size_train_subsets(train: MatchSet, holdout: MatchSet, repeats: int, seed: int):
-    """``repeats`` random subsets of ``train`` as large as ``holdout`` (so both sides of a
-    comparison have the same chance of holding a near neighbour)."""
-    rng = np.random.default_rng(seed)
-    for _ in range(repeats):
-        yield train.subset(
-            rng.choice(len(train), size=min(len(holdout), len(train)), replace=False)
-        )
-
-
-def dcr_share(
-    synthetic: MatchSet,
-    train: MatchSet,
-    holdout: MatchSet,
-    *,
-    repeats: int = 5,
-    seed: int = 0,
-) -> float:
-    """Share of synthetic volumes closer to ``train`` than to ``holdout`` (ties count half),
-    with ``train`` subsampled to the holdout's size so a generator that copies nobody scores
-    0.5 in expectation."""
-    to_holdout = copy_scores(synthetic, holdout).score
-    shares = []
-    for subset in _equal_size_train_subsets(train, holdout, repeats, seed):
-        to_train = copy_scores(synthetic, subset).score
-        shares.append(float(((to_train > to_holdout) + 0.5 * (to_train == to_holdout)).mean()))
-    return float(np.mean(shares))
-
-
-def membership_auc(
-    synthetic: MatchSet,
-    train: MatchSet,
-    holdout: MatchSet,
-    *,
-    repeats: int = 5,
-    seed: int = 0,
-) -> float:
-    """AUC of an attacker who calls a real volume a training member when it is close to some
-    synthetic volume (0.5 = no leak). ``train`` is subsampled to the holdout's size."""
-    non_members = copy_scores(holdout, synthetic).score
-    aucs = []
-    for subset in _equal_size_train_subsets(train, holdout, repeats, seed):
-        members = copy_scores(subset, synthetic).score
-        aucs.append(roc_auc(members, non_members))
-    return float(np.mean(aucs))

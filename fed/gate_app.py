@@ -1,7 +1,7 @@
 """Federated gate on Flower: every site scores the cohort against its own real cases.
 
 Nobody holds all sites' real data. The server holds the (synthetic) cohort and the reference
-models; it sends both to every site in two query rounds (:mod:`synthct.eval.federated_metrics`
+models; it sends both to every site in two query rounds (:mod:`synthct.eval.site_statistics`
 says what each round returns) and judges the pooled aggregates with the same rules as the
 central gate. What leaves a site is written to its audit log first. A gate judges on all the
 evidence or none: a site that fails or does not answer stops it with an error naming the site.
@@ -31,18 +31,22 @@ from synthct.artifacts import sha256_bytes
 from synthct.config import SynthctConfig
 from synthct.data.dataset import load_cases
 from synthct.eval.features import extract_features
-from synthct.eval.federated_metrics import (
-    CohortSide,
+from synthct.eval.gate import (
+    DEFAULT_RULES,
+    GateError,
+    RuleSpec,
+    featurise_cohort,
+    gate_report,
+    hash_cohort,
+)
+from synthct.eval.metrics import cohort_request, combine_evidence, combine_summary
+from synthct.eval.privacy import prepare_for_matching
+from synthct.eval.site_statistics import (
     SiteData,
-    cohort_request,
-    combine_evidence,
-    combine_summary,
     site_evidence,
     site_summary,
     withhold_small_classes,
 )
-from synthct.eval.gate import DEFAULT_RULES, GateError, RuleSpec, gate_report, hash_cohort
-from synthct.eval.privacy import prepare_for_matching
 from synthct.fed.errors import FederatedError, SiteError
 from synthct.fed.sites import prepare_site, release, task_config, wait_for_sites
 from synthct.fed.task import tensors_from_bytes, tensors_to_bytes
@@ -192,12 +196,7 @@ def _judge(
     cohort = load_cases(cohort_manifest, config, splits=("train",))
     if len(cohort) == 0:
         raise GateError(f"{cohort_manifest}: no cases with split 'train' (synthetic cases train)")
-    window = config.data.hu_window
-    side = CohortSide(
-        extract_features(cohort.images, cohort.labels, cohort.sites, reference, window),
-        prepare_for_matching(cohort.images, window),
-        reference.predict(cohort.images).argmax(1).numpy(),
-    )
+    side = featurise_cohort(cohort, reference, config.data.hu_window)
     weights = tensors_to_bytes(reference.net.state_dict())
     meta = {
         "classes": reference.classes,

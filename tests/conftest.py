@@ -100,6 +100,23 @@ def demo_sites(tmp_path_factory, demo_config) -> Path:
 
 
 @pytest.fixture(scope="session")
+def demo_reference(demo_config):
+    """The shipped phantom reference models (trained on the demo sites)."""
+    from synthct.pretrained import load_phantom_reference
+
+    return load_phantom_reference(demo_config.labels.vocabulary_hash)
+
+
+@pytest.fixture(scope="session")
+def demo_real(demo_sites, demo_config, demo_reference):
+    """The gate's real side of the demo sites (train and holdout featurised once, ~15 s);
+    read-only: every gate test compares its cohorts with it."""
+    from synthct.eval.gate import load_real
+
+    return load_real(demo_sites, demo_sites, config=demo_config, reference=demo_reference)
+
+
+@pytest.fixture(scope="session")
 def tiny(demo_config):
     """The demo data with a tiny, quick downstream schedule."""
     down = demo_config.downstream.model_copy(

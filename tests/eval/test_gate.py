@@ -17,13 +17,11 @@ from synthct.eval.gate import (
     DEFAULT_RULES,
     GateError,
     drop_flagged,
-    load_real,
     load_rules,
     run_gate,
     verify_gate,
     write_gate,
 )
-from synthct.pretrained import load_phantom_reference
 
 COUNTS = {"nodule": 20, "ground_glass": 20, "consolidation": 30}
 
@@ -31,13 +29,13 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def reference(demo_config):
-    return load_phantom_reference(demo_config.labels.vocabulary_hash)
+def reference(demo_reference):
+    return demo_reference
 
 
 @pytest.fixture(scope="module")
-def real(demo_sites, demo_config, reference):
-    return load_real(demo_sites, demo_sites, config=demo_config, reference=reference)
+def real(demo_real):
+    return demo_real
 
 
 @pytest.fixture(scope="module")
@@ -83,13 +81,9 @@ def test_copies_fail_on_privacy_and_are_flagged(tmp_path, fresh, real, demo_conf
 
 
 def test_each_hard_negative_fails_its_rule(tmp_path, fresh, real, demo_config, reference):
-    base = negatives.load_cohort_volumes(fresh)
+    """The site negatives here; copies above; mode collapse, HU shift and relabelling in
+    tests/eval/test_metrics.py (central and federated metrics, the same rules)."""
     cases = {
-        "mode_collapse": negatives.mode_collapse(base, tmp_path / "collapse"),
-        "hu_sanity": negatives.hu_shift(base, tmp_path / "shift", offset_hu=60),
-        "conditioning": negatives.relabelled(
-            base, tmp_path / "relabel", classes=demo_config.labels.classes
-        ),
         "site_balance": negatives.fresh_real_cohort(
             demo_config, COUNTS, tmp_path / "single", seed=5, sites=["site_d"]
         ),

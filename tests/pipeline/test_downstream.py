@@ -14,19 +14,17 @@ from safetensors.torch import load_file
 from synthct.artifacts import read_json
 from synthct.cli import main
 from synthct.eval import negatives
-from synthct.eval.gate import GateError, load_real, run_gate, write_gate
+from synthct.eval.gate import GateError, run_gate, write_gate
 from synthct.pipeline.downstream import run_downstream
-from synthct.pretrained import load_phantom_reference
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def gated(tmp_path_factory, demo_config, demo_sites):
+def gated(tmp_path_factory, demo_config, demo_reference, demo_real):
     """A passing cohort (fresh real phantoms) and a failing one (labels rotated)."""
     root = tmp_path_factory.mktemp("cohorts")
-    reference = load_phantom_reference(demo_config.labels.vocabulary_hash)
-    real = load_real(demo_sites, demo_sites, config=demo_config, reference=reference)
+    reference, real = demo_reference, demo_real
     counts = {"nodule": 6, "ground_glass": 6, "consolidation": 10}
     good = negatives.fresh_real_cohort(demo_config, counts, root / "good", seed=31).parent
     bad = negatives.relabelled(

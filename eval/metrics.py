@@ -1,32 +1,36 @@
-"""The gate's metrics from per-site aggregates: no site's real cases (or their features) leave it.
+"""Every number the gate judges a cohort by, pooled from what sites send: one path for the
+central gate (one site holding every real case) and the federated gate (many sites, no real
+case or feature leaves its site; what each sends is :mod:`synthct.eval.site_statistics`).
 
-Two rounds. :func:`site_summary` — counts, feature sums and squares (the pooled holdout
-standardisation) and tissue-median ranges. :func:`site_evidence` — the cohort (synthetic, so it
-may travel) scored against the site's own ``train``/``holdout`` and returned as aggregates only:
-per (split, class) feature sums, outer products and packed third moments (with them the cubic
-kernel of KID and the Gaussian of FD are exact across sites), kernel sums between each cohort
-volume and each block, each cohort volume's best match score, k-NN ball counts, histograms of
-real cases' match scores and a confusion matrix. :func:`combine_evidence` turns the replies
-into the metrics :func:`synthct.eval.cohort_metrics.cohort_metrics` computes centrally.
+The server learns the pooled counts, standardisation and HU ranges from round 1
+(:func:`combine_summary`), sends the cohort with them (:func:`cohort_request`) and turns the
+round-2 replies into metrics (:func:`combine_evidence`); :func:`central_metrics` runs both
+rounds on one site.
 
-Exact (equal to central mode): both KIDs and FDs with their baselines and intervals, HU sanity,
-each volume's near-copy score, conditioning, proportions, per-site fidelity. Distances between
-two sites' real cases are never computed, so these use neighbours within a site (their detail
-says ``site-local``): PRDC ball radii (k scaled by the site's share of the class), the
-near-copy threshold, real MS-SSIM, DCR (train subsampled per site), membership AUC (all of
-train, binned scores) and the per-site fidelity baseline.
+Every metric is a value beside its real-vs-real baseline (the ``train`` cases standing in for
+the cohort against the same ``holdout``). Class mixes differ (a balanced cohort has few of the
+common classes), so fidelity and diversity are per class, averaged over the classes the cohort
+holds.
+
+Exact for any number of sites (equal to one site holding everything): both KIDs and FDs with
+their baselines and intervals, HU sanity, each volume's near-copy score, conditioning,
+proportions, per-site fidelity and site style. Distances between two sites' real cases are
+never computed, so with several sites these use neighbours within a site (their detail says
+``site-local``): PRDC ball radii, the near-copy threshold, real MS-SSIM, DCR (train subsampled
+per site) and the per-site fidelity baseline. Membership AUC uses all of ``train`` with match
+scores binned at 0.001 in both modes.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cache
-from itertools import combinations_with_replacement
 
 import numpy as np
 
 from synthct.eval import distribution as dist
-from synthct.eval.cohort_metrics import (
+from synthct.eval.diversity import pairwise_msssim
+from synthct.eval.features import TISSUES, FeatureSet
+from synthct.eval.metric_values import (
     MIN_PER_CLASS,
     MetricValue,
     clean_number,
@@ -36,9 +40,17 @@ from synthct.eval.cohort_metrics import (
     near_copy_threshold,
     wilson_interval,
 )
-from synthct.eval.diversity import pairwise_msssim
-from synthct.eval.features import FeatureSet
-from synthct.eval.privacy import MatchSet, copy_scores
+from synthct.eval.privacy import MatchSet
+from synthct.eval.site_statistics import (
+    K_NN,
+    SCORE_EDGES,
+    SPACES,
+    Arrays,
+    SiteData,
+    cubic_index,
+    site_evidence,
+    site_summary,
+)
 from synthct.eval.site_style import (
     adjusted_sums_from_blocks,
     class_means_from_sums,
@@ -47,37 +59,28 @@ from synthct.eval.site_style import (
 )
 
 __all__ = [
-    "SPACES",
-    "SiteData",
+    "EXACT_ACROSS_SITES",
     "CohortSide",
     "Plan",
-    "withhold_small_classes",
-    "site_summary",
-    "combine_summary",
+    "central_metrics",
     "cohort_request",
-    "site_evidence",
     "combine_evidence",
+    "combine_summary",
+    "dcr_share",
+    "membership_auc",
 ]
 
-SPACES = ("encoder", "radiomics")
-SPLITS = ("train", "holdout")
-K_NN = 5  # as in distribution.prdc
-DCR_REPEATS = 5  # as in privacy.dcr_share
-SCORE_EDGES = np.linspace(-1.0, 1.0, 2001)  # match-score histograms (NCC in [-1, 1])
 SITE_LOCAL = "site-local: within-site neighbours only"
-
-Arrays = dict[str, np.ndarray]
-
-
-@dataclass
-class SiteData:
-    """One site's real cases, featurised with the reference models the server sent."""
-
-    train: FeatureSet
-    holdout: FeatureSet
-    train_match: MatchSet
-    holdout_match: MatchSet
-    holdout_pred: np.ndarray
+# metrics whose values do not depend on how the real cases are spread over sites (the site-local
+# ones do, see the module doc); with the small-class guard off
+EXACT_ACROSS_SITES = (
+    "kid_encoder",
+    "kid_radiomics",
+    "hu_insane_rate",
+    "conditioning_gap",
+    "proportion_tv",
+    "site_style_match",
+)
 
 
 @dataclass
@@ -87,57 +90,6 @@ class CohortSide:
     features: FeatureSet
     match: MatchSet
     pred: np.ndarray
-
-
-def withhold_small_classes(
-    site: SiteData, num_classes: int, min_cases: int
-) -> tuple[SiteData, np.ndarray]:
-    """The site's data without every class it holds fewer than ``min_cases`` cases of
-    (``train`` and ``holdout`` together, at least one): statistics of a class that small
-    describe a handful of patients, so the site sends none for it and the gate reports the
-    class as not evaluated there. Returns the data that may be used and the K withheld flags."""
-    counts = np.bincount(site.train.labels, minlength=num_classes) + np.bincount(
-        site.holdout.labels, minlength=num_classes
-    )
-    withheld = (counts > 0) & (counts < min_cases)
-    if not withheld.any():
-        return site, withheld.astype(np.int64)
-    keep_train = np.flatnonzero(~withheld[site.train.labels])
-    keep_holdout = np.flatnonzero(~withheld[site.holdout.labels])
-    if not len(keep_train) or not len(keep_holdout):
-        raise ValueError(
-            f"every train or holdout case here is in a class with fewer than {min_cases} "
-            "cases: nothing can be sent without describing a handful of patients"
-        )
-    kept = SiteData(
-        train=site.train.subset(keep_train),
-        holdout=site.holdout.subset(keep_holdout),
-        train_match=site.train_match.subset(keep_train),
-        holdout_match=site.holdout_match.subset(keep_holdout),
-        holdout_pred=site.holdout_pred[keep_holdout],
-    )
-    return kept, withheld.astype(np.int64)
-
-
-# --- round 1 -------------------------------------------------------------------------------
-
-
-def site_summary(site: SiteData, num_classes: int) -> Arrays:
-    """Counts, holdout feature sums / squares and tissue-median ranges of one site."""
-    out = {
-        "count_train": np.bincount(site.train.labels, minlength=num_classes),
-        "count_holdout": np.bincount(site.holdout.labels, minlength=num_classes),
-    }
-    for space in SPACES:
-        x = site.holdout.space(space)
-        out[f"{space}_sum"], out[f"{space}_sumsq"] = x.sum(0), (x * x).sum(0)
-    both = np.concatenate([site.train.medians, site.holdout.medians])
-    for name, med in (("train", site.train.medians), ("all", both)):
-        out[f"median_{name}_min"] = np.fmin.reduce(med, axis=0, initial=np.inf)
-        out[f"median_{name}_max"] = np.fmax.reduce(med, axis=0, initial=-np.inf)
-    out["median_present"] = (~np.isnan(both)).sum(0)
-    out["median_cases"] = np.array([len(both)])
-    return out
 
 
 @dataclass
@@ -151,6 +103,10 @@ class Plan:
     ranges_all: np.ndarray
     ranges_train: np.ndarray
     required: np.ndarray
+
+    def z(self, x: np.ndarray, space: str) -> np.ndarray:
+        """Features standardised on the pooled holdout."""
+        return (x - self.mean[space]) / self.std[space]
 
 
 def combine_summary(replies: list[Arrays]) -> Plan:
@@ -185,15 +141,12 @@ def combine_summary(replies: list[Arrays]) -> Plan:
     )
 
 
-# --- round 2 -------------------------------------------------------------------------------
-
-
 def cohort_request(plan: Plan, cohort: CohortSide, seed: int) -> Arrays:
     """Everything a site needs to score the cohort: the plan, the cohort's features and
     labels, its own k-NN radii (for recall) and which split each class's real MS-SSIM uses."""
     labels = cohort.features.labels
     k = len(plan.count_train)
-    syn_z = _z(cohort.features.encoder, plan, "encoder")
+    syn_z = plan.z(cohort.features.encoder, "encoder")
     radii = np.zeros(len(labels))
     for c in range(k):
         idx = np.flatnonzero(labels == c)
@@ -216,182 +169,6 @@ def cohort_request(plan: Plan, cohort: CohortSide, seed: int) -> Arrays:
     return request
 
 
-def _z(x: np.ndarray, plan_or_request, space: str) -> np.ndarray:
-    if isinstance(plan_or_request, Plan):
-        return (x - plan_or_request.mean[space]) / plan_or_request.std[space]
-    return (x - plan_or_request[f"{space}_mean"]) / plan_or_request[f"{space}_std"]
-
-
-@cache
-def _cubic_index(d: int) -> tuple[np.ndarray, np.ndarray]:
-    """Index triples i <= j <= k of a symmetric D×D×D tensor and how often each occurs."""
-    idx = np.array(list(combinations_with_replacement(range(d), 3)), dtype=np.int64)
-    distinct = np.array([len(set(t)) for t in idx.tolist()])
-    multiplicity = np.select([distinct == 1, distinct == 2], [1.0, 3.0], 6.0)
-    return idx, multiplicity
-
-
-def _cubic_moment(x: np.ndarray) -> np.ndarray:
-    """Packed sum over rows of x ⊗ x ⊗ x (unique entries only)."""
-    idx, _ = _cubic_index(x.shape[1])
-    out = np.zeros(len(idx))
-    for row in x:
-        out += row[idx[:, 0]] * row[idx[:, 1]] * row[idx[:, 2]]
-    return out
-
-
-def _block_onehot(sets: list[FeatureSet], k: int) -> np.ndarray:
-    """N×(2K) one-hot of (split, class) for the site's train then holdout cases."""
-    blocks = np.concatenate([s.labels + i * k for i, s in enumerate(sets)])
-    return np.eye(2 * k)[blocks] if len(blocks) else np.zeros((0, 2 * k))
-
-
-def _kernel_aggregates(site: SiteData, request: Arrays, space: str, k: int) -> Arrays:
-    """Per (split, class) block: counts, first/second/packed third moments, exact kernel sums
-    within the site and between each cohort volume and each block."""
-    sets = [site.train, site.holdout]
-    real = np.concatenate([_z(s.space(space), request, space) for s in sets])
-    syn = _z(request[f"cohort_{space}"], request, space)
-    onehot = _block_onehot(sets, k)
-    gram = dist.poly_kernel(real, real) if len(real) else np.zeros((0, 0))
-    np.fill_diagonal(gram, 0.0)
-    moments3 = [_cubic_moment(real[onehot[:, b] > 0]) for b in range(2 * k)]
-    return {
-        f"{space}_n": onehot.sum(0),
-        f"{space}_s1": onehot.T @ real,
-        f"{space}_s2": np.einsum("nb,ni,nj->bij", onehot, real, real),
-        f"{space}_s3": np.stack(moments3),
-        f"{space}_block": onehot.T @ gram @ onehot,
-        f"{space}_cross": dist.poly_kernel(syn, real) @ onehot
-        if len(real)
-        else np.zeros((len(syn), 2 * k)),
-    }
-
-
-def _radii(x: np.ndarray, n_total: int, fallback: np.ndarray | None = None) -> np.ndarray:
-    """k-NN ball radii among the site's own cases of a class (k = 5 capped as the pooled
-    metric caps it). Phantom sites differ in scanner style, so a case's pooled neighbours
-    are mostly its own site's: the within-site radius with the same k is the closer match
-    (measured: a k scaled down by the site's share halved coverage on fresh real cases).
-    A lone case has no within-site neighbour; its radius then comes from the site's other
-    real cases of the class in ``fallback`` (its train split), else it is 0."""
-    k = min(K_NN, n_total - 1)
-    if len(x) >= 2:
-        return dist.knn_radius(x, k)
-    if len(x) == 1 and fallback is not None and len(fallback):
-        d = np.sort(dist.pairwise(x, fallback)[0])
-        return d[min(k, len(d)) - 1 : min(k, len(d))]
-    return np.zeros(len(x))
-
-
-def _prdc_aggregates(site: SiteData, request: Arrays, k: int) -> Arrays:
-    """k-NN ball counts in the encoder space, for the cohort and (baseline) the site's train."""
-    syn = _z(request["cohort_encoder"], request, "encoder")
-    syn_labels, syn_radii = request["cohort_labels"], request["cohort_radii"]
-    hold = _z(site.holdout.encoder, request, "encoder")
-    train = _z(site.train.encoder, request, "encoder")
-    out = {
-        "ball_count": np.zeros(len(syn)),
-        **{f"{name}": np.zeros(k) for name in ("coverage", "recall")},
-        **{f"base_{name}": np.zeros(k) for name in ("precision", "density", "coverage", "recall")},
-    }
-    for c in range(k):
-        real_c = hold[site.holdout.labels == c]
-        if not len(real_c):
-            continue
-        train_c = train[site.train.labels == c]
-        r = _radii(real_c, int(request["count_holdout"][c]), fallback=train_c)
-        idx = np.flatnonzero(syn_labels == c)
-        if len(idx):
-            d = dist.pairwise(real_c, syn[idx])
-            inside = d <= r[:, None]
-            out["ball_count"][idx] = inside.sum(0)
-            out["coverage"][c] = (d.min(1) <= r).sum()
-            out["recall"][c] = (d <= syn_radii[idx][None, :]).any(1).sum()
-        if len(train_c):
-            d = dist.pairwise(real_c, train_c)
-            inside = d <= r[:, None]
-            out["base_precision"][c] = inside.any(0).sum()
-            out["base_density"][c] = inside.sum()
-            out["base_coverage"][c] = (d.min(1) <= r).sum()
-            rt = _radii(train_c, int(request["count_train"][c]), fallback=real_c)
-            out["base_recall"][c] = (d <= rt[None, :]).any(1).sum()
-    return out
-
-
-def _histogram(scores: np.ndarray) -> np.ndarray:
-    return np.histogram(np.clip(scores, -1.0, 1.0), bins=SCORE_EDGES)[0]
-
-
-def _privacy_aggregates(site: SiteData, cohort: MatchSet, seed: int, index: int) -> Arrays:
-    """Best match of each cohort volume here; binned real-to-cohort scores; the closest
-    holdout-to-train pair within the site."""
-    to_holdout = copy_scores(cohort, site.holdout_match).score
-    rng = np.random.default_rng([seed, index])
-    size = min(len(site.holdout_match), len(site.train_match))
-    subsets = [
-        rng.choice(len(site.train_match), size=size, replace=False) for _ in range(DCR_REPEATS)
-    ]
-    holdout_to_train = copy_scores(site.holdout_match, site.train_match).score
-    return {
-        "to_train": copy_scores(cohort, site.train_match).score,
-        "to_holdout": to_holdout,
-        "to_train_subsets": np.stack(
-            [copy_scores(cohort, site.train_match.subset(s)).score for s in subsets]
-        ),
-        "holdout_to_train_max": np.array(
-            [holdout_to_train.max() if len(holdout_to_train) else -1.0]
-        ),
-        "holdout_to_train_hist": _histogram(holdout_to_train),
-        "member_hist": _histogram(copy_scores(site.train_match, cohort).score),
-        "nonmember_hist": _histogram(copy_scores(site.holdout_match, cohort).score),
-    }
-
-
-def site_evidence(site: SiteData, request: Arrays, cohort_match: MatchSet, index: int) -> Arrays:
-    """Round 2 at one site: aggregates of its real cases against the cohort (see module doc)."""
-    k = len(request["count_train"])
-    out: Arrays = {}
-    for space in SPACES:
-        out.update(_kernel_aggregates(site, request, space, k))
-    out.update(_prdc_aggregates(site, request, k))
-    out.update(_privacy_aggregates(site, cohort_match, int(request["seed"][0]), index))
-    # HU sanity baseline: this site's holdout against the pooled train ranges
-    required = request["required"].astype(bool)
-    out["hu_base_insane"] = np.array(
-        [hu_insane(site.holdout.medians, request["ranges_train"], required).sum()]
-    )
-    # real within-class MS-SSIM among this site's cases (split chosen by the server)
-    msssim, pairs = np.zeros(k), np.zeros(k)
-    for c in range(k):
-        ref = site.holdout if request["msssim_split"][c] else site.train
-        real_c = ref.images[ref.labels == c]
-        if len(real_c) >= 2:
-            pairs[c] = min(60, len(real_c) * (len(real_c) - 1) // 2)
-            msssim[c] = pairwise_msssim(real_c, seed=int(request["seed"][0])) * pairs[c]
-    out["msssim_sum"], out["msssim_pairs"] = msssim, pairs
-    confusion = np.zeros((k, k))
-    np.add.at(confusion, (site.holdout.labels, site.holdout_pred), 1)
-    out["confusion"] = confusion
-    # per-site fidelity: this site's holdout (classes the cohort holds) to the cohort / to train
-    rad = _z(request["cohort_radiomics"], request, "radiomics")
-    hold = _z(site.holdout.radiomics, request, "radiomics")
-    held = np.isin(site.holdout.labels, np.unique(request["cohort_labels"]))
-    train = _z(site.train.radiomics, request, "radiomics")
-    out["closeness"] = np.array(
-        [
-            np.median(dist.pairwise(hold[held], rad).min(1)) if held.any() else np.nan,
-            np.median(dist.pairwise(hold[held], train).min(1))
-            if held.any() and len(train)
-            else np.nan,
-        ]
-    )
-    return out
-
-
-# --- server --------------------------------------------------------------------------------
-
-
 @dataclass
 class _Pooled:
     """Kernel sums over all sites' real cases by (split, class) block, and cohort-to-block."""
@@ -407,7 +184,7 @@ def _pool(replies: list[Arrays], space: str) -> _Pooled:
     """Within-site sums as sent; between-site sums from the moments: with u = x·y/d,
     (u + 1)^3 = 1 + 3u + 3u^2 + u^3 and sum_AB u^p = <M_p(A), M_p(B)> / d^p."""
     d = replies[0][f"{space}_s1"].shape[1]
-    _, mult = _cubic_index(d)
+    _, mult = cubic_index(d)
     block = np.sum([r[f"{space}_block"] for r in replies], axis=0)
     for a, ra in enumerate(replies):
         for b, rb in enumerate(replies):
@@ -534,8 +311,21 @@ def _prdc(replies: list[Arrays], labels: np.ndarray, plan: Plan) -> dict[str, Me
     }
 
 
-def _auc_from_histograms(members: np.ndarray, non_members: np.ndarray) -> float:
-    """P(member score > non-member score) + half the ties, scores binned."""
+def dcr_share(replies: list[Arrays]) -> float:
+    """Share of cohort volumes closer to ``train`` (a subset as large as holdout) than to
+    ``holdout``, ties counting half, averaged over the subsets: 0.5 when nobody is copied."""
+    to_holdout = np.max([r["to_holdout"] for r in replies], axis=0)
+    subsets = np.max([r["to_train_subsets"] for r in replies], axis=0)  # repeats × N
+    shares = [((t > to_holdout) + 0.5 * (t == to_holdout)).mean() for t in subsets]
+    return float(np.mean(shares))
+
+
+def membership_auc(replies: list[Arrays]) -> float:
+    """AUC of an attacker who calls a real case a training member when it is close to some
+    cohort volume (0.5 = no leak): P(member score > non-member score) + half the ties, over
+    every train and holdout case, scores binned."""
+    members = np.sum([r["member_hist"] for r in replies], axis=0)
+    non_members = np.sum([r["nonmember_hist"] for r in replies], axis=0)
     m, n = members.sum(), non_members.sum()
     if m == 0 or n == 0:
         return float("nan")
@@ -554,16 +344,17 @@ def combine_evidence(
     bootstrap: int = 200,
     seed: int = 0,
 ) -> tuple[dict[str, MetricValue], dict]:
-    """The sites' round-2 aggregates -> the same metrics and per-volume evidence as
-    :func:`synthct.eval.cohort_metrics.cohort_metrics`."""
+    """The sites' round-2 aggregates -> every metric and the per-volume evidence (for one
+    site holding every case, the central gate: :func:`central_metrics`)."""
     k = len(classes)
     labels = cohort.features.labels
     n = len(labels)
     m: dict[str, MetricValue] = {}
+
     # --- fidelity (exact)
     for space in SPACES:
         pooled = _pool(replies, space)
-        syn = _z(cohort.features.space(space), plan, space)
+        syn = plan.z(cohort.features.space(space), space)
         m[f"kid_{space}"] = _fidelity(pooled, syn, labels, k, bootstrap, seed)
     prdc = _prdc(replies, labels, plan)
     for value in prdc.values():  # class indices -> names
@@ -580,7 +371,7 @@ def combine_evidence(
         {
             "ranges": {
                 t: [round(float(a), 1), round(float(b), 1)]
-                for t, (a, b) in zip(("body", "lung", "bone"), plan.ranges_all, strict=True)
+                for t, (a, b) in zip(TISSUES, plan.ranges_all, strict=True)
             },
             "federated": "exact",
         },
@@ -625,18 +416,12 @@ def combine_evidence(
             "federated": "per-volume scores exact; threshold " + SITE_LOCAL,
         },
     )
-    to_holdout = np.max([r["to_holdout"] for r in replies], axis=0)
-    subsets = np.max([r["to_train_subsets"] for r in replies], axis=0)  # repeats × N
-    shares = [((t > to_holdout) + 0.5 * (t == to_holdout)).mean() for t in subsets]
-    m["dcr_share"] = MetricValue(float(np.mean(shares)), 0.5, None, {"federated": SITE_LOCAL})
+    m["dcr_share"] = MetricValue(dcr_share(replies), 0.5, None, {"federated": SITE_LOCAL})
     m["membership_auc"] = MetricValue(
-        _auc_from_histograms(
-            np.sum([r["member_hist"] for r in replies], axis=0),
-            np.sum([r["nonmember_hist"] for r in replies], axis=0),
-        ),
+        membership_auc(replies),
         0.5,
         None,
-        {"federated": "all train cases, scores binned at 0.001"},
+        {"scores": "all train cases, binned at 0.001"},
     )
     # --- bias (exact)
     confusion = np.sum([r["confusion"] for r in replies], axis=0)
@@ -679,7 +464,16 @@ def combine_evidence(
             "achieved": dict(zip(classes, got.round(4).tolist(), strict=True)),
         },
     )
-    closeness = {s: r["closeness"] for s, r in zip(sites, replies, strict=True)}
+    # per scanner site of the real cases, whichever site holds them
+    scanner = sorted({key.split(":")[1] for r in replies for key in r if key.startswith("site:")})
+
+    def by_scanner(field: str) -> dict[str, np.ndarray]:
+        return {
+            name: np.sum([r[key] for r in replies if (key := f"site:{name}:{field}") in r], axis=0)
+            for name in scanner
+        }
+
+    closeness = by_scanner("closeness")  # one site holds a scanner's holdout: nothing summed
     per_site = {s: float(v[0]) for s, v in closeness.items() if np.isfinite(v[0])}
     per_site_base = {s: float(v[1]) for s, v in closeness.items() if np.isfinite(v[1])}
     m["site_fidelity_ratio"] = MetricValue(
@@ -689,12 +483,11 @@ def combine_evidence(
         {
             "distance_per_site": {s: clean_number(v) for s, v in per_site.items()},
             "baseline_per_site": {s: clean_number(v) for s, v in per_site_base.items()},
-            "federated": "value exact (distances unscaled); baseline " + SITE_LOCAL,
+            "federated": "value exact; baseline " + SITE_LOCAL,
         },
     )
-    # site style: exact from the per-(split, class) feature sums every site sent in round 2
-    s1 = {s: r["radiomics_s1"] for s, r in zip(sites, replies, strict=True)}
-    nb = {s: r["radiomics_n"] for s, r in zip(sites, replies, strict=True)}
+    # site style: class-adjusted radiomics means per scanner site, from per-block sums
+    s1, nb = by_scanner("radiomics_s1"), by_scanner("radiomics_n")
     hold = slice(k, 2 * k)
     means = class_means_from_sums(
         np.sum([v[hold] for v in s1.values()], axis=0),
@@ -706,7 +499,7 @@ def combine_evidence(
     train_style = adjusted_sums_from_blocks(
         {s: v[:k] for s, v in s1.items()}, {s: v[:k] for s, v in nb.items()}, means
     )
-    syn_z = _z(cohort.features.radiomics, plan, "radiomics")
+    syn_z = plan.z(cohort.features.radiomics, "radiomics")
     style, style_detail = style_match(
         site_sums(syn_z, requested, cohort.features.sites, means), real_style
     )
@@ -716,11 +509,46 @@ def combine_evidence(
         None,
         {"per_site": style_detail, "federated": "exact"},
     )
+    if all("to_train_index" in r for r in replies):  # central: which train case, by index
+        index = np.stack([r["to_train_index"] for r in replies])
+        copy_of = index[to_train.argmax(0), np.arange(n)]
+    else:
+        copy_of = [f"a train case at {s}" for s in best_site]
+    if len(replies) == 1:  # one site holds every case: nothing was pooled across sites
+        for value in m.values():
+            (value.detail or {}).pop("federated", None)
     evidence = {
         "near_copy": copies,
         "copy_ncc": best,
-        "copy_of": [f"a train case at {s}" for s in best_site],
+        "copy_of": copy_of,
         "hu_insane": insane,
         "medians": cohort.features.medians,
     }
     return m, evidence
+
+
+def central_metrics(
+    site: SiteData,
+    cohort: CohortSide,
+    *,
+    classes: list[str],
+    requested: np.ndarray,
+    bootstrap: int = 200,
+    seed: int = 0,
+) -> tuple[dict[str, MetricValue], dict]:
+    """The central gate: every real case at one site, both rounds run here, so the central and
+    federated gates share every line of metric code. ``copy_of`` in the per-volume evidence is
+    the index of each volume's best-matching ``train`` case."""
+    plan = combine_summary([site_summary(site, len(classes))])
+    request = cohort_request(plan, cohort, seed)
+    reply = site_evidence(site, request, cohort.match, 0, name_matches=True)
+    return combine_evidence(
+        [reply],
+        ["central"],
+        plan,
+        cohort,
+        classes=classes,
+        requested=requested,
+        bootstrap=bootstrap,
+        seed=seed,
+    )
