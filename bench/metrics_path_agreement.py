@@ -123,13 +123,30 @@ def main() -> None:
                 name: [clean_number(before[name].value), clean_number(after[name].value)]
                 for name in after
             },
+            "baselines": {
+                name: [clean_number(before[name].baseline), clean_number(after[name].baseline)]
+                for name in after
+            },
+            "intervals": {
+                name: [before[name].as_dict()["ci"], after[name].as_dict()["ci"]] for name in after
+            },
         }
         rows.append(row)
         print(json.dumps(row), flush=True)
 
-    def gap(name: str) -> float | None:
+    def gap(name: str, field: str = "values") -> float | None:
         diffs = [
-            abs(a - b) for r in rows if None not in (pair := r["values"][name]) for a, b in [pair]
+            abs(a - b) for r in rows if None not in (pair := r[field][name]) for a, b in [pair]
+        ]
+        return clean_number(max(diffs)) if diffs else None
+
+    def interval_gap(name: str) -> float | None:
+        diffs = [
+            abs(a - b)
+            for r in rows
+            if None not in (pair := r["intervals"][name])
+            for a, b in zip(*pair, strict=True)
+            if a is not None and b is not None
         ]
         return clean_number(max(diffs)) if diffs else None
 
@@ -145,6 +162,8 @@ def main() -> None:
             r["old"]["failed_rules"] == r["new"]["failed_rules"] for r in rows
         ),
         "largest_difference": {name: gap(name) for name in names},
+        "largest_baseline_difference": {name: gap(name, "baselines") for name in names},
+        "largest_interval_difference": {name: interval_gap(name) for name in names},
         "rows": rows,
         "wall_s": round(time.perf_counter() - start, 1),
         "command": bench_command("metrics_path_agreement.py", args),

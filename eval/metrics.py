@@ -18,7 +18,9 @@ proportions, per-site fidelity and site style. Distances between two sites' real
 never computed, so with several sites these use neighbours within a site (their detail says
 ``site-local``): PRDC ball radii, the near-copy threshold, real MS-SSIM, DCR (train subsampled
 per site) and the per-site fidelity baseline. Membership AUC uses all of ``train`` with match
-scores binned at 0.001 in both modes.
+scores binned at 0.001 in both modes; so does the near-copy baseline (bins wholly above the
+threshold: binning can only make that rule stricter). Per-site fidelity distances are in
+standardised feature units (their ratio is the metric).
 """
 
 from __future__ import annotations
@@ -405,10 +407,12 @@ def combine_evidence(
     tau = near_copy_threshold(np.array([max(r["holdout_to_train_max"][0] for r in replies)]))
     copies = best >= tau
     h2t = np.sum([r["holdout_to_train_hist"] for r in replies], axis=0)
-    centres = (SCORE_EDGES[:-1] + SCORE_EDGES[1:]) / 2
+    # real holdout cases at or above the threshold, from binned scores: only bins wholly above
+    # it count, so binning can lower the baseline (a stricter rule), never raise it
+    lower_edges = SCORE_EDGES[:-1]
     m["near_copy_rate"] = MetricValue(
         float(copies.mean()),
-        float(h2t[centres >= tau].sum() / max(h2t.sum(), 1)),
+        float(h2t[lower_edges >= tau].sum() / max(h2t.sum(), 1)),
         wilson_interval(int(copies.sum()), n),
         {
             "threshold_ncc": round(tau, 6),
@@ -465,15 +469,20 @@ def combine_evidence(
         },
     )
     # per scanner site of the real cases, whichever site holds them
-    scanner = sorted({key.split(":")[1] for r in replies for key in r if key.startswith("site:")})
+    scanner = sorted(
+        {key[len("site:") :].rsplit(":", 1)[0] for r in replies for key in r if key[:5] == "site:"}
+    )
 
-    def by_scanner(field: str) -> dict[str, np.ndarray]:
-        return {
-            name: np.sum([r[key] for r in replies if (key := f"site:{name}:{field}") in r], axis=0)
-            for name in scanner
-        }
+    def by_scanner(field: str, *, one_site: bool = False) -> dict[str, np.ndarray]:
+        out = {}
+        for name in scanner:
+            parts = [r[key] for r in replies if (key := f"site:{name}:{field}") in r]
+            if one_site and len(parts) > 1:  # medians of two sites do not add up
+                raise ValueError(f"scanner site {name!r}: cases at {len(parts)} sites")
+            out[name] = np.sum(parts, axis=0)
+        return out
 
-    closeness = by_scanner("closeness")  # one site holds a scanner's holdout: nothing summed
+    closeness = by_scanner("closeness", one_site=True)
     per_site = {s: float(v[0]) for s, v in closeness.items() if np.isfinite(v[0])}
     per_site_base = {s: float(v[1]) for s, v in closeness.items() if np.isfinite(v[1])}
     m["site_fidelity_ratio"] = MetricValue(

@@ -120,10 +120,14 @@ def query(msg: Message, context: Context) -> Message:
     config, cfg, site = prepare_site(msg, context)
     step = str(cfg["gate-step"])
     try:
+        mine = _site_data(config, site.manifest, site.name, cfg)
+        # the small-class guard counts per class over the site: every case must be the site's
+        # own, or a block of another scanner's few cases could leave under its name
+        others = (set(mine.train.sites) | set(mine.holdout.sites)) - {site.name}
+        if others:
+            raise SiteError(f"site {site.name!r}: cases labelled {sorted(others)} in its data")
         data, withheld = withhold_small_classes(
-            _site_data(config, site.manifest, site.name, cfg),
-            len(config.labels.classes),
-            config.federated.min_class_cases,
+            mine, len(config.labels.classes), config.federated.min_class_cases
         )
         if step == "summary":
             arrays = {**site_summary(data, len(config.labels.classes)), "withheld": withheld}

@@ -69,6 +69,7 @@ def _both_modes(world, manifest):
     plan = combine_summary([site_summary(d, len(classes)) for d in data.values()])
     request = cohort_request(plan, side, seed=0)
     replies = [site_evidence(d, request, side.match, i) for i, d in enumerate(data.values())]
+    assert not any("to_train_index" in r for r in replies)  # a site never says which case
     federated, evidence = combine_evidence(
         replies, sites, plan, side, classes=classes, requested=requested, bootstrap=30
     )
