@@ -260,13 +260,13 @@ def _scanner_site_aggregates(site: SiteData, request: Arrays, k: int) -> Arrays:
     held = np.isin(site.holdout.labels, np.unique(request["cohort_labels"]))
     hold_sites = np.asarray(site.holdout.sites)
     case_sites = np.concatenate([np.asarray(site.train.sites), hold_sites])
-    blocks = np.concatenate([site.train.labels, site.holdout.labels + k])  # (split, class)
+    onehot = _block_onehot([site.train, site.holdout], k)
     rows = np.concatenate([train, hold])
     out: Arrays = {}
     for name in sorted(set(case_sites.tolist())):
-        onehot = np.eye(2 * k)[blocks[case_sites == name]]
-        out[f"site:{name}:radiomics_n"] = onehot.sum(0)
-        out[f"site:{name}:radiomics_s1"] = onehot.T @ rows[case_sites == name]
+        here = case_sites == name
+        out[f"site:{name}:radiomics_n"] = onehot[here].sum(0)
+        out[f"site:{name}:radiomics_s1"] = onehot[here].T @ rows[here]
         mine = held & (hold_sites == name)
         out[f"site:{name}:closeness"] = np.array(
             [
