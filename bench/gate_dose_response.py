@@ -156,6 +156,13 @@ def main() -> None:
     p.add_argument("--out", default="runs/bench_dose")
     p.add_argument("--results", default=None)
     p.add_argument("--resume", action="store_true")
+    p.add_argument(
+        "--skip-axes",
+        nargs="*",
+        default=[],
+        help="axes not run (e.g. near_copies on later seeds: privacy is never traded for "
+        "utility, so its downstream effect sets no threshold)",
+    )
     args = p.parse_args()
     torch.set_num_threads(2)
     config = load_config(packaged_config_path("demo"))
@@ -216,7 +223,7 @@ def main() -> None:
             print(json.dumps({"real_only": seed, **summary["real_only"][str(seed)]}), flush=True)
             save()
         for axis, dose in DOSES:
-            if (axis, str(dose), seed) in done:
+            if (axis, str(dose), seed) in done or axis in args.skip_axes:
                 continue
             start = time.perf_counter()
             cohort_manifest = make_cohort(axis, dose, base, good, out / f"{axis}_{dose}", world)

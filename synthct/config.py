@@ -594,6 +594,26 @@ class FederatedConfig(_Strict):
         )
 
 
+class UtilityRule(_Strict):
+    """The utility rule (``synthct.eval.utility``): real + cohort may not do worse than
+    real-only on ``holdout`` by more than these bands (mean paired change over seeds). Defaults
+    from the seed noise of the converged central arm (docs/benchmarks.md, "The utility rule")."""
+
+    enabled: bool = True
+    loss_band: float = Field(
+        default=0.03,
+        ge=0,
+        le=1,
+        description="largest allowed increase of the holdout class-balanced loss",
+    )
+    balanced_accuracy_band: float = Field(
+        default=0.03,
+        ge=0,
+        le=1,
+        description="largest allowed drop of the holdout balanced accuracy",
+    )
+
+
 class DownstreamConfig(_Strict):
     """The downstream classifier (a small MONAI ``Classifier``) and how it is trained: centrally
     for at most ``epochs``, or federatedly (FedAvg) for at most ``rounds`` of ``local_epochs``
@@ -637,6 +657,7 @@ class DownstreamConfig(_Strict):
         description="federated arms: each site keeps its AdamW moments between rounds on its "
         "own disk (never sent) instead of restarting them every round",
     )
+    utility: UtilityRule = UtilityRule()
 
     @model_validator(mode="after")
     def _shapes(self) -> DownstreamConfig:

@@ -155,6 +155,7 @@ def run_demo(args: argparse.Namespace, device: torch.device | str = "cpu") -> in
                 arm: {k: v for k, v in data["summary"].items() if k != "per_site_balanced_accuracy"}
                 for arm, data in downstream["arms"].items()
             },
+            "utility": _utility_line(downstream),
             "site plugin": {k: v for k, v in plugin.items() if k != "samples"},
             "stages_s": timings,
         }
@@ -186,6 +187,8 @@ def run_demo(args: argparse.Namespace, device: torch.device | str = "cpu") -> in
     from synthct.pipeline.downstream import downstream_table
 
     console.print(downstream_table(downstream))
+    if summary["utility"]:
+        console.print(summary["utility"])
     console.print(
         f"site plugin from {plugin['site']}: {plugin['plugin_bytes'] / 1e3:.0f} KB "
         f"({plugin['share_of_unet_update']:.1%} of a UNet update), trained in "
@@ -207,6 +210,7 @@ def run_demo(args: argparse.Namespace, device: torch.device | str = "cpu") -> in
             },
             "downstream": {arm: data["summary"] for arm, data in downstream["arms"].items()},
             "synthetic_effect": downstream.get("effect"),
+            "utility": downstream.get("utility"),
             "site_plugin": summary["site plugin"],
         },
         kind="demo-summary",
@@ -267,6 +271,19 @@ def _gate_key(run: Path) -> tuple[Path, Path]:
         public.unlink(missing_ok=True)
         private, public = make_signing_key(run / "keys", "gate")
     return private, public
+
+
+def _utility_line(downstream: dict) -> str | None:
+    """The utility rule's verdict in one sentence (None when the cohort was not used)."""
+    utility = downstream.get("utility")
+    if utility is None:
+        return None
+    if utility["passed"] is False:
+        return (
+            "utility rule FAILED on holdout, the cohort is not to be used (the real-only arm "
+            f"is the result): {utility['reason']}"
+        )
+    return f"utility rule on holdout: {utility['reason']}"
 
 
 def _downstream(manifest: Path, config: SynthctConfig, run: Path, cohort: Path, gate: dict) -> dict:

@@ -142,6 +142,19 @@ def _headline_html(gate: dict[str, Any] | None, downstream: dict[str, Any] | Non
             + "</li>"
         )
         ungated = " (UNGATED cohort)" if downstream.get("ungated") else ""
+        utility = downstream.get("utility")
+        if utility is not None and utility.get("passed") is False:
+            lines.append(
+                '<p class="verdict">Utility rule: <span class="fail">FAIL</span>: adding the '
+                "cohort made the classifier worse on the real <code>holdout</code> split, so the "
+                "cohort is not to be used and the real-only classifier is the result. "
+                f"{html.escape(utility['reason'])}</p>"
+            )
+        elif utility is not None and utility.get("passed"):
+            lines.append(
+                '<p>Utility rule: <span class="pass">pass</span> '
+                f"({html.escape(utility['reason'].removeprefix('ok: '))}).</p>"
+            )
         lines.append(
             f"<p>Adding the synthetic cohort{ungated} changed the downstream classifier on the "
             f"real <code>test</code> split (real-only &rarr; real + synthetic, mean of {seeds} "

@@ -88,6 +88,40 @@ def test_report_pictures_render_and_are_not_blank(tmp_path, volumes, render_chec
         assert img["w"] > 50 and img["h"] > 50 and img["range"] > 50
 
 
+def test_a_cohort_failing_the_utility_rule_is_said_not_to_be_used(tmp_path, volumes):
+    from synthct.eval.utility import utility_verdict
+
+    summary = {
+        "balanced_accuracy": {"mean": 0.8, "sd": 0.0},
+        "macro_auc": {"mean": 0.9, "sd": 0.0},
+        "worst_site_balanced_accuracy": {"mean": 0.7, "sd": 0.0},
+        "per_site_balanced_accuracy": {"a": {"mean": 0.8, "sd": 0.0}},
+    }
+    stopping = {"all": {"holdout_balanced_accuracy": 0.9, "holdout_loss": 0.3}}
+    worse = {"all": {"holdout_balanced_accuracy": 0.7, "holdout_loss": 0.6}}
+    downstream = {
+        "rare": [],
+        "arms": {"real": {"summary": summary}, "real+synthetic": {"summary": summary}},
+        "utility": utility_verdict(
+            [(0, stopping)], [(0, worse)], loss_band=0.03, balanced_accuracy_band=0.03
+        ),
+    }
+    report = write_report(
+        tmp_path / "report.html",
+        title="t",
+        summary={},
+        synthetic={"a": volumes[:1]},
+        real=None,
+        rounds=[],
+        gate=None,
+        downstream=downstream,
+        provenance={},
+    )
+    head = report.read_text().split("<h2", 1)[0]
+    assert 'Utility rule: <span class="fail">FAIL</span>' in head
+    assert "real-only classifier is the result" in head and "+0.300" in head
+
+
 def test_the_report_says_what_protected_the_sites():
     from synthct.report import federation_html
 

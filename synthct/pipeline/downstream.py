@@ -5,7 +5,9 @@ cohort, centrally (all sites pooled), by each site alone, or federatedly (Flower
 the cohort cases meant for it, ``site`` = itself or ``pooled``), and evaluated on the real
 ``test`` split only, per site and overall; with both arms, the paired effect of the synthetic
 data with 95 % intervals. A cohort is used only with a passing ``gate.json`` whose hashes all
-match; with ``force_ungated`` the results say so in capitals.
+match; with ``force_ungated`` the results say so in capitals. With both arms, the utility rule
+(``synthct.eval.utility``) says whether the cohort made the classifier worse on ``holdout``; a
+cohort that fails it is not to be used (the real-only arm is the result), whatever ``test`` says.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from synthct.config import SynthctConfig
 from synthct.data.dataset import CaseSet, load_cases
 from synthct.eval.classification import downstream_payload
 from synthct.eval.gate import check_cohort_gate
+from synthct.eval.utility import utility_verdict
 
 __all__ = ["check_cohort_gate", "run_downstream", "downstream_table"]
 
@@ -157,6 +160,18 @@ def run_downstream(
             done += 1
             if progress is not None:
                 progress(done, total, arm=arm, seed=seed)
+    utility = None
+    if cohort_manifest is not None:
+        rule = config.downstream.utility
+        utility = utility_verdict(
+            [(seed, r.stopping) for seed, r in results["real"]],
+            [(seed, r.stopping) for seed, r in results["real+synthetic"]],
+            loss_band=rule.loss_band,
+            balanced_accuracy_band=rule.balanced_accuracy_band,
+            enabled=rule.enabled,
+        )
+        if utility["passed"] is False:
+            logger.warning("the cohort fails the utility rule on holdout: %s", utility["reason"])
     payload = downstream_payload(
         results,
         classes=classes,
@@ -167,6 +182,7 @@ def run_downstream(
         cohort=None if cohort_dir is None else str(cohort_dir),
         gate=gate_info,
         test_cases=len(test),
+        **({"utility": utility} if utility is not None else {}),
         **({"privacy": dp.record()} if dp is not None else {}),
     )
     write_json(out / "results.json", payload, kind="synthct-downstream")
@@ -219,4 +235,7 @@ def downstream_table(results: dict[str, Any]):
             *(change(f"recall_{r}") for r in rare),
             change("worst_site_balanced_accuracy"),
         )
+    utility = results.get("utility")
+    if utility is not None:
+        table.caption = f"utility rule (holdout): {utility['reason']}"
     return table

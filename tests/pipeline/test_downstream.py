@@ -93,6 +93,16 @@ def test_central_arms_report_every_site(tmp_path, tiny, demo_sites, gated):
         assert low <= effect[key]["mean"] <= high, key
     saved = read_json(tmp_path / "run" / "results.json")
     assert saved["kind"] == "synthct-downstream" and saved["versions"]["torch"]
+    # the utility rule pairs the arms' best holdout scores (never test) seed by seed
+    utility = saved["utility"]
+    assert utility["split"] == "holdout" and utility["passed"] in (True, False)
+    before, after = (results["arms"][a]["runs"][0]["stopping"]["all"] for a in results["arms"])
+    (pair,) = utility["per_seed"]
+    assert pair["loss_change"] == pytest.approx(after["holdout_loss"] - before["holdout_loss"])
+    assert utility["passed"] == (
+        pair["loss_change"] <= utility["loss_band"]
+        and pair["balanced_accuracy_change"] >= -utility["balanced_accuracy_band"]
+    )
     # local-only: every site alone, each scored on its own test cases
     local = run_downstream(tiny, demo_sites, tmp_path / "local", local=True)
     run = local["arms"]["real"]["runs"][0]
@@ -124,6 +134,7 @@ def test_federated_end_to_end_through_the_cli(tmp_path, demo_sites, gated):
         stopping = run["stopping"]["all"]
         assert 1 <= stopping["best_at"] <= stopping["epochs_run"] <= 2
         assert 0.0 <= stopping["holdout_balanced_accuracy"] <= 1.0
+    assert results["utility"]["per_seed"][0]["seed"] == 0  # federated arms are paired too
     # each site kept its AdamW moments on its own disk, one series per arm: round 2 went on
     # from round 1's (its step count is twice round 1's), not from fresh moments
     for site in ("site_a", "site_b", "site_c", "site_d"):
