@@ -188,6 +188,20 @@ def main() -> None:
         }
         for kind in ("harm", "neutral", "help")
     }
+    from scipy.stats import spearmanr
+
+    loss = [e["utility"]["loss_change"] for e in entries]
+    accuracy = [e["utility"]["balanced_accuracy_change"] for e in entries]
+    effect = [e["change"]["balanced_accuracy"] for e in entries]
+    holdout_tracks_harm = {
+        "rows": len(entries),
+        "spearman_holdout_loss_vs_calibration_balanced_accuracy": round(
+            float(spearmanr(loss, effect).statistic), 3
+        ),
+        "spearman_holdout_vs_calibration_balanced_accuracy": round(
+            float(spearmanr(accuracy, effect).statistic), 3
+        ),
+    }
     payload = {
         "date": time.strftime("%Y-%m-%d"),
         "dose_file": args.dose,
@@ -195,6 +209,7 @@ def main() -> None:
         "utility_rule": UtilityRule().model_dump(),
         "rows": entries,
         "by_class": utility_confusion,
+        "holdout_tracks_harm": holdout_tracks_harm,
         "rules": separation(entries),
         "not_traded": list(NOT_TRADED),
         "command": bench_command("gate_calibration.py", args),
@@ -209,7 +224,7 @@ def main() -> None:
             f"{'pass' if e['gate_passed_every_seed'] else 'FAIL'} utility "
             f"{e['utility']['passed']}"
         )
-    print(json.dumps({"band": band["band"], "by_class": utility_confusion}, indent=1))
+    print(json.dumps({"band": band["band"], "by_class": utility_confusion, **holdout_tracks_harm}))
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 Balanced accuracy and per-class recall over the classes present; macro AUC (one-vs-rest) over
 the classes with both positives and negatives; the worst site's balanced accuracy and the gap
-between the best and the worst site. The rare classes are listed first.
+between the best and the worst site. The rare classes are listed first. ``results.json`` also
+carries the utility rule's verdict (``synthct.eval.utility``), judged on holdout.
 """
 
 from __future__ import annotations
@@ -11,6 +12,9 @@ import warnings
 from typing import Any
 
 import numpy as np
+
+from synthct.config import UtilityRule
+from synthct.eval.utility import utility_verdict
 
 DOWNSTREAM_FORMAT = 1  # results.json of the downstream arms (central, local, federated)
 
@@ -249,10 +253,20 @@ def downstream_payload(
     cohort: str | None,
     gate: dict[str, Any] | None,
     test_cases: int,
+    utility_rule: UtilityRule | None = None,
     **extra: Any,
 ) -> dict[str, Any]:
     """The downstream ``results.json``: what ran (mode, cohort and its gate, seeds), each arm
-    per seed and (two arms) the paired effect of the synthetic data with 95 % intervals."""
+    per seed and (two arms) the paired effect of the synthetic data with 95 % intervals and the
+    utility rule's verdict on holdout (``utility_rule``: the config's bands)."""
+    if utility_rule is not None and "real+synthetic" in arms:
+        extra["utility"] = utility_verdict(
+            [(seed, r.stopping) for seed, r in arms["real"]],
+            [(seed, r.stopping) for seed, r in arms["real+synthetic"]],
+            loss_band=utility_rule.loss_band,
+            balanced_accuracy_band=utility_rule.balanced_accuracy_band,
+            enabled=utility_rule.enabled,
+        )
     return {
         "mode": mode,
         **extra,

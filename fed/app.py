@@ -123,6 +123,7 @@ def _downstream(grid: Grid, config, rc, out: Path) -> None:
         cohort=None if cohort_dir is None else str(cohort_dir),
         gate=gate_info,
         test_cases=len(results["real"][0][1].labels),
+        utility_rule=config.downstream.utility,
         **({"privacy": dp.record()} if dp else {}),
     )
     write_json(out / "results.json", payload, kind="synthct-downstream")

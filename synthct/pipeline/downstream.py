@@ -34,7 +34,6 @@ from synthct.config import SynthctConfig
 from synthct.data.dataset import CaseSet, load_cases
 from synthct.eval.classification import downstream_payload
 from synthct.eval.gate import check_cohort_gate
-from synthct.eval.utility import utility_verdict
 
 __all__ = ["check_cohort_gate", "run_downstream", "downstream_table"]
 
@@ -160,18 +159,6 @@ def run_downstream(
             done += 1
             if progress is not None:
                 progress(done, total, arm=arm, seed=seed)
-    utility = None
-    if cohort_manifest is not None:
-        rule = config.downstream.utility
-        utility = utility_verdict(
-            [(seed, r.stopping) for seed, r in results["real"]],
-            [(seed, r.stopping) for seed, r in results["real+synthetic"]],
-            loss_band=rule.loss_band,
-            balanced_accuracy_band=rule.balanced_accuracy_band,
-            enabled=rule.enabled,
-        )
-        if utility["passed"] is False:
-            logger.warning("the cohort fails the utility rule on holdout: %s", utility["reason"])
     payload = downstream_payload(
         results,
         classes=classes,
@@ -182,10 +169,13 @@ def run_downstream(
         cohort=None if cohort_dir is None else str(cohort_dir),
         gate=gate_info,
         test_cases=len(test),
-        **({"utility": utility} if utility is not None else {}),
+        utility_rule=config.downstream.utility,
         **({"privacy": dp.record()} if dp is not None else {}),
     )
     write_json(out / "results.json", payload, kind="synthct-downstream")
+    utility = payload.get("utility") or {}
+    if utility.get("passed") is False:
+        logger.warning("the cohort fails the utility rule on holdout: %s", utility["reason"])
     return payload
 
 

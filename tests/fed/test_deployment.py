@@ -273,3 +273,4 @@ def test_superlink_and_supernodes_with_tls_and_node_auth(tmp_path, smoke_sites):
     synthetic = results["arms"]["real+synthetic"]["runs"][0]["train_cases"]
     assert synthetic["synthetic"] == sum(counts.values()) and synthetic["real"] > 0
     assert "balanced_accuracy" in results["effect"]
+    assert results["utility"]["per_seed"][0]["seed"] == 0  # judged on holdout, as in simulation
