@@ -1,14 +1,16 @@
 """One Flower app for every federated task: the generator's training, the reference
-classifier, the gate and the downstream classifiers, in Flower's simulation and on a
-SuperLink with SuperNodes alike.
+classifier, the gate, the downstream classifiers and a site's plugin contribution, in Flower's
+simulation and on a SuperLink with SuperNodes alike.
 
 Every synthct message carries the task it belongs to in its config record (``task``, see
 ``fed/sites.task_config``); the ClientApp here routes each message to that task's handler
-(``fed/client_app.py``, ``reference_app.py``, ``gate_app.py``, ``downstream_app.py``), behind
+(``fed/client_app.py``, ``reference_app.py``, ``gate_app.py``, ``downstream_app.py``,
+``plugin_app.py``), behind
 the SecAgg+ mod. The ServerApp runs the task named by the run config (``flwr run APP
 --run-config "task='gate' ..."``): settings are paths on the SuperLink's machine; each site's
 data comes from its SuperNode's node config (``site``, ``manifest``, ``audit-dir`` and, for
-the downstream task with a cohort, ``cohort``: the site's copy of the gated cohort).
+the downstream task with a cohort, ``cohort``: the site's copy of the gated cohort; for a
+plugin contribution, ``generator`` and ``contribute-plugins=true``).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from flwr.clientapp.typing import ClientAppCallable
 from flwr.serverapp import Grid, ServerApp
 
 from synthct.config import load_config
-from synthct.fed import client_app, downstream_app, gate_app, reference_app
+from synthct.fed import client_app, downstream_app, gate_app, plugin_app, reference_app
 from synthct.fed.errors import FederatedError, SiteError
 from synthct.fed.secagg import secure_train_mod
 
@@ -30,7 +32,7 @@ __all__ = ["client", "server", "TASKS"]
 
 logger = logging.getLogger(__name__)
 
-TASKS = ("generator", "reference", "gate", "downstream")
+TASKS = ("generator", "reference", "gate", "downstream", "plugin")
 
 # (message kind, task) -> the task's handler
 _HANDLERS: dict[tuple[str, str], ClientAppCallable] = {
@@ -41,6 +43,7 @@ _HANDLERS: dict[tuple[str, str], ClientAppCallable] = {
     ("query", "gate"): gate_app.query,
     ("train", "downstream"): downstream_app.train,
     ("evaluate", "downstream"): downstream_app.evaluate,
+    ("train", "plugin"): plugin_app.contribute,
 }
 
 client = ClientApp()
@@ -172,6 +175,18 @@ def main(grid: Grid, context: Context) -> None:
         write_gate(report, out / "gate.json", sign_with=Path(sign) if sign else None)
     elif task == "downstream":
         _downstream(grid, config, rc, out)
+    elif task == "plugin":
+        plugin_app.contribute_server(
+            grid,
+            config,
+            site=str(rc.get("site", "")),
+            generator_dir=plugin_app.generator_path(
+                str(_path(rc.get("generator", ""), "generator", task))
+            ),
+            registry=_path(rc.get("registry", ""), "registry", task),
+            seed=seed,
+            steps=int(rc.get("steps", 0)),
+        )
     else:
         raise FederatedError(f"run config task {task!r}: deployable tasks are {', '.join(TASKS)}")
     logger.info("task %s done: %s", task, out)

@@ -3,7 +3,7 @@
 ``flwr run APP_DIR`` packs APP_DIR's files into a FAB that every node unpacks onto its
 ``sys.path``. synthct's app directory therefore holds only a ``pyproject.toml`` naming the
 installed ``synthct.fed.app:server`` / ``synthct.fed.app:client`` (one app for the generator,
-reference, gate and downstream tasks, chosen by the run config's ``task``): no Python file is
+reference, gate, downstream and plugin tasks, chosen by the run config's ``task``): no Python file is
 shipped, so nothing can shadow the synthct every site has installed. It is written on demand
 into a folder the user chooses (``synthct fed app DIR``), because ``flwr run`` edits the
 pyproject it is given.
@@ -42,12 +42,15 @@ serverapp = "synthct.fed.app:server"
 clientapp = "synthct.fed.app:client"
 
 [tool.flwr.app.config]
-# Paths are on the SuperLink's machine. `task`: generator, reference, gate or downstream
+# Paths are on the SuperLink's machine. `task`: generator, reference, gate, downstream, plugin
 # (override with flwr run APP --run-config "task='gate' cohort='...' reference='...' out='...'").
 # `config`: a YAML path or a packaged name (demo, smoke). downstream: `cohort` (a gated cohort
 # folder; each site names its own copy's manifest in its node config `cohort`), `gate` (its
 # gate.json, default COHORT/gate.json), `trusted-keys` (comma-separated public keys that must
 # have signed it), `force-ungated` (use a cohort the gate refused; the results say so).
+# plugin: `site` (the contributing site; its SuperNode needs contribute-plugins=true and its
+# own copy of the base in node config `generator`), `generator` (the base on this machine),
+# `registry` (the registry folder), `steps` (0: the base's plugin settings).
 task = "generator"
 config = "{config}"
 out = "{out}"
@@ -62,6 +65,10 @@ bootstrap = 200
 gate = ""
 trusted-keys = ""
 force-ungated = false
+site = ""
+generator = ""
+registry = ""
+steps = 0
 """
 
 

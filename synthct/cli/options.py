@@ -49,11 +49,13 @@ def run_config(path: str | None, overrides: list[str] | None = None):
     return load_config(path or "demo", overrides)
 
 
-def config_options(p: argparse.ArgumentParser, what: str = "the run's settings") -> None:
+def config_options(
+    p: argparse.ArgumentParser, what: str = "the run's settings", default: str = "demo"
+) -> None:
     p.add_argument(
         "--config",
         metavar="YAML|NAME",
-        help=f"config for {what}: a YAML path or a packaged name (demo, smoke); default demo",
+        help=f"config for {what}: a YAML path or a packaged name (demo, smoke); default {default}",
     )
     p.add_argument(
         "--set",

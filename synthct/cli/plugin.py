@@ -1,4 +1,5 @@
-"""``synthct plugin train|add|list``: a site's LoRA plugin and the registry that serves it."""
+"""``synthct plugin train|add|list|contribute|move-base``: a site's LoRA plugin and the
+registry that serves it."""
 
 from __future__ import annotations
 
@@ -10,12 +11,14 @@ from synthct.cli.options import (
     EXIT_OK,
     chosen_device,
     command,
+    config_options,
     data_option,
     device_option,
     generator_dir,
     generator_option,
     group,
     positive_int,
+    run_config,
     seed_option,
 )
 
@@ -40,10 +43,49 @@ def cmd_plugin_train(args: argparse.Namespace) -> int:
     if len(cases) == 0:
         print(f"synthct: error: {args.data}: no train cases of site {args.site!r}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    initial, targets, rebased_from = None, None, None
+    if args.rebase_from:  # a stale plugin re-fitted on this base: its settings, its start
+        from pathlib import Path
+
+        from synthct.config import PluginConfig
+        from synthct.plugins.adapter import read_plugin_weights
+
+        meta, initial = read_plugin_weights(args.rebase_from)
+        if meta["site"] != args.site:
+            print(
+                f"synthct: error: {args.rebase_from} is site {meta['site']!r}'s plugin, "
+                f"not {args.site!r}'s",
+                file=sys.stderr,
+            )
+            return EXIT_BAD_INPUT
+        cfg = cfg.model_copy(
+            update=PluginConfig(
+                rank=meta["rank"], alpha=meta["alpha"], targets=meta["targets"]
+            ).model_dump(include={"rank", "alpha", "targets"})
+        )
+        targets = meta["target_modules"]
+        rebased_from = Path(args.rebase_from).name
     with progress_bar(f"plugin {args.site}", cfg.steps) as update:
-        unet = train_plugin(gen, cases, cfg, seed=args.seed, progress=update, device=device)
+        unet = train_plugin(
+            gen,
+            cases,
+            cfg,
+            seed=args.seed,
+            progress=update,
+            device=device,
+            initial=initial,
+            targets=targets,
+        )
     out = export_plugin(
-        unet, args.out, gen=gen, generator_dir=gen_dir, site=args.site, cases=cases, cfg=cfg
+        unet,
+        args.out,
+        gen=gen,
+        generator_dir=gen_dir,
+        site=args.site,
+        cases=cases,
+        cfg=cfg,
+        targets=targets,
+        rebased_from=rebased_from,
     )
     size = (out / "plugin.safetensors").stat().st_size
     print(f"plugin: {out} ({size / 1024:.0f} KiB)")
@@ -65,10 +107,50 @@ def cmd_plugin_list(args: argparse.Namespace) -> int:
 
     for row in list_plugins(args.registry):
         seen = ", ".join(f"{k}:{v}" for k, v in row["classes_seen"].items() if v)
+        status = row["status"] + (f" -> {row['replaced_by']}" if "replaced_by" in row else "")
         print(
-            f"{row['name']}  site={row['site']} rank={row['rank']} {row['targets']} "
-            f"{row['weights_bytes'] / 1024:.0f} KiB  classes {seen}  ({row['created']})"
+            f"{row['name']}  [{status}]  site={row['site']} rank={row['rank']} {row['targets']} "
+            f"{row['weights_bytes'] / 1024:.0f} KiB  classes {seen}  ({row['created']}, "
+            f"by {row['by']}, version {row['version']})"
         )
+    return EXIT_OK
+
+
+def cmd_plugin_contribute(args: argparse.Namespace) -> int:
+    from synthct.fed.plugin_app import contribute_plugin
+
+    gen_dir = generator_dir(args.generator)
+    if args.config is None and not args.set:
+        from synthct.checkpoint import load_generator
+
+        config = load_generator(gen_dir).config
+    else:
+        config = run_config(args.config, args.set)
+    result = contribute_plugin(
+        config,
+        args.data,
+        site=args.site,
+        generator_dir=gen_dir,
+        registry=args.registry,
+        run=args.out,
+        seed=args.seed,
+        steps=args.steps or 0,
+    )
+    print(
+        f"site {result['site']} contributed {result['plugin']} "
+        f"({result['bytes'] / 1024:.0f} KiB) through Flower; registry {result['registry']}"
+    )
+    return EXIT_OK
+
+
+def cmd_plugin_move_base(args: argparse.Namespace) -> int:
+    from synthct.plugins.registry import move_base
+
+    stale = move_base(args.registry, generator_dir(args.generator))
+    print(
+        f"{args.registry} now serves {args.generator}; stale until re-fitted "
+        f"(synthct plugin train --rebase-from): {', '.join(stale) or 'none'}"
+    )
     return EXIT_OK
 
 
@@ -97,6 +179,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="which UNet layers get adapters (default: config)",
     )
+    q.add_argument(
+        "--rebase-from",
+        metavar="PLUGIN",
+        help="re-fit this (stale) plugin of the same site on the new base: its settings and "
+        "weights are the start, --steps the length",
+    )
     seed_option(q)
     device_option(q)
     q.set_defaults(func=cmd_plugin_train)
@@ -116,3 +204,34 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     q.add_argument("registry", help="registry folder")
     q.set_defaults(func=cmd_plugin_list)
+    q = command(
+        plug,
+        "contribute",
+        "a site trains its plugin and sends it through a Flower round into the registry "
+        "(Flower's simulation; deployed: flwr run APP --run-config \"task='plugin' ...\")",
+        "synthct plugin contribute plugins/registry --generator pretrained --site site_e "
+        "--data e/manifest.csv --out runs/contribute_e",
+        required=("generator", "site", "data", "out"),
+    )
+    q.add_argument("registry", help="registry folder (made if missing)")
+    generator_option(q, "the base generator the registry serves")
+    q.add_argument("--site", help="the contributing site (in the config's sites)")
+    data_option(q, "holds the site's train cases")
+    q.add_argument("--out", help="run folder (the site's audit log, Flower's temp files)")
+    q.add_argument(
+        "--steps", type=positive_int, default=None, help="training steps (default: config)"
+    )
+    config_options(q, "the sites", default="the generator's own config")
+    seed_option(q)
+    q.set_defaults(func=cmd_plugin_contribute)
+    q = command(
+        plug,
+        "move-base",
+        "serve a new base generator: plugins trained on the old one become stale (kept, never "
+        "merged, until re-fitted with plugin train --rebase-from)",
+        "synthct plugin move-base plugins/registry --generator runs/new",
+        required=("generator",),
+    )
+    q.add_argument("registry", help="registry folder")
+    generator_option(q, "the new base generator")
+    q.set_defaults(func=cmd_plugin_move_base)

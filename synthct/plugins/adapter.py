@@ -36,6 +36,8 @@ __all__ = [
     "adapter_state",
     "train_plugin",
     "export_plugin",
+    "write_plugin",
+    "read_plugin_weights",
     "coarsen",
 ]
 
@@ -107,15 +109,20 @@ def train_plugin(
     batch_size: int = 4,
     progress: Callable[..., None] | None = None,
     device: torch.device | str = "cpu",
+    initial: dict[str, torch.Tensor] | None = None,
+    targets: list[str] | None = None,
 ) -> nn.Module:
     """LoRA-adapt a copy of the generator's EMA UNet on ``cases`` (base weights frozen), on
-    ``device``; the adapted UNet comes back on CPU (exported from there)."""
+    ``device``; the adapted UNet comes back on CPU (exported from there). ``initial``: start
+    from these adapter tensors (a stale plugin re-fitted on a new base) instead of zero."""
     device = torch.device(device)
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     unet = copy.deepcopy(gen.ema).to(device)
     unet.requires_grad_(False)
-    attach_adapter(unet, cfg, "plugin")
+    attach_adapter(unet, cfg, "plugin", targets=targets)
+    if initial is not None:
+        load_adapter_state(unet, {k: v.to(device) for k, v in initial.items()}, "plugin")
     params = [p for n, p in unet.named_parameters() if "lora_" in n]
     for p in params:
         p.requires_grad_(True)
@@ -156,25 +163,52 @@ def export_plugin(
     cases: CaseSet,
     cfg: PluginConfig,
     targets: list[str] | None = None,
+    rebased_from: str | None = None,
 ) -> Path:
-    """Write ``plugin.safetensors`` (adapter only) and ``plugin.json`` (provenance)."""
+    """Write ``plugin.safetensors`` (adapter only) and ``plugin.json`` (provenance) for the
+    adapter a site trained on ``cases``."""
+    counts = cases.class_counts(gen.config.labels.num_classes)
+    seen = {c: coarsen(n) for c, n in zip(gen.config.labels.classes, counts, strict=True)}
+    return write_plugin(
+        adapter_state(unet, "plugin"),
+        out,
+        gen=gen,
+        generator_dir=generator_dir,
+        site=site,
+        classes_seen=seen,
+        cfg=cfg,
+        targets=targets,
+        rebased_from=rebased_from,
+    )
+
+
+def write_plugin(
+    state: dict[str, torch.Tensor],
+    out: str | Path,
+    *,
+    gen: Generator,
+    generator_dir: str | Path,
+    site: str,
+    classes_seen: dict[str, int],
+    cfg: PluginConfig,
+    targets: list[str] | None = None,
+    rebased_from: str | None = None,
+) -> Path:
+    """A plugin folder from adapter tensors: what a site exports and what a registry server
+    writes from the tensors a site sent through Flower (``classes_seen`` already coarsened)."""
     from safetensors.torch import save as save_bytes
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    state = adapter_state(unet, "plugin")
     data = save_bytes(state)
     atomic_write_bytes(out / "plugin.safetensors", data)
-    counts = cases.class_counts(gen.config.labels.num_classes)
     meta: dict[str, Any] = {
         "plugin_format": PLUGIN_FORMAT,
         "base_generator_sha256": generator_sha256(generator_dir),
         "site": site,
         "vocabulary": gen.config.labels.classes,
         "vocabulary_hash": gen.config.labels.vocabulary_hash,
-        "classes_seen": {
-            c: coarsen(n) for c, n in zip(gen.config.labels.classes, counts, strict=True)
-        },
+        "classes_seen": {c: int(classes_seen.get(c, 0)) for c in gen.config.labels.classes},
         "rank": cfg.rank,
         "alpha": cfg.alpha,
         "targets": cfg.targets,
@@ -183,9 +217,30 @@ def export_plugin(
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "weights_sha256": sha256_bytes(data),
         "weights_bytes": len(data),
+        **({"rebased_from": rebased_from} if rebased_from else {}),
     }
     write_json(out / "plugin.json", meta, kind="synthct-plugin")
     return out
+
+
+def read_plugin_weights(plugin_dir: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """A plugin's metadata and tensors, the weights checked against the sha256 and size its
+    plugin.json names (whatever base it was trained on: a stale plugin is read to re-fit it)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load as load_bytes
+
+    plugin_dir = Path(plugin_dir)
+    meta = read_plugin_meta(plugin_dir)
+    weights = plugin_dir / "plugin.safetensors"
+    if not weights.is_file():
+        raise PluginError(f"{plugin_dir}: no plugin.safetensors")
+    data = weights.read_bytes()
+    if len(data) != meta.get("weights_bytes") or sha256_bytes(data) != meta.get("weights_sha256"):
+        raise PluginError(f"{weights}: sha256/size do not match plugin.json (altered or truncated)")
+    try:
+        return meta, load_bytes(data)
+    except SafetensorError as exc:
+        raise PluginError(f"{weights}: not a safetensors file: {exc}") from None
 
 
 def read_plugin_meta(plugin_dir: str | Path) -> dict[str, Any]:

@@ -1,8 +1,14 @@
-"""A plugin registry is a folder: ``registry.json`` (the base generator it serves) and one
-sub-folder per accepted plugin. ``add`` checks everything before accepting: schema, weight
-hash and size, base generator, label vocabulary, and that the tensor names and shapes are
-exactly those the declared adapter has on the base UNet. Plugins arrive in any order at any
-time; nothing is ever unpickled (safetensors only).
+"""A plugin registry is a folder: ``registry.json`` (the base generator it serves, a version
+and the history of every change) and one sub-folder per accepted plugin. ``add`` checks
+everything before accepting: schema, weight hash and size, base generator, label vocabulary,
+and that the tensor names and shapes are exactly those the declared adapter has on the base
+UNet. Plugins arrive in any order at any time (by file or through a Flower round); each change
+bumps the version and is recorded with who sent it, when, for which base and its sha256.
+
+When the base generator moves on (:func:`move_base`), the plugins trained on the old base are
+marked **stale**: they stay in the folder, are never merged (loading says which were left out
+and why), and come back only re-fitted on the new base (``synthct plugin train --rebase-from``),
+which records the stale plugin it replaces. Nothing is ever unpickled (safetensors only).
 """
 
 from __future__ import annotations
@@ -10,15 +16,14 @@ from __future__ import annotations
 import copy
 import logging
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as load_bytes
 
-from synthct.artifacts import read_json, sha256_bytes, write_json
+from synthct.artifacts import read_json, write_json
 from synthct.checkpoint import Generator, generator_sha256
 from synthct.config import PluginConfig
 from synthct.plugins.adapter import (
@@ -27,9 +32,21 @@ from synthct.plugins.adapter import (
     adapter_state,
     attach_adapter,
     read_plugin_meta,
+    read_plugin_weights,
 )
 
-__all__ = ["Plugin", "validate_plugin", "add_plugin", "list_plugins", "load_plugins"]
+__all__ = [
+    "REGISTRY_FORMAT",
+    "Plugin",
+    "validate_plugin",
+    "add_plugin",
+    "list_plugins",
+    "load_plugins",
+    "move_base",
+    "read_index",
+]
+
+REGISTRY_FORMAT = 2  # 1: base only; 2: version, per-plugin status and history
 
 logger = logging.getLogger(__name__)
 
@@ -97,16 +114,8 @@ def validate_plugin(plugin_dir: str | Path, gen: Generator, generator_dir: str |
     unknown = set(meta["classes_seen"]) - set(gen.config.labels.classes)
     if unknown:
         raise PluginError(f"{where}: unknown classes {sorted(unknown)}")
+    _, state = read_plugin_weights(plugin_dir)
     weights = plugin_dir / "plugin.safetensors"
-    if not weights.is_file():
-        raise PluginError(f"{plugin_dir}: no plugin.safetensors")
-    data = weights.read_bytes()
-    if len(data) != meta["weights_bytes"] or sha256_bytes(data) != meta["weights_sha256"]:
-        raise PluginError(f"{weights}: sha256/size do not match plugin.json (altered or truncated)")
-    try:
-        state = load_bytes(data)
-    except SafetensorError as exc:
-        raise PluginError(f"{weights}: not a safetensors file: {exc}") from None
     try:
         cfg = PluginConfig(rank=meta["rank"], alpha=meta["alpha"], targets=meta["targets"])
     except ValueError as exc:
@@ -125,42 +134,144 @@ def validate_plugin(plugin_dir: str | Path, gen: Generator, generator_dir: str |
     return Plugin(meta, state, plugin_dir)
 
 
-def add_plugin(
-    registry: str | Path, plugin_dir: str | Path, gen: Generator, generator_dir: str | Path
-) -> Plugin:
-    """Validate and copy a plugin into the registry (created for this base if new)."""
+def _plugin_dirs(registry: Path) -> list[Path]:
+    return sorted(p for p in registry.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def read_index(registry: str | Path) -> dict[str, Any]:
+    """``registry.json`` as format 2 (a format-1 index, base only, is read as version 0 with
+    every plugin folder active)."""
     registry = Path(registry)
-    index = registry / "registry.json"
+    path = registry / "registry.json"
+    if not path.is_file():
+        raise PluginError(f"{registry}: not a plugin registry (no registry.json)")
+    try:
+        index = read_json(path)
+    except (OSError, ValueError) as exc:
+        raise PluginError(f"{path}: unreadable: {exc}") from None
+    if not isinstance(index.get("base_generator_sha256"), str):
+        raise PluginError(f"{path}: no base_generator_sha256")
+    if "plugins" not in index:  # format 1
+        plugins = {}
+        for sub in _plugin_dirs(registry):
+            meta = read_plugin_meta(sub)
+            plugins[sub.name] = {
+                "site": meta.get("site"),
+                "sha256": meta.get("weights_sha256"),
+                "base": meta.get("base_generator_sha256"),
+                "added": meta.get("created"),
+                "by": "file",
+                "status": "active",
+                "version": 0,
+            }
+        index = {**index, "version": 0, "plugins": plugins, "history": []}
+    return index
+
+
+def _write_index(registry: Path, index: dict[str, Any], event: dict[str, Any]) -> None:
+    """Bump the version, append ``event`` to the history and write ``registry.json``."""
+    index = {k: v for k, v in index.items() if k not in ("kind", "format_version", "versions")}
+    index["version"] = int(index.get("version", 0)) + 1
+    index["history"] = [
+        *index.get("history", []),
+        {"version": index["version"], "at": time.strftime("%Y-%m-%dT%H:%M:%S"), **event},
+    ]
+    index["registry_format"] = REGISTRY_FORMAT
+    write_json(registry / "registry.json", index, kind="synthct-plugin-registry")
+
+
+def add_plugin(
+    registry: str | Path,
+    plugin_dir: str | Path,
+    gen: Generator,
+    generator_dir: str | Path,
+    *,
+    by: str = "file",
+) -> Plugin:
+    """Validate and copy a plugin into the registry (created for this base if new); ``by``
+    says how it arrived (a file, or the Flower node that sent it). A plugin re-fitted from a
+    stale one (``rebased_from`` in its plugin.json) retires that one."""
+    registry = Path(registry)
     base = generator_sha256(generator_dir)
-    if index.is_file():
-        served = read_json(index)["base_generator_sha256"]
+    if (registry / "registry.json").is_file():
+        index = read_index(registry)
+        served = index["base_generator_sha256"]
         if served != base:
-            raise PluginError(f"{registry} serves base generator {served[:12]}, not {base[:12]}")
+            raise PluginError(
+                f"{registry} serves base generator {served[:12]}, not {base[:12]} "
+                "(move the registry to the new base first: synthct plugin move-base)"
+            )
+    else:
+        index = {"base_generator_sha256": base, "version": 0, "plugins": {}, "history": []}
     plugin = validate_plugin(plugin_dir, gen, generator_dir)
     target = registry / plugin.name
-    if target.exists():
+    if target.exists() or plugin.name in index["plugins"]:
         raise PluginError(f"{registry}: plugin {plugin.name} is already registered")
     registry.mkdir(parents=True, exist_ok=True)
-    if not index.is_file():
-        write_json(index, {"base_generator_sha256": base}, kind="synthct-plugin-registry")
     tmp = registry / f".{plugin.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     for name in ("plugin.json", "plugin.safetensors"):
         shutil.copy2(Path(plugin_dir) / name, tmp / name)
     tmp.replace(target)
-    logger.info("registered plugin %s (%d bytes)", plugin.name, plugin.meta["weights_bytes"])
+    version = int(index.get("version", 0)) + 1
+    index["plugins"][plugin.name] = {
+        "site": plugin.meta["site"],
+        "sha256": plugin.meta["weights_sha256"],
+        "base": base,
+        "added": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "by": by,
+        "status": "active",
+        "version": version,
+    }
+    event = {"event": "added", "plugin": plugin.name, "site": plugin.meta["site"], "by": by}
+    old = plugin.meta.get("rebased_from")
+    if old and old in index["plugins"]:
+        index["plugins"][old].update(status="rebased", replaced_by=plugin.name)
+        event["replaces"] = old
+    _write_index(registry, index, event)
+    logger.info(
+        "registered plugin %s (%d bytes, by %s)", plugin.name, plugin.meta["weights_bytes"], by
+    )
     return Plugin(plugin.meta, plugin.state, target)
 
 
+def move_base(registry: str | Path, generator_dir: str | Path) -> list[str]:
+    """Serve a new base generator: every plugin trained on another base becomes stale (kept,
+    never merged, until re-fitted on the new base). Returns the names marked stale."""
+    registry = Path(registry)
+    index = read_index(registry)
+    new = generator_sha256(generator_dir)
+    old = index["base_generator_sha256"]
+    if new == old:
+        return []
+    stale = []
+    for name, entry in index["plugins"].items():
+        if entry["status"] == "active" and entry.get("base") != new:
+            entry["status"] = "stale"
+            stale.append(name)
+    index["base_generator_sha256"] = new
+    _write_index(registry, index, {"event": "base moved", "from": old, "to": new, "stale": stale})
+    logger.warning(
+        "registry %s now serves base %s; %d plugin(s) stale until re-fitted: %s",
+        registry,
+        new[:12],
+        len(stale),
+        ", ".join(stale) or "none",
+    )
+    return stale
+
+
 def list_plugins(registry: str | Path) -> list[dict[str, Any]]:
-    """Metadata of the registered plugins, oldest first."""
+    """Metadata and registry status of the plugins, oldest first."""
     registry = Path(registry)
     if not registry.is_dir():
         raise PluginError(f"{registry}: no plugin registry there (not a folder)")
+    entries = read_index(registry)["plugins"] if (registry / "registry.json").is_file() else {}
     rows = []
-    for sub in sorted(p for p in registry.iterdir() if p.is_dir() and not p.name.startswith(".")):
+    for sub in _plugin_dirs(registry):
         meta = read_plugin_meta(sub)
+        entry = entries.get(sub.name, {})
         rows.append(
             {
                 "name": sub.name,
@@ -168,22 +279,44 @@ def list_plugins(registry: str | Path) -> list[dict[str, Any]]:
                     k: meta[k]
                     for k in ("site", "rank", "targets", "classes_seen", "weights_bytes", "created")
                 },
+                "status": entry.get("status", "unregistered"),
+                "by": entry.get("by"),
+                "version": entry.get("version"),
+                **({"replaced_by": entry["replaced_by"]} if "replaced_by" in entry else {}),
             }
         )
     return sorted(rows, key=lambda r: r["created"])
 
 
 def load_plugins(registry: str | Path, gen: Generator, generator_dir: str | Path) -> list[Plugin]:
-    """Every registered plugin, re-validated (a file changed after registration is refused)."""
+    """Every active plugin, re-validated (a file changed after registration is refused).
+    Stale and retired plugins are left out and named in a warning, never merged silently."""
     registry = Path(registry)
-    if not (registry / "registry.json").is_file():
-        raise PluginError(f"{registry}: not a plugin registry (no registry.json)")
-    plugins = [
-        validate_plugin(sub, gen, generator_dir)
-        for sub in sorted(
-            p for p in registry.iterdir() if p.is_dir() and not p.name.startswith(".")
+    index = read_index(registry)
+    served = index["base_generator_sha256"]
+    base = generator_sha256(generator_dir)
+    if served != base:
+        raise PluginError(
+            f"{registry} serves base generator {served[:12]}, not {base[:12]}: merge with the "
+            "base it serves, or move it (synthct plugin move-base)"
         )
+    left_out = {n: e["status"] for n, e in index["plugins"].items() if e["status"] != "active"}
+    unknown = [p.name for p in _plugin_dirs(registry) if p.name not in index["plugins"]]
+    if unknown:
+        raise PluginError(f"{registry}: plugin folders not in registry.json: {unknown}")
+    if left_out:
+        logger.warning(
+            "registry %s: left out %s (trained on an older base; re-fit with "
+            "synthct plugin train --rebase-from)",
+            registry,
+            ", ".join(f"{n} ({s})" for n, s in sorted(left_out.items())),
+        )
+    plugins = [
+        validate_plugin(registry / name, gen, generator_dir)
+        for name, entry in index["plugins"].items()
+        if entry["status"] == "active"
     ]
     if not plugins:
-        raise PluginError(f"{registry}: no plugins registered")
+        why = f" ({len(left_out)} stale or retired)" if left_out else ""
+        raise PluginError(f"{registry}: no active plugins registered{why}")
     return plugins

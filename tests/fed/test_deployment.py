@@ -2,8 +2,9 @@
 separate process, TLS on every connection and SuperNode authentication (only registered site
 keys may connect). Each site sees only its own manifest. ``flwr run`` ships the code-free app
 directory; the generator run must complete with every site's result in every round, then the
-same app trains the federated reference, gates a cohort and trains the downstream classifiers
-(real-only and with each site's own copy of the cohort) on the same SuperNodes.
+same app trains the federated reference, gates a cohort, trains the downstream classifiers
+(real-only and with each site's own copy of the cohort) and takes one site's plugin on the
+trained generator (only the SuperNode that opted in sends one), on the same SuperNodes.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from synthct.artifacts import read_json
 from synthct.checkpoint import load_generator
 from synthct.config import load_config, packaged_config_path
 from synthct.data.manifest import write_site_manifest
@@ -35,6 +37,7 @@ pytestmark = pytest.mark.slow
 # ClientApp process per site (~9 s of imports), so a third site adds a third of the test's time
 # and nothing the simulation tests do not already cover with three or four sites.
 SITES = ("site_a", "site_b")
+CONTRIBUTOR = "site_b"  # the one SuperNode that opts in to sending a plugin
 
 
 def _free_port() -> int:
@@ -177,7 +180,8 @@ def test_superlink_and_supernodes_with_tls_and_node_auth(tmp_path, smoke_sites):
             copy = shutil.copytree(cohort.parent, tmp_path / site / "cohort")  # the site's own
             node_config = (
                 f"site='{site}' manifest='{manifest}' audit-dir='{tmp_path / site / 'audit'}' "
-                f"cohort='{copy / 'manifest.csv'}'"
+                f"cohort='{copy / 'manifest.csv'}' generator='{run_dir / 'generator'}'"
+                + (" contribute-plugins=true" if site == CONTRIBUTOR else "")
             )
             procs.start(
                 site,
@@ -232,6 +236,14 @@ def test_superlink_and_supernodes_with_tls_and_node_auth(tmp_path, smoke_sites):
             f"task='downstream' cohort='{cohort.parent}' gate='{gate_dir / 'gate.json'}' "
             f"force-ungated=true out='{down_dir}'",
         )
+        # a site contributes a plugin on the trained generator, through the same SuperNodes
+        registry = tmp_path / "registry"
+        flwr_run(
+            lambda: (registry / "registry.json").is_file(),
+            "plugin contribution",
+            f"task='plugin' site='{CONTRIBUTOR}' generator='{run_dir / 'generator'}' "
+            f"registry='{registry}' steps=2",
+        )
     finally:
         procs.stop()
 
@@ -262,6 +274,9 @@ def test_superlink_and_supernodes_with_tls_and_node_auth(tmp_path, smoke_sites):
             "gate-evidence",
         ], phases
         downstream = phases[7 + n_ref :]  # two arms: rounds of weights and holdout counts
+        plugin = ["plugin"] if site == CONTRIBUTOR else []  # only the contributor sent one
+        assert downstream[len(downstream) - len(plugin) :] == plugin
+        downstream = downstream[: len(downstream) - len(plugin)]
         assert downstream.count("downstream-test") == 2 and "downstream" in downstream
         assert set(downstream) == {"downstream", "downstream-holdout", "downstream-test"}
     results = json.loads((down_dir / "results.json").read_text())
@@ -274,3 +289,5 @@ def test_superlink_and_supernodes_with_tls_and_node_auth(tmp_path, smoke_sites):
     assert synthetic["synthetic"] == sum(counts.values()) and synthetic["real"] > 0
     assert "balanced_accuracy" in results["effect"]
     assert results["utility"]["per_seed"][0]["seed"] == 0  # judged on holdout, as in simulation
+    (entry,) = read_json(registry / "registry.json")["plugins"].values()
+    assert entry["site"] == CONTRIBUTOR and entry["by"].startswith("flower node ")

@@ -1,0 +1,235 @@
+"""A site contributes a LoRA plugin through a Flower round, at its own time.
+
+The server names the contributing site, the base generator (by sha256) and the plugin settings;
+every connected site gets the message, and only the named one acts: it loads its own copy of
+the base generator (node config ``generator``: a folder or ``pretrained``; in Flower's
+simulation the server's ``sim-generator``), refuses if its sha256 is not the one the registry
+serves, trains the adapter on its own ``train`` cases (the base stays frozen) and sends back
+only the adapter tensors and its coarsened class counts, written to its audit log first. In a
+deployment a site releases a plugin only if its SuperNode was started with
+``contribute-plugins=true``: a plugin is one site's update in the clear, which a site may
+refuse. The server writes the plugin folder from the tensors and adds it to the registry with
+every check ``synthct plugin add`` makes, recording which node sent it. Each contribution is
+its own run, so sites join whenever they are ready.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+from synthct.checkpoint import generator_sha256, load_generator
+from synthct.config import SynthctConfig
+from synthct.fed.errors import FederatedError, SiteError
+from synthct.fed.sites import prepare_site, release, task_config, wait_for_sites
+from synthct.fed.task import load_site_cases
+
+__all__ = ["contribute", "contribute_server", "contribute_plugin", "generator_path"]
+
+logger = logging.getLogger(__name__)
+
+OPT_IN_KEY = "contribute-plugins"
+
+
+def generator_path(value: str) -> Path:
+    """A generator folder, or ``pretrained`` (the shipped phantom generator)."""
+    if value == "pretrained":
+        from synthct.pretrained import phantom_dir
+
+        return phantom_dir() / "generator"
+    return Path(value)
+
+
+def contribute(msg: Message, context: Context) -> Message:
+    """Train and send this site's plugin if the message names it; otherwise answer that it
+    sends nothing (and releases nothing)."""
+    config, cfg, site = prepare_site(msg, context)
+    if str(cfg["plugin-site"]) != site.name:
+        return Message(
+            content=RecordDict({"config": ConfigRecord({"site": site.name, "contributed": 0})}),
+            reply_to=msg,
+        )
+    node = context.node_config
+    if "site" in node and str(node.get(OPT_IN_KEY, "false")).lower() not in ("1", "true", "yes"):
+        raise SiteError(
+            f"site {site.name!r} does not contribute plugins: start its SuperNode with "
+            f"--node-config '... {OPT_IN_KEY}=true' to allow it"
+        )
+    from synthct.plugins.adapter import adapter_state, coarsen, train_plugin
+
+    try:
+        source = str(node["generator"]) if "generator" in node else str(cfg["sim-generator"])
+        gen_dir = generator_path(source)
+        if not (gen_dir / "config.json").is_file():
+            raise SiteError(f"site {site.name!r}: no base generator at {gen_dir}")
+        wanted = str(cfg["base-sha256"])
+        held = generator_sha256(gen_dir)
+        if held != wanted:
+            raise SiteError(
+                f"site {site.name!r}: its base generator {gen_dir} is {held[:12]}, the "
+                f"registry serves {wanted[:12]}: install that base first"
+            )
+        gen = load_generator(gen_dir)
+        cases = load_site_cases(config, site.manifest, site.name)
+        if tuple(cases.images.shape[-3:]) != tuple(gen.config.data.shape):
+            raise SiteError(
+                f"site {site.name!r}: volumes of shape {tuple(cases.images.shape[-3:])}, the "
+                f"base generator makes {tuple(gen.config.data.shape)}"
+            )
+        plugin_cfg = gen.config.plugins.model_copy(
+            update={k: v for k, v in _plugin_settings(cfg).items() if v}
+        )
+        unet = train_plugin(gen, cases, plugin_cfg, seed=int(cfg["seed"]))
+        tensors = adapter_state(unet, "plugin")
+    except SiteError:
+        raise
+    except Exception as exc:
+        raise SiteError(f"site {site.name!r}: {type(exc).__name__}: {exc}") from exc
+    counts = cases.class_counts(gen.config.labels.num_classes)
+    metrics: dict[str, Any] = {"site-index": site.index, "contributed": 1}
+    for name, n in zip(gen.config.labels.classes, counts, strict=True):
+        metrics[f"seen-{name}"] = coarsen(int(n))
+    reply = release(msg, site, phase="plugin", server_round=1, tensors=tensors, metrics=metrics)
+    reply.content["config"] = ConfigRecord({"site": site.name, "contributed": 1})
+    return reply
+
+
+def _plugin_settings(cfg: ConfigRecord) -> dict[str, Any]:
+    return {
+        "rank": int(cfg.get("plugin-rank", 0)),
+        "steps": int(cfg.get("plugin-steps", 0)),
+        "targets": str(cfg.get("plugin-targets", "")),
+    }
+
+
+def contribute_server(
+    grid: Grid,
+    config: SynthctConfig,
+    *,
+    site: str,
+    generator_dir: Path,
+    registry: Path,
+    seed: int = 0,
+    rank: int = 0,
+    steps: int = 0,
+    targets: str = "",
+    manifest: Path | None = None,
+    site_root: Path | None = None,
+) -> dict[str, Any]:
+    """Ask ``site`` for its plugin on the base at ``generator_dir`` and add it to
+    ``registry``; returns what was registered. ``manifest``: Flower's simulation (the sites
+    read their cases and the base from the server's paths)."""
+    from synthct.plugins.adapter import write_plugin
+    from synthct.plugins.registry import add_plugin
+
+    if site not in config.site_names:
+        raise FederatedError(f"site {site!r} is not in the run's config ({config.site_names})")
+    gen = load_generator(generator_dir)
+    base = generator_sha256(generator_dir)
+    nodes = wait_for_sites(grid, config)
+    cfg = ConfigRecord(
+        {
+            **task_config(config, "plugin", manifest=manifest, site_root=site_root),
+            "plugin-site": site,
+            "base-sha256": base,
+            "seed": seed,
+            "plugin-rank": rank,
+            "plugin-steps": steps,
+            "plugin-targets": targets,
+            **({"sim-generator": str(generator_dir)} if manifest is not None else {}),
+        }
+    )
+    messages = [
+        Message(content=RecordDict({"config": cfg}), message_type=MessageType.TRAIN, dst_node_id=n)
+        for n in nodes
+    ]
+    replies = list(grid.send_and_receive(messages, timeout=config.federated.round_timeout_s))
+    errors = [r.error.reason for r in replies if r.has_error()]
+    sent = [r for r in replies if not r.has_error() and int(r.content["config"]["contributed"])]
+    if not sent:
+        why = "; ".join(errors) or f"site {site!r} did not answer (is its SuperNode connected?)"
+        raise FederatedError(f"plugin contribution from {site!r}: {why}")
+    (reply,) = sent
+    metrics = reply.content["metrics"]
+    seen = {c: int(metrics.get(f"seen-{c}", 0)) for c in gen.config.labels.classes}
+    plugin_cfg = gen.config.plugins.model_copy(
+        update={k: v for k, v in {"rank": rank, "steps": steps, "targets": targets}.items() if v}
+    )
+    state = reply.content["arrays"].to_torch_state_dict()
+    registry = Path(registry)
+    staging = registry.parent / f".incoming-{site}-{uuid.uuid4().hex[:8]}"
+    try:
+        write_plugin(
+            state,
+            staging,
+            gen=gen,
+            generator_dir=generator_dir,
+            site=site,
+            classes_seen=seen,
+            cfg=plugin_cfg,
+        )
+        plugin = add_plugin(
+            registry, staging, gen, generator_dir, by=f"flower node {reply.metadata.src_node_id}"
+        )
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    logger.info("site %s contributed plugin %s", site, plugin.name)
+    return {
+        "plugin": plugin.name,
+        "site": site,
+        "bytes": plugin.meta["weights_bytes"],
+        "classes_seen": seen,
+        "registry": str(registry),
+    }
+
+
+def contribute_plugin(
+    config: SynthctConfig,
+    manifest: str | Path,
+    *,
+    site: str,
+    generator_dir: str | Path,
+    registry: str | Path,
+    run: str | Path,
+    seed: int = 0,
+    steps: int = 0,
+) -> dict[str, Any]:
+    """``site``'s contribution in Flower's simulation: one SuperNode, the site itself, reads
+    its cases from ``manifest`` (the run's config keeps only that site)."""
+    from synthct.fed.app import client
+    from synthct.fed.simulation import simulate
+
+    if site not in config.site_names:
+        raise FederatedError(f"site {site!r} is not in the config's sites ({config.site_names})")
+    only = [s for s in config.data.sites if s.name == site]
+    one = config.model_copy(
+        update={
+            "data": config.data.model_copy(update={"sites": only}),
+            "federated": config.federated.model_copy(update={"min_sites": 1}),
+        }
+    )
+    run = Path(run).resolve()
+    run.mkdir(parents=True, exist_ok=True)
+    return simulate(
+        lambda grid: contribute_server(
+            grid,
+            one,
+            site=site,
+            generator_dir=Path(generator_dir).resolve(),
+            registry=Path(registry).resolve(),
+            seed=seed,
+            steps=steps,
+            manifest=Path(manifest).resolve(),
+            site_root=run / "sites",
+        ),
+        client,
+        num_sites=1,
+        run_dir=run,
+        client_cpus=config.federated.client_cpus,
+    )

@@ -1,0 +1,56 @@
+"""A site contributes its plugin through a Flower round (simulation): only the adapter and
+coarsened counts leave the site, audited; the registry records the node that sent it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from synthct.artifacts import read_json
+from synthct.checkpoint import build_generator, load_generator, save_generator
+from synthct.cli import main
+from synthct.fed.errors import FederatedError
+from synthct.fed.plugin_app import contribute_plugin
+from synthct.plugins.registry import load_plugins
+
+pytestmark = pytest.mark.slow
+
+
+def test_a_site_contributes_its_plugin_through_flower(tmp_path, smoke_config, smoke_sites):
+    base = tmp_path / "base"
+    save_generator(build_generator(smoke_config, seed=0), base)
+    registry, run = tmp_path / "registry", tmp_path / "run"
+    args = ["plugin", "contribute", str(registry), "--generator", str(base), "--site", "site_c"]
+    assert main([*args, "--data", str(smoke_sites), "--out", str(run), "--steps", "2"]) == 0
+    index = read_json(registry / "registry.json")
+    ((name, entry),) = index["plugins"].items()
+    assert entry["site"] == "site_c" and entry["by"].startswith("flower node ")
+    gen = load_generator(base)
+    (plugin,) = load_plugins(registry, gen, base)  # every check `plugin add` makes
+    assert plugin.meta["classes_seen"]["consolidation"] == 1  # coarsened: "a few"
+    # what left the site is in its own audit log: the adapter's bytes and digest, nothing else
+    (record,) = [
+        json.loads(line)
+        for line in (run / "sites" / "site_c" / "audit.jsonl").read_text().splitlines()
+    ]
+    assert record["phase"] == "plugin" and record["tensors"] == len(plugin.state)
+    assert set(record["metrics"]) == {"site-index", "contributed"} | {
+        f"seen-{c}" for c in smoke_config.labels.classes
+    }
+    # a site outside the config, or a registry serving another base, is refused, and the
+    # registry is left as it was
+    with pytest.raises(FederatedError, match="'site_x' is not in the config"):
+        contribute_plugin(
+            smoke_config, smoke_sites, site="site_x", generator_dir=base, registry=registry,
+            run=tmp_path / "x",
+        )  # fmt: skip
+    other = tmp_path / "other"
+    save_generator(build_generator(smoke_config, seed=1), other)
+    with pytest.raises(Exception, match="serves base generator"):
+        contribute_plugin(
+            smoke_config, smoke_sites, site="site_a", generator_dir=other, registry=registry,
+            run=tmp_path / "y", steps=1,
+        )  # fmt: skip
+    assert read_json(registry / "registry.json")["version"] == index["version"]
+    assert not list(tmp_path.glob(".incoming-*"))  # no staging folder left behind
