@@ -8,7 +8,8 @@ A good cohort (fresh real phantoms of the demo's balanced class mix, every site)
 along each axis the gate watches, at increasing doses: texture (Gaussian blur of sigma voxels,
 what samples without scanner noise look like), HU shift, label noise (share of labels rotated
 to the next class), mode collapse (distinct volumes per class), near copies of `train` cases
-(share), and one site's style claimed for every site. Every cohort is gated (every rule's value
+(share), and one site's style claimed for every site; beside them, the shipped generator's own
+cohort in the same class mix. Every cohort is gated (every rule's value
 and verdict) and added to the demo's real `train` cases to train the central classifier to
 convergence (early stopping on the real `holdout`, as the product does); the real-only
 classifier of the same seed is the reference.
@@ -63,6 +64,9 @@ DOSES = [
     ("mode_collapse", 3),
     ("mode_collapse", 8),
     ("near_copies", 1.0),
+    # the product's own output in the same class mix: where the shipped generator's cohort sits
+    # on these curves (does a cohort the gate fails today help or harm?)
+    ("generator", "pretrained"),
 ]
 
 
@@ -86,7 +90,27 @@ def make_cohort(axis: str, dose, base, good: Path, out: Path, world) -> Path:
         return negatives.near_copies(train_paths, train_labels, base, out, fraction=dose)
     if axis == "one_style":
         return negatives.one_style_for_all_sites(config, COUNTS, out, seed=GOOD_SEED, style=dose)
+    if axis == "generator":
+        return generator_cohort(config, dose, out)
     raise ValueError(f"unknown axis {axis!r}")
+
+
+def generator_cohort(config, generator: str, out: Path) -> Path:
+    """A generator's cohort in the good cohort's class mix, its cases cycling over the sites as
+    the good cohort's do, sampled with the generator's own inference settings."""
+    from synthct.checkpoint import load_generator
+    from synthct.cohort import PlannedCase, generate_cohort
+    from synthct.pretrained import phantom_dir
+
+    gen_dir = phantom_dir() / "generator" if generator == "pretrained" else Path(generator)
+    names = config.site_names
+    plan, k = [], 0
+    for label, n in COUNTS.items():
+        for i in range(n):
+            site = names[k % len(names)]
+            plan.append(PlannedCase(f"{site}-{label}-{i:04d}", label, site))
+            k += 1
+    return generate_cohort(load_generator(gen_dir), gen_dir, plan, out, seed=GOOD_SEED)
 
 
 def judge(model, cases, classes, rare) -> dict:
