@@ -10,9 +10,10 @@ downstream change it made on the calibration set, per seed) and writes, without 
 anything:
 
 - **the noise band** per headline number (balanced accuracy, worst site, rare recall): two
-  standard errors of a row's mean change over seeds, the standard deviation pooled over every
-  row run on two or more seeds; with one seed only, the real-only arm's spread over seeds
-  (``--noise``, a difference of two runs) stands in and the band is marked provisional;
+  standard errors of a row's mean change over its seeds, the standard deviation pooled over
+  every row run on two or more seeds (at least five such rows); until then the real-only
+  arm's spread over seeds (``--noise``, a difference of two runs) stands in and the band is
+  marked provisional;
 - **each row's class**: ``harm`` (some headline number fell by more than its band), ``help``
   (balanced accuracy rose by more than its band and nothing fell beyond its band) or
   ``neutral``;
@@ -41,6 +42,7 @@ from synthct.eval.gate import DEFAULT_RULES
 from synthct.eval.utility import utility_verdict
 
 KEYS = ("balanced_accuracy", "worst_site_balanced_accuracy", "recall_consolidation")
+MIN_ROWS_FOR_POOLED_SD = 5  # fewer rows run on two or more seeds: the stand-in is used
 # rules no downstream gain may buy: privacy (never traded for utility) and the sites' own
 # representation (a cohort for a site must look like that site, whatever a pooled classifier
 # makes of it)
@@ -58,7 +60,7 @@ def noise_band(rows: list[dict], real_only: dict, noise_file: Path | None) -> di
         if len(mine) >= 2:
             for k in KEYS:
                 variances[k].append(np.var([r["change"][k] for r in mine], ddof=1))
-    if all(variances[k] for k in KEYS):
+    if all(len(variances[k]) >= MIN_ROWS_FOR_POOLED_SD for k in KEYS):
         sd = {k: float(np.sqrt(np.mean(variances[k]))) for k in KEYS}
         rows_used = sum(len(m) >= 2 for m in by_row.values())
         source = f"sd of a row's change over seeds, pooled over {rows_used} rows"
@@ -76,12 +78,11 @@ def noise_band(rows: list[dict], real_only: dict, noise_file: Path | None) -> di
             f"({noise_file.name}, test split of the benchmark; a stand-in)"
         )
         provisional = True
-    n = max(1, len(seeds))
-    band = {k: round(2 * sd[k] / np.sqrt(n), 4) for k in KEYS}
     return {
         "seeds": seeds,
         "sd_of_one_change": {k: round(v, 4) for k, v in sd.items()},
-        "band": band,
+        # a row's mean over n seeds is noise within 2 sd / sqrt(n); the band at every seed run
+        "band": {k: round(2 * sd[k] / np.sqrt(max(1, len(seeds))), 4) for k in KEYS},
         "source": source,
         "provisional": provisional,
         "real_only": {s: {k: v[k] for k in KEYS} for s, v in real_only.items()},
@@ -94,8 +95,9 @@ def excess(rule: str, value: float, limit: float) -> float:
     return value - (limit - spec.threshold) if spec.relative else value
 
 
-def classify(rows: list[dict], band: dict, real_only: dict) -> list[dict]:
-    """One entry per (axis, dose): mean change over seeds, class, gate and utility verdicts."""
+def classify(rows: list[dict], sd: dict, real_only: dict) -> list[dict]:
+    """One entry per (axis, dose): mean change over seeds, class (against 2 standard errors of
+    a mean over that row's seeds), gate and utility verdicts."""
     rule = UtilityRule()
     grouped: dict[tuple, list[dict]] = {}
     for r in rows:
@@ -103,6 +105,7 @@ def classify(rows: list[dict], band: dict, real_only: dict) -> list[dict]:
     out = []
     for (axis, dose), mine in grouped.items():
         change = {k: float(np.mean([r["change"][k] for r in mine])) for k in KEYS}
+        band = {k: 2 * sd[k] / np.sqrt(len(mine)) for k in KEYS}
         fell = [k for k in KEYS if change[k] < -band[k]]
         rose = change["balanced_accuracy"] > band["balanced_accuracy"]
         kind = "harm" if fell else "help" if rose else "neutral"
@@ -127,6 +130,7 @@ def classify(rows: list[dict], band: dict, real_only: dict) -> list[dict]:
                 "seeds": [r["seed"] for r in mine],
                 "change": {k: round(v, 4) for k, v in change.items()},
                 "class": kind,
+                "band": {k: round(v, 4) for k, v in band.items()},
                 "fell_beyond_band": fell,
                 "gate_passed_every_seed": all(r["gate_passed"] for r in mine),
                 "failed_rules": sorted({f for r in mine for f in r["failed_rules"]}),
@@ -171,11 +175,21 @@ def main() -> None:
     p.add_argument("--dose", default="results/gate_dose_response_2026-12-04.json")
     p.add_argument("--noise", default="results/downstream_central_patience100_2026-12-03.json")
     p.add_argument("--out", default=f"results/gate_calibration_{time.strftime('%Y-%m-%d')}.json")
+    p.add_argument(
+        "--seeds", type=int, nargs="*", default=None, help="only these seeds' rows (default: all)"
+    )
+    p.add_argument(
+        "--package",
+        default=None,
+        help="also write the compact evidence the report draws (eval/gate_calibration.json)",
+    )
     args = p.parse_args()
     dose = json.loads(Path(args.dose).read_text())
     rows, real_only = dose["rows"], dose["real_only"]
+    if args.seeds is not None:  # a seed still running would mix complete and partial rows
+        rows = [r for r in rows if r["seed"] in args.seeds]
     band = noise_band(rows, real_only, Path(args.noise))
-    entries = classify(rows, band["band"], real_only)
+    entries = classify(rows, band["sd_of_one_change"], real_only)
     utility_confusion = {
         kind: {
             "rows": sum(e["class"] == kind for e in entries),
@@ -215,6 +229,26 @@ def main() -> None:
         "command": bench_command("gate_calibration.py", args),
     }
     write_json(args.out, payload, kind="bench-gate-calibration")
+    if args.package:
+        keep = ("axis", "dose", "seeds", "change", "class", "gate_passed_every_seed", "excess")
+        write_json(
+            args.package,
+            {
+                "date": payload["date"],
+                "source": f"bench/{args.out}",
+                "dose_file": args.dose,
+                "command": payload["command"],
+                "judged_on": "fresh real phantoms (calibration set), converged central "
+                "classifier, mean over seeds; test never read",
+                "noise": {k: band[k] for k in ("seeds", "band", "source", "provisional")},
+                "rows": [{k: e[k] for k in keep} for e in entries],
+                "rules": {
+                    name: {k: r[k] for k in ("relative", "direction", "traded_for_utility")}
+                    for name, r in payload["rules"].items()
+                },
+            },
+            kind="synthct-gate-calibration",
+        )
     for e in entries:
         print(
             f"{e['axis']:14s} {e['dose']:7s} {e['class']:8s} "

@@ -126,49 +126,13 @@ def judge(model, cases, classes, rare) -> dict:
 
 
 def plot(summary: dict, path: Path) -> None:
-    """Per axis, the change each dose made (balanced accuracy, worst site, rare recall; mean
-    over seeds) against the dose, a filled marker where the gate passed the cohort (every
-    seed's), beside the good cohort's."""
-    import matplotlib
-
-    matplotlib.use("Agg")
+    """The dose-response curves (``synthct.report_harm``, as the report draws them): per axis,
+    the mean change over seeds against the dose, filled where the gate passed every seed's."""
     import matplotlib.pyplot as plt
 
-    axes = [a for a, _ in dict.fromkeys((a, None) for a, _ in DOSES) if a != "none"]
-    rows = summary["rows"]
-    keys = ["balanced_accuracy", "worst_site_balanced_accuracy"] + [
-        k for k in (rows[0]["change"] if rows else {}) if k.startswith("recall_")
-    ]
-    fig, grid = plt.subplots(1, len(axes), figsize=(3.2 * len(axes), 3.0), sharey=True)
+    from synthct.report_harm import dose_response_figure, mean_over_seeds
 
-    def points(axis: str) -> list[tuple[str, dict, bool]]:
-        """(dose label, mean change over seeds, every seed's cohort passed), doses ascending."""
-        doses = sorted(
-            {r["dose"] for r in rows if r["axis"] == axis},
-            key=lambda d: (isinstance(d, str), d if not isinstance(d, str) else 0),
-        )
-        out = []
-        for dose in doses:
-            mine = [r for r in rows if r["axis"] == axis and r["dose"] == dose]
-            mean = {k: float(np.mean([r["change"][k] for r in mine])) for k in keys}
-            out.append((str(dose), mean, all(r["gate_passed"] for r in mine)))
-        return out
-
-    good = [("good", *p[1:]) for p in points("none")]
-    for ax, axis in zip(grid, axes, strict=True):
-        pts = good + points(axis)
-        for key, colour in zip(keys, ("C0", "C1", "C3"), strict=False):
-            xs = [p[0] for p in pts]
-            ax.plot(xs, [p[1][key] for p in pts], color=colour, label=key.replace("_", " "))
-            for x, change, passed in pts:
-                ax.plot(x, change[key], "o", color=colour, fillstyle="full" if passed else "none")
-        ax.axhline(0, color="grey", lw=0.8)
-        ax.set_title(axis.replace("_", " "))
-        ax.set_xlabel("dose")
-    grid[0].set_ylabel("change vs real only (calibration set)")
-    grid[-1].legend(fontsize=7, loc="lower left")
-    fig.suptitle("gate verdict (filled: pass) and downstream change per degradation")
-    fig.tight_layout()
+    fig = dose_response_figure(mean_over_seeds(summary["rows"]))
     fig.savefig(path, dpi=90)
     plt.close(fig)
 

@@ -293,6 +293,37 @@ def _gate_html(gate: dict[str, Any]) -> str:
     )
 
 
+def _harm_evidence(gate: dict[str, Any]) -> tuple[str, list[tuple[Any, str]]] | None:
+    """The shipped calibration evidence: where this cohort's values sit among cohorts of known
+    downstream effect, and the dose-response curves (None if no calibration ships)."""
+    from synthct.eval.calibration import load_calibration
+    from synthct.report_harm import dose_response_figure, rule_harm_figure
+
+    calibration = load_calibration()
+    if calibration is None:
+        return None
+    noise = calibration["noise"]
+    provisional = " The noise band is provisional (one seed)." if noise["provisional"] else ""
+    text = (
+        "<h3>The gate against downstream harm</h3><p class='note'>Cohorts degraded along each "
+        "axis the gate watches were added to real training data and judged on fresh phantoms "
+        f"no model saw ({html.escape(calibration['judged_on'])}; seeds "
+        f"{', '.join(map(str, noise['seeds']))}; {html.escape(calibration['source'])}). Harm "
+        "means a headline number fell by more than the seed-noise band (balanced accuracy "
+        f"{noise['band']['balanced_accuracy']:.3f}).{provisional} Privacy and per-site "
+        "representation rules are not drawn: no downstream gain buys them.</p>"
+    )
+    figures = []
+    rules = rule_harm_figure(calibration, gate["rules"])
+    if rules is not None:
+        figures.append((rules, "this cohort's rule values among cohorts of known effect"))
+    points = [
+        {**e, "change": e["change"]} for e in calibration["rows"] if e["axis"] != "near_copies"
+    ]
+    figures.append((dose_response_figure(points), "dose-response curves"))
+    return text, figures
+
+
 def _downstream_html(results: dict[str, Any]) -> str:
     rare = results.get("rare", [])
     head = "".join(
@@ -421,6 +452,12 @@ def write_report(
     add(training_curves(rounds), "training curves")
     if gate is not None:
         parts.append("<h2>Gate: every rule</h2>" + _gate_html(gate))
+        harm = _harm_evidence(gate)
+        if harm is not None:
+            text, figures = harm
+            parts.append(text)
+            for fig, alt in figures:
+                add(_png(fig), alt)
     if downstream is not None:
         parts.append("<h2>Downstream classifiers (real test split)</h2>")
         if (

@@ -82,8 +82,9 @@ def test_report_pictures_render_and_are_not_blank(tmp_path, volumes, render_chec
     assert "b 0.500 &rarr; 0.600" in head and "mean of 3 seed(s)" in head
     seen = render_check(report, tmp_path)
     # real b | synthetic b side by side, synthetic c, site pairs, HU histograms, training
-    # curves, downstream bars
-    assert seen["expected"] == 7 == len(seen["images"])
+    # curves, the dose-response curves of the shipped calibration, downstream bars
+    assert "The gate against downstream harm" in text
+    assert seen["expected"] == 8 == len(seen["images"])
     for img in seen["images"]:
         assert img["w"] > 50 and img["h"] > 50 and img["range"] > 50
 
