@@ -427,6 +427,8 @@ def _report(
         "reference": gate["reference"],
         "real": gate["real"],
     }
+    from synthct.eval.calibration import load_calibration
+
     return write_report(
         run / "report.html",
         title="synthct demo: federated synthetic CT on four phantom hospitals",
@@ -439,6 +441,7 @@ def _report(
         provenance=provenance,
         plugin=plugin,
         sites=(by_site(real_cases), by_site(cohort_cases)),
+        calibration=load_calibration(),
     )
 
 

@@ -293,15 +293,13 @@ def _gate_html(gate: dict[str, Any]) -> str:
     )
 
 
-def _harm_evidence(gate: dict[str, Any]) -> tuple[str, list[tuple[Any, str]]] | None:
-    """The shipped calibration evidence: where this cohort's values sit among cohorts of known
-    downstream effect, and the dose-response curves (None if no calibration ships)."""
-    from synthct.eval.calibration import load_calibration
+def _harm_evidence(
+    gate: dict[str, Any], calibration: dict[str, Any]
+) -> tuple[str, list[tuple[Any, str]]]:
+    """The calibration evidence: where this cohort's values sit among cohorts of known
+    downstream effect, and the dose-response curves."""
     from synthct.report_harm import dose_response_figure, rule_harm_figure
 
-    calibration = load_calibration()
-    if calibration is None:
-        return None
     noise = calibration["noise"]
     provisional = " The noise band is provisional (one seed)." if noise["provisional"] else ""
     text = (
@@ -408,11 +406,14 @@ def write_report(
     provenance: dict[str, Any],
     plugin: dict[str, Any] | None = None,
     sites: tuple[dict[str, np.ndarray], dict[str, np.ndarray]] | None = None,
+    calibration: dict[str, Any] | None = None,
 ) -> Path:
     """Write the report. ``synthetic``/``real``: class -> N×X×Y×Z HU volumes (a few each);
     ``real`` is None when real images must not be shown; ``plugin``: the demo's site-plugin
     stage (sizes, conditional accuracy base vs fused, ``samples`` of the rare class);
-    ``sites``: (real, synthetic) site -> one X×Y×Z HU volume each, for the style pairs."""
+    ``sites``: (real, synthetic) site -> one X×Y×Z HU volume each, for the style pairs;
+    ``calibration``: the gate's calibration evidence (``synthct.eval.calibration``), drawn
+    beside the gate table."""
     images: list[str] = []
     parts = [f"<h1>{html.escape(title)}</h1><p class='note'>{time.strftime('%Y-%m-%d %H:%M')}</p>"]
     parts.append(_headline_html(gate, downstream))
@@ -452,9 +453,8 @@ def write_report(
     add(training_curves(rounds), "training curves")
     if gate is not None:
         parts.append("<h2>Gate: every rule</h2>" + _gate_html(gate))
-        harm = _harm_evidence(gate)
-        if harm is not None:
-            text, figures = harm
+        if calibration is not None:
+            text, figures = _harm_evidence(gate, calibration)
             parts.append(text)
             for fig, alt in figures:
                 add(_png(fig), alt)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from synthct.eval.calibration import load_calibration
 from synthct.report import write_report
 
 
@@ -71,6 +72,7 @@ def test_report_pictures_render_and_are_not_blank(tmp_path, volumes, render_chec
         downstream=downstream,
         provenance={"config": "x"},
         sites=({"a": volumes[0], "b": volumes[1]}, {"a": volumes[2], "b": volumes[0]}),
+        calibration=load_calibration(),  # the shipped evidence
     )
     text = report.read_text()
     assert 'src="data:image/png;base64,' in text and "http" not in text.split("<body")[1][:0]
