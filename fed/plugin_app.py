@@ -131,7 +131,7 @@ def contribute_server(
     if site not in config.site_names:
         raise FederatedError(f"site {site!r} is not in the run's config ({config.site_names})")
     gen = load_generator(generator_dir)
-    base = generator_sha256(generator_dir)
+    base = _registry_takes(registry, generator_dir)  # before any site spends time on it
     nodes = wait_for_sites(grid, config)
     cfg = ConfigRecord(
         {
@@ -189,6 +189,21 @@ def contribute_server(
     }
 
 
+def _registry_takes(registry: Path, generator_dir: Path) -> str:
+    """The base's sha256, if ``registry`` is new or serves that base; else the refusal."""
+    from synthct.plugins.registry import read_index
+
+    base = generator_sha256(generator_dir)
+    if (Path(registry) / "registry.json").is_file():
+        served = read_index(registry)["base_generator_sha256"]
+        if served != base:
+            raise FederatedError(
+                f"{registry} serves base generator {served[:12]}, not {base[:12]}: no site is "
+                "asked for a plugin on a base the registry does not serve"
+            )
+    return base
+
+
 def contribute_plugin(
     config: SynthctConfig,
     manifest: str | Path,
@@ -207,6 +222,7 @@ def contribute_plugin(
 
     if site not in config.site_names:
         raise FederatedError(f"site {site!r} is not in the config's sites ({config.site_names})")
+    _registry_takes(Path(registry), Path(generator_dir))
     only = [s for s in config.data.sites if s.name == site]
     one = config.model_copy(
         update={

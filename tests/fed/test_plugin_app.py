@@ -47,7 +47,7 @@ def test_a_site_contributes_its_plugin_through_flower(tmp_path, smoke_config, sm
         )  # fmt: skip
     other = tmp_path / "other"
     save_generator(build_generator(smoke_config, seed=1), other)
-    with pytest.raises(Exception, match="serves base generator"):
+    with pytest.raises(FederatedError, match="serves base generator .* no site is asked"):
         contribute_plugin(
             smoke_config, smoke_sites, site="site_a", generator_dir=other, registry=registry,
             run=tmp_path / "y", steps=1,
