@@ -186,6 +186,7 @@ def main(grid: Grid, context: Context) -> None:
             registry=_path(rc.get("registry", ""), "registry", task),
             seed=seed,
             steps=int(rc.get("steps", 0)),
+            decoder_rank=int(rc.get("decoder-rank", 0)),
         )
     else:
         raise FederatedError(f"run config task {task!r}: deployable tasks are {', '.join(TASKS)}")

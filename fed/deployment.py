@@ -50,7 +50,7 @@ clientapp = "synthct.fed.app:client"
 # have signed it), `force-ungated` (use a cohort the gate refused; the results say so).
 # plugin: `site` (the contributing site; its SuperNode needs contribute-plugins=true and its
 # own copy of the base in node config `generator`), `generator` (the base on this machine),
-# `registry` (the registry folder), `steps` (0: the base's plugin settings).
+# `registry` (the registry folder), `steps` and `decoder-rank` (0: the base's plugin settings).
 task = "generator"
 config = "{config}"
 out = "{out}"
@@ -69,6 +69,7 @@ site = ""
 generator = ""
 registry = ""
 steps = 0
+decoder-rank = 0
 """
 
 

@@ -5,7 +5,8 @@ every connected site gets the message, and only the named one acts: it loads its
 the base generator (node config ``generator``: a folder or ``pretrained``; in Flower's
 simulation the server's ``sim-generator``), refuses if its sha256 is not the one the registry
 serves, trains the adapter on its own ``train`` cases (the base stays frozen) and sends back
-only the adapter tensors and its coarsened class counts, written to its audit log first. In a
+only the adapter tensors (the UNet's and, with ``plugins.decoder_rank``, the decoder's) and
+its coarsened class counts, written to its audit log first. In a
 deployment a site releases a plugin only if its SuperNode was started with
 ``contribute-plugins=true``: a plugin is one site's update in the clear, which a site may
 refuse. The server writes the plugin folder from the tensors and adds it to the registry with
@@ -61,7 +62,13 @@ def contribute(msg: Message, context: Context) -> Message:
             f"site {site.name!r} does not contribute plugins: start its SuperNode with "
             f"--node-config '... {OPT_IN_KEY}=true' to allow it"
         )
-    from synthct.plugins.adapter import adapter_state, coarsen, train_plugin
+    from synthct.plugins.adapter import (
+        DECODER_PREFIX,
+        adapter_state,
+        coarsen,
+        train_decoder_adapter,
+        train_plugin,
+    )
 
     try:
         source = str(node["generator"]) if "generator" in node else str(cfg["sim-generator"])
@@ -87,6 +94,9 @@ def contribute(msg: Message, context: Context) -> Message:
         )
         unet = train_plugin(gen, cases, plugin_cfg, seed=int(cfg["seed"]))
         tensors = adapter_state(unet, "plugin")
+        if plugin_cfg.decoder_rank > 0:  # its scanner's style, on the decoder
+            ae = train_decoder_adapter(gen, cases, plugin_cfg, seed=int(cfg["seed"]))
+            tensors.update({DECODER_PREFIX + k: v for k, v in adapter_state(ae, "plugin").items()})
     except SiteError:
         raise
     except Exception as exc:
@@ -105,6 +115,7 @@ def _plugin_settings(cfg: ConfigRecord) -> dict[str, Any]:
         "rank": int(cfg.get("plugin-rank", 0)),
         "steps": int(cfg.get("plugin-steps", 0)),
         "targets": str(cfg.get("plugin-targets", "")),
+        "decoder_rank": int(cfg.get("plugin-decoder-rank", 0)),
     }
 
 
@@ -119,6 +130,7 @@ def contribute_server(
     rank: int = 0,
     steps: int = 0,
     targets: str = "",
+    decoder_rank: int = 0,
     manifest: Path | None = None,
     site_root: Path | None = None,
 ) -> dict[str, Any]:
@@ -142,6 +154,7 @@ def contribute_server(
             "plugin-rank": rank,
             "plugin-steps": steps,
             "plugin-targets": targets,
+            "plugin-decoder-rank": decoder_rank,
             **({"sim-generator": str(generator_dir)} if manifest is not None else {}),
         }
     )
@@ -158,9 +171,8 @@ def contribute_server(
     (reply,) = sent
     metrics = reply.content["metrics"]
     seen = {c: int(metrics.get(f"seen-{c}", 0)) for c in gen.config.labels.classes}
-    plugin_cfg = gen.config.plugins.model_copy(
-        update={k: v for k, v in {"rank": rank, "steps": steps, "targets": targets}.items() if v}
-    )
+    chosen = {"rank": rank, "steps": steps, "targets": targets, "decoder_rank": decoder_rank}
+    plugin_cfg = gen.config.plugins.model_copy(update={k: v for k, v in chosen.items() if v})
     state = reply.content["arrays"].to_torch_state_dict()
     registry = Path(registry)
     staging = registry.parent / f".incoming-{site}-{uuid.uuid4().hex[:8]}"
@@ -214,6 +226,7 @@ def contribute_plugin(
     run: str | Path,
     seed: int = 0,
     steps: int = 0,
+    decoder_rank: int = 0,
 ) -> dict[str, Any]:
     """``site``'s contribution in Flower's simulation: one SuperNode, the site itself, reads
     its cases from ``manifest`` (the run's config keeps only that site)."""
@@ -241,6 +254,7 @@ def contribute_plugin(
             registry=Path(registry).resolve(),
             seed=seed,
             steps=steps,
+            decoder_rank=decoder_rank,
             manifest=Path(manifest).resolve(),
             site_root=run / "sites",
         ),

@@ -83,6 +83,9 @@ class Generator:
     ema: nn.Module
     latent_norm: LatentNorm = field(default_factory=LatentNorm)
     discriminator: nn.Module | None = None
+    # site -> an autoencoder whose decoder carries that site's plugin adapter (its scanner's
+    # style): cases made for the site decode with it (``synthct.plugins.merge``); never saved
+    site_decoders: dict[str, nn.Module] = field(default_factory=dict)
 
     @property
     def null_class(self) -> int:

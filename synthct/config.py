@@ -669,7 +669,8 @@ class DownstreamConfig(_Strict):
 
 
 class PluginConfig(_Strict):
-    """A site's LoRA plugin on the frozen shared diffusion UNet (peft)."""
+    """A site's LoRA plugin on the frozen shared diffusion UNet (peft), and optionally on the
+    frozen decoder, where a scanner's style lives."""
 
     rank: int = Field(default=4, ge=1)
     alpha: float = Field(default=4.0, gt=0)
@@ -679,6 +680,15 @@ class PluginConfig(_Strict):
     )
     steps: int = Field(default=300, ge=1)
     lr: float = Field(default=1e-3, gt=0)
+    decoder_rank: int = Field(
+        default=0,
+        ge=0,
+        description="0: the plugin adapts the UNet only; > 0: also a LoRA adapter of this rank "
+        "on the decoder's 3x3x3 convs, trained to reconstruct the site's own scans, so the cases "
+        "made for the site decode in its scanner's style",
+    )
+    decoder_steps: int = Field(default=200, ge=1)
+    decoder_lr: float = Field(default=1e-3, gt=0)
 
 
 class SynthctConfig(_Strict):

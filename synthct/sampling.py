@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -145,7 +146,22 @@ def _decode(
     patch: int | None = None,
     sites: Sequence[str | None] | None = None,
 ) -> torch.Tensor:
-    """:func:`decode_latents` on unscaled latents (the encoder's own space)."""
+    """:func:`decode_latents` on unscaled latents (the encoder's own space); a case for a site
+    with a plugin's decoder adapter (``gen.site_decoders``) decodes with that decoder."""
+    if gen.site_decoders and sites is not None and set(sites) & set(gen.site_decoders):
+        if len(sites) != len(z):
+            raise ValueError(f"{len(sites)} sites given for {len(z)} latents")
+        out = torch.empty(0)
+        for name in dict.fromkeys(sites):
+            idx = [i for i, s in enumerate(sites) if s == name]
+            own = replace(gen, site_decoders={})
+            if name in gen.site_decoders:
+                own = replace(own, autoencoder=gen.site_decoders[name])
+            part = _decode(own, z[idx], patch=patch, sites=[name] * len(idx))
+            if out.numel() == 0:
+                out = part.new_empty((len(z), *part.shape[1:]))
+            out[idx] = part
+        return out
     ae = gen.autoencoder.eval()
     rows = None
     if gen.site_style is not None and sites is not None:

@@ -98,7 +98,7 @@ def _with_plugins(gen, gen_dir: Path, args: argparse.Namespace):
 
             raise PluginError("--fit-weights needs --plugins")
         return gen, None, None
-    from synthct.plugins.merge import MixtureDenoiser, fuse
+    from synthct.plugins.merge import MixtureDenoiser, fuse, with_site_decoders
     from synthct.plugins.registry import load_plugins
 
     plugins = load_plugins(args.plugins, gen, gen_dir)
@@ -117,7 +117,7 @@ def _with_plugins(gen, gen_dir: Path, args: argparse.Namespace):
     note = f"{args.merge}({','.join(p.name for p in plugins)}){fitted}"
     if args.merge == "fusion":
         return fuse(gen, plugins, None if weights is None else weights.tolist()), None, note
-    return gen, MixtureDenoiser(gen, plugins, weights), note
+    return with_site_decoders(gen, plugins), MixtureDenoiser(gen, plugins, weights), note
 
 
 def cmd_sample(args: argparse.Namespace) -> int:

@@ -17,6 +17,7 @@ from synthct.cli.options import (
     generator_dir,
     generator_option,
     group,
+    non_negative_int,
     positive_int,
     run_config,
     seed_option,
@@ -32,25 +33,31 @@ def cmd_plugin_train(args: argparse.Namespace) -> int:
     device = chosen_device(args)
     gen_dir = generator_dir(args.generator)
     gen = load_generator(gen_dir)
-    cfg = gen.config.plugins.model_copy(
-        update={
-            k: v
-            for k, v in (("rank", args.rank), ("steps", args.steps), ("targets", args.targets))
-            if v
-        }
+    chosen = (
+        ("rank", args.rank),
+        ("steps", args.steps),
+        ("targets", args.targets),
+        ("decoder_rank", args.decoder_rank),
+        ("decoder_steps", args.decoder_steps),
     )
+    cfg = gen.config.plugins.model_copy(update={k: v for k, v in chosen if v is not None})
     cases = load_cases(args.data, gen.config, splits=("train",), sites=(args.site,))
     if len(cases) == 0:
         print(f"synthct: error: {args.data}: no train cases of site {args.site!r}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    initial, targets, rebased_from = None, None, None
+    initial, targets, rebased_from, decoder_initial = None, None, None, None
     if args.rebase_from:  # a stale plugin re-fitted on this base: its settings, its start
         from pathlib import Path
 
         from synthct.config import PluginConfig
-        from synthct.plugins.adapter import read_plugin_weights
+        from synthct.plugins.adapter import DECODER_PREFIX, read_plugin_weights
 
         meta, initial = read_plugin_weights(args.rebase_from)
+        decoder_initial = {
+            k.removeprefix(DECODER_PREFIX): initial.pop(k)
+            for k in list(initial)
+            if k.startswith(DECODER_PREFIX)
+        } or None
         if meta["site"] != args.site:
             print(
                 f"synthct: error: {args.rebase_from} is site {meta['site']!r}'s plugin, "
@@ -65,6 +72,8 @@ def cmd_plugin_train(args: argparse.Namespace) -> int:
         )
         targets = meta["target_modules"]
         rebased_from = Path(args.rebase_from).name
+        if decoder_initial:
+            cfg = cfg.model_copy(update={"decoder_rank": meta["decoder"]["rank"]})
     with progress_bar(f"plugin {args.site}", cfg.steps) as update:
         unet = train_plugin(
             gen,
@@ -76,9 +85,24 @@ def cmd_plugin_train(args: argparse.Namespace) -> int:
             initial=initial,
             targets=targets,
         )
+    decoder = None
+    if cfg.decoder_rank > 0:  # the scanner's style, where the decoder renders it
+        from synthct.plugins.adapter import train_decoder_adapter
+
+        with progress_bar(f"decoder adapter {args.site}", cfg.decoder_steps) as update:
+            decoder = train_decoder_adapter(
+                gen,
+                cases,
+                cfg,
+                seed=args.seed,
+                progress=update,
+                device=device,
+                initial=decoder_initial,
+            )
     out = export_plugin(
         unet,
         args.out,
+        decoder=decoder,
         gen=gen,
         generator_dir=gen_dir,
         site=args.site,
@@ -135,6 +159,7 @@ def cmd_plugin_contribute(args: argparse.Namespace) -> int:
         run=args.out,
         seed=args.seed,
         steps=args.steps or 0,
+        decoder_rank=args.decoder_rank or 0,
     )
     print(
         f"site {result['site']} contributed {result['plugin']} "
@@ -180,6 +205,19 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         help="which UNet layers get adapters (default: config)",
     )
     q.add_argument(
+        "--decoder-rank",
+        type=non_negative_int,
+        default=None,
+        help="> 0: also a LoRA adapter of this rank on the decoder, trained to reconstruct "
+        "the site's own scans (its scanner style); 0: UNet only (default: config)",
+    )
+    q.add_argument(
+        "--decoder-steps",
+        type=positive_int,
+        default=None,
+        help="decoder adapter training steps (default: config)",
+    )
+    q.add_argument(
         "--rebase-from",
         metavar="PLUGIN",
         help="re-fit this (stale) plugin of the same site on the new base: its settings and "
@@ -220,6 +258,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--out", help="run folder (the site's audit log, Flower's temp files)")
     q.add_argument(
         "--steps", type=positive_int, default=None, help="training steps (default: config)"
+    )
+    q.add_argument(
+        "--decoder-rank",
+        type=non_negative_int,
+        default=None,
+        help="> 0: the plugin also carries a decoder adapter of this rank (default: config)",
     )
     config_options(q, "the sites", default="the generator's own config")
     seed_option(q)

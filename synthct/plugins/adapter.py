@@ -1,9 +1,14 @@
 """A site's plugin: a peft LoRA adapter on the frozen shared diffusion UNet, trained on the
-site's own latents and exported as ``plugin.safetensors`` + ``plugin.json``.
+site's own latents, and optionally one on the frozen decoder, trained to reconstruct the site's
+own scans; exported as ``plugin.safetensors`` + ``plugin.json``.
 
-Targets are 3x3x3 ``Conv3d`` and ``Linear`` leaves (``conv+linear``) or only the attention and
-time-embedding linears (``attention+time``); 1x1x1 convolutions are left out (peft cannot merge
-them). A plugin is kilobytes to a few MB where a full UNet update is the whole model.
+UNet targets are 3x3x3 ``Conv3d`` and ``Linear`` leaves (``conv+linear``) or only the attention
+and time-embedding linears (``attention+time``); 1x1x1 convolutions are left out (peft cannot
+merge them). The decoder adapter (``plugins.decoder_rank`` > 0) wraps the decoder's 3x3x3
+convolutions: a scanner's noise, kernel and HU calibration are what a decoder renders, and a
+UNet-only adapter cannot express what the shared decoder erases. Its tensors are stored under
+``autoencoder/`` in the same file. A plugin is kilobytes to a few MB where a full update is the
+whole model.
 """
 
 from __future__ import annotations
@@ -35,6 +40,10 @@ __all__ = [
     "attach_adapter",
     "adapter_state",
     "train_plugin",
+    "train_decoder_adapter",
+    "decoder_targets",
+    "attach_decoder_adapter",
+    "DECODER_PREFIX",
     "export_plugin",
     "write_plugin",
     "read_plugin_weights",
@@ -43,7 +52,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-PLUGIN_FORMAT = 1
+PLUGIN_FORMAT = 2  # 2: may carry a decoder adapter (``decoder`` in plugin.json)
+READABLE_FORMATS = (1, 2)
+DECODER_PREFIX = "autoencoder/"  # decoder adapter tensors in plugin.safetensors
 
 
 class PluginError(SynthctError, ValueError):
@@ -65,6 +76,30 @@ def lora_targets(unet: nn.Module, targets: str) -> list[str]:
         if ok:
             names.append(name)
     return names
+
+
+def decoder_targets(autoencoder: nn.Module) -> list[str]:
+    """The decoder's 3x3x3 convolutions (what a decoder adapter wraps)."""
+    return [
+        name
+        for name, module in autoencoder.named_modules()
+        if name.startswith("decoder.")
+        and isinstance(module, nn.Conv3d)
+        and module.kernel_size != (1, 1, 1)
+    ]
+
+
+def attach_decoder_adapter(
+    autoencoder: nn.Module, rank: int, name: str, targets: list[str] | None = None
+) -> nn.Module:
+    """Inject a LoRA adapter of ``rank`` (scale 1) on ``autoencoder``'s decoder, in place."""
+    lora = LoraConfig(
+        r=rank,
+        lora_alpha=rank,
+        target_modules=targets or decoder_targets(autoencoder),
+        lora_dropout=0.0,
+    )
+    return inject_adapter_in_model(lora, autoencoder, adapter_name=name)
 
 
 def attach_adapter(
@@ -153,6 +188,51 @@ def train_plugin(
     return unet.cpu()
 
 
+def train_decoder_adapter(
+    gen: Generator,
+    cases: CaseSet,
+    cfg: PluginConfig,
+    *,
+    seed: int = 0,
+    batch_size: int = 4,
+    progress: Callable[..., None] | None = None,
+    device: torch.device | str = "cpu",
+    initial: dict[str, torch.Tensor] | None = None,
+    targets: list[str] | None = None,
+) -> nn.Module:
+    """LoRA-adapt a copy of the generator's decoder to reconstruct ``cases`` from their frozen
+    encoder's posterior means (what sampling decodes), so the site's scanner style is rendered
+    while the latents, and any UNet trained on them, stay valid. Returns the adapted
+    autoencoder copy on CPU."""
+    from synthct.training import LatentDecoder, decoder_step, detail_range
+
+    device = torch.device(device)
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    ae = copy.deepcopy(gen.autoencoder).to(device)
+    ae.requires_grad_(False)
+    attach_decoder_adapter(ae, cfg.decoder_rank, "plugin", targets=targets)
+    if initial is not None:
+        load_adapter_state(ae, {k: v.to(device) for k, v in initial.items()}, "plugin")
+    params = [p for n, p in ae.named_parameters() if "lora_" in n]
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(params, lr=cfg.decoder_lr)
+    images = cases.images.to(device)
+    z = encode_latents(ae, images)
+    decoder = LatentDecoder(ae)
+    detail = detail_range(gen.config.autoencoder, gen.config.data.hu_window)
+    for step in range(cfg.decoder_steps):
+        idx = torch.randint(len(images), (min(batch_size, len(images)),), generator=generator)
+        out = decoder_step(
+            decoder, optimizer, z[idx], images[idx], gen.config.autoencoder, detail=detail
+        )
+        if progress is not None:
+            progress(step + 1, cfg.decoder_steps, loss=out["loss"])
+    ae.eval()
+    return ae.cpu()
+
+
 def export_plugin(
     unet: nn.Module,
     out: str | Path,
@@ -164,13 +244,18 @@ def export_plugin(
     cfg: PluginConfig,
     targets: list[str] | None = None,
     rebased_from: str | None = None,
+    decoder: nn.Module | None = None,
 ) -> Path:
-    """Write ``plugin.safetensors`` (adapter only) and ``plugin.json`` (provenance) for the
-    adapter a site trained on ``cases``."""
+    """Write ``plugin.safetensors`` (adapters only) and ``plugin.json`` (provenance) for the
+    adapter(s) a site trained on ``cases`` (``decoder``: the autoencoder copy carrying its
+    decoder adapter, from :func:`train_decoder_adapter`)."""
     counts = cases.class_counts(gen.config.labels.num_classes)
     seen = {c: coarsen(n) for c, n in zip(gen.config.labels.classes, counts, strict=True)}
+    state = adapter_state(unet, "plugin")
+    if decoder is not None:
+        state.update({DECODER_PREFIX + k: v for k, v in adapter_state(decoder, "plugin").items()})
     return write_plugin(
-        adapter_state(unet, "plugin"),
+        state,
         out,
         gen=gen,
         generator_dir=generator_dir,
@@ -202,6 +287,9 @@ def write_plugin(
     out.mkdir(parents=True, exist_ok=True)
     data = save_bytes(state)
     atomic_write_bytes(out / "plugin.safetensors", data)
+    decoder = sorted(k.removeprefix(DECODER_PREFIX) for k in state if k.startswith(DECODER_PREFIX))
+    if decoder and cfg.decoder_rank < 1:
+        raise PluginError(f"{out}: decoder adapter tensors but plugins.decoder_rank is 0")
     meta: dict[str, Any] = {
         "plugin_format": PLUGIN_FORMAT,
         "base_generator_sha256": generator_sha256(generator_dir),
@@ -214,6 +302,16 @@ def write_plugin(
         "targets": cfg.targets,
         "target_modules": targets or lora_targets(gen.ema, cfg.targets),
         "tensors": {k: list(v.shape) for k, v in state.items()},
+        **(
+            {
+                "decoder": {
+                    "rank": cfg.decoder_rank,
+                    "target_modules": decoder_targets(gen.autoencoder),
+                }
+            }
+            if decoder
+            else {}
+        ),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "weights_sha256": sha256_bytes(data),
         "weights_bytes": len(data),

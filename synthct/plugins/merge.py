@@ -11,21 +11,38 @@ site has seen, so a rare class is led by the sites that have it; a class no plug
 falls back to the base UNet (in general the base gets the share ``1 - sum_i pi_i(c)``, which
 fitted weights may keep). The classifier-free guidance null branch of a sample uses the
 weights of the class that sample asks for, so guidance compares like with like.
+
+Decoder adapters (a plugin's scanner style) are never averaged, in either mode: a case made for
+a site decodes with that site's adapted decoder (:func:`site_decoders`), any other case with the
+base decoder.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 from synthct.checkpoint import Generator
-from synthct.plugins.adapter import PluginError, attach_adapter, load_adapter_state
+from synthct.plugins.adapter import (
+    PluginError,
+    attach_adapter,
+    attach_decoder_adapter,
+    load_adapter_state,
+)
 from synthct.plugins.registry import Plugin
 
-__all__ = ["plugin_deltas", "fuse", "MixtureDenoiser", "mixture_weights"]
+__all__ = [
+    "plugin_deltas",
+    "fuse",
+    "MixtureDenoiser",
+    "mixture_weights",
+    "site_decoders",
+    "with_site_decoders",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -72,8 +89,36 @@ def fuse(gen: Generator, plugins: list[Plugin], weights: list[float] | None = No
     )
     fused.unet.load_state_dict(state)
     fused.ema.load_state_dict(state)
+    fused.site_decoders = site_decoders(gen, plugins)
     logger.info("fused %d plugins with weights %s", len(plugins), [round(w, 3) for w in weights])
     return fused
+
+
+def site_decoders(gen: Generator, plugins: list[Plugin]) -> dict[str, torch.nn.Module]:
+    """Per site, the base autoencoder carrying that site's decoder adapter (its scanner's style;
+    of several plugins from one site, the last). Decoders are not mixed: a case is made for one
+    site and decodes in that site's style; cases for other sites, or pooled, use the base."""
+    out: dict[str, torch.nn.Module] = {}
+    for plugin in plugins:
+        if not plugin.decoder_state:
+            continue
+        ae = attach_decoder_adapter(
+            copy.deepcopy(gen.autoencoder),
+            plugin.decoder_rank,
+            "site",
+            plugin.meta["decoder"].get("target_modules"),
+        )
+        load_adapter_state(ae, plugin.decoder_state, "site")
+        out[plugin.meta["site"]] = ae.eval()
+    if out:
+        logger.info("decoder adapters for sites %s", sorted(out))
+    return out
+
+
+def with_site_decoders(gen: Generator, plugins: list[Plugin]) -> Generator:
+    """``gen`` (same UNet) whose cases for a plugin's site decode with its decoder adapter
+    (what Mixture samples with)."""
+    return dataclasses.replace(gen, site_decoders=site_decoders(gen, plugins))
 
 
 def mixture_weights(plugins: list[Plugin], classes: list[str]) -> torch.Tensor:

@@ -17,7 +17,7 @@ import copy
 import logging
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +27,12 @@ from synthct.artifacts import read_json, write_json
 from synthct.checkpoint import Generator, generator_sha256
 from synthct.config import PluginConfig
 from synthct.plugins.adapter import (
-    PLUGIN_FORMAT,
+    DECODER_PREFIX,
+    READABLE_FORMATS,
     PluginError,
     adapter_state,
     attach_adapter,
+    attach_decoder_adapter,
     read_plugin_meta,
     read_plugin_weights,
 )
@@ -68,11 +70,17 @@ _REQUIRED = {
 
 @dataclass
 class Plugin:
-    """An accepted plugin: its metadata and adapter tensors."""
+    """An accepted plugin: its metadata and adapter tensors (``state``: the UNet's;
+    ``decoder_state``: the decoder's, empty for a UNet-only plugin)."""
 
     meta: dict[str, Any]
     state: dict[str, torch.Tensor]
     path: Path
+    decoder_state: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def decoder_rank(self) -> int:
+        return int(self.meta.get("decoder", {}).get("rank", 0))
 
     @property
     def name(self) -> str:
@@ -99,9 +107,10 @@ def validate_plugin(plugin_dir: str | Path, gen: Generator, generator_dir: str |
             raise PluginError(f"{where}: missing field {key!r}")
         if not isinstance(meta[key], kind) or isinstance(meta[key], bool):
             raise PluginError(f"{where}: field {key!r} has the wrong type")
-    if meta["plugin_format"] != PLUGIN_FORMAT:
+    if meta["plugin_format"] not in READABLE_FORMATS:
         raise PluginError(
-            f"{where}: plugin format {meta['plugin_format']} (this synthct reads {PLUGIN_FORMAT})"
+            f"{where}: plugin format {meta['plugin_format']} (this synthct reads "
+            f"{', '.join(map(str, READABLE_FORMATS))})"
         )
     base = generator_sha256(generator_dir)
     if meta["base_generator_sha256"] != base:
@@ -114,8 +123,14 @@ def validate_plugin(plugin_dir: str | Path, gen: Generator, generator_dir: str |
     unknown = set(meta["classes_seen"]) - set(gen.config.labels.classes)
     if unknown:
         raise PluginError(f"{where}: unknown classes {sorted(unknown)}")
-    _, state = read_plugin_weights(plugin_dir)
+    _, everything = read_plugin_weights(plugin_dir)
     weights = plugin_dir / "plugin.safetensors"
+    state = {k: v for k, v in everything.items() if not k.startswith(DECODER_PREFIX)}
+    decoder_state = {
+        k.removeprefix(DECODER_PREFIX): v
+        for k, v in everything.items()
+        if k.startswith(DECODER_PREFIX)
+    }
     try:
         cfg = PluginConfig(rank=meta["rank"], alpha=meta["alpha"], targets=meta["targets"])
     except ValueError as exc:
@@ -131,7 +146,32 @@ def validate_plugin(plugin_dir: str | Path, gen: Generator, generator_dir: str |
             f"{weights}: tensors do not fit the base UNet (unexpected {extra}, missing {missing}, "
             f"wrong shape {wrong})"
         )
-    return Plugin(meta, state, plugin_dir)
+    _check_decoder_adapter(meta, decoder_state, gen, weights)
+    return Plugin(meta, state, plugin_dir, decoder_state)
+
+
+def _check_decoder_adapter(
+    meta: dict[str, Any], state: dict[str, torch.Tensor], gen: Generator, weights: Path
+) -> None:
+    """A decoder adapter's tensors must be exactly those its declared rank and targets make on
+    the base's decoder; a plugin that declares none must carry none."""
+    declared = meta.get("decoder")
+    if declared is None:
+        if state:
+            raise PluginError(f"{weights}: decoder tensors but plugin.json declares no decoder")
+        return
+    if not isinstance(declared, dict) or not isinstance(declared.get("rank"), int):
+        raise PluginError(f"{weights.parent / 'plugin.json'}: field 'decoder' is malformed")
+    probe = attach_decoder_adapter(
+        copy.deepcopy(gen.autoencoder), declared["rank"], "probe", declared.get("target_modules")
+    )
+    expected = {k: tuple(v.shape) for k, v in adapter_state(probe, "probe").items()}
+    got = {k: tuple(v.shape) for k, v in state.items()}
+    if expected != got:
+        raise PluginError(
+            f"{weights}: decoder tensors do not fit the base decoder (unexpected "
+            f"{sorted(set(got) - set(expected))[:3]}, missing {sorted(set(expected) - set(got))[:3]})"
+        )
 
 
 def _plugin_dirs(registry: Path) -> list[Path]:
