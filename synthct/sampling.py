@@ -47,10 +47,15 @@ Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], to
 def sites_to_indices(gen: Generator, sites: Sequence[str | None]) -> torch.Tensor | None:
     """Site names -> the UNet's site indices (None for a class-only UNet); None or ``pooled``
     = the null site; a site unknown to the UNet or the site-styled decoder is an error listing
-    the known ones."""
+    the known ones, except a late site with a plugin decoder (``gen.site_decoders``): the UNet
+    draws its cases site-agnostic and its own decoder renders its style."""
+    base = [None if s in gen.site_decoders else s for s in sites]
     if gen.site_style is not None:
-        gen.site_style.indices(sites)
-    return gen.conditioning.site_indices(sites)
+        gen.site_style.indices(base)
+    indices = gen.conditioning.site_indices(base)  # every other site must be known
+    if indices is None or not gen.site_decoders:
+        return indices
+    return gen.conditioning.site_indices(sites, unknown_as_null=True)
 
 
 def labels_to_indices(gen: Generator, labels: Sequence[str]) -> torch.Tensor:
@@ -155,9 +160,10 @@ def _decode(
         for name in dict.fromkeys(sites):
             idx = [i for i, s in enumerate(sites) if s == name]
             own = replace(gen, site_decoders={})
-            if name in gen.site_decoders:
-                own = replace(own, autoencoder=gen.site_decoders[name])
-            part = _decode(own, z[idx], patch=patch, sites=[name] * len(idx))
+            names = [name] * len(idx)
+            if name in gen.site_decoders:  # its adapter is its style (null row of a styled one)
+                own, names = replace(own, autoencoder=gen.site_decoders[name]), None
+            part = _decode(own, z[idx], patch=patch, sites=names)
             if out.numel() == 0:
                 out = part.new_empty((len(z), *part.shape[1:]))
             out[idx] = part

@@ -98,3 +98,21 @@ def test_demo_plugin_with_decoder_is_under_a_tenth_of_a_generator_update(demo_co
         for v in adapter_state(attach_decoder_adapter(gen.autoencoder, 4, "x"), "x").values()
     )
     assert unet + decoder <= 0.10 * full, (unet, decoder, full)
+
+
+def test_a_late_sites_cases_are_drawn_site_agnostic_and_decoded_in_its_style(smoke_config):
+    from dataclasses import replace
+
+    from synthct.models.conditioning import UnknownSiteError
+    from synthct.sampling import sites_to_indices
+
+    unet = smoke_config.unet.model_copy(update={"site_conditioning": True})
+    gen = build_generator(smoke_config.model_copy(update={"unet": unet}), seed=0)
+    with pytest.raises(UnknownSiteError, match="site_x"):
+        sites_to_indices(gen, ["site_x"])
+    late = replace(gen, site_decoders={"site_x": gen.autoencoder})  # site_x's plugin decoder
+    rows = sites_to_indices(late, ["site_x", "site_a", "pooled"])
+    null = gen.conditioning.null_site
+    assert rows.tolist() == [null, gen.conditioning.sites.index("site_a"), null]
+    with pytest.raises(UnknownSiteError, match="site_y"):  # no plugin, no style: still an error
+        sites_to_indices(late, ["site_y"])
