@@ -15,8 +15,15 @@ one so that Mixture has something to route. Compared on ``site_e``'s holdout:
   validation set (2 ``train`` cases per class per site, all five sites) instead of case counts;
 - ``sweep_*`` (``--sweep``): ``site_e``'s plugin alone at rank 2/4/8 on conv+linear or on
   attention+time-embedding layers only (quality vs size);
+- ``*_decoder``: the same merges with ``site_e``'s plugin carrying a decoder adapter too
+  (``--decoder-rank``, ``--decoder-steps``: its scanner style, where the decoder renders it),
+  sampled as cases made for ``site_e`` (so its adapted decoder renders them);
 - ``retrain``: the demo's federated fine-tuning (Flower simulation, all five sites, the
   config's ``finetune_rounds`` diffusion rounds) — what synchronous rounds would do instead.
+
+``--seed`` sets the plugins' training and the sampling seed (run it for several seeds; the
+retraining arm is skipped with ``--budget-min 0``); ``--results`` also writes the result file
+there.
 
 Reported per arm: bytes a site sends (plugin file vs a full UNet update), conditional accuracy
 (shipped reference classifier), class-matched KID of HU/texture (radiomics) features against
@@ -44,9 +51,9 @@ from synthct.eval.distribution import class_matched_weights, standardise, weight
 from synthct.eval.features import radiomics_features
 from synthct.fed.simulation import train_federated
 from synthct.fed.task import tensors_to_bytes
-from synthct.plugins.adapter import export_plugin, train_plugin
+from synthct.plugins.adapter import export_plugin, train_decoder_adapter, train_plugin
 from synthct.plugins.fit import fit_fusion_weights, fit_mixture_weights, validation_draws
-from synthct.plugins.merge import MixtureDenoiser, fuse
+from synthct.plugins.merge import MixtureDenoiser, fuse, with_site_decoders
 from synthct.plugins.registry import add_plugin, load_plugins
 from synthct.pretrained import load_phantom_reference, phantom_dir
 from synthct.reference import evaluate_classifier
@@ -90,8 +97,13 @@ def main() -> None:
         action="store_true",
         help="also: site_e plugins at rank 2/4/8 on conv+linear and attention+time, fused alone",
     )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--decoder-rank", type=int, default=4)
+    parser.add_argument("--decoder-steps", type=int, default=300)
+    parser.add_argument("--results", default=None, help="also write the result file here")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(2)
     start = time.perf_counter()
     out = Path(args.out)
     base_config = load_config(packaged_config_path("demo"))
@@ -111,12 +123,23 @@ def main() -> None:
     holdout_o = load_cases(manifest, config, splits=("holdout",), sites=tuple(others))
 
     def train_and_export(site: str, cases, cfg, plugin_dir: Path) -> float:
-        """Train ``site``'s plugin and export it to ``plugin_dir``; seconds of training."""
+        """Train ``site``'s plugin (its decoder adapter too with ``cfg.decoder_rank``) and
+        export it to ``plugin_dir``; seconds of training."""
         t0 = time.perf_counter()
-        unet = train_plugin(gen, cases, cfg, seed=0)
+        unet = train_plugin(gen, cases, cfg, seed=args.seed)
+        decoder = None
+        if cfg.decoder_rank > 0:
+            decoder = train_decoder_adapter(gen, cases, cfg, seed=args.seed)
         train_s = round(time.perf_counter() - t0, 1)
         export_plugin(
-            unet, plugin_dir, gen=gen, generator_dir=gen_dir, site=site, cases=cases, cfg=cfg
+            unet,
+            plugin_dir,
+            gen=gen,
+            generator_dir=gen_dir,
+            site=site,
+            cases=cases,
+            cfg=cfg,
+            decoder=decoder,
         )
         return train_s
 
@@ -142,10 +165,16 @@ def main() -> None:
     y_e, y_o, syn_y = holdout_e.labels.numpy(), holdout_o.labels.numpy(), labels.numpy()
     scale = radiomics_features(torch.cat([hu_e, hu_o]))
 
-    def score(name: str, g, denoiser=None, sent_bytes: int | None = None, extra=None) -> None:
+    def score(
+        name: str, g, denoiser=None, sent_bytes: int | None = None, extra=None, sites=None
+    ) -> None:
         t0 = time.perf_counter()
         hu = sample_volumes(
-            g, labels, generator=torch.Generator().manual_seed(0), denoiser=denoiser
+            g,
+            labels,
+            generator=torch.Generator().manual_seed(args.seed),
+            denoiser=denoiser,
+            sites=sites,
         )
         wall = time.perf_counter() - t0
         acc = evaluate_classifier(reference.predict(hu_to_model(hu, window)), labels, len(classes))
@@ -204,6 +233,44 @@ def main() -> None:
     )
     print("fits", json.dumps({"validation_cases": len(validation), **fits}), flush=True)
 
+    # --- site_e's plugin with a decoder adapter: its scanner style, on the decoder
+    registry_decoder = out / "registry_decoder"
+    if not registry_decoder.is_dir():
+        cases = load_cases(manifest, config, splits=("train",), sites=("site_e",))
+        cfg = gen.config.plugins.model_copy(
+            update={"decoder_rank": args.decoder_rank, "decoder_steps": args.decoder_steps}
+            | ({"steps": args.steps} if args.steps else {})
+        )
+        plugin_s["site_e_decoder"] = train_and_export(
+            "site_e", cases, cfg, out / "plugins" / "site_e_decoder"
+        )
+        add_plugin(registry_decoder, out / "plugins" / "site_e_decoder", gen, gen_dir)
+        add_plugin(registry_decoder, out / "plugins" / "site_b", gen, gen_dir)
+    with_decoder = load_plugins(registry_decoder, gen, gen_dir)
+    e_decoder = [p for p in with_decoder if p.meta["site"] == "site_e"]
+    plugin_bytes["site_e_decoder"] = int(e_decoder[0].meta["weights_bytes"])
+    for_e = ["site_e"] * len(labels)
+    score("base_for_site_e", gen, sent_bytes=0, sites=for_e)
+    score(
+        "fusion_site_e_only_decoder",
+        fuse(gen, e_decoder),
+        sent_bytes=plugin_bytes["site_e_decoder"],
+        sites=for_e,
+    )
+    score(
+        "fusion_decoder",
+        fuse(gen, with_decoder),
+        sent_bytes=plugin_bytes["site_e_decoder"],
+        sites=for_e,
+    )
+    score(
+        "mixture_decoder",
+        with_site_decoders(gen, with_decoder),
+        denoiser=MixtureDenoiser(gen, with_decoder),
+        sent_bytes=plugin_bytes["site_e_decoder"],
+        sites=for_e,
+    )
+
     sweep: dict[str, dict] = {}
     if args.sweep:  # quality vs size: rank x targets, each site_e plugin fused on its own
         cases_e = load_cases(manifest, config, splits=("train",), sites=("site_e",))
@@ -250,11 +317,20 @@ def main() -> None:
         )
     else:
         print(f"retraining skipped: {elapsed_min:.1f} min used of --budget-min {args.budget_min}")
+    decoder_bytes = len(
+        tensors_to_bytes({k: v for k, v in gen.autoencoder.decoder.state_dict().items()})
+    )
     result = {
         "date": time.strftime("%Y-%m-%d"),
         "device": "cpu",
         "threads": torch.get_num_threads(),
+        "seed": args.seed,
+        "command": "python bench/plugins.py "
+        + " ".join(
+            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v not in (None, False)
+        ),
         "unet_update_bytes": unet_bytes,
+        "generator_update_bytes": unet_bytes + decoder_bytes,
         "plugin_bytes": plugin_bytes,
         "plugin_train_s": plugin_s,
         "per_class": args.per_class,
@@ -264,6 +340,8 @@ def main() -> None:
         "wall_s": round(time.perf_counter() - start, 1),
     }
     (out / "plugins.json").write_text(json.dumps(result, indent=2))
+    if args.results:
+        Path(args.results).write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
 
 

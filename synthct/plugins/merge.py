@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import warnings
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -148,7 +149,11 @@ class MixtureDenoiser:
         self.names = []
         for i, plugin in enumerate(plugins):
             name = f"p{i}"
-            attach_adapter(self.adapted, plugin.config, name, targets=plugin.meta["target_modules"])
+            with warnings.catch_warnings():  # several adapters on one UNet is the design here
+                warnings.filterwarnings("ignore", "Already found a `peft_config`")
+                attach_adapter(
+                    self.adapted, plugin.config, name, targets=plugin.meta["target_modules"]
+                )
             load_adapter_state(self.adapted, plugin.state, name)
             self.names.append(name)
         self.adapted.eval()
