@@ -176,6 +176,20 @@ def main(grid: Grid, context: Context) -> None:
     elif task == "downstream":
         _downstream(grid, config, rc, out)
     elif task == "plugin":
+        gate = None
+        if str(rc.get("accept", "gate")) == "gate":
+            from synthct.eval.gate import load_rules
+            from synthct.reference import load_reference
+
+            gate = plugin_app.PluginGate(
+                load_reference(
+                    _path(rc.get("reference", ""), "reference", task),
+                    vocabulary_hash=config.labels.vocabulary_hash,
+                ),
+                load_rules(str(rc.get("rules", "")) or None),
+                cases_per_class=int(rc.get("gate-cases", 8)),
+                bootstrap=int(rc.get("bootstrap", 200)),
+            )
         plugin_app.contribute_server(
             grid,
             config,
@@ -187,6 +201,7 @@ def main(grid: Grid, context: Context) -> None:
             seed=seed,
             steps=int(rc.get("steps", 0)),
             decoder_rank=int(rc.get("decoder-rank", 0)),
+            gate=gate,
         )
     else:
         raise FederatedError(f"run config task {task!r}: deployable tasks are {', '.join(TASKS)}")

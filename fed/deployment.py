@@ -50,7 +50,9 @@ clientapp = "synthct.fed.app:client"
 # have signed it), `force-ungated` (use a cohort the gate refused; the results say so).
 # plugin: `site` (the contributing site; its SuperNode needs contribute-plugins=true and its
 # own copy of the base in node config `generator`), `generator` (the base on this machine),
-# `registry` (the registry folder), `steps` and `decoder-rank` (0: the base's plugin settings).
+# `registry` (the registry folder), `steps` and `decoder-rank` (0: the base's plugin settings),
+# `accept` (gate: added only if the fused base's cohort for the site passes the gate judged with
+# `reference` and `rules` on `gate-cases` per class; none: unjudged).
 task = "generator"
 config = "{config}"
 out = "{out}"
@@ -70,6 +72,8 @@ generator = ""
 registry = ""
 steps = 0
 decoder-rank = 0
+accept = "gate"
+gate-cases = 8
 """
 
 

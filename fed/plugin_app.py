@@ -6,12 +6,16 @@ the base generator (node config ``generator``: a folder or ``pretrained``; in Fl
 simulation the server's ``sim-generator``), refuses if its sha256 is not the one the registry
 serves, trains the adapter on its own ``train`` cases (the base stays frozen) and sends back
 only the adapter tensors (the UNet's and, with ``plugins.decoder_rank``, the decoder's) and
-its coarsened class counts, written to its audit log first. In a
-deployment a site releases a plugin only if its SuperNode was started with
-``contribute-plugins=true``: a plugin is one site's update in the clear, which a site may
-refuse. The server writes the plugin folder from the tensors and adds it to the registry with
-every check ``synthct plugin add`` makes, recording which node sent it. Each contribution is
-its own run, so sites join whenever they are ready.
+its coarsened class counts, written to its audit log first. In a deployment a site releases a
+plugin only if its SuperNode was started with ``contribute-plugins=true``: a plugin is one
+site's update in the clear, which a site may refuse.
+
+The server writes the plugin folder from the tensors, checks it as ``synthct plugin add`` does,
+and then judges what it does (:class:`PluginGate`): the base with the plugin fused in makes a
+cohort for that site, which the federated gate judges on the sites' own data; only a plugin
+whose cohort passes is added, with the decision and its numbers, and a refusal is recorded in
+the registry's history. Each contribution is its own run, so sites join whenever they are
+ready.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import logging
 import shutil
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +36,30 @@ from synthct.fed.errors import FederatedError, SiteError
 from synthct.fed.sites import prepare_site, release, task_config, wait_for_sites
 from synthct.fed.task import load_site_cases
 
-__all__ = ["contribute", "contribute_server", "contribute_plugin", "generator_path"]
+__all__ = [
+    "PluginGate",
+    "contribute",
+    "contribute_server",
+    "contribute_plugin",
+    "generator_path",
+]
 
 logger = logging.getLogger(__name__)
 
 OPT_IN_KEY = "contribute-plugins"
+
+
+@dataclass
+class PluginGate:
+    """How a contribution is judged before the registry takes it: the base generator with the
+    plugin fused in makes ``cases_per_class`` cases of every class the site has seen, for that
+    site; the federated gate judges them on the connected sites' own data (only aggregates
+    leave) with ``rules``. A plugin whose cohort fails is refused and the refusal recorded."""
+
+    reference: Any  # synthct.reference.ReferenceModel
+    rules: dict[str, Any] = field(default_factory=dict)
+    cases_per_class: int = 8
+    bootstrap: int = 100
 
 
 def generator_path(value: str) -> Path:
@@ -131,14 +155,16 @@ def contribute_server(
     steps: int = 0,
     targets: str = "",
     decoder_rank: int = 0,
+    gate: PluginGate | None = None,
     manifest: Path | None = None,
     site_root: Path | None = None,
 ) -> dict[str, Any]:
-    """Ask ``site`` for its plugin on the base at ``generator_dir`` and add it to
-    ``registry``; returns what was registered. ``manifest``: Flower's simulation (the sites
-    read their cases and the base from the server's paths)."""
+    """Ask ``site`` for its plugin on the base at ``generator_dir`` and, if its cohort passes
+    ``gate`` (None: not judged, and recorded so), add it to ``registry``; returns the decision
+    and what was registered. ``manifest``: Flower's simulation (the sites read their cases and
+    the base from the server's paths)."""
     from synthct.plugins.adapter import write_plugin
-    from synthct.plugins.registry import add_plugin
+    from synthct.plugins.registry import add_plugin, record_refusal, validate_plugin
 
     if site not in config.site_names:
         raise FederatedError(f"site {site!r} is not in the run's config ({config.site_names})")
@@ -176,6 +202,7 @@ def contribute_server(
     state = reply.content["arrays"].to_torch_state_dict()
     registry = Path(registry)
     staging = registry.parent / f".incoming-{site}-{uuid.uuid4().hex[:8]}"
+    by = f"flower node {reply.metadata.src_node_id}"
     try:
         write_plugin(
             state,
@@ -186,18 +213,92 @@ def contribute_server(
             classes_seen=seen,
             cfg=plugin_cfg,
         )
-        plugin = add_plugin(
-            registry, staging, gen, generator_dir, by=f"flower node {reply.metadata.src_node_id}"
-        )
+        staged = validate_plugin(staging, gen, generator_dir)
+        decision: dict[str, Any] = {"gated": False, "accepted": True, "why": "not judged"}
+        if gate is not None:
+            decision = _judge_contribution(
+                grid, config, gen, generator_dir, staged, gate, seed, manifest, site_root
+            )
+        result = {
+            "plugin": staged.name,
+            "site": site,
+            "bytes": staged.meta["weights_bytes"],
+            "classes_seen": seen,
+            "registry": str(registry),
+            "decision": decision,
+        }
+        if not decision["accepted"]:
+            record_refusal(registry, staged, generator_dir, by=by, decision=decision)
+            return result
+        add_plugin(registry, staging, gen, generator_dir, by=by, acceptance=decision)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    logger.info("site %s contributed plugin %s", site, plugin.name)
+    logger.info("site %s contributed plugin %s", site, staged.name)
+    return result
+
+
+def _judge_contribution(
+    grid: Grid,
+    config: SynthctConfig,
+    gen,  # noqa: ANN001 - synthct.checkpoint.Generator
+    generator_dir: Path,
+    plugin,  # noqa: ANN001 - synthct.plugins.registry.Plugin
+    gate: PluginGate,
+    seed: int,
+    manifest: Path | None,
+    site_root: Path | None,
+) -> dict[str, Any]:
+    """The base with ``plugin`` fused in makes cases of every class its site has seen, for
+    that site; the federated gate judges them. Returns the decision with its numbers."""
+    import tempfile
+
+    from synthct.cohort import PlannedCase, generate_cohort
+    from synthct.eval.metric_values import clean_number
+    from synthct.fed.gate_app import gate_server
+    from synthct.plugins.merge import fuse
+
+    site = plugin.meta["site"]
+    seen = [c for c in gen.config.labels.classes if plugin.cases(c) > 0]
+    plan = [
+        PlannedCase(f"{site}-{c}-{i:04d}", c, site)
+        for c in seen
+        for i in range(gate.cases_per_class)
+    ]
+    with tempfile.TemporaryDirectory(prefix="synthct-plugin-gate-") as tmp:
+        cohort = generate_cohort(
+            fuse(gen, [plugin]), generator_dir, plan, Path(tmp), seed=seed, plugins=plugin.name
+        )
+        (report,) = gate_server(
+            grid,
+            config,
+            [cohort],
+            manifest=manifest,
+            reference=gate.reference,
+            rules=gate.rules,
+            seed=seed,
+            bootstrap=gate.bootstrap,
+            site_root=site_root,
+        )
+    accepted = report["verdict"] == "pass"
+    failed = report["failed_rules"]
     return {
-        "plugin": plugin.name,
-        "site": site,
-        "bytes": plugin.meta["weights_bytes"],
-        "classes_seen": seen,
-        "registry": str(registry),
+        "gated": True,
+        "accepted": accepted,
+        "why": "its cohort passes the gate"
+        if accepted
+        else f"its cohort fails the gate: {', '.join(failed)}",
+        "verdict": report["verdict"],
+        "failed_rules": failed,
+        "rules": {
+            r["rule"]: {
+                "value": clean_number(r["value"]),
+                "threshold": clean_number(r["threshold"]),
+                "passed": r["passed"],
+            }
+            for r in report["rules"]
+        },
+        "cohort": {"cases": len(plan), "classes": seen, "site": site},
+        "judged_by": report["real"].get("sites", []),
     }
 
 
@@ -227,6 +328,7 @@ def contribute_plugin(
     seed: int = 0,
     steps: int = 0,
     decoder_rank: int = 0,
+    gate: PluginGate | None = None,
 ) -> dict[str, Any]:
     """``site``'s contribution in Flower's simulation: one SuperNode, the site itself, reads
     its cases from ``manifest`` (the run's config keeps only that site)."""
@@ -255,6 +357,7 @@ def contribute_plugin(
             seed=seed,
             steps=steps,
             decoder_rank=decoder_rank,
+            gate=gate,
             manifest=Path(manifest).resolve(),
             site_root=run / "sites",
         ),

@@ -8,6 +8,7 @@ import sys
 
 from synthct.cli.options import (
     EXIT_BAD_INPUT,
+    EXIT_GATE_FAILED,
     EXIT_OK,
     chosen_device,
     command,
@@ -141,7 +142,7 @@ def cmd_plugin_list(args: argparse.Namespace) -> int:
 
 
 def cmd_plugin_contribute(args: argparse.Namespace) -> int:
-    from synthct.fed.plugin_app import contribute_plugin
+    from synthct.fed.plugin_app import PluginGate, contribute_plugin
 
     gen_dir = generator_dir(args.generator)
     if args.config is None and not args.set:
@@ -150,6 +151,25 @@ def cmd_plugin_contribute(args: argparse.Namespace) -> int:
         config = load_generator(gen_dir).config
     else:
         config = run_config(args.config, args.set)
+    gate = None
+    if args.accept == "gate":
+        from synthct.eval.gate import load_rules
+        from synthct.reference import load_reference
+
+        if args.reference_model:
+            reference = load_reference(
+                args.reference_model, vocabulary_hash=config.labels.vocabulary_hash
+            )
+        else:
+            from synthct.pretrained import load_phantom_reference
+
+            reference = load_phantom_reference(config.labels.vocabulary_hash)
+        gate = PluginGate(
+            reference,
+            load_rules(args.rules),
+            cases_per_class=args.gate_cases,
+            bootstrap=args.bootstrap,
+        )
     result = contribute_plugin(
         config,
         args.data,
@@ -160,12 +180,15 @@ def cmd_plugin_contribute(args: argparse.Namespace) -> int:
         seed=args.seed,
         steps=args.steps or 0,
         decoder_rank=args.decoder_rank or 0,
+        gate=gate,
     )
+    decision = result["decision"]
+    verb = "contributed" if decision["accepted"] else "was REFUSED for"
     print(
-        f"site {result['site']} contributed {result['plugin']} "
-        f"({result['bytes'] / 1024:.0f} KiB) through Flower; registry {result['registry']}"
+        f"site {result['site']} {verb} {result['plugin']} ({result['bytes'] / 1024:.0f} KiB, "
+        f"through Flower): {decision['why']}; registry {result['registry']}"
     )
-    return EXIT_OK
+    return EXIT_OK if decision["accepted"] else EXIT_GATE_FAILED
 
 
 def cmd_plugin_move_base(args: argparse.Namespace) -> int:
@@ -265,6 +288,24 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="> 0: the plugin also carries a decoder adapter of this rank (default: config)",
     )
+    q.add_argument(
+        "--accept",
+        choices=["gate", "none"],
+        default="gate",
+        help="gate: the base with the plugin fused in makes a cohort for the site, and the "
+        "plugin is added only if the federated gate passes it; none: added unjudged (the "
+        "registry records that)",
+    )
+    q.add_argument(
+        "--reference-model",
+        metavar="DIR",
+        help="the gate's reference models (default: the shipped phantom reference)",
+    )
+    q.add_argument("--rules", metavar="YAML", help="gate rule overrides (as for synthct gate)")
+    q.add_argument(
+        "--gate-cases", type=positive_int, default=8, help="cases per class the gate judges"
+    )
+    q.add_argument("--bootstrap", type=positive_int, default=100, help="gate bootstrap draws")
     config_options(q, "the sites", default="the generator's own config")
     seed_option(q)
     q.set_defaults(func=cmd_plugin_contribute)

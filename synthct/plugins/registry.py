@@ -46,6 +46,7 @@ __all__ = [
     "load_plugins",
     "move_base",
     "read_index",
+    "record_refusal",
 ]
 
 REGISTRY_FORMAT = 2  # 1: base only; 2: version, per-plugin status and history
@@ -227,22 +228,15 @@ def add_plugin(
     generator_dir: str | Path,
     *,
     by: str = "file",
+    acceptance: dict[str, Any] | None = None,
 ) -> Plugin:
     """Validate and copy a plugin into the registry (created for this base if new); ``by``
-    says how it arrived (a file, or the Flower node that sent it). A plugin re-fitted from a
-    stale one (``rebased_from`` in its plugin.json) retires that one."""
+    says how it arrived (a file, or the Flower node that sent it); ``acceptance``: the quality
+    decision that let it in, recorded with it. A plugin re-fitted from a stale one
+    (``rebased_from`` in its plugin.json) retires that one."""
     registry = Path(registry)
     base = generator_sha256(generator_dir)
-    if (registry / "registry.json").is_file():
-        index = read_index(registry)
-        served = index["base_generator_sha256"]
-        if served != base:
-            raise PluginError(
-                f"{registry} serves base generator {served[:12]}, not {base[:12]} "
-                "(move the registry to the new base first: synthct plugin move-base)"
-            )
-    else:
-        index = {"base_generator_sha256": base, "version": 0, "plugins": {}, "history": []}
+    index = _index_for(registry, base)
     plugin = validate_plugin(plugin_dir, gen, generator_dir)
     target = registry / plugin.name
     if target.exists() or plugin.name in index["plugins"]:
@@ -263,6 +257,7 @@ def add_plugin(
         "by": by,
         "status": "active",
         "version": version,
+        **({"acceptance": acceptance} if acceptance is not None else {}),
     }
     event = {"event": "added", "plugin": plugin.name, "site": plugin.meta["site"], "by": by}
     old = plugin.meta.get("rebased_from")
@@ -274,6 +269,43 @@ def add_plugin(
         "registered plugin %s (%d bytes, by %s)", plugin.name, plugin.meta["weights_bytes"], by
     )
     return Plugin(plugin.meta, plugin.state, target)
+
+
+def _index_for(registry: Path, base: str) -> dict[str, Any]:
+    """The registry's index if it serves ``base`` (a new one if there is none)."""
+    if not (registry / "registry.json").is_file():
+        return {"base_generator_sha256": base, "version": 0, "plugins": {}, "history": []}
+    index = read_index(registry)
+    served = index["base_generator_sha256"]
+    if served != base:
+        raise PluginError(
+            f"{registry} serves base generator {served[:12]}, not {base[:12]} "
+            "(move the registry to the new base first: synthct plugin move-base)"
+        )
+    return index
+
+
+def record_refusal(
+    registry: str | Path, plugin: Plugin, generator_dir: str | Path, *, by: str, decision: dict
+) -> None:
+    """Write down a plugin the quality check refused (its name, site, sha256, who sent it and
+    the numbers that refused it); nothing is added."""
+    registry = Path(registry)
+    index = _index_for(registry, generator_sha256(generator_dir))
+    registry.mkdir(parents=True, exist_ok=True)
+    _write_index(
+        registry,
+        index,
+        {
+            "event": "refused",
+            "plugin": plugin.name,
+            "site": plugin.meta["site"],
+            "sha256": plugin.meta["weights_sha256"],
+            "by": by,
+            "decision": decision,
+        },
+    )
+    logger.warning("refused plugin %s of %s: %s", plugin.name, plugin.meta["site"], decision)
 
 
 def move_base(registry: str | Path, generator_dir: str | Path) -> list[str]:

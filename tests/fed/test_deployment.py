@@ -242,7 +242,8 @@ def test_superlink_and_supernodes_with_tls_and_node_auth(tmp_path, smoke_sites):
             lambda: (registry / "registry.json").is_file(),
             "plugin contribution",
             f"task='plugin' site='{CONTRIBUTOR}' generator='{run_dir / 'generator'}' "
-            f"registry='{registry}' steps=2",
+            f"registry='{registry}' steps=2 reference='{reference_dir}' gate-cases=2 "
+            "bootstrap=20",
         )
     finally:
         procs.stop()
@@ -274,7 +275,8 @@ def test_superlink_and_supernodes_with_tls_and_node_auth(tmp_path, smoke_sites):
             "gate-evidence",
         ], phases
         downstream = phases[7 + n_ref :]  # two arms: rounds of weights and holdout counts
-        plugin = ["plugin"] if site == CONTRIBUTOR else []  # only the contributor sent one
+        # only the contributor sent a plugin; every site then scored its cohort (the gate)
+        plugin = (["plugin"] if site == CONTRIBUTOR else []) + ["gate-summary", "gate-evidence"]
         assert downstream[len(downstream) - len(plugin) :] == plugin
         downstream = downstream[: len(downstream) - len(plugin)]
         assert downstream.count("downstream-test") == 2 and "downstream" in downstream
@@ -289,5 +291,12 @@ def test_superlink_and_supernodes_with_tls_and_node_auth(tmp_path, smoke_sites):
     assert synthetic["synthetic"] == sum(counts.values()) and synthetic["real"] > 0
     assert "balanced_accuracy" in results["effect"]
     assert results["utility"]["per_seed"][0]["seed"] == 0  # judged on holdout, as in simulation
-    (entry,) = read_json(registry / "registry.json")["plugins"].values()
-    assert entry["site"] == CONTRIBUTOR and entry["by"].startswith("flower node ")
+    # judged by the federated gate before the registry took it or refused it, with its numbers
+    (event,) = read_json(registry / "registry.json")["history"]
+    assert event["site"] == CONTRIBUTOR and event["by"].startswith("flower node ")
+    decision = (
+        event.get("decision")
+        or read_json(registry / "registry.json")["plugins"][event["plugin"]]["acceptance"]
+    )
+    assert decision["gated"] and decision["judged_by"] == list(SITES)
+    assert event["event"] == ("added" if decision["accepted"] else "refused")

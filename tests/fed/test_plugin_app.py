@@ -22,19 +22,41 @@ def test_a_site_contributes_its_plugin_through_flower(tmp_path, smoke_config, sm
     save_generator(build_generator(smoke_config, seed=0), base)
     registry, run = tmp_path / "registry", tmp_path / "run"
     args = ["plugin", "contribute", str(registry), "--generator", str(base), "--site", "site_c"]
-    assert main([*args, "--data", str(smoke_sites), "--out", str(run), "--steps", "2"]) == 0
+    args += ["--data", str(smoke_sites), "--steps", "2", "--gate-cases", "3", "--bootstrap", "20"]
+    # the smoke sites hold 2-4 cases per class: the small-class guard would withhold them all
+    args += ["--config", "smoke", "--set", "federated.min_class_cases=1"]
+    # judged by the gate: an untrained base with a 2-step plugin makes noise, which fails;
+    # the refusal and its numbers are recorded, nothing is added
+    assert main([*args, "--out", str(tmp_path / "refused")]) == 3
+    index = read_json(registry / "registry.json")
+    assert index["plugins"] == {} and index["history"][-1]["event"] == "refused"
+    decision = index["history"][-1]["decision"]
+    assert decision["gated"] and not decision["accepted"] and decision["failed_rules"]
+    assert decision["cohort"] == {
+        "cases": 12,
+        "classes": ["normal", "nodule", "ground_glass", "consolidation"],
+        "site": "site_c",
+    }
+    # with rules that judge nothing the same contribution passes, and the decision is kept
+    rules = tmp_path / "lenient.yaml"
+    rules.write_text(
+        "rules:\n" + "".join(f"  {r}: {{enabled: false}}\n" for r in decision["rules"])
+    )
+    assert main([*args, "--out", str(run), "--rules", str(rules)]) == 0
     index = read_json(registry / "registry.json")
     ((name, entry),) = index["plugins"].items()
     assert entry["site"] == "site_c" and entry["by"].startswith("flower node ")
+    assert entry["acceptance"]["accepted"] and entry["acceptance"]["verdict"] == "pass"
     gen = load_generator(base)
     (plugin,) = load_plugins(registry, gen, base)  # every check `plugin add` makes
     assert plugin.meta["classes_seen"]["consolidation"] == 1  # coarsened: "a few"
     # what left the site is in its own audit log: the adapter's bytes and digest, nothing else
-    (record,) = [
+    record, *judged = [
         json.loads(line)
         for line in (run / "sites" / "site_c" / "audit.jsonl").read_text().splitlines()
     ]
     assert record["phase"] == "plugin" and record["tensors"] == len(plugin.state)
+    assert [r["phase"] for r in judged] == ["gate-summary", "gate-evidence"]  # then the gate
     assert set(record["metrics"]) == {"site-index", "contributed"} | {
         f"seen-{c}" for c in smoke_config.labels.classes
     }
