@@ -49,6 +49,9 @@ GOOD_SEED, JUDGE_SEED = 2001, 3001
 # (axis, dose): the most telling doses first, so a run cut short has one of each axis
 DOSES = [
     ("none", 0),
+    # the product's own output in the same class mix: where the shipped generator's cohort sits
+    # on these curves (does a cohort the gate fails today help or harm?)
+    ("generator", "pretrained"),
     ("smoothed", 1.0),
     ("hu_shift", 60),
     ("label_noise", 0.3),
@@ -64,9 +67,6 @@ DOSES = [
     ("mode_collapse", 3),
     ("mode_collapse", 8),
     ("near_copies", 1.0),
-    # the product's own output in the same class mix: where the shipped generator's cohort sits
-    # on these curves (does a cohort the gate fails today help or harm?)
-    ("generator", "pretrained"),
 ]
 
 
