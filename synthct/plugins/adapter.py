@@ -135,6 +135,25 @@ def coarsen(n: int) -> int:
     return 0 if n <= 0 else max(1, (n // 5) * 5)
 
 
+def _adapted_copy(
+    module: nn.Module,
+    attach: Callable[[nn.Module], Any],
+    initial: dict[str, torch.Tensor] | None,
+    device: torch.device,
+) -> tuple[nn.Module, list[nn.Parameter]]:
+    """A frozen copy of ``module`` on ``device`` with the adapter ``attach`` injects (named
+    ``plugin``; from ``initial`` tensors if given) and the adapter's parameters, trainable."""
+    copied = copy.deepcopy(module).to(device)
+    copied.requires_grad_(False)
+    attach(copied)
+    if initial is not None:
+        load_adapter_state(copied, {k: v.to(device) for k, v in initial.items()}, "plugin")
+    params = [p for n, p in copied.named_parameters() if "lora_" in n]
+    for p in params:
+        p.requires_grad_(True)
+    return copied, params
+
+
 def train_plugin(
     gen: Generator,
     cases: CaseSet,
@@ -153,14 +172,9 @@ def train_plugin(
     device = torch.device(device)
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    unet = copy.deepcopy(gen.ema).to(device)
-    unet.requires_grad_(False)
-    attach_adapter(unet, cfg, "plugin", targets=targets)
-    if initial is not None:
-        load_adapter_state(unet, {k: v.to(device) for k, v in initial.items()}, "plugin")
-    params = [p for n, p in unet.named_parameters() if "lora_" in n]
-    for p in params:
-        p.requires_grad_(True)
+    unet, params = _adapted_copy(
+        gen.ema, lambda m: attach_adapter(m, cfg, "plugin", targets=targets), initial, device
+    )
     optimizer = torch.optim.AdamW(params, lr=cfg.lr)
     ae = copy.deepcopy(gen.autoencoder).to(device).eval()
     z0 = gen.latent_norm.apply(encode_latents(ae, cases.images.to(device)))
@@ -209,14 +223,12 @@ def train_decoder_adapter(
     device = torch.device(device)
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    ae = copy.deepcopy(gen.autoencoder).to(device)
-    ae.requires_grad_(False)
-    attach_decoder_adapter(ae, cfg.decoder_rank, "plugin", targets=targets)
-    if initial is not None:
-        load_adapter_state(ae, {k: v.to(device) for k, v in initial.items()}, "plugin")
-    params = [p for n, p in ae.named_parameters() if "lora_" in n]
-    for p in params:
-        p.requires_grad_(True)
+    ae, params = _adapted_copy(
+        gen.autoencoder,
+        lambda m: attach_decoder_adapter(m, cfg.decoder_rank, "plugin", targets=targets),
+        initial,
+        device,
+    )
     optimizer = torch.optim.AdamW(params, lr=cfg.decoder_lr)
     images = cases.images.to(device)
     z = encode_latents(ae, images)
