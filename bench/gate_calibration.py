@@ -105,6 +105,15 @@ def classify(rows: list[dict], sd: dict, real_only: dict) -> list[dict]:
     out = []
     for (axis, dose), mine in grouped.items():
         change = {k: float(np.mean([r["change"][k] for r in mine])) for k in KEYS}
+        # against the good cohort of the same seed (as many real cases of the same classes and
+        # sites): steadier than against real only, whose own stopping point varies by seed
+        good = {r["seed"]: r for r in rows if r["axis"] == "none"}
+        paired = [r for r in mine if r["seed"] in good]
+        vs_good = (
+            {k: round(float(np.mean([r[k] - good[r["seed"]][k] for r in paired])), 4) for k in KEYS}
+            if paired
+            else None
+        )
         band = {k: 2 * sd[k] / np.sqrt(len(mine)) for k in KEYS}
         fell = [k for k in KEYS if change[k] < -band[k]]
         rose = change["balanced_accuracy"] > band["balanced_accuracy"]
@@ -129,6 +138,7 @@ def classify(rows: list[dict], sd: dict, real_only: dict) -> list[dict]:
                 "dose": dose,
                 "seeds": [r["seed"] for r in mine],
                 "change": {k: round(v, 4) for k, v in change.items()},
+                "vs_good_cohort": vs_good,
                 "class": kind,
                 "band": {k: round(v, 4) for k, v in band.items()},
                 "fell_beyond_band": fell,
