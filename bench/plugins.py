@@ -47,7 +47,7 @@ from synthct.config import config_from_dict, load_config, packaged_config_path
 from synthct.data.dataset import load_cases
 from synthct.data.phantoms import write_phantom_sites
 from synthct.data.preprocess import hu_to_model, model_to_hu
-from synthct.eval.distribution import class_matched_weights, standardise, weighted_kid
+from synthct.eval.distribution import class_matched_kid
 from synthct.eval.features import radiomics_features
 from synthct.fed.simulation import train_federated
 from synthct.fed.task import tensors_to_bytes
@@ -78,12 +78,9 @@ def kid_against(
     scale: np.ndarray,
 ) -> float:
     """Class-matched KID on radiomics features (the gate's fidelity metric), every set
-    standardised by the same ``scale`` rows (all sites' holdout: one site's few cases would
-    give near-zero spreads and blow distances up)."""
-    real_f, syn_f = radiomics_features(real_hu), radiomics_features(syn_hu)
-    _, real_z, syn_z = standardise(scale, real_f, syn_f)
-    w_syn, w_real = class_matched_weights(syn_labels, real_labels)
-    return float(weighted_kid(syn_z, w_syn, real_z, w_real))
+    standardised by the same ``scale`` rows (all sites' holdout)."""
+    syn = radiomics_features(syn_hu)
+    return class_matched_kid(syn, syn_labels, radiomics_features(real_hu), real_labels, scale)
 
 
 def main() -> None:

@@ -135,6 +135,21 @@ def weighted_kid(x: np.ndarray, wx: np.ndarray, y: np.ndarray, wy: np.ndarray) -
     return weighted_within(x, wx) + weighted_within(y, wy) - 2 * float(wx @ kxy @ wy)
 
 
+def class_matched_kid(
+    syn: np.ndarray,
+    syn_labels: np.ndarray,
+    real: np.ndarray,
+    real_labels: np.ndarray,
+    scale: np.ndarray,
+) -> float:
+    """KID between two feature sets with the classes matched (each class weighted alike on
+    both sides), both standardised by ``scale``'s spread (a wider reference set: a site's
+    few cases alone would give near-zero spreads and blow distances up)."""
+    _, real_z, syn_z = standardise(scale, real, syn)
+    w_syn, w_real = class_matched_weights(syn_labels, real_labels)
+    return weighted_kid(syn_z, w_syn, real_z, w_real)
+
+
 def weighted_moments(a: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Weighted mean and (unbiased, reliability-weighted) covariance; ``w`` sums to 1."""
     mu = w @ a

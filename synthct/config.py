@@ -689,6 +689,11 @@ class PluginConfig(_Strict):
     )
     decoder_steps: int = Field(default=200, ge=1)
     decoder_lr: float = Field(default=1e-3, gt=0)
+    late_site: SiteProfile | None = Field(
+        default=None,
+        description="the demo's late joiner: a hospital with its own scanner that trained "
+        "nothing of the shared generator and contributes a plugin (phantoms rendered for it)",
+    )
 
 
 class SynthctConfig(_Strict):
@@ -711,6 +716,18 @@ class SynthctConfig(_Strict):
         """C×X×Y×Z of the latent grid."""
         f = self.autoencoder.downsample
         return (self.autoencoder.latent_channels, *(s // f for s in self.data.shape))
+
+    @model_validator(mode="after")
+    def _late_site_is_new(self) -> SynthctConfig:
+        late = self.plugins.late_site
+        if late is not None and late.name in self.site_names:
+            raise _LocatedError(
+                ("plugins", "late_site", "name"),
+                late.name,
+                "the late site must be a site that did not train the generator "
+                f"(not one of data.sites: {self.site_names})",
+            )
+        return self
 
     @model_validator(mode="after")
     def _patch_fits(self) -> SynthctConfig:

@@ -156,7 +156,7 @@ def run_demo(args: argparse.Namespace, device: torch.device | str = "cpu") -> in
                 for arm, data in downstream["arms"].items()
             },
             "utility": _utility_line(downstream),
-            "site plugin": {k: v for k, v in plugin.items() if k != "samples"},
+            "site plugin": {k: v for k, v in plugin.items() if not k.endswith("samples")},
             "stages_s": timings,
         }
         report = _run_stage(
@@ -190,10 +190,17 @@ def run_demo(args: argparse.Namespace, device: torch.device | str = "cpu") -> in
     if summary["utility"]:
         console.print(summary["utility"])
     console.print(
-        f"site plugin from {plugin['site']}: {plugin['plugin_bytes'] / 1e3:.0f} KB "
-        f"({plugin['share_of_unet_update']:.1%} of a UNet update), trained in "
-        f"{plugin['train_s']:.0f} s; conditional accuracy base {plugin['base']['mean']:.2f} -> "
-        f"fused {plugin['fusion']['mean']:.2f}"
+        f"site plugin from {plugin['site']}"
+        + (" (a late joiner)" if plugin["late_joiner"] else "")
+        + f": {plugin['plugin_bytes'] / 1e3:.0f} KB ({plugin['share_of_generator_update']:.1%} "
+        f"of a generator update), trained in {plugin['train_s']:.0f} s; conditional accuracy "
+        f"base {plugin['base']['mean']:.2f} -> fused {plugin['fusion']['mean']:.2f}"
+        + (
+            f"; radiomics KID to its own scans {plugin['base']['kid_radiomics_to_site']:.2f} -> "
+            f"{plugin['fusion']['kid_radiomics_to_site']:.2f}"
+            if "kid_radiomics_to_site" in plugin["base"]
+            else ""
+        )
     )
     write_json(
         run / "demo.json",
@@ -313,70 +320,15 @@ def _plugin(
     seed: int,
     device: torch.device | str = "cpu",
 ) -> dict:
-    """A site joins after the rounds: a LoRA plugin on its own ``train`` cases against the
-    run's generator, exported, accepted into ``RUN/plugins/registry`` and fused; samples of
-    every class from the base and the fused generator, scored by the reference classifier."""
-    import torch
+    """A site joins after the rounds (``synthct.pipeline.late_site``): its plugin on the run's
+    generator, accepted into ``RUN/plugins/registry``, before and after in its own style."""
+    from synthct.pipeline.late_site import late_site_plugin
+    from synthct.reference import load_reference
 
-    from synthct.checkpoint import load_generator
-    from synthct.data.dataset import load_cases
-    from synthct.data.preprocess import hu_to_model
-    from synthct.fed.task import tensors_to_bytes
-    from synthct.plugins.adapter import export_plugin, train_plugin
-    from synthct.plugins.merge import fuse
-    from synthct.plugins.registry import add_plugin, load_plugins
-    from synthct.reference import evaluate_classifier, load_reference
-    from synthct.sampling import sample_volumes
-
-    gen_dir = run / "generator"
-    gen = load_generator(gen_dir)
-    labels_cfg = gen.config.labels
-    rare = labels_cfg.index(labels_cfg.rare[0] if labels_cfg.rare else labels_cfg.classes[-1])
-    cases = load_cases(manifest, config, splits=("train",))
-    rare_sites = Counter(
-        s for s, y in zip(cases.sites, cases.labels.tolist(), strict=True) if y == rare
+    reference = load_reference(run / "reference", vocabulary_hash=config.labels.vocabulary_hash)
+    return late_site_plugin(
+        manifest, config, run, reference, seed=seed, device=device, progress=progress_bar
     )
-    site = max(config.site_names, key=lambda name: rare_sites[name])  # first one on ties
-    own = cases.subset([i for i, s in enumerate(cases.sites) if s == site])
-    cfg = config.plugins
-    start = time.perf_counter()
-    with progress_bar(f"plugin ({site})", total=cfg.steps) as update:
-        unet = train_plugin(gen, own, cfg, seed=seed, progress=update, device=device)
-    train_s = time.perf_counter() - start
-    plugin_dir = export_plugin(
-        unet, run / "plugins" / site, gen=gen, generator_dir=gen_dir, site=site, cases=own, cfg=cfg
-    )
-    registry = run / "plugins" / "registry"
-    shutil.rmtree(registry, ignore_errors=True)  # the demo's own registry, rebuilt on a rerun
-    add_plugin(registry, plugin_dir, gen, gen_dir)
-    plugins = load_plugins(registry, gen, gen_dir)
-    reference = load_reference(run / "reference", vocabulary_hash=labels_cfg.vocabulary_hash)
-    n_classes = labels_cfg.num_classes
-    labels = torch.arange(n_classes).repeat_interleave(4)
-    result: dict = {
-        "site": site,
-        "rare_class": labels_cfg.classes[rare],
-        "train_s": round(train_s, 1),
-        "plugin_bytes": int(plugins[0].meta["weights_bytes"]),
-        "unet_update_bytes": len(tensors_to_bytes(dict(gen.ema.state_dict()))),
-        "rank": cfg.rank,
-        "targets": cfg.targets,
-        "steps": cfg.steps,
-    }
-    result["share_of_unet_update"] = round(result["plugin_bytes"] / result["unet_update_bytes"], 4)
-    for arm, g in (("base", gen), ("fusion", fuse(gen, plugins))):
-        hu = sample_volumes(g, labels, generator=torch.Generator().manual_seed(seed))
-        pred = reference.predict(hu_to_model(hu, config.data.hu_window))
-        acc = evaluate_classifier(pred, labels, n_classes)
-        result[arm] = {
-            "mean": round(acc["balanced_accuracy"], 3),
-            "per_class": {
-                labels_cfg.classes[c]: round(v, 3) for c, v in acc["per_class_recall"].items()
-            },
-        }
-        if arm == "fusion":
-            result["samples"] = hu[labels == rare][:3, 0].numpy()
-    return result
 
 
 def _report(

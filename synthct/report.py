@@ -349,26 +349,49 @@ def _downstream_html(results: dict[str, Any]) -> str:
 
 
 def _plugin_html(plugin: dict[str, Any]) -> str:
-    """Plugin size against a full UNet update, and what fusing it did per class."""
+    """Plugin size against a full update, and what fusing it did: per class (reference
+    classifier) and, for a late joiner, in its own scanner's style (radiomics KID)."""
     classes = list(plugin["base"]["per_class"])
     head = "".join(f"<th>{html.escape(c)}</th>" for c in classes)
+    styled = "kid_radiomics_to_site" in plugin["base"]
 
     def row(arm: str) -> str:
         cells = "".join(
             f"<td>{plugin[arm]['per_class'].get(c, float('nan')):.2f}</td>" for c in classes
         )
-        return f"<tr><td>{arm}</td><td>{plugin[arm]['mean']:.2f}</td>{cells}</tr>"
+        kid = f"<td>{plugin[arm]['kid_radiomics_to_site']:.3f}</td>" if styled else ""
+        return f"<tr><td>{arm}</td><td>{plugin[arm]['mean']:.2f}</td>{cells}{kid}</tr>"
 
+    who = html.escape(plugin["site"])
+    joined = (
+        f"{who} is a late joiner: it trained nothing of the shared generator, and its scanner "
+        "is its own."
+        if plugin.get("late_joiner")
+        else f"{who} trained the shared generator with the others and adds a plugin after."
+    )
+    decoder = (
+        f" and a rank-{plugin['decoder_rank']} adapter on the decoder (its scanner style)"
+        if plugin.get("decoder_rank")
+        else ""
+    )
+    kid_head = "<th>radiomics KID to its own scans</th>" if styled else ""
     return (
-        f"<p>{html.escape(plugin['site'])} trained a rank-{plugin['rank']} "
-        f"{html.escape(plugin['targets'])} plugin ({plugin['steps']} steps, "
-        f"{plugin['train_s']:.0f} s) on its own <code>train</code> cases after the rounds: "
+        f"<p>{joined} It trained a rank-{plugin['rank']} {html.escape(plugin['targets'])} "
+        f"adapter on the frozen UNet ({plugin['steps']} steps){decoder}, "
+        f"{plugin['train_s']:.0f} s in all, on its own <code>train</code> cases: "
         f"{plugin['plugin_bytes'] / 1e3:.0f} KB sent instead of a "
-        f"{plugin['unet_update_bytes'] / 1e6:.1f} MB UNet update "
-        f"({plugin['share_of_unet_update']:.1%}). The registry validated it (hash, base "
-        "generator, vocabulary, tensor shapes) and Fusion merged it. Conditional accuracy of "
-        "samples (reference classifier, 4 per class):</p>"
-        f"<table><tr><th>generator</th><th>mean</th>{head}</tr>{row('base')}{row('fusion')}</table>"
+        f"{plugin['generator_update_bytes'] / 1e6:.1f} MB generator update "
+        f"({plugin['share_of_generator_update']:.1%}). The registry validated it (hash, base "
+        "generator, vocabulary, tensor shapes) and Fusion merged it. The base generator's "
+        "cases (site-agnostic) against the same classes made for the site with the plugin "
+        "fused in, 4 per class: conditional accuracy (reference classifier)"
+        + (
+            ", and the radiomics KID to the site's own holdout scans (lower: closer to its scanner)"
+            if styled
+            else ""
+        )
+        + f":</p><table><tr><th>generator</th><th>mean</th>{head}{kid_head}</tr>"
+        f"{row('base')}{row('fusion')}</table>"
     )
 
 
@@ -476,8 +499,14 @@ def write_report(
     if plugin is not None:
         parts.append("<h2>A site joins late: LoRA plugin</h2>" + _plugin_html(plugin))
         if plugin.get("samples") is not None:
+            site = plugin["site"]
+            if plugin.get("real_samples") is not None and real is not None:
+                side_by_side(
+                    (montage(plugin["real_samples"], ""), f"{site}'s own scans"),
+                    (montage(plugin["base_samples"], ""), "base generator"),
+                )
             add(
-                montage(plugin["samples"], f"plugin-fused generator: {plugin['rare_class']}"),
+                montage(plugin["samples"], f"base + {site}'s plugin: {plugin['rare_class']}"),
                 "plugin-fused samples",
             )
     prov = {**provenance, "versions": library_versions()}

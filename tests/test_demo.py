@@ -37,27 +37,30 @@ def test_demo_stages_on_smoke(tmp_path, render_check):
     assert ("real+synthetic" in results["arms"]) == (gate["verdict"] == "pass")
     if gate["verdict"] != "pass":  # a failed gate is explained, not hidden
         assert "failed the gate" in (run / "report.html").read_text()
-    # a late site's plugin: from the site with the most rare train cases, validated, fused
+    # a late joiner's plugin (UNet and decoder adapters): its own phantoms, validated, fused,
+    # and scored before/after against its own scans
     plugin = summary["site_plugin"]
-    train = [r for r in read_manifest(run / "data" / "manifest.csv") if r.split == "train"]
-    rare = {
-        site: sum(r.site == site and r.label == "consolidation" for r in train)
-        for site in ("site_a", "site_b", "site_c")
-    }
-    assert rare[plugin["site"]] == max(rare.values())
+    assert plugin["site"] == "site_d" and plugin["late_joiner"] and plugin["decoder_rank"] == 2
+    late = read_manifest(run / "late_site" / "manifest.csv")
+    assert {r.site for r in late} == {"site_d"} and "site_d" not in summary["generator"][
+        "last_losses"
+    ]
     assert (run / "plugins" / "registry" / "registry.json").is_file()
-    assert 0 < plugin["plugin_bytes"] < plugin["unet_update_bytes"]
+    assert 0 < plugin["plugin_bytes"] < plugin["generator_update_bytes"]
     assert set(plugin["fusion"]["per_class"]) == set(plugin["base"]["per_class"])
+    for arm in ("base", "fusion"):
+        assert plugin[arm]["kid_radiomics_to_site"] is not None
     # the verdict is signed with the demo's key, and downstream checked it against that key
     from synthct.signing import verify_document
 
     assert verify_document(gate, [run / "keys" / "gate.pub"], what="demo gate")
     assert results["gate"] is None or results["gate"]["signed_by"].endswith("gate.pub")
     # the report: per class synthetic and real montages, per-site style pairs, HU histograms,
-    # curves, downstream bars, the plugin-fused rare-class montage
+    # curves, the gate against harm (rule values, dose-response), downstream bars, the late
+    # site's own scans beside the base generator's and the plugin-fused montage
     seen = render_check(run / "report.html", tmp_path)
     n_syn = len({r.label for r in rows})
-    assert seen["expected"] == len(seen["images"]) == n_syn + 4 + 1 + 3 + 1
+    assert seen["expected"] == len(seen["images"]) == n_syn + 4 + 1 + 3 + 2 + 3
     assert all(img["range"] > 50 for img in seen["images"])
 
 
