@@ -176,8 +176,10 @@ def main(grid: Grid, context: Context) -> None:
     elif task == "downstream":
         _downstream(grid, config, rc, out)
     elif task == "plugin":
-        gate = None
-        if str(rc.get("accept", "gate")) == "gate":
+        gate, accept = None, str(rc.get("accept", "gate"))
+        if accept not in ("gate", "none"):
+            raise FederatedError(f"run config accept={accept!r}: 'gate' or 'none'")
+        if accept == "gate":
             from synthct.eval.gate import load_rules
             from synthct.reference import load_reference
 

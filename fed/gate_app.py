@@ -262,10 +262,17 @@ def _judge(
     )
 
 
-def gate_server(grid: Grid, config: SynthctConfig, cohorts: list[Path], **kwargs) -> list[dict]:
+def gate_server(
+    grid: Grid,
+    config: SynthctConfig,
+    cohorts: list[Path],
+    nodes: list[int] | None = None,
+    **kwargs,
+) -> list[dict]:
     """The federated gate's reports for ``cohorts`` on ``grid`` (``_judge``'s settings as
-    keywords; ``manifest``/``site_root`` None in a deployment)."""
-    nodes = wait_for_sites(grid, config)
+    keywords; ``manifest``/``site_root`` None in a deployment). ``nodes``: judge with these
+    sites only (``config`` naming just them), e.g. a plugin's own site."""
+    nodes = nodes if nodes is not None else wait_for_sites(grid, config)
     if len(nodes) < len(config.site_names):
         raise FederatedError(
             f"federated gate: {len(nodes)} of {len(config.site_names)} sites connected; "

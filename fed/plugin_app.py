@@ -107,6 +107,10 @@ def contribute(msg: Message, context: Context) -> Message:
                 f"registry serves {wanted[:12]}: install that base first"
             )
         gen = load_generator(gen_dir)
+        if gen.config.labels.vocabulary_hash != config.labels.vocabulary_hash:
+            raise SiteError(
+                f"site {site.name!r}: the run's label vocabulary is not its base generator's"
+            )
         cases = load_site_cases(config, site.manifest, site.name)
         if tuple(cases.images.shape[-3:]) != tuple(gen.config.data.shape):
             raise SiteError(
@@ -169,6 +173,11 @@ def contribute_server(
     if site not in config.site_names:
         raise FederatedError(f"site {site!r} is not in the run's config ({config.site_names})")
     gen = load_generator(generator_dir)
+    if gen.config.labels.vocabulary_hash != config.labels.vocabulary_hash:
+        raise FederatedError(
+            f"the run's config and the base generator {generator_dir} have different label "
+            "vocabularies: the site would train on labels the base does not mean"
+        )
     base = _registry_takes(registry, generator_dir)  # before any site spends time on it
     nodes = wait_for_sites(grid, config)
     cfg = ConfigRecord(
@@ -190,10 +199,22 @@ def contribute_server(
     ]
     replies = list(grid.send_and_receive(messages, timeout=config.federated.round_timeout_s))
     errors = [r.error.reason for r in replies if r.has_error()]
-    sent = [r for r in replies if not r.has_error() and int(r.content["config"]["contributed"])]
+    sent = [
+        r
+        for r in replies
+        if not r.has_error()
+        and int(r.content["config"]["contributed"])
+        and str(r.content["config"]["site"]) == site
+    ]
     if not sent:
         why = "; ".join(errors) or f"site {site!r} did not answer (is its SuperNode connected?)"
         raise FederatedError(f"plugin contribution from {site!r}: {why}")
+    if len(sent) > 1:
+        nodes_sent = sorted(r.metadata.src_node_id for r in sent)
+        raise FederatedError(
+            f"plugin contribution from {site!r}: {len(sent)} nodes ({nodes_sent}) claim to be "
+            "that site; nothing is registered"
+        )
     (reply,) = sent
     metrics = reply.content["metrics"]
     seen = {c: int(metrics.get(f"seen-{c}", 0)) for c in gen.config.labels.classes}
@@ -217,7 +238,16 @@ def contribute_server(
         decision: dict[str, Any] = {"gated": False, "accepted": True, "why": "not judged"}
         if gate is not None:
             decision = _judge_contribution(
-                grid, config, gen, generator_dir, staged, gate, seed, manifest, site_root
+                grid,
+                _one_site(config, site),
+                reply.metadata.src_node_id,
+                gen,
+                generator_dir,
+                staged,
+                gate,
+                seed,
+                manifest,
+                site_root,
             )
         result = {
             "plugin": staged.name,
@@ -237,9 +267,21 @@ def contribute_server(
     return result
 
 
+def _one_site(config: SynthctConfig, site: str) -> SynthctConfig:
+    """``config`` with ``site`` its only site (a plugin is judged on its own site's data)."""
+    only = [s for s in config.data.sites if s.name == site]
+    return config.model_copy(
+        update={
+            "data": config.data.model_copy(update={"sites": only}),
+            "federated": config.federated.model_copy(update={"min_sites": 1}),
+        }
+    )
+
+
 def _judge_contribution(
     grid: Grid,
     config: SynthctConfig,
+    node: int,
     gen,  # noqa: ANN001 - synthct.checkpoint.Generator
     generator_dir: Path,
     plugin,  # noqa: ANN001 - synthct.plugins.registry.Plugin
@@ -249,7 +291,9 @@ def _judge_contribution(
     site_root: Path | None,
 ) -> dict[str, Any]:
     """The base with ``plugin`` fused in makes cases of every class its site has seen, for
-    that site; the federated gate judges them. Returns the decision with its numbers."""
+    that site; the gate judges them on that site's own data (its ``node`` alone, ``config``
+    naming only it: the same in simulation and deployment). Returns the decision with its
+    numbers."""
     import tempfile
 
     from synthct.cohort import PlannedCase, generate_cohort
@@ -259,6 +303,8 @@ def _judge_contribution(
 
     site = plugin.meta["site"]
     seen = [c for c in gen.config.labels.classes if plugin.cases(c) > 0]
+    if not seen:
+        return {"gated": True, "accepted": False, "why": "the site reports no cases of any class"}
     plan = [
         PlannedCase(f"{site}-{c}-{i:04d}", c, site)
         for c in seen
@@ -272,6 +318,7 @@ def _judge_contribution(
             grid,
             config,
             [cohort],
+            nodes=[node],
             manifest=manifest,
             reference=gate.reference,
             rules=gate.rules,
@@ -338,13 +385,7 @@ def contribute_plugin(
     if site not in config.site_names:
         raise FederatedError(f"site {site!r} is not in the config's sites ({config.site_names})")
     _registry_takes(Path(registry), Path(generator_dir))
-    only = [s for s in config.data.sites if s.name == site]
-    one = config.model_copy(
-        update={
-            "data": config.data.model_copy(update={"sites": only}),
-            "federated": config.federated.model_copy(update={"min_sites": 1}),
-        }
-    )
+    one = _one_site(config, site)
     run = Path(run).resolve()
     run.mkdir(parents=True, exist_ok=True)
     return simulate(

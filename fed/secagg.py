@@ -142,6 +142,11 @@ def secure_train_mod(msg: Message, context: Context, call_next: ClientAppCallabl
         return call_next(msg, context)
     if RECORD_KEY_CONFIGS in msg.content.config_records:
         return secaggplus_mod(msg, context, _update_for_secagg(call_next))
+    cfg = msg.content.config_records.get("config")
+    if cfg is not None and str(cfg.get("task", "")) == "plugin":
+        # a plugin is one site's adapter by design, never aggregated; a site releases one
+        # only with its own opt-in (contribute-plugins=true, checked by the plugin task)
+        return call_next(msg, context)
     if _truthy(context.node_config.get(REQUIRE_NODE_KEY, False)):
         raise SiteError(
             "this site requires secure aggregation (node config "

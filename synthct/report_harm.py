@@ -89,7 +89,10 @@ def rule_harm_figure(calibration: dict[str, Any], gate_rules: list[dict[str, Any
     names = [
         n
         for n, spec in calibration["rules"].items()
-        if spec.get("traded_for_utility") and n in mine and mine[n].get("value") is not None
+        if spec.get("traded_for_utility")
+        and n in mine
+        and mine[n].get("value") is not None
+        and np.isfinite(mine[n]["value"])
     ]
     if not names:
         return None

@@ -261,14 +261,21 @@ def add_plugin(
     }
     event = {"event": "added", "plugin": plugin.name, "site": plugin.meta["site"], "by": by}
     old = plugin.meta.get("rebased_from")
-    if old and old in index["plugins"]:
-        index["plugins"][old].update(status="rebased", replaced_by=plugin.name)
+    if old is not None:  # it may retire only a stale plugin of its own site
+        entry = index["plugins"].get(old) if isinstance(old, str) else None
+        if entry is None or entry["status"] != "stale" or entry["site"] != plugin.meta["site"]:
+            shutil.rmtree(target, ignore_errors=True)
+            raise PluginError(
+                f"{plugin_dir}: rebased_from {old!r} is not a stale plugin of site "
+                f"{plugin.meta['site']!r} in {registry}"
+            )
+        entry.update(status="rebased", replaced_by=plugin.name)
         event["replaces"] = old
     _write_index(registry, index, event)
     logger.info(
         "registered plugin %s (%d bytes, by %s)", plugin.name, plugin.meta["weights_bytes"], by
     )
-    return Plugin(plugin.meta, plugin.state, target)
+    return Plugin(plugin.meta, plugin.state, target, plugin.decoder_state)
 
 
 def _index_for(registry: Path, base: str) -> dict[str, Any]:

@@ -55,7 +55,9 @@ def test_a_site_contributes_its_plugin_through_flower(tmp_path, smoke_config, sm
         json.loads(line)
         for line in (run / "sites" / "site_c" / "audit.jsonl").read_text().splitlines()
     ]
-    assert record["phase"] == "plugin" and record["tensors"] == len(plugin.state)
+    assert plugin.decoder_state  # smoke's plugins.decoder_rank: the site's decoder adapter too
+    assert record["phase"] == "plugin"
+    assert record["tensors"] == len(plugin.state) + len(plugin.decoder_state)
     assert [r["phase"] for r in judged] == ["gate-summary", "gate-evidence"]  # then the gate
     assert set(record["metrics"]) == {"site-index", "contributed"} | {
         f"seen-{c}" for c in smoke_config.labels.classes

@@ -286,6 +286,16 @@ def test_a_site_that_requires_secagg_refuses_a_plain_round_and_one_over_max_weig
     plain.metadata.__dict__["_src_node_id"] = SERVER
     with pytest.raises(Exception, match="requires secure aggregation"):
         app(plain, context)
+    # a plugin request is one site's adapter by design, never aggregated: the site's own
+    # opt-in (checked by the plugin task) decides, not the secure-aggregation requirement
+    plugin = Message(
+        RecordDict({"arrays": ArrayRecord(GLOBAL), "config": ConfigRecord({"task": "plugin"})}),
+        5,
+        "train",
+    )
+    plugin.metadata.__dict__["_message_id"] = "m2"
+    plugin.metadata.__dict__["_src_node_id"] = SERVER
+    assert app(plugin, context).content["metrics"]["num-examples"] == 10
 
     updates = _updates(2, seed=6)
     grid = _world(updates, [10, 100])  # 100 > max_weight 64

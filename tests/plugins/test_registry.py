@@ -70,6 +70,17 @@ def test_a_moved_base_makes_plugins_stale_until_refitted(
     wrong_site = ["plugin", "train", "--generator", str(new_base), "--site", "site_a"]
     wrong_site += ["--data", str(smoke_sites), "--out", str(tmp_path / "x")]
     assert main([*wrong_site, "--rebase-from", str(old.path)]) != 0
+    # rebased_from may retire only a stale plugin of the same site
+    forged = tmp_path / "forged"
+    forged.mkdir()
+    meta_f = json.loads((refit / "plugin.json").read_text())
+    meta_f["site"] = "site_a"
+    (forged / "plugin.json").write_text(json.dumps(meta_f))
+    (forged / "plugin.safetensors").write_bytes((refit / "plugin.safetensors").read_bytes())
+    with pytest.raises(PluginError, match="not a stale plugin of site 'site_a'"):
+        add_plugin(registry, forged, new_gen, new_base)
+    assert read_json(registry / "registry.json")["version"] == 2  # nothing changed
+    assert not (registry / f"site_a-{meta_f['weights_sha256'][:12]}").exists()
     new = add_plugin(registry, refit, new_gen, new_base)
     index = read_json(registry / "registry.json")
     assert index["plugins"][old.name] == {
