@@ -51,7 +51,7 @@ from synthct.eval.distribution import class_matched_kid
 from synthct.eval.features import radiomics_features
 from synthct.fed.simulation import train_federated
 from synthct.fed.task import tensors_to_bytes
-from synthct.plugins.adapter import export_plugin, train_decoder_adapter, train_plugin
+from synthct.plugins.adapter import export_plugin, train_site_adapters
 from synthct.plugins.fit import fit_fusion_weights, fit_mixture_weights, validation_draws
 from synthct.plugins.merge import MixtureDenoiser, fuse, with_site_decoders
 from synthct.plugins.registry import add_plugin, load_plugins
@@ -123,10 +123,7 @@ def main() -> None:
         """Train ``site``'s plugin (its decoder adapter too with ``cfg.decoder_rank``) and
         export it to ``plugin_dir``; seconds of training."""
         t0 = time.perf_counter()
-        unet = train_plugin(gen, cases, cfg, seed=args.seed)
-        decoder = None
-        if cfg.decoder_rank > 0:
-            decoder = train_decoder_adapter(gen, cases, cfg, seed=args.seed)
+        unet, decoder = train_site_adapters(gen, cases, cfg, seed=args.seed)
         train_s = round(time.perf_counter() - t0, 1)
         export_plugin(
             unet,

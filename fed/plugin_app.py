@@ -90,8 +90,7 @@ def contribute(msg: Message, context: Context) -> Message:
         DECODER_PREFIX,
         adapter_state,
         coarsen,
-        train_decoder_adapter,
-        train_plugin,
+        train_site_adapters,
     )
 
     try:
@@ -120,10 +119,9 @@ def contribute(msg: Message, context: Context) -> Message:
         plugin_cfg = gen.config.plugins.model_copy(
             update={k: v for k, v in _plugin_settings(cfg).items() if v}
         )
-        unet = train_plugin(gen, cases, plugin_cfg, seed=int(cfg["seed"]))
+        unet, ae = train_site_adapters(gen, cases, plugin_cfg, seed=int(cfg["seed"]))
         tensors = adapter_state(unet, "plugin")
-        if plugin_cfg.decoder_rank > 0:  # its scanner's style, on the decoder
-            ae = train_decoder_adapter(gen, cases, plugin_cfg, seed=int(cfg["seed"]))
+        if ae is not None:  # its scanner's style, on the decoder
             tensors.update({DECODER_PREFIX + k: v for k, v in adapter_state(ae, "plugin").items()})
     except SiteError:
         raise

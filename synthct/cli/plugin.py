@@ -28,7 +28,7 @@ from synthct.cli.options import (
 def cmd_plugin_train(args: argparse.Namespace) -> int:
     from synthct.checkpoint import load_generator
     from synthct.data.dataset import load_cases
-    from synthct.plugins.adapter import export_plugin, train_plugin
+    from synthct.plugins.adapter import export_plugin, train_site_adapters
     from synthct.progress import progress_bar
 
     device = chosen_device(args)
@@ -75,31 +75,17 @@ def cmd_plugin_train(args: argparse.Namespace) -> int:
         rebased_from = Path(args.rebase_from).name
         if decoder_initial:
             cfg = cfg.model_copy(update={"decoder_rank": meta["decoder"]["rank"]})
-    with progress_bar(f"plugin {args.site}", cfg.steps) as update:
-        unet = train_plugin(
-            gen,
-            cases,
-            cfg,
-            seed=args.seed,
-            progress=update,
-            device=device,
-            initial=initial,
-            targets=targets,
-        )
-    decoder = None
-    if cfg.decoder_rank > 0:  # the scanner's style, where the decoder renders it
-        from synthct.plugins.adapter import train_decoder_adapter
-
-        with progress_bar(f"decoder adapter {args.site}", cfg.decoder_steps) as update:
-            decoder = train_decoder_adapter(
-                gen,
-                cases,
-                cfg,
-                seed=args.seed,
-                progress=update,
-                device=device,
-                initial=decoder_initial,
-            )
+    unet, decoder = train_site_adapters(
+        gen,
+        cases,
+        cfg,
+        seed=args.seed,
+        device=device,
+        progress=progress_bar,
+        initial=initial,
+        decoder_initial=decoder_initial,
+        targets=targets,
+    )
     out = export_plugin(
         unet,
         args.out,

@@ -30,7 +30,7 @@ from synthct.data.dataset import CaseSet, load_cases
 from synthct.data.preprocess import hu_to_model, model_to_hu
 from synthct.eval.distribution import class_matched_kid
 from synthct.eval.features import radiomics_features
-from synthct.plugins.adapter import export_plugin, train_decoder_adapter, train_plugin
+from synthct.plugins.adapter import export_plugin, train_site_adapters
 from synthct.plugins.merge import fuse
 from synthct.plugins.registry import add_plugin, load_plugins
 from synthct.reference import ReferenceModel, evaluate_classifier
@@ -119,14 +119,7 @@ def late_site_plugin(
     site, own, holdout, late = _site_cases(config, manifest, run)
     cfg = config.plugins
     start = time.perf_counter()
-    with progress(f"plugin ({site})", cfg.steps) as update:
-        unet = train_plugin(gen, own, cfg, seed=seed, progress=update, device=device)
-    decoder = None
-    if cfg.decoder_rank > 0:
-        with progress(f"decoder adapter ({site})", cfg.decoder_steps) as update:
-            decoder = train_decoder_adapter(
-                gen, own, cfg, seed=seed, progress=update, device=device
-            )
+    unet, decoder = train_site_adapters(gen, own, cfg, seed=seed, device=device, progress=progress)
     train_s = time.perf_counter() - start
     plugin_dir = export_plugin(
         unet,

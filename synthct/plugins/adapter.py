@@ -41,6 +41,7 @@ __all__ = [
     "adapter_state",
     "train_plugin",
     "train_decoder_adapter",
+    "train_site_adapters",
     "decoder_targets",
     "attach_decoder_adapter",
     "DECODER_PREFIX",
@@ -243,6 +244,41 @@ def train_decoder_adapter(
             progress(step + 1, cfg.decoder_steps, loss=out["loss"])
     ae.eval()
     return ae.cpu()
+
+
+def train_site_adapters(
+    gen: Generator,
+    cases: CaseSet,
+    cfg: PluginConfig,
+    *,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    progress: Callable[[str, int], Any] | None = None,
+    initial: dict[str, torch.Tensor] | None = None,
+    decoder_initial: dict[str, torch.Tensor] | None = None,
+    targets: list[str] | None = None,
+) -> tuple[nn.Module, nn.Module | None]:
+    """A site's whole plugin: the UNet adapter and, with ``cfg.decoder_rank``, the decoder
+    adapter (what :func:`export_plugin` writes). ``progress(name, total)``: a context manager
+    yielding an update callback per training (a progress bar)."""
+    from contextlib import nullcontext
+
+    def bar(name: str, total: int):  # noqa: ANN202 - a context manager
+        return progress(name, total) if progress is not None else nullcontext(None)
+
+    with bar(f"plugin ({cases.sites[0] if cases.sites else 'site'})", cfg.steps) as update:
+        unet = train_plugin(
+            gen, cases, cfg, seed=seed, progress=update, device=device, initial=initial,
+            targets=targets,
+        )  # fmt: skip
+    decoder = None
+    if cfg.decoder_rank > 0:  # the scanner's style, where the decoder renders it
+        with bar("decoder adapter", cfg.decoder_steps) as update:
+            decoder = train_decoder_adapter(
+                gen, cases, cfg, seed=seed, progress=update, device=device,
+                initial=decoder_initial,
+            )  # fmt: skip
+    return unet, decoder
 
 
 def export_plugin(
