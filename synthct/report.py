@@ -155,6 +155,8 @@ def _headline_html(gate: dict[str, Any] | None, downstream: dict[str, Any] | Non
                 '<p>Utility rule: <span class="pass">pass</span> '
                 f"({html.escape(utility['reason'].removeprefix('ok: '))}).</p>"
             )
+        elif utility is not None:  # disabled, or no holdout scores to pair
+            lines.append(f"<p>Utility rule: not judged ({html.escape(utility['reason'])}).</p>")
         lines.append(
             f"<p>Adding the synthetic cohort{ungated} changed the downstream classifier on the "
             f"real <code>test</code> split (real-only &rarr; real + synthetic, mean of {seeds} "

@@ -123,6 +123,21 @@ def test_a_cohort_failing_the_utility_rule_is_said_not_to_be_used(tmp_path, volu
     head = report.read_text().split("<h2", 1)[0]
     assert 'Utility rule: <span class="fail">FAIL</span>' in head
     assert "real-only classifier is the result" in head and "+0.300" in head
+    downstream["utility"] = utility_verdict(
+        [(0, stopping)], [(1, worse)], loss_band=0.03, balanced_accuracy_band=0.03
+    )  # unpaired seeds: nothing to judge, and the report says so
+    again = write_report(
+        tmp_path / "again.html",
+        title="t",
+        summary={},
+        synthetic={"a": volumes[:1]},
+        real=None,
+        rounds=[],
+        gate=None,
+        downstream=downstream,
+        provenance={},
+    )
+    assert "Utility rule: not judged (not computable" in again.read_text().split("<h2", 1)[0]
 
 
 def test_the_report_says_what_protected_the_sites():

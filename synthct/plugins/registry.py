@@ -271,7 +271,11 @@ def add_plugin(
             )
         entry.update(status="rebased", replaced_by=plugin.name)
         event["replaces"] = old
-    _write_index(registry, index, event)
+    try:
+        _write_index(registry, index, event)
+    except BaseException:  # an unlisted folder would make the registry refuse every load
+        shutil.rmtree(target, ignore_errors=True)
+        raise
     logger.info(
         "registered plugin %s (%d bytes, by %s)", plugin.name, plugin.meta["weights_bytes"], by
     )

@@ -112,3 +112,21 @@ def test_a_format_1_registry_still_loads(tmp_path, site_c_plugin, base):
     (registry / "registry.json").write_text(json.dumps(index))  # format 2 lists its plugins
     with pytest.raises(PluginError, match="not in registry.json: \\['unlisted'\\]"):
         load_plugins(registry, gen, base)
+
+
+def test_a_failed_index_write_leaves_no_unlisted_folder(tmp_path, site_c_plugin, base, monkeypatch):
+    from synthct.plugins import registry as registry_module
+
+    gen = load_generator(base)
+    registry = tmp_path / "reg"
+
+    def disk_full(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(registry_module, "_write_index", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        add_plugin(registry, site_c_plugin, gen, base)
+    assert not [p for p in registry.iterdir() if p.is_dir()]  # nothing half-registered
+    monkeypatch.undo()
+    (loaded,) = [add_plugin(registry, site_c_plugin, gen, base)]  # and a retry succeeds
+    assert load_plugins(registry, gen, base)[0].name == loaded.name
