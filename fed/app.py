@@ -176,6 +176,8 @@ def main(grid: Grid, context: Context) -> None:
     elif task == "downstream":
         _downstream(grid, config, rc, out)
     elif task == "plugin":
+        from synthct.pretrained import generator_folder
+
         gate, accept = None, str(rc.get("accept", "gate"))
         if accept not in ("gate", "none"):
             raise FederatedError(f"run config accept={accept!r}: 'gate' or 'none'")
@@ -196,9 +198,7 @@ def main(grid: Grid, context: Context) -> None:
             grid,
             config,
             site=str(rc.get("site", "")),
-            generator_dir=plugin_app.generator_path(
-                str(_path(rc.get("generator", ""), "generator", task))
-            ),
+            generator_dir=generator_folder(str(_path(rc.get("generator", ""), "generator", task))),
             registry=_path(rc.get("registry", ""), "registry", task),
             seed=seed,
             steps=int(rc.get("steps", 0)),

@@ -35,13 +35,13 @@ from synthct.config import SynthctConfig
 from synthct.fed.errors import FederatedError, SiteError
 from synthct.fed.sites import prepare_site, release, task_config, wait_for_sites
 from synthct.fed.task import load_site_cases
+from synthct.pretrained import generator_folder
 
 __all__ = [
     "PluginGate",
     "contribute",
     "contribute_server",
     "contribute_plugin",
-    "generator_path",
 ]
 
 logger = logging.getLogger(__name__)
@@ -60,15 +60,6 @@ class PluginGate:
     rules: dict[str, Any] = field(default_factory=dict)
     cases_per_class: int = 8
     bootstrap: int = 100
-
-
-def generator_path(value: str) -> Path:
-    """A generator folder, or ``pretrained`` (the shipped phantom generator)."""
-    if value == "pretrained":
-        from synthct.pretrained import phantom_dir
-
-        return phantom_dir() / "generator"
-    return Path(value)
 
 
 def contribute(msg: Message, context: Context) -> Message:
@@ -95,7 +86,7 @@ def contribute(msg: Message, context: Context) -> Message:
 
     try:
         source = str(node["generator"]) if "generator" in node else str(cfg["sim-generator"])
-        gen_dir = generator_path(source)
+        gen_dir = generator_folder(source)
         if not (gen_dir / "config.json").is_file():
             raise SiteError(f"site {site.name!r}: no base generator at {gen_dir}")
         wanted = str(cfg["base-sha256"])

@@ -102,42 +102,34 @@ def test_a_cohort_failing_the_utility_rule_is_said_not_to_be_used(tmp_path, volu
     }
     stopping = {"all": {"holdout_balanced_accuracy": 0.9, "holdout_loss": 0.3}}
     worse = {"all": {"holdout_balanced_accuracy": 0.7, "holdout_loss": 0.6}}
-    downstream = {
-        "rare": [],
-        "arms": {"real": {"summary": summary}, "real+synthetic": {"summary": summary}},
-        "utility": utility_verdict(
-            [(0, stopping)], [(0, worse)], loss_band=0.03, balanced_accuracy_band=0.03
-        ),
-    }
-    report = write_report(
-        tmp_path / "report.html",
-        title="t",
-        summary={},
-        synthetic={"a": volumes[:1]},
-        real=None,
-        rounds=[],
-        gate=None,
-        downstream=downstream,
-        provenance={},
-    )
-    head = report.read_text().split("<h2", 1)[0]
+
+    def headline(with_cohort: list) -> str:
+        """The report's opening (before the first section) with this utility verdict."""
+        downstream = {
+            "rare": [],
+            "arms": {"real": {"summary": summary}, "real+synthetic": {"summary": summary}},
+            "utility": utility_verdict(
+                [(0, stopping)], with_cohort, loss_band=0.03, balanced_accuracy_band=0.03
+            ),
+        }
+        report = write_report(
+            tmp_path / "report.html",
+            title="t",
+            summary={},
+            synthetic={"a": volumes[:1]},
+            real=None,
+            rounds=[],
+            gate=None,
+            downstream=downstream,
+            provenance={},
+        )
+        return report.read_text().split("<h2", 1)[0]
+
+    head = headline([(0, worse)])
     assert 'Utility rule: <span class="fail">FAIL</span>' in head
     assert "real-only classifier is the result" in head and "+0.300" in head
-    downstream["utility"] = utility_verdict(
-        [(0, stopping)], [(1, worse)], loss_band=0.03, balanced_accuracy_band=0.03
-    )  # unpaired seeds: nothing to judge, and the report says so
-    again = write_report(
-        tmp_path / "again.html",
-        title="t",
-        summary={},
-        synthetic={"a": volumes[:1]},
-        real=None,
-        rounds=[],
-        gate=None,
-        downstream=downstream,
-        provenance={},
-    )
-    assert "Utility rule: not judged (not computable" in again.read_text().split("<h2", 1)[0]
+    # unpaired seeds: nothing to judge, and the report says so
+    assert "Utility rule: not judged (not computable" in headline([(1, worse)])
 
 
 def test_the_report_says_what_protected_the_sites():

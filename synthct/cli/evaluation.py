@@ -16,6 +16,7 @@ from synthct.cli.options import (
     config_options,
     data_option,
     device_option,
+    gate_reference,
     renamed,
     run_config,
     seed_option,
@@ -85,18 +86,10 @@ def cmd_gate(args: argparse.Namespace) -> int:
         run_gate,
         write_gate,
     )
-    from synthct.reference import load_reference
 
     config = run_config(args.config, args.set)
     rules = load_rules(args.rules)
-    if args.reference_model:
-        reference = load_reference(
-            args.reference_model, vocabulary_hash=config.labels.vocabulary_hash
-        )
-    else:
-        from synthct.pretrained import load_phantom_reference
-
-        reference = load_phantom_reference(config.labels.vocabulary_hash)
+    reference = gate_reference(args.reference_model, config)
     reference.to(chosen_device(args, federated=args.federated))  # federated: sites featurise
     if args.federated:
         from synthct.fed.gate_app import run_gate_federated

@@ -221,15 +221,20 @@ def plugin_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+def gate_reference(path: str | None, config):  # noqa: ANN001, ANN201 - config, ReferenceModel
+    """``--reference-model DIR`` for ``config``'s label vocabulary, or the shipped phantom
+    reference (the gate's models, for ``gate`` and ``plugin contribute`` alike)."""
+    if path:
+        from synthct.reference import load_reference
+
+        return load_reference(path, vocabulary_hash=config.labels.vocabulary_hash)
+    from synthct.pretrained import load_phantom_reference
+
+    return load_phantom_reference(config.labels.vocabulary_hash)
+
+
 def generator_dir(run: str) -> Path:
     """``RUN`` (its ``generator/``), a generator folder itself, or ``pretrained``."""
-    if run == "pretrained":
-        from synthct.pretrained import phantom_dir
+    from synthct.pretrained import generator_folder
 
-        return phantom_dir() / "generator"
-    path = Path(run)
-    return (
-        path
-        if (path / "config.json").is_file() and not (path / "generator").is_dir()
-        else path / "generator"
-    )
+    return generator_folder(run)

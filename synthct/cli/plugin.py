@@ -15,6 +15,7 @@ from synthct.cli.options import (
     config_options,
     data_option,
     device_option,
+    gate_reference,
     generator_dir,
     generator_option,
     group,
@@ -140,18 +141,9 @@ def cmd_plugin_contribute(args: argparse.Namespace) -> int:
     gate = None
     if args.accept == "gate":
         from synthct.eval.gate import load_rules
-        from synthct.reference import load_reference
 
-        if args.reference_model:
-            reference = load_reference(
-                args.reference_model, vocabulary_hash=config.labels.vocabulary_hash
-            )
-        else:
-            from synthct.pretrained import load_phantom_reference
-
-            reference = load_phantom_reference(config.labels.vocabulary_hash)
         gate = PluginGate(
-            reference,
+            gate_reference(args.reference_model, config),
             load_rules(args.rules),
             cases_per_class=args.gate_cases,
             bootstrap=args.bootstrap,

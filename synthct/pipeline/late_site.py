@@ -43,14 +43,19 @@ logger = logging.getLogger(__name__)
 SAMPLES_PER_CLASS = 4
 
 
+def _rare_class(config: SynthctConfig) -> int:
+    """Index of the first rare class (the last class if none is marked rare)."""
+    labels = config.labels
+    return labels.index(labels.rare[0] if labels.rare else labels.classes[-1])
+
+
 def _site_cases(
     config: SynthctConfig, manifest: Path, run: Path
 ) -> tuple[str, CaseSet, CaseSet | None, bool]:
     """(site, its train cases, its holdout cases, whether it is a late joiner)."""
     late = config.plugins.late_site
     if late is None:
-        labels = config.labels
-        rare = labels.index(labels.rare[0] if labels.rare else labels.classes[-1])
+        rare = _rare_class(config)
         cases = load_cases(manifest, config, splits=("train",))
         counts = Counter(
             s for s, y in zip(cases.sites, cases.labels.tolist(), strict=True) if y == rare
@@ -136,20 +141,19 @@ def late_site_plugin(
     add_plugin(registry, plugin_dir, gen, gen_dir)
     plugins = load_plugins(registry, gen, gen_dir)
     labels_cfg = gen.config.labels
-    rare = labels_cfg.index(labels_cfg.rare[0] if labels_cfg.rare else labels_cfg.classes[-1])
+    rare = _rare_class(config)
     seen = sorted(set(own.labels.tolist()))  # the classes the site has
     labels = torch.tensor(seen).repeat_interleave(SAMPLES_PER_CLASS)
-    full = dict(gen.ema.state_dict()) | {
-        f"decoder.{k}": v for k, v in gen.autoencoder.decoder.state_dict().items()
-    }
+    unet_bytes = len(tensors_to_bytes(dict(gen.ema.state_dict())))
+    decoder_bytes = len(tensors_to_bytes(dict(gen.autoencoder.decoder.state_dict())))
     result: dict[str, Any] = {
         "site": site,
         "late_joiner": late,
         "rare_class": labels_cfg.classes[rare],
         "train_s": round(train_s, 1),
         "plugin_bytes": int(plugins[0].meta["weights_bytes"]),
-        "unet_update_bytes": len(tensors_to_bytes(dict(gen.ema.state_dict()))),
-        "generator_update_bytes": len(tensors_to_bytes(full)),
+        "unet_update_bytes": unet_bytes,
+        "generator_update_bytes": unet_bytes + decoder_bytes,
         "rank": cfg.rank,
         "decoder_rank": cfg.decoder_rank if decoder is not None else 0,
         "targets": cfg.targets,
@@ -175,11 +179,11 @@ def late_site_plugin(
         fuse(gen, plugins), labels, [site] * len(labels), reference, config, seed, style
     )
     result["base"], result["fusion"] = base, fused
-    pick = labels == (rare if rare in seen else seen[-1])
-    result["samples"] = hu[pick][:3, 0].numpy()
-    result["base_samples"] = base_hu[pick][:3, 0].numpy()
+    shown = rare if rare in seen else seen[-1]  # the montages' class
+    result["samples"] = hu[labels == shown][:3, 0].numpy()
+    result["base_samples"] = base_hu[labels == shown][:3, 0].numpy()
     if holdout is not None:
-        real = holdout.images[holdout.labels == (rare if rare in seen else seen[-1])][:3]
+        real = holdout.images[holdout.labels == shown][:3]
         result["real_samples"] = model_to_hu(real, config.data.hu_window)[:, 0].numpy()
     logger.info("late site %s: plugin %d bytes, %s", site, result["plugin_bytes"], fused)
     return result

@@ -369,14 +369,17 @@ def write_plugin(
     return out
 
 
-def read_plugin_weights(plugin_dir: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """A plugin's metadata and tensors, the weights checked against the sha256 and size its
-    plugin.json names (whatever base it was trained on: a stale plugin is read to re-fit it)."""
+def read_plugin_weights(
+    plugin_dir: str | Path, meta: dict[str, Any] | None = None
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """A plugin's metadata (``meta`` if already read) and tensors, the weights checked against
+    the sha256 and size its plugin.json names (whatever base it was trained on: a stale plugin
+    is read to re-fit it)."""
     from safetensors import SafetensorError
     from safetensors.torch import load as load_bytes
 
     plugin_dir = Path(plugin_dir)
-    meta = read_plugin_meta(plugin_dir)
+    meta = read_plugin_meta(plugin_dir) if meta is None else meta
     weights = plugin_dir / "plugin.safetensors"
     if not weights.is_file():
         raise PluginError(f"{plugin_dir}: no plugin.safetensors")

@@ -124,7 +124,7 @@ def validate_plugin(plugin_dir: str | Path, gen: Generator, generator_dir: str |
     unknown = set(meta["classes_seen"]) - set(gen.config.labels.classes)
     if unknown:
         raise PluginError(f"{where}: unknown classes {sorted(unknown)}")
-    _, everything = read_plugin_weights(plugin_dir)
+    _, everything = read_plugin_weights(plugin_dir, meta)
     weights = plugin_dir / "plugin.safetensors"
     state = {k: v for k, v in everything.items() if not k.startswith(DECODER_PREFIX)}
     decoder_state = {

@@ -19,6 +19,7 @@ from synthct.reference import ReferenceModel, load_reference
 
 __all__ = [
     "phantom_dir",
+    "generator_folder",
     "load_phantom_generator",
     "load_phantom_reference",
     "shipped_reference_for",
@@ -28,6 +29,19 @@ __all__ = [
 def phantom_dir() -> Path:
     """Folder of the shipped phantom generator and its reference models."""
     return Path(str(files("synthct.pretrained") / "phantom"))
+
+
+def generator_folder(run: str) -> Path:
+    """``RUN`` (its ``generator/``), a generator folder itself, or ``pretrained`` (the shipped
+    phantom generator): what ``--generator`` and a SuperNode's ``generator`` name."""
+    if run == "pretrained":
+        return phantom_dir() / "generator"
+    path = Path(run)
+    return (
+        path
+        if (path / "config.json").is_file() and not (path / "generator").is_dir()
+        else path / "generator"
+    )
 
 
 def load_phantom_generator(device: torch.device | str = "cpu") -> Generator:
