@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
+from synthct import lean_imports
+
+lean_imports.install()  # before anything imports monai
+
 try:
     __version__ = version("synthct")
 except PackageNotFoundError:  # running from a source tree without installation
