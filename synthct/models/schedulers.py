@@ -9,18 +9,16 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import torch
-from diffusers import (
-    DDIMScheduler,
-    DDPMScheduler,
-    DPMSolverMultistepScheduler,
-    EulerAncestralDiscreteScheduler,
-    UniPCMultistepScheduler,
-)
-from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from synthct.config import SAMPLERS, DiffusionConfig
+
+if TYPE_CHECKING:  # diffusers is imported where a scheduler is built: importing it costs ~1 s
+    # (it pulls in torch._dynamo), which processes that never sample (gate, downstream) skip
+    from diffusers import DDPMScheduler
+    from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 __all__ = ["SAMPLERS", "training_scheduler", "sampling_scheduler", "set_timesteps"]
 
@@ -32,11 +30,19 @@ def _common(cfg: DiffusionConfig) -> dict:
         "beta_end": cfg.beta_end,
         "beta_schedule": cfg.beta_schedule,
         "prediction_type": cfg.prediction_type,
+        # zero terminal SNR: t = T is pure noise, and every solver starts from it ("trailing")
+        **(
+            {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
+            if cfg.zero_terminal_snr
+            else {}
+        ),
     }
 
 
 def training_scheduler(cfg: DiffusionConfig) -> DDPMScheduler:
     """The forward process q(z_t | z_0) used by the training step (``add_noise``)."""
+    from diffusers import DDPMScheduler
+
     return DDPMScheduler(**_common(cfg), clip_sample=False)
 
 
@@ -67,6 +73,14 @@ def set_timesteps(scheduler: SchedulerMixin, steps: int, device: torch.device | 
 
 
 def _sampling_scheduler(cfg: DiffusionConfig, sampler: str) -> SchedulerMixin:
+    from diffusers import (
+        DDIMScheduler,
+        DDPMScheduler,
+        DPMSolverMultistepScheduler,
+        EulerAncestralDiscreteScheduler,
+        UniPCMultistepScheduler,
+    )
+
     common = _common(cfg)
     if sampler in ("dpmpp", "dpmpp_sde"):
         return DPMSolverMultistepScheduler(
