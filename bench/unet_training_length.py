@@ -2,7 +2,7 @@
 the gap a property of the recipe? (what the next long retraining of the shipped generator needs)
 
     python bench/unet_training_length.py [--steps 12000] [--every 3000] [--channels 32 64 64]
-        [--guidance 3 6] [--per-class 16] [--seed 0]
+        [--guidance 3 6] [--per-class 16] [--seed 0] [--zero-snr] [--save DIR]
         [--results bench/results/unet_training_length_<date>.json]
 
 A fresh UNet (global latent normalisation, class-balanced batches, the demo config's learning
@@ -10,7 +10,11 @@ rate and batch) is trained centrally on the shipped autoencoder's latents of the
 ``train`` cases; every ``--every`` steps its EMA is scored as ``bench/sampling_fidelity.py``
 scores a generator (the gate's class-matched KID excess in the reference encoder's and the HU /
 texture features against ``holdout`` over all classes and over the per-site cohort's lesion
-mix, per class, within-class MS-SSIM excess, reference recall) at each guidance. Only ``train``
+mix, per class, within-class MS-SSIM excess, reference recall) at each guidance.
+``--zero-snr`` trains and samples under ``diffusion.zero_terminal_snr`` (t = T pure noise,
+trailing timesteps). ``--save DIR`` keeps a generator per checkpoint (``DIR/step_N``: the
+shipped autoencoder, this EMA UNet, its latent normalisation and schedule) for
+``bench/cohort_gate.py``. Only ``train``
 (learning) and ``holdout`` (scoring) are touched. The gate allows a KID excess of 0.25.
 """
 
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import os
 import time
@@ -27,6 +32,8 @@ import torch
 from latent_normalisation import normalisers, score_ema, shipped_world, train_arm
 from phantom_world import bench_command
 
+from synthct.checkpoint import save_generator
+from synthct.models.latent_norm import LatentNorm
 from synthct.training import encode_latents
 
 
@@ -38,6 +45,8 @@ def main() -> None:
     p.add_argument("--guidance", type=float, nargs="+", default=[3.0, 6.0])
     p.add_argument("--per-class", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--zero-snr", action="store_true", help="diffusion.zero_terminal_snr")
+    p.add_argument("--save", type=Path, default=None, help="keep a generator per checkpoint")
     p.add_argument("--out", default="runs/bench_unet_training_length")
     p.add_argument("--results", default=None)
     args = p.parse_args()
@@ -49,19 +58,26 @@ def main() -> None:
     unet_cfg = gen.config.unet
     if args.channels:
         unet_cfg = unet_cfg.model_copy(update={"channels": args.channels})
-    arm_config = gen.config.model_copy(update={"unet": unet_cfg})
+    diffusion = gen.config.diffusion.model_copy(update={"zero_terminal_snr": args.zero_snr})
+    arm_config = gen.config.model_copy(update={"unet": unet_cfg, "diffusion": diffusion})
+    scored = dataclasses.replace(gen, config=arm_config)  # samples with the arm's schedule
     sample_labels = torch.arange(len(classes)).repeat_interleave(args.per_class)
     rows: list[dict] = []
     start = time.perf_counter()
 
     def on_checkpoint(step: int, ema) -> None:
+        if args.save:
+            norm = LatentNorm(tuple(shift.tolist()), tuple(scale.tolist()))
+            unet = copy.deepcopy(ema)
+            kept = dataclasses.replace(scored, unet=unet, ema=unet, latent_norm=norm)
+            save_generator(kept, args.save / f"step_{step}", sampling_only=True)
         for guidance in args.guidance:
             row = {
                 "step": step,
                 "guidance": guidance,
                 "train_wall_s": round(time.perf_counter() - start),
                 **score_ema(
-                    gen, ema, shift, scale, sample_labels, guidance, args.seed, reference, real
+                    scored, ema, shift, scale, sample_labels, guidance, args.seed, reference, real
                 ),
             }
             print(json.dumps(row), flush=True)
@@ -83,6 +99,7 @@ def main() -> None:
             "per_class": args.per_class,
             "seed": args.seed,
             "sampling": {"sampler": config.sampling.sampler, "steps": config.sampling.steps},
+            "zero_terminal_snr": args.zero_snr,
             "split": "train (learning), holdout (scoring, baseline: train vs holdout)",
             "gate_allowance": 0.25,
             "rows": rows,

@@ -340,6 +340,14 @@ class DiffusionConfig(_Strict):
     beta_start: float = Field(default=0.0015, gt=0, lt=1)
     beta_end: float = Field(default=0.0195, gt=0, lt=1)
     prediction_type: Literal["epsilon", "v_prediction"] = "v_prediction"
+    zero_terminal_snr: bool = Field(
+        default=False,
+        description="rescale the betas so the last timestep is pure noise (Lin et al. 2024, "
+        "diffusers' rescale_betas_zero_snr) and sample from it ('trailing' timesteps). "
+        "Without it the scaled-linear schedule leaves 1.2 % of the signal at t = T, which a "
+        "3D latent's low frequencies still carry: the UNet learns to read it and, sampled "
+        "from pure noise, under-disperses global intensity. Needs v_prediction",
+    )
     p_uncond: float = Field(default=0.15, ge=0, lt=1, description="label dropout for CFG")
     p_site_uncond: float = Field(
         default=0.15,
@@ -354,6 +362,15 @@ class DiffusionConfig(_Strict):
         description="the UNet's latent space: one 1/std (LDM) or each channel's mean and "
         "1/std (EDM2); see synthct.models.latent_norm",
     )
+
+    @model_validator(mode="after")
+    def _zero_snr_needs_v(self) -> DiffusionConfig:
+        if self.zero_terminal_snr and self.prediction_type != "v_prediction":
+            raise ValueError(
+                "diffusion.zero_terminal_snr needs prediction_type v_prediction "
+                "(epsilon prediction cannot recover the sample where alpha is 0, at t = T)"
+            )
+        return self
 
 
 SamplerName = Literal["dpmpp", "dpmpp_sde", "euler_a", "unipc", "ddim", "ddpm"]

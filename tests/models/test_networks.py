@@ -37,6 +37,28 @@ def test_samplers_share_training_betas(smoke_config, sampler):
     assert sample.config.prediction_type == smoke_config.diffusion.prediction_type
 
 
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_zero_terminal_snr_trains_at_pure_noise_and_samples_from_it(smoke_config, sampler):
+    diffusion = smoke_config.diffusion.model_copy(update={"zero_terminal_snr": True})
+    train = training_scheduler(diffusion)
+    assert float(train.alphas_cumprod[-1]) == 0.0  # t = T: no signal left to read
+    assert float(training_scheduler(smoke_config.diffusion).alphas_cumprod[-1]) > 1e-4
+    z0, noise = torch.randn(2, 4, 4, 4, 4), torch.randn(2, 4, 4, 4, 4)
+    last = torch.tensor([diffusion.num_train_timesteps - 1] * 2)
+    assert torch.allclose(train.add_noise(z0, noise, last), noise)
+    assert torch.allclose(train.get_velocity(z0, noise, last), -z0)  # v = -x0 there
+    sample = sampling_scheduler(diffusion, sampler)
+    set_timesteps(sample, 15, "cpu")
+    assert int(sample.timesteps[0]) == diffusion.num_train_timesteps - 1  # starts at T
+
+
+def test_zero_terminal_snr_needs_v_prediction():
+    from synthct.config import DiffusionConfig
+
+    with pytest.raises(ValueError, match="zero_terminal_snr needs prediction_type v_prediction"):
+        DiffusionConfig(zero_terminal_snr=True, prediction_type="epsilon")
+
+
 def test_unknown_sampler(smoke_config):
     with pytest.raises(ValueError, match="sampler must be one of"):
         sampling_scheduler(smoke_config.diffusion, "euler")
