@@ -27,6 +27,7 @@ from synthct.config import load_config
 from synthct.fed import client_app, downstream_app, gate_app, plugin_app, reference_app
 from synthct.fed.errors import FederatedError, SiteError
 from synthct.fed.secagg import secure_train_mod
+from synthct.fed.sites import DEPLOYED_PULL_INTERVAL_S, PromptGrid
 
 __all__ = ["client", "server", "TASKS"]
 
@@ -135,6 +136,7 @@ def _downstream(grid: Grid, config, rc, out: Path) -> None:
 @server.main()
 def main(grid: Grid, context: Context) -> None:
     """Run the task the run config names; its result is written under ``out``."""
+    grid = PromptGrid(grid, pull_interval=DEPLOYED_PULL_INTERVAL_S)
     rc = context.run_config
     task = str(rc.get("task", "generator"))
     config = load_config(str(rc.get("config", "demo")))  # a server-side path or a packaged name

@@ -17,14 +17,14 @@ import shutil
 import sys
 import tempfile
 import threading
-import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
 from synthct.checkpoint import Generator
 from synthct.config import SynthctConfig
 from synthct.fed.errors import FederatedError
+from synthct.fed.sites import PromptGrid
 
 __all__ = ["simulate", "train_federated", "quiet_flower_environment"]
 
@@ -75,38 +75,6 @@ def _ray_temp_dir(run_dir: Path) -> tuple[Path, bool]:
     return short, True
 
 
-class AbortableGrid:
-    """Flower's in-memory grid whose waits for replies end as soon as ``stopped`` is set.
-
-    Flower's ``run_simulation`` raises when its runtime dies but leaves the ServerApp thread
-    polling for replies until the round timeout (30 min by default), after which synthct would
-    log a skipped round and write a checkpoint; with this grid the thread raises instead.
-    """
-
-    def __init__(self, grid, stopped: threading.Event) -> None:  # noqa: ANN001 - a flwr Grid
-        self._grid = grid
-        self._stopped = stopped
-
-    def __getattr__(self, name: str):
-        return getattr(self._grid, name)
-
-    def send_and_receive(self, messages: Iterable, *, timeout: float | None = None) -> list:
-        """Flower's ``send_and_receive`` (push, then poll until all replied or timeout)."""
-        waiting = set(self._grid.push_messages(messages))
-        end = time.time() + (timeout if timeout is not None else 0.0)
-        replies: list = []
-        while timeout is None or time.time() < end:
-            if self._stopped.is_set():
-                raise FederatedError("the simulation runtime stopped; the ServerApp ends here")
-            pulled = list(self._grid.pull_messages(waiting))
-            replies.extend(pulled)
-            waiting.difference_update(m.metadata.reply_to_message_id for m in pulled)
-            if not waiting:
-                break
-            time.sleep(self._grid.pull_interval)
-        return replies
-
-
 def require_gpus(client_gpus: float) -> None:
     """Refuse GPU shares on a machine without CUDA (Ray would wait for them for ever)."""
     if client_gpus <= 0:
@@ -148,7 +116,9 @@ def simulate(
 
     @server_app.main()
     def _main(grid: Grid, context) -> None:  # noqa: ANN001 - Flower's Context
-        result["value"] = server_main(AbortableGrid(grid, stopped))
+        result["value"] = server_main(
+            PromptGrid(grid, pull_interval=grid.pull_interval, stopped=stopped)
+        )
 
     cpus = os.cpu_count() or 1
     ray_dir, remove_ray_dir = _ray_temp_dir(run_dir)

@@ -12,8 +12,9 @@ from __future__ import annotations
 import logging
 import math
 import statistics
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,8 @@ from synthct.fed.errors import FederatedError, SiteError
 from synthct.fed.task import config_from_json, config_to_json, write_audit
 
 __all__ = [
+    "DEPLOYED_PULL_INTERVAL_S",
+    "PromptGrid",
     "SiteSettings",
     "site_settings",
     "prepare_site",
@@ -36,6 +39,49 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+# how often a deployed ServerApp asks the SuperLink for replies (Flower's own grid: 3 s)
+DEPLOYED_PULL_INTERVAL_S = 0.5
+
+
+class PromptGrid:
+    """A Flower grid whose ``send_and_receive`` polls for replies every ``pull_interval``
+    seconds and, given a ``stopped`` event, gives up as soon as it is set.
+
+    Flower's deployed grid sleeps 3 s between pulls, so every exchange with the sites (a round,
+    a holdout count, a gate summary) ended up to 3 s after the last reply; the deployed
+    ServerApp polls every ``DEPLOYED_PULL_INTERVAL_S`` instead. In the simulation, Flower's
+    ``run_simulation`` raises when its runtime dies but leaves the ServerApp thread polling
+    until the round timeout (30 min by default), after which synthct would log a skipped round
+    and write a checkpoint; with ``stopped`` set by the runtime's end the thread raises instead.
+    Everything else passes through to the wrapped grid.
+    """
+
+    def __init__(
+        self, grid, *, pull_interval: float, stopped: threading.Event | None = None
+    ) -> None:  # noqa: ANN001 - a flwr Grid
+        self._grid = grid
+        self._pull_interval = pull_interval
+        self._stopped = stopped
+
+    def __getattr__(self, name: str):
+        return getattr(self._grid, name)
+
+    def send_and_receive(self, messages: Iterable, *, timeout: float | None = None) -> list:
+        """Flower's ``send_and_receive`` (push, then poll until all replied or timeout)."""
+        waiting = set(self._grid.push_messages(messages))
+        end = time.time() + (timeout if timeout is not None else 0.0)
+        replies: list = []
+        while timeout is None or time.time() < end:
+            if self._stopped is not None and self._stopped.is_set():
+                raise FederatedError("the simulation runtime stopped; the ServerApp ends here")
+            pulled = list(self._grid.pull_messages(waiting))
+            replies.extend(pulled)
+            waiting.difference_update(m.metadata.reply_to_message_id for m in pulled)
+            if not waiting:
+                break
+            time.sleep(self._pull_interval)
+        return replies
 
 
 class SiteSettings:

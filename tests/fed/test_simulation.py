@@ -12,6 +12,7 @@ import math
 import threading
 import time
 from collections import Counter
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -20,7 +21,8 @@ from safetensors.torch import load_file
 from synthct.checkpoint import build_generator, load_generator
 from synthct.data.dataset import load_cases
 from synthct.fed.errors import FederatedError
-from synthct.fed.simulation import AbortableGrid, train_federated
+from synthct.fed.simulation import train_federated
+from synthct.fed.sites import PromptGrid
 from synthct.models.latent_norm import fit_latent_norm
 from synthct.training import ema_decay_at, encode_latents
 
@@ -418,7 +420,7 @@ class _SilentGrid:
 
 def test_a_dead_runtime_ends_the_server_wait_instead_of_the_round_timeout():
     stopped = threading.Event()
-    grid = AbortableGrid(_SilentGrid(), stopped)
+    grid = PromptGrid(_SilentGrid(), pull_interval=0.1, stopped=stopped)
     assert grid.get_node_ids() == [1, 2]  # everything else passes through
     assert grid.send_and_receive(["a", "b"], timeout=0.2) == []  # plain timeout: no replies
     threading.Timer(0.3, stopped.set).start()
@@ -484,3 +486,23 @@ def test_secure_aggregation_under_dp_on_every_phase(tmp_path, smoke_config, smok
     assert record["phases"] == ["autoencoder", "decoder", "diffusion"]
     assert [x for x in record["not_covered"] if "updates" in x] == []
     assert any("latent moments" in x for x in record["not_covered"])
+
+
+class _LateGrid(_SilentGrid):
+    """Every message is answered on the third pull."""
+
+    def pull_messages(self, ids):
+        self.pulls += 1
+        if self.pulls < 3:
+            return []
+        return [
+            SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=i)) for i in sorted(ids)
+        ]
+
+
+def test_the_grid_collects_replies_at_its_own_pull_interval():
+    late = _LateGrid()
+    grid = PromptGrid(late, pull_interval=0.01)  # a deployed ServerApp: no runtime to watch
+    replies = grid.send_and_receive(["a", "b"], timeout=60)
+    assert [r.metadata.reply_to_message_id for r in replies] == ["m0", "m1"]
+    assert late.pulls == 3  # it stopped pulling once every message had its reply
