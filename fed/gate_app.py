@@ -49,7 +49,7 @@ from synthct.eval.site_statistics import (
 )
 from synthct.fed.errors import FederatedError, SiteError
 from synthct.fed.sites import prepare_site, release, task_config, wait_for_sites
-from synthct.fed.task import tensors_from_bytes, tensors_to_bytes
+from synthct.fed.task import ProcessCache, tensors_from_bytes, tensors_to_bytes
 from synthct.reference import ReferenceModel, ReferenceNet
 
 __all__ = ["app", "run_gate_federated"]
@@ -58,7 +58,7 @@ logger = logging.getLogger(__name__)
 
 app = ClientApp()
 
-_SITE_CACHE: dict[tuple, SiteData] = {}
+_SITE_CACHE = ProcessCache()  # (manifest, mtime, site, reference sha256) -> SiteData
 
 
 def _reference_from(cfg: ConfigRecord) -> ReferenceModel:
@@ -76,29 +76,33 @@ def _reference_from(cfg: ConfigRecord) -> ReferenceModel:
 def _site_data(config: SynthctConfig, manifest: Path, site: str, cfg: ConfigRecord) -> SiteData:
     """This site's train and holdout cases, featurised once per (manifest, reference)."""
     key = (str(manifest.resolve()), manifest.stat().st_mtime, site, str(cfg["reference-sha256"]))
-    if key not in _SITE_CACHE:
-        reference = _reference_from(cfg)
-        window = config.data.hu_window
-        splits = {
-            split: load_cases(manifest, config, splits=(split,), sites=(site,))
-            for split in ("train", "holdout")
-        }
-        for split, cases in splits.items():
-            if len(cases) == 0:
-                raise SiteError(f"site {site!r}: no {split} cases in {manifest}")
-        features = {
-            split: extract_features(c.images, c.labels, c.sites, reference, window)
-            for split, c in splits.items()
-        }
-        _SITE_CACHE.clear()
-        _SITE_CACHE[key] = SiteData(
-            train=features["train"],
-            holdout=features["holdout"],
-            train_match=prepare_for_matching(splits["train"].images, window),
-            holdout_match=prepare_for_matching(splits["holdout"].images, window),
-            holdout_pred=reference.predict(splits["holdout"].images).argmax(1).numpy(),
-        )
-    return _SITE_CACHE[key]
+    return _SITE_CACHE.get(key, lambda: _featurise_site(config, manifest, site, cfg))
+
+
+def _featurise_site(
+    config: SynthctConfig, manifest: Path, site: str, cfg: ConfigRecord
+) -> SiteData:
+    """Read the site's train and holdout cases and compute what the gate's statistics need."""
+    reference = _reference_from(cfg)
+    window = config.data.hu_window
+    splits = {
+        split: load_cases(manifest, config, splits=(split,), sites=(site,))
+        for split in ("train", "holdout")
+    }
+    for split, cases in splits.items():
+        if len(cases) == 0:
+            raise SiteError(f"site {site!r}: no {split} cases in {manifest}")
+    features = {
+        split: extract_features(c.images, c.labels, c.sites, reference, window)
+        for split, c in splits.items()
+    }
+    return SiteData(
+        train=features["train"],
+        holdout=features["holdout"],
+        train_match=prepare_for_matching(splits["train"].images, window),
+        holdout_match=prepare_for_matching(splits["holdout"].images, window),
+        holdout_pred=reference.predict(splits["holdout"].images).argmax(1).numpy(),
+    )
 
 
 def _to_tensors(arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:

@@ -12,7 +12,8 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,7 @@ __all__ = [
     "tensors_to_bytes",
     "tensors_from_bytes",
     "payload_digest",
+    "ProcessCache",
     "load_site_cases",
     "round_seed",
     "build_phase_model",
@@ -109,13 +111,38 @@ def payload_digest(tensors: dict[str, torch.Tensor]) -> tuple[int, str]:
     return size, h.hexdigest()
 
 
-_CASE_CACHE: dict[tuple[str, str, float, str, str], CaseSet] = {}
+class ProcessCache:
+    """What a site process keeps between messages: the ``size`` most recently used entries.
+
+    In Flower's simulation a few Ray actors serve every site in turn (4 sites on 2 actors in the
+    demo), so a cache of one site's entry was replaced on nearly every message and each site
+    re-read and re-featurised its cases every round. Holding a few sites' entries keeps them;
+    in a deployment each message is its own ClientApp process and a cache spans one message.
+    """
+
+    def __init__(self, size: int = 8) -> None:
+        self.size = size
+        self._items: OrderedDict[Hashable, Any] = OrderedDict()
+
+    def get(self, key: Hashable, make: Callable[[], Any]) -> Any:
+        """The entry for ``key``, made by ``make()`` (and kept) when missing."""
+        if key in self._items:
+            self._items.move_to_end(key)
+            return self._items[key]
+        value = make()
+        self._items[key] = value
+        while len(self._items) > self.size:
+            self._items.popitem(last=False)  # the least recently used
+        return value
+
+
+_CASE_CACHE = ProcessCache()  # (manifest, site, mtime, vocabulary, split) -> CaseSet
 
 
 def load_site_cases(
     config: SynthctConfig, manifest: str | Path, site: str, split: str = "train"
 ) -> CaseSet:
-    """This site's cases of one split only; cached per process (one entry per split) while the
+    """This site's cases of one split only; kept per process (``ProcessCache``) while the
     manifest is unchanged, so a site scoring its holdout every round reads it once. An empty
     ``train`` split is an error."""
     if site not in config.site_names:
@@ -129,15 +156,14 @@ def load_site_cases(
         manifest.stat().st_mtime,
         config.labels.vocabulary_hash,
     )
-    key = (*source, split)
-    if key not in _CASE_CACHE:
+
+    def read() -> CaseSet:
         cases = load_cases(manifest, config, splits=(split,), sites=(site,))
         if split == "train" and len(cases) == 0:
             raise SiteError(f"site {site!r}: no train cases in {manifest}")
-        for stale in [k for k in _CASE_CACHE if k[:4] != source]:  # keep memory bounded:
-            del _CASE_CACHE[stale]  # one site and manifest per process in practice
-        _CASE_CACHE[key] = cases
-    return _CASE_CACHE[key]
+        return cases
+
+    return _CASE_CACHE.get((*source, split), read)
 
 
 def round_seed(seed: int, phase: str, server_round: int, site: str) -> int:
@@ -353,7 +379,7 @@ def train_decoder_round(
     )
 
 
-_LATENT_CACHE: dict[tuple[str, str], torch.Tensor] = {}
+_LATENT_CACHE = ProcessCache()  # (autoencoder sha256, the site's cases) -> latents
 
 
 def site_latents(
@@ -365,12 +391,13 @@ def site_latents(
 ) -> torch.Tensor:
     """Unscaled posterior-mean latents of this site's cases under the frozen autoencoder."""
     key = (autoencoder_sha256, "|".join(cases.paths[:1]) + str(len(cases)))
-    if key not in _LATENT_CACHE:
+
+    def encode() -> torch.Tensor:
         ae = build_phase_model(config, "autoencoder")
         _load_weights(ae, autoencoder_weights, "autoencoder")
-        _LATENT_CACHE.clear()
-        _LATENT_CACHE[key] = encode_latents(ae.to(device), cases.images.to(device)).cpu()
-    return _LATENT_CACHE[key]
+        return encode_latents(ae.to(device), cases.images.to(device)).cpu()
+
+    return _LATENT_CACHE.get(key, encode)
 
 
 def train_diffusion_round(

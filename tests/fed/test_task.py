@@ -11,6 +11,7 @@ import torch
 from synthct.fed.task import (
     LocalRun,
     OptimizerStateStore,
+    ProcessCache,
     SiteError,
     build_phase_model,
     load_site_cases,
@@ -169,3 +170,19 @@ def test_site_optimizer_state_carries_over_rounds(tmp_path, smoke_config, smoke_
     probe = torch.optim.AdamW(build_phase_model(smoke_config, "autoencoder").parameters())
     assert store.load_into(probe, 4) is None and not probe.state_dict()["state"]
     assert store.load_into(probe, 3) == 2 and probe.state_dict()["state"]
+
+
+def test_a_site_process_keeps_several_sites_entries():
+    """Two simulation actors serve four sites in turn: each keeps every site it served."""
+    made: list[str] = []
+    cache = ProcessCache(size=3)
+
+    def make(site: str):
+        return lambda: made.append(site) or f"cases of {site}"
+
+    for site in ["site_a", "site_b", "site_a", "site_c", "site_b", "site_a"]:
+        assert cache.get(site, make(site)) == f"cases of {site}"
+    assert made == ["site_a", "site_b", "site_c"]  # each read once
+    cache.get("site_d", make("site_d"))  # a fourth entry: the least recently used goes
+    cache.get("site_c", make("site_c"))
+    assert made == ["site_a", "site_b", "site_c", "site_d", "site_c"]
