@@ -31,12 +31,15 @@ def phantom_world(
 
 def bench_command(script: str, args: argparse.Namespace) -> str:
     """The command that reproduces a run: ``python bench/SCRIPT --option value ...`` (options
-    left at None are omitted)."""
+    left at None or False are omitted; a flag set to True is written bare)."""
 
-    def value(v) -> str:
-        return " ".join(map(str, v)) if isinstance(v, list | tuple) else str(v)
+    def option(k: str, v) -> str:
+        flag = f"--{k.replace('_', '-')}"
+        if v is True:
+            return flag
+        return f"{flag} {' '.join(map(str, v)) if isinstance(v, list | tuple) else v}"
 
     options = " ".join(
-        f"--{k.replace('_', '-')} {value(v)}" for k, v in vars(args).items() if v is not None
+        option(k, v) for k, v in vars(args).items() if v is not None and v is not False
     )
     return f"python bench/{script} {options}"

@@ -58,7 +58,9 @@ def main() -> None:
     unet_cfg = gen.config.unet
     if args.channels:
         unet_cfg = unet_cfg.model_copy(update={"channels": args.channels})
-    diffusion = gen.config.diffusion.model_copy(update={"zero_terminal_snr": args.zero_snr})
+    diffusion = type(gen.config.diffusion).model_validate(  # validated: needs v-prediction
+        {**gen.config.diffusion.model_dump(), "zero_terminal_snr": args.zero_snr}
+    )
     arm_config = gen.config.model_copy(update={"unet": unet_cfg, "diffusion": diffusion})
     scored = dataclasses.replace(gen, config=arm_config)  # samples with the arm's schedule
     sample_labels = torch.arange(len(classes)).repeat_interleave(args.per_class)

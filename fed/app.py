@@ -136,7 +136,9 @@ def _downstream(grid: Grid, config, rc, out: Path) -> None:
 @server.main()
 def main(grid: Grid, context: Context) -> None:
     """Run the task the run config names; its result is written under ``out``."""
-    grid = PromptGrid(grid, pull_interval=DEPLOYED_PULL_INTERVAL_S)
+    # poll often (Flower's deployed grid sleeps 3 s); never slower than the grid itself would
+    interval = min(DEPLOYED_PULL_INTERVAL_S, getattr(grid, "pull_interval", 3.0))
+    grid = PromptGrid(grid, pull_interval=interval)
     rc = context.run_config
     task = str(rc.get("task", "generator"))
     config = load_config(str(rc.get("config", "demo")))  # a server-side path or a packaged name

@@ -7,11 +7,14 @@ and ``torch._dynamo``: about 3.5 s of every process's start on 2 cores (``python
 starts once per message. synthct never builds Transchex. This finder refuses ``transformers``
 to that one MONAI module, which MONAI's own ``optional_import`` records as "not installed"
 (using Transchex would raise); everyone else, peft included, imports ``transformers`` as usual.
+Nothing is refused once ``transformers`` is imported (its cost is paid), nor when the
+environment sets ``SYNTHCT_MONAI_TRANSFORMERS=1`` (a process that builds Transchex itself).
 """
 
 from __future__ import annotations
 
 import importlib.abc
+import os
 import sys
 
 __all__ = ["install"]
@@ -22,6 +25,8 @@ _BLOCKED_FOR = "monai.networks.nets.transchex"
 class _TransformersNotForTranschex(importlib.abc.MetaPathFinder):
     def find_spec(self, fullname, path=None, target=None):
         if fullname != "transformers" and not fullname.startswith("transformers."):
+            return None
+        if "transformers" in sys.modules:  # already paid for: MONAI may have it too
             return None
         frame = sys._getframe(1)
         while frame is not None:
@@ -35,6 +40,9 @@ class _TransformersNotForTranschex(importlib.abc.MetaPathFinder):
 
 
 def install() -> None:
-    """Put the finder first on ``sys.meta_path`` (once per process)."""
+    """Put the finder first on ``sys.meta_path`` (once per process; not with
+    ``SYNTHCT_MONAI_TRANSFORMERS=1``)."""
+    if os.environ.get("SYNTHCT_MONAI_TRANSFORMERS") == "1":
+        return
     if not any(isinstance(f, _TransformersNotForTranschex) for f in sys.meta_path):
         sys.meta_path.insert(0, _TransformersNotForTranschex())

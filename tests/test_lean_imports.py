@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
-PROBE = """
+GUARDED = """
 import sys
 import synthct.fed.app  # every ClientApp process starts with this import
 assert "transformers" not in sys.modules, "monai's Transchex imported transformers"
-import monai.networks.nets as nets
+from monai.networks.nets import transchex
+assert transchex.transformers[1] is False  # MONAI's record: optional dependency missing
 try:
-    nets.Transchex(
+    transchex.Transchex(
         in_channels=1, img_size=(8, 8), num_classes=2, patch_size=(4, 4),
         num_language_layers=1, num_vision_layers=1, num_mixed_layers=1,
     )
@@ -23,7 +25,29 @@ import peft  # plugins: peft needs the real transformers
 assert "transformers" in sys.modules and peft.LoraConfig
 """
 
+UNGUARDED = """
+import sys
+import synthct
+from monai.networks.nets import transchex
+assert transchex.transformers[1] is True and "transformers" in sys.modules
+"""
+
+
+def _run(code: str, **env: str) -> None:
+    run = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **env},
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+
 
 def test_monai_imports_without_transformers_and_peft_still_gets_it():
-    run = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
+    _run(GUARDED)
+
+
+def test_transformers_already_imported_or_asked_for_is_left_to_monai():
+    _run("import transformers\n" + UNGUARDED)  # its cost is paid: MONAI gets it as before
+    _run(UNGUARDED, SYNTHCT_MONAI_TRANSFORMERS="1")
