@@ -42,13 +42,14 @@ from synthct.classifier import (
     train_epochs,
 )
 from synthct.config import SynthctConfig
+from synthct.data.dataset import CaseSet
 from synthct.data.manifest import read_manifest
 from synthct.fed.dp import ClassifierDP
 from synthct.fed.errors import SiteError
 from synthct.fed.fedavg_run import fedavg_then_evaluate, holdout_count_metrics
 from synthct.fed.secagg import secure_train_mod
 from synthct.fed.sites import SiteSettings, prepare_site, release, task_config, wait_for_sites
-from synthct.fed.task import OptimizerStateStore, load_site_cases, round_seed
+from synthct.fed.task import OptimizerStateStore, ProcessCache, load_site_cases, round_seed
 
 __all__ = [
     "app",
@@ -70,6 +71,16 @@ def cohort_digest(manifest: Path) -> str:
 
     info, _ = hash_cohort(Path(manifest))
     return sha256_bytes(json.dumps(info, sort_keys=True).encode())
+
+
+_COHORT_CACHE = ProcessCache()  # (cohort manifest, mtime, site, vocabulary) -> its cases
+
+
+def _cohort_cases(path: Path, config: SynthctConfig, site: str) -> CaseSet | None:
+    """The site's share of the cohort, read once per process: every round trains on the same
+    cases, so a simulation actor need not re-read them each round."""
+    key = (str(path.resolve()), path.stat().st_mtime, site, config.labels.vocabulary_hash)
+    return _COHORT_CACHE.get(key, lambda: load_cohort_for(path, config, site))
 
 
 def _site_cohort(cfg: ConfigRecord, context: Context, site: SiteSettings) -> Path | None:
@@ -104,7 +115,7 @@ def train(msg: Message, context: Context) -> Message:
     try:
         real = load_site_cases(config, site.manifest, site.name)
         cohort_path = _site_cohort(cfg, context, site)
-        cohort = load_cohort_for(cohort_path, config, site.name) if cohort_path else None
+        cohort = _cohort_cases(cohort_path, config, site.name) if cohort_path else None
         data = join(real, cohort)
         model = build_classifier(config)
         model.load_state_dict(msg.content["arrays"].to_torch_state_dict(), strict=True)
