@@ -2,11 +2,12 @@
 
 ``import monai`` imports every MONAI network, and ``monai.networks.nets.transchex`` then imports
 ``transformers`` (installed here only because peft needs it) and with it ``torch.distributed``
-and ``torch._dynamo``: about 3.5 s of every process's start on 2 cores (``python -X importtime
--c "import synthct.fed.app"``), paid again by every Flower ClientApp process, which Flower
-starts once per message. synthct never builds Transchex. This finder refuses ``transformers``
-to that one MONAI module, which MONAI's own ``optional_import`` records as "not installed"
-(using Transchex would raise); everyone else, peft included, imports ``transformers`` as usual.
+and ``torch._dynamo``: 2.2 s of every process's start on 2 cores (importing the Flower app: 5.5 s
+without this guard, 3.3 s with it; ``bench/import_cost.py``), paid again by every Flower
+ClientApp process, which Flower starts once per message. synthct never builds Transchex.
+This finder refuses ``transformers`` to that one MONAI module, which MONAI's own
+``optional_import`` records as "not installed" (using Transchex would raise); everyone else,
+peft included, imports ``transformers`` as usual.
 Nothing is refused once ``transformers`` is imported (its cost is paid), nor when the
 environment sets ``SYNTHCT_MONAI_TRANSFORMERS=1`` (a process that builds Transchex itself).
 """
