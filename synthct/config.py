@@ -345,8 +345,9 @@ class DiffusionConfig(_Strict):
         description="rescale the betas so the last timestep is pure noise (Lin et al. 2024, "
         "diffusers' rescale_betas_zero_snr) and sample from it ('trailing' timesteps). "
         "Without it the scaled-linear schedule leaves 1.2 % of the signal at t = T, which a "
-        "3D latent's low frequencies still carry: the UNet learns to read it and, sampled "
-        "from pure noise, under-disperses global intensity. Needs v_prediction",
+        "3D latent's low frequencies can still carry. Measured on the demo (one seed, "
+        "docs/benchmarks.md): HU/texture fidelity closer, samples no more varied. Needs "
+        "v_prediction",
     )
     p_uncond: float = Field(default=0.15, ge=0, lt=1, description="label dropout for CFG")
     p_site_uncond: float = Field(
