@@ -19,9 +19,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-from phantom_world import phantom_world
+from phantom_world import bench_command, phantom_world
 
-from synthct.artifacts import library_versions, write_json
+from synthct.artifacts import write_json
 from synthct.config import load_config, packaged_config_path
 from synthct.data.dataset import load_cases
 from synthct.data.preprocess import model_to_hu
@@ -92,13 +92,10 @@ def main() -> None:
             args.results,
             {
                 "date": time.strftime("%Y-%m-%d"),
-                "versions": library_versions(),
                 "real": "demo phantoms, holdout split",
                 "cohorts": {n: str(c) for n, c in zip(names, args.cohorts, strict=True)},
                 "rows": rows,
-                "command": "python bench/cohort_spread.py "
-                + " ".join(map(str, args.cohorts))
-                + f" --names {' '.join(names)} --out {args.out} --results {args.results}",
+                "command": bench_command("cohort_spread.py", args, positional=("cohorts",)),
             },
             kind="bench-cohort-spread",
         )

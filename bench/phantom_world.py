@@ -29,9 +29,12 @@ def phantom_world(
     return manifest, train, holdout
 
 
-def bench_command(script: str, args: argparse.Namespace) -> str:
-    """The command that reproduces a run: ``python bench/SCRIPT --option value ...`` (options
-    left at None or False are omitted; a flag set to True is written bare)."""
+def bench_command(
+    script: str, args: argparse.Namespace, *, positional: tuple[str, ...] = ()
+) -> str:
+    """The command that reproduces a run: ``python bench/SCRIPT [positional ...] --option value
+    ...``; ``positional`` names the arguments written first, bare (options left at None or
+    False are omitted; a flag set to True is written bare)."""
 
     def option(k: str, v) -> str:
         flag = f"--{k.replace('_', '-')}"
@@ -39,7 +42,13 @@ def bench_command(script: str, args: argparse.Namespace) -> str:
             return flag
         return f"{flag} {' '.join(map(str, v)) if isinstance(v, list | tuple) else v}"
 
-    options = " ".join(
-        option(k, v) for k, v in vars(args).items() if v is not None and v is not False
-    )
-    return f"python bench/{script} {options}"
+    def bare(v) -> str:
+        return " ".join(map(str, v)) if isinstance(v, list | tuple) else str(v)
+
+    given = vars(args)
+    words = [bare(given[k]) for k in positional] + [
+        option(k, v)
+        for k, v in given.items()
+        if k not in positional and v is not None and v is not False
+    ]
+    return " ".join([f"python bench/{script}", *words])
