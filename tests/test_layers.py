@@ -44,6 +44,8 @@ def modules() -> dict[str, Path]:
 
 
 def imports(path: Path, module: str) -> set[str]:
+    """Every module ``path`` may import; ``from P import name`` also counts ``P.name``, which
+    is a submodule when ``name`` is one (``from synthct import cli``)."""
     out = set()
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.Import):
@@ -55,10 +57,21 @@ def imports(path: Path, module: str) -> set[str]:
                     if path.name != "__init__.py"
                     else module.split(".")[: len(module.split(".")) - node.level + 1]
                 )
-                out.add(".".join([*base, node.module] if node.module else base))
+                source = ".".join([*base, node.module] if node.module else base)
             elif node.module:
-                out.add(node.module)
+                source = node.module
+            else:
+                continue
+            out |= {source} | {f"{source}.{a.name}" for a in node.names if a.name != "*"}
     return {m for m in out if m == "synthct" or m.startswith("synthct.")}
+
+
+def test_the_check_sees_submodules_imported_by_name(tmp_path):
+    source = tmp_path / "lowly.py"
+    source.write_text("from synthct import cli\nfrom . import demo\n")
+    found = imports(source, "synthct.lowly")
+    assert {"synthct.cli", "synthct.demo"} <= found
+    assert {layer(m) for m in ("synthct.cli", "synthct.demo")} == {"entry points"}
 
 
 def test_no_module_imports_a_higher_layer():
