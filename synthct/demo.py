@@ -257,15 +257,21 @@ def _gate(
     device: torch.device | str = "cpu",
 ) -> dict:
     """Judge the cohort against the sites' real train/holdout; a fail is a valid result."""
-    from synthct.eval.gate import load_real, run_gate, write_gate
+    from synthct.pipeline.gate import judge_cohort
     from synthct.reference import load_reference
 
     reference = load_reference(run / "reference", vocabulary_hash=config.labels.vocabulary_hash)
     reference.to(device)
-    real = load_real(manifest, manifest, config=config, reference=reference)
-    report = run_gate(cohort, real, config=config, reference=reference, seed=seed)
-    write_gate(report, run / "gate.json", sign_with=_gate_key(run)[0])
-    return report
+    return judge_cohort(
+        cohort,
+        run / "gate.json",
+        config=config,
+        reference=reference,
+        train_manifest=manifest,
+        holdout_manifest=manifest,
+        seed=seed,
+        sign_with=_gate_key(run)[0],
+    )
 
 
 def _gate_key(run: Path) -> tuple[Path, Path]:

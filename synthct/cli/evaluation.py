@@ -78,43 +78,27 @@ def cmd_gate(args: argparse.Namespace) -> int:
     out = gate_path(args)
 
     from synthct.artifacts import read_json
-    from synthct.eval.gate import (
-        GateError,
-        drop_flagged,
-        load_real,
-        load_rules,
-        run_gate,
-        write_gate,
-    )
+    from synthct.eval.gate import GateError, drop_flagged, load_rules
+    from synthct.pipeline.gate import judge_cohort
 
     config = run_config(args.config, args.set)
     rules = load_rules(args.rules)
     reference = gate_reference(args.reference_model, config)
     reference.to(chosen_device(args, federated=args.federated))  # federated: sites featurise
-    if args.federated:
-        from synthct.fed.gate_app import run_gate_federated
-
-        if not args.data:
-            raise GateError("--federated needs --data (each site reads only its own rows)")
-        report = run_gate_federated(
-            manifest,
-            args.data,
-            config=config,
-            reference=reference,
-            run_dir=out.resolve().parent / "gate_federated",
-            rules=rules,
-            seed=args.seed,
-        )
-    else:
-        train = args.train_manifest or args.data
-        holdout = args.holdout_manifest or args.data
-        if not (train and holdout):
-            raise GateError("the gate needs --data (a manifest with train and holdout splits)")
-        real = load_real(train, holdout, config=config, reference=reference)
-        report = run_gate(
-            manifest, real, config=config, reference=reference, rules=rules, seed=args.seed
-        )
-    write_gate(report, out, sign_with=args.sign)
+    if args.federated and not args.data:
+        raise GateError("--federated needs --data (each site reads only its own rows)")
+    report = judge_cohort(
+        manifest,
+        out,
+        config=config,
+        reference=reference,
+        train_manifest=args.train_manifest or args.data,
+        holdout_manifest=args.holdout_manifest or args.data,
+        sites_manifest=args.data if args.federated else None,
+        rules=rules,
+        seed=args.seed,
+        sign_with=args.sign,
+    )
     _print_gate(report)
     print(f"gate report: {out}")
     if args.drop_flagged:
