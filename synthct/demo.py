@@ -447,7 +447,7 @@ def _reference(manifest: Path, config: SynthctConfig, run: Path) -> dict:
     """The shipped reference models when the phantoms are the ones they were trained on;
     otherwise trained federatedly (FedAvg through Flower), as sites that cannot pool would."""
     from synthct.pretrained import shipped_reference_for
-    from synthct.reference import load_reference, save_reference
+    from synthct.reference import load_reference
 
     target = run / "reference"
     shipped = shipped_reference_for(manifest)
@@ -455,17 +455,14 @@ def _reference(manifest: Path, config: SynthctConfig, run: Path) -> dict:
         shutil.copytree(shipped, target)  # trained on these very phantoms
         logger.info("reference models: the shipped ones (trained on this manifest)")
     if not (target / "reference.json").is_file():
-        from synthct.fed.reference_app import train_reference_federated
+        from synthct.pipeline.reference import build_reference
 
         logger.info(
             "reference models: FedAvg, %d rounds x %d local epochs",
             config.federated.reference_rounds,
             config.federated.local_epochs_reference,
         )
-        model = train_reference_federated(
-            config, manifest, run / "federated_reference", seed=config.seed
-        )
-        save_reference(model, target)
+        build_reference(config, manifest, target, federated=True, seed=config.seed)
     return load_reference(target, vocabulary_hash=config.labels.vocabulary_hash).info
 
 

@@ -27,36 +27,26 @@ from synthct.errors import UsageError
 def cmd_reference(args: argparse.Namespace) -> int:
     """Train the frozen real-only reference classifier/encoder the gate and quality checks use:
     on the pooled ``train`` split, or federatedly (FedAvg; each site reads only its rows)."""
-    from synthct.reference import save_reference
+    from synthct.pipeline.reference import build_reference
+    from synthct.progress import progress_bar
 
     config = run_config(args.config, args.set)
     manifest = Path(args.data)  # that it is a manifest file: checked by main before any command
     out = Path(args.out)
-    if args.federated:
-        from synthct.fed.reference_app import train_reference_federated
-
-        chosen_device(args, federated=True)
-        model = train_reference_federated(config, manifest, out / "federated", seed=args.seed)
+    device = chosen_device(args, federated=args.federated)
+    if args.federated:  # the rounds log their own progress
+        model = build_reference(config, manifest, out, federated=True, seed=args.seed)
     else:
-        from synthct.data.dataset import load_cases
-        from synthct.progress import progress_bar
-        from synthct.reference import train_reference
-
-        device = chosen_device(args)
-        train = load_cases(manifest, config, splits=("train",))
-        holdout = load_cases(manifest, config, splits=("holdout",))
         with progress_bar("reference") as update:
-            model = train_reference(
-                train,
-                classes=list(config.labels.classes),
-                vocabulary_hash=config.labels.vocabulary_hash,
-                epochs=config.train.reference_epochs,
+            model = build_reference(
+                config,
+                manifest,
+                out,
+                federated=False,
                 seed=args.seed,
-                holdout=holdout,
-                progress=lambda done, total, **m: update(done, total, **m),
                 device=device,
+                progress=lambda done, total, **m: update(done, total, **m),
             )
-    save_reference(model, out)
     holdout = model.info.get("holdout", {})
     print(
         f"reference ({model.info.get('trained', 'central')}): {out}; holdout accuracy "

@@ -1,0 +1,55 @@
+"""The reference stage: the frozen real-only classifier/encoder the gate and the quality checks
+judge with, trained on the sites' real ``train`` cases and saved.
+
+Centrally it trains on the pooled ``train`` split (stopping on ``holdout``); federatedly each
+site trains on its own rows through Flower (FedAvg) and only weights leave it. The command line
+(``synthct reference``) and the demo both make their reference model here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from synthct.config import SynthctConfig
+from synthct.reference import ReferenceModel, save_reference
+
+__all__ = ["build_reference"]
+
+
+def build_reference(
+    config: SynthctConfig,
+    manifest: str | Path,
+    out: str | Path,
+    *,
+    federated: bool,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    progress: Callable[..., None] | None = None,
+) -> ReferenceModel:
+    """Train the reference model on ``manifest``'s ``train`` cases and save it in ``out``.
+    ``federated``: FedAvg in Flower's simulation (its run files in ``out/federated``), each
+    site reading only its own rows; otherwise pooled, on ``device``, with ``progress``."""
+    manifest, out = Path(manifest), Path(out)
+    if federated:
+        from synthct.fed.reference_app import train_reference_federated
+
+        model = train_reference_federated(config, manifest, out / "federated", seed=seed)
+    else:
+        from synthct.data.dataset import load_cases
+        from synthct.reference import train_reference
+
+        model = train_reference(
+            load_cases(manifest, config, splits=("train",)),
+            classes=list(config.labels.classes),
+            vocabulary_hash=config.labels.vocabulary_hash,
+            epochs=config.train.reference_epochs,
+            seed=seed,
+            holdout=load_cases(manifest, config, splits=("holdout",)),
+            progress=progress,
+            device=device,
+        )
+    save_reference(model, out)
+    return model
