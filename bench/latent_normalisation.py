@@ -62,13 +62,15 @@ def train_arm(
     config=None,
     checkpoints: tuple[int, ...] = (),
     on_checkpoint=None,
+    sites: torch.Tensor | None = None,
 ):
     """A fresh UNet (+ EMA) trained ``steps`` steps on ``latents`` as the trainer does; at each
     step in ``checkpoints`` ``on_checkpoint(step, ema)`` scores the EMA UNet so far. ``config``
-    (default: the generator's) may give the fresh UNet another width."""
+    (default: the generator's) may give the fresh UNet another width or a site condition;
+    ``sites``: each case's site index (a site-conditioned UNet)."""
     config = config or gen.config
     fresh = build_generator(config, seed=seed)
-    unet, conditioning = fresh.unet, gen.conditioning
+    unet, conditioning = fresh.unet, fresh.conditioning
     opt = torch.optim.AdamW(unet.parameters(), lr=config.train.diffusion_lr)
     ema = EMA(unet, config.diffusion.ema_decay, target=fresh.ema, step=0)
     rng = torch.Generator().manual_seed(seed)
@@ -85,6 +87,7 @@ def train_arm(
             scheduler,
             config.diffusion,
             conditioning=conditioning,
+            sites=None if sites is None else sites[idx],
             generator=rng,
         )
         ema.update(unet)
@@ -102,8 +105,11 @@ def train_arm(
 
 
 @torch.no_grad()
-def sample(gen, ema, shift, scale, labels, guidance: float, seed: int) -> torch.Tensor:
-    """Model-space volumes: sample normalised latents, undo the normalisation, decode."""
+def sample(
+    gen, ema, shift, scale, labels, guidance: float, seed: int, sites: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Model-space volumes: sample normalised latents, undo the normalisation, decode
+    (``sites``: site indices for a site-conditioned UNet; None: the null site)."""
     cfg = gen.config.sampling
     scheduler = sampling_scheduler(gen.config.diffusion, cfg.sampler)
     rng = torch.Generator().manual_seed(seed)
@@ -113,6 +119,7 @@ def sample(gen, ema, shift, scale, labels, guidance: float, seed: int) -> torch.
             lambda z, t, c, _r: ema(z, t, class_labels=c),
             scheduler,
             labels[i : i + cfg.batch_size],
+            sites=None if sites is None else sites[i : i + cfg.batch_size],
             latent_shape=gen.config.latent_shape,
             guidance_interval=cfg.guidance_interval,
             conditioning=gen.conditioning,
