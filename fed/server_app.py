@@ -259,6 +259,11 @@ class _Driver:
                 except CheckpointError as exc:
                     raise FederatedError(str(exc)) from None
                 state.ema_steps = None  # continue its trained EMA: no warm-up
+                if config.federated.restart_unet:  # its autoencoder only: a UNet from scratch
+                    fresh = build_generator(config, seed=config.seed)
+                    gen.unet, gen.ema = fresh.unet, fresh.ema
+                    state.ema_steps = 0
+                    logger.info("%s: autoencoder kept, UNet from scratch", self.job.initial)
                 if gen.latent_norm.mode != config.diffusion.latent_norm:
                     # adopted with a fresh UNet (its own learnt another latent space): the EMA
                     # warms up from zero and the latents are normalised anew

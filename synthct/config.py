@@ -561,6 +561,13 @@ class FederatedConfig(_Strict):
     finetune_rounds: int = Field(
         default=2, ge=0, description="diffusion rounds when fine-tuning a pretrained generator"
     )
+    restart_unet: bool = Field(
+        default=False,
+        description="continuing an initial generator: keep its autoencoder, train the UNet from "
+        "scratch (its EMA warms up anew); a UNet with the site condition from its first step "
+        "carried each scanner's style where one adopted from a class-only UNet did not "
+        "(docs/benchmarks.md, 'A site-conditioned UNet trained from the start')",
+    )
     reference_rounds: int = Field(
         default=10, ge=1, description="FedAvg rounds of the federated reference classifier"
     )

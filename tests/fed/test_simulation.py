@@ -192,6 +192,34 @@ def test_another_latent_normalisation_restarts_the_unet(
     assert state["latent_norm"]["scale"] == pytest.approx(list(expected.scale), rel=1e-4)
 
 
+def test_restart_unet_keeps_the_autoencoder_and_trains_a_fresh_site_conditioned_unet(
+    tmp_path, fed_run, smoke_config, smoke_sites
+):
+    # federated.restart_unet: a class-only generator continued with the site as a condition
+    # from the UNet's first step; the autoencoder (and its latent normalisation) is kept, the
+    # UNet and its EMA start afresh (EMA warm-up from zero), not adopted with zero site rows
+    run, trained = fed_run
+    config = smoke_config.model_copy(
+        update={
+            "federated": smoke_config.federated.finetune_schedule().model_copy(
+                update={"diffusion_rounds": 1, "restart_unet": True}
+            ),
+            "unet": smoke_config.unet.model_copy(update={"site_conditioning": True}),
+        }
+    )
+    tuned = train_federated(config, smoke_sites, tmp_path / "fresh", initial=run / "generator")
+    for k, v in tuned.autoencoder.state_dict().items():
+        assert torch.equal(v, trained.autoencoder.state_dict()[k]), k
+    assert tuned.latent_norm.scale == trained.latent_norm.scale
+    state = json.loads((tmp_path / "fresh" / "fed_state.json").read_text())
+    assert state["ema_steps"] == config.federated.local_steps_diffusion  # warm-up from zero
+    assert tuned.conditioning.site_conditioned
+    # adopted, the site rows would start at zero and the class rows be the trained ones
+    assert tuned.unet.class_embedding.sites.weight.abs().sum() > 0
+    classes = tuned.unet.class_embedding.classes.weight
+    assert not torch.allclose(classes, trained.unet.class_embedding.weight, atol=0.05)
+
+
 def test_a_trained_generator_learns_site_style_adversarially(
     tmp_path, fed_run, smoke_config, smoke_sites
 ):
