@@ -277,6 +277,8 @@ class _Driver:
                 elif config.federated.ae_rounds == 0:  # frozen autoencoder: keep its latents
                     state.latent_norm = gen.latent_norm
             else:
+                if config.federated.restart_unet:
+                    logger.info("federated.restart_unet without an initial generator: ignored")
                 gen = build_generator(config, seed=config.seed)
         self.gen = gen
         run_phases(self)

@@ -564,9 +564,11 @@ class FederatedConfig(_Strict):
     restart_unet: bool = Field(
         default=False,
         description="continuing an initial generator: keep its autoencoder, train the UNet from "
-        "scratch (its EMA warms up anew); a UNet with the site condition from its first step "
-        "carried each scanner's style where one adopted from a class-only UNet did not "
-        "(docs/benchmarks.md, 'A site-conditioned UNet trained from the start')",
+        "scratch (its EMA warms up anew; its widths must still match the initial's). Trained "
+        "centrally with the site condition from its first step, a UNet carried each scanner's "
+        "style where a class-only one adopted and continued federatedly did not "
+        "(docs/benchmarks.md, 'A site-conditioned UNet trained from the start'); ignored "
+        "without an initial generator, whose UNet starts from scratch anyway",
     )
     reference_rounds: int = Field(
         default=10, ge=1, description="FedAvg rounds of the federated reference classifier"

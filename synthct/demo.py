@@ -451,8 +451,8 @@ def _reference(manifest: Path, config: SynthctConfig, run: Path) -> dict:
 
     target = run / "reference"
     shipped = shipped_reference_for(manifest)
-    if shipped is not None and not target.exists():
-        shutil.copytree(shipped, target)  # trained on these very phantoms
+    if shipped is not None and not (target / "reference.json").is_file():
+        shutil.copytree(shipped, target, dirs_exist_ok=True)  # trained on these very phantoms
         logger.info("reference models: the shipped ones (trained on this manifest)")
     if not (target / "reference.json").is_file():
         from synthct.pipeline.reference import build_reference

@@ -36,7 +36,8 @@ def judge_cohort(
 
     ``sites_manifest``: judge federatedly, every site scoring its own rows of it (the Flower
     run's files go beside ``out``); otherwise ``train_manifest`` and ``holdout_manifest`` are
-    read centrally. ``bootstrap``: resamples for the rules' intervals; ``rules``: the rules to judge by (default: the gate's; others are recorded in the report); ``sign_with``: the
+    read centrally. ``bootstrap``: resamples for the rules' intervals; ``rules``: the rules
+    to judge by (default: the gate's; others are recorded in the report); ``sign_with``: the
     Ed25519 key that signs the verdict."""
     out = Path(out)
     if sites_manifest is not None:
