@@ -479,9 +479,7 @@ def _pretrained_matches(config: SynthctConfig) -> Path | None:
 
 
 def _generator(manifest: Path, config: SynthctConfig, run: Path, from_scratch: bool) -> dict:
-    import json
-
-    from synthct.fed.simulation import train_federated
+    from synthct.pipeline.generator import federated_summary, train_generator
 
     initial = None if from_scratch else _pretrained_matches(config)
     if initial is not None:
@@ -495,7 +493,7 @@ def _generator(manifest: Path, config: SynthctConfig, run: Path, from_scratch: b
             done["n"] += 1
             update(done["n"], total, phase=phase, **{k: v for k, v in m.items() if v is not None})
 
-        train_federated(
+        train_generator(
             config,
             manifest,
             run,
@@ -503,12 +501,5 @@ def _generator(manifest: Path, config: SynthctConfig, run: Path, from_scratch: b
             initial=initial,
             progress=report,
         )
-    rounds = [json.loads(x) for x in (run / "rounds.jsonl").read_text().splitlines()]
-    trained = [r for r in rounds if r["phase"] != "scale"]
-    last = trained[-1] if trained else {"sites": []}
-    return {
-        "origin": "fine-tuned shipped pretrained" if initial is not None else "from scratch",
-        "rounds": len(trained),
-        "last_losses": {s["site"]: s["loss"] for s in last["sites"]},
-        "bytes_per_round_per_site": max((s["bytes_up"] for s in last["sites"]), default=0),
-    }
+    origin = "fine-tuned shipped pretrained" if initial is not None else "from scratch"
+    return {"origin": origin, **federated_summary(run)}

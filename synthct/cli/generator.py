@@ -31,8 +31,8 @@ from synthct.errors import UsageError
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from synthct.pipeline.generator import train_generator
     from synthct.progress import progress_bar
-    from synthct.trainer import train_central
 
     config = run_config(args.config, args.set)
     if args.device:
@@ -55,27 +55,16 @@ def cmd_train(args: argparse.Namespace) -> int:
         def report(phase: str, done: int, total: int, **m: float) -> None:
             update(done, total, phase=phase, **m)
 
-        if args.central:
-            train_central(
-                config,
-                manifest,
-                run,
-                resume=args.resume,
-                budget_min=args.budget_min,
-                progress=report,
-            )
-        else:
-            from synthct.fed.simulation import train_federated
-
-            train_federated(
-                config,
-                manifest,
-                run,
-                resume=args.resume,
-                budget_min=args.budget_min,
-                max_rounds=args.max_rounds,
-                progress=report,
-            )
+        train_generator(
+            config,
+            manifest,
+            run,
+            federated=not args.central,
+            resume=args.resume,
+            budget_min=args.budget_min,
+            max_rounds=args.max_rounds,
+            progress=report,
+        )
     print(f"generator: {run / 'generator'}")
     from synthct.artifacts import read_json
 
