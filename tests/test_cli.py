@@ -100,6 +100,7 @@ MISTAKES = [
     ("generate --generator g --data m --out o --batch-size 0", 2, "--batch-size: 0"),
     ("generate --generator g --data m --out o --steps 2.5", 2, "'2.5' is not a whole number"),
     ("train --out o --budget-min -1", 2, "--budget-min"),
+    ("train --out o --central --max-rounds 2", 2, "--max-rounds is a federated option"),
     ("plugin train --generator g --site s --data d --out o --rank 0", 2, "--rank: 0"),
     ("--log-level foo demo", 2, "invalid choice: 'FOO'"),
     ("sample --label normal --out o", 2, "required: --generator"),

@@ -34,6 +34,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from synthct.pipeline.generator import train_generator
     from synthct.progress import progress_bar
 
+    if args.central and args.max_rounds is not None:
+        raise UsageError("--max-rounds is a federated option (rounds); --central trains in steps")
     config = run_config(args.config, args.set)
     if args.device:
         config = config.model_copy(
