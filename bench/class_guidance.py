@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from phantom_world import bench_command, phantom_manifest
 
-from synthct.artifacts import library_versions
+from synthct.artifacts import library_versions, write_json
 from synthct.checkpoint import load_generator
 from synthct.config import load_config, packaged_config_path
 from synthct.data.preprocess import hu_to_model
@@ -185,7 +185,7 @@ def main() -> None:
         "command": bench_command("class_guidance.py", args),
     }
     if args.results:
-        Path(args.results).write_text(json.dumps(summary, indent=1))
+        write_json(args.results, summary, kind="bench-class-guidance")
 
 
 def sample_class(gen, labels: torch.Tensor, guidance: float, args) -> torch.Tensor:

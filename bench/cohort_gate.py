@@ -16,13 +16,13 @@ gating. Nothing is loosened: the rules are ``DEFAULT_RULES``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from pathlib import Path
 
 from phantom_world import phantom_manifest
 
+from synthct.artifacts import write_json
 from synthct.checkpoint import generator_sha256, load_generator
 from synthct.cohort import generate_cohort, plan_cohort, reference_counts
 from synthct.config import load_config, packaged_config_path
@@ -96,7 +96,7 @@ def main() -> None:
         "seeds": runs,
     }
     args.results.parent.mkdir(parents=True, exist_ok=True)
-    args.results.write_text(json.dumps(summary, indent=2) + "\n")
+    write_json(args.results, summary, kind="bench-cohort-gate")
     print(f"{summary['passed']}/{len(runs)} seeds pass; written {args.results}")
 
 
