@@ -254,14 +254,15 @@ class _Driver:
             if self.job.initial is not None:
                 try:  # the run's schedule, same networks (site awareness may be added)
                     gen = adopt_generator(
-                        load_generator(self.job.initial), config, what=str(self.job.initial)
+                        load_generator(self.job.initial),
+                        config,
+                        what=str(self.job.initial),
+                        restart_unet=config.federated.restart_unet,
                     )
                 except CheckpointError as exc:
                     raise FederatedError(str(exc)) from None
                 state.ema_steps = None  # continue its trained EMA: no warm-up
                 if config.federated.restart_unet:  # its autoencoder only: a UNet from scratch
-                    fresh = build_generator(config, seed=config.seed)
-                    gen.unet, gen.ema = fresh.unet, fresh.ema
                     state.ema_steps = 0
                     logger.info("%s: autoencoder kept, UNet from scratch", self.job.initial)
                 if gen.latent_norm.mode != config.diffusion.latent_norm:

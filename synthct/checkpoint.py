@@ -162,14 +162,18 @@ def _class_only_to_factorized(state: dict[str, torch.Tensor]) -> dict[str, torch
     return out
 
 
-def adopt_generator(gen: Generator, config: SynthctConfig, *, what: str = "generator") -> Generator:
+def adopt_generator(
+    gen: Generator, config: SynthctConfig, *, what: str = "generator", restart_unet: bool = False
+) -> Generator:
     """``gen``'s trained weights under ``config``, which may add site awareness ``gen``
     lacks (a site style in the decoder, a site table in the UNet): new site rows start at zero,
     so the adopted generator samples exactly as ``gen`` until it trains on. A config with the
-    other latent normalisation keeps the autoencoder and starts the UNet afresh (the old one
-    learnt another latent space). Anything else that differs (or site awareness taken away) is
-    a :class:`CheckpointError` naming ``what``."""
+    other latent normalisation, or ``restart_unet``, keeps the autoencoder and starts the UNet
+    afresh (seeded by ``config.seed``; the old one learnt another latent space, or is not
+    wanted). Anything else that differs (or site awareness taken away) is a
+    :class:`CheckpointError` naming ``what``."""
     renormed = gen.latent_norm.mode != config.diffusion.latent_norm
+    fresh_unet = renormed or restart_unet
     old = gen.config.model_copy(
         update={
             "diffusion": gen.config.diffusion.model_copy(
@@ -199,12 +203,12 @@ def adopt_generator(gen: Generator, config: SynthctConfig, *, what: str = "gener
         raise CheckpointError(
             f"{what}: cannot fine-tune this generator under the run's config: {mismatch}"
         )
-    new = build_generator(config, seed=config.seed if renormed else None)
+    new = build_generator(config, seed=config.seed if fresh_unet else None)
     state = gen.autoencoder.state_dict()
     missing, unexpected = new.autoencoder.load_state_dict(state, strict=False)
     if unexpected or any(not k.startswith("site_style.") for k in missing):
         raise CheckpointError(f"{what}: autoencoder tensors do not fit ({missing}, {unexpected})")
-    for name in () if renormed else ("unet", "ema"):
+    for name in () if fresh_unet else ("unet", "ema"):
         state = getattr(gen, name).state_dict()
         if added_sites:
             state = _class_only_to_factorized(state)
