@@ -21,12 +21,14 @@ from torch import nn
 
 from synthct.artifacts import read_json, write_json
 from synthct.checkpoint import CheckpointError, load_tensors, save_tensors
+from synthct.config import SynthctConfig
 from synthct.data.dataset import CaseSet
 
 __all__ = [
     "ReferenceNet",
     "ReferenceModel",
     "train_reference",
+    "train_reference_for",
     "fit_reference",
     "holdout_report",
     "evaluate_classifier",
@@ -261,6 +263,29 @@ def train_reference(
         model.info["holdout"] = holdout_report(model, holdout)
         logger.info("reference classifier holdout accuracy %.3f", model.info["holdout"]["accuracy"])
     return model.to("cpu")
+
+
+def train_reference_for(
+    config: SynthctConfig,
+    train: CaseSet,
+    holdout: CaseSet | None,
+    *,
+    seed: int,
+    progress: Callable[..., None] | None = None,
+    device: torch.device | str = "cpu",
+) -> ReferenceModel:
+    """:func:`train_reference` with the run config's vocabulary and epochs: the one place a
+    config becomes a central reference training (the trainer and the pipeline's stage)."""
+    return train_reference(
+        train,
+        classes=list(config.labels.classes),
+        vocabulary_hash=config.labels.vocabulary_hash,
+        epochs=config.train.reference_epochs,
+        seed=seed,
+        holdout=holdout,
+        progress=progress,
+        device=device,
+    )
 
 
 def save_reference(model: ReferenceModel, directory: str | Path) -> Path:

@@ -137,17 +137,15 @@ def ensure_reference(
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Train and save ``RUN/reference`` unless it exists; return its info (holdout accuracy)."""
-    from synthct.reference import load_reference, save_reference, train_reference
+    from synthct.reference import load_reference, save_reference, train_reference_for
 
     if (run / "reference" / "reference.json").is_file():
         return load_reference(run / "reference", vocabulary_hash=config.labels.vocabulary_hash).info
-    model = train_reference(
+    model = train_reference_for(
+        config,
         train,
-        classes=config.labels.classes,
-        vocabulary_hash=config.labels.vocabulary_hash,
-        epochs=config.train.reference_epochs,
+        holdout,
         seed=config.seed,
-        holdout=holdout,
         progress=(lambda d, t, **f: progress("reference", d, t, **f)) if progress else None,
     )
     save_reference(model, run / "reference")

@@ -39,15 +39,13 @@ def build_reference(
         model = train_reference_federated(config, manifest, out / "federated", seed=seed)
     else:
         from synthct.data.dataset import load_cases
-        from synthct.reference import train_reference
+        from synthct.reference import train_reference_for
 
-        model = train_reference(
+        model = train_reference_for(
+            config,
             load_cases(manifest, config, splits=("train",)),
-            classes=list(config.labels.classes),
-            vocabulary_hash=config.labels.vocabulary_hash,
-            epochs=config.train.reference_epochs,
+            load_cases(manifest, config, splits=("holdout",)),
             seed=seed,
-            holdout=load_cases(manifest, config, splits=("holdout",)),
             progress=progress,
             device=device,
         )
