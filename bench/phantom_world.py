@@ -36,14 +36,12 @@ def bench_command(
     ...``; ``positional`` names the arguments written first, bare (options left at None or
     False are omitted; a flag set to True is written bare)."""
 
-    def option(k: str, v) -> str:
-        flag = f"--{k.replace('_', '-')}"
-        if v is True:
-            return flag
-        return f"{flag} {' '.join(map(str, v)) if isinstance(v, list | tuple) else v}"
-
     def bare(v) -> str:
         return " ".join(map(str, v)) if isinstance(v, list | tuple) else str(v)
+
+    def option(k: str, v) -> str:
+        flag = f"--{k.replace('_', '-')}"
+        return flag if v is True else f"{flag} {bare(v)}"
 
     given = vars(args)
     words = [bare(given[k]) for k in positional] + [

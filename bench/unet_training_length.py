@@ -79,6 +79,7 @@ def main() -> None:
     train_sites = conditioning.site_indices(list(real.train.sites))
     site_names = [s for s in config.site_names for _ in range(len(classes) * args.per_site_class)]
     site_labels = torch.arange(len(classes)).repeat(len(config.site_names) * args.per_site_class)
+    site_index = conditioning.site_indices(site_names)  # None for a class-only UNet
     window = config.data.hu_window
     rows: list[dict] = []
     start = time.perf_counter()
@@ -98,10 +99,9 @@ def main() -> None:
                     scored, ema, shift, scale, sample_labels, guidance, args.seed, reference, real
                 ),
             }
-            if train_sites is not None:  # cases made for each site, against each site's scans
-                sites = conditioning.site_indices(site_names)
+            if site_index is not None:  # cases made for each site, against each site's scans
                 images = sample(
-                    scored, ema, shift, scale, site_labels, guidance, args.seed, sites=sites
+                    scored, ema, shift, scale, site_labels, guidance, args.seed, sites=site_index
                 )
                 images = hu_to_model(model_to_hu(images, window), window)
                 row["site_style"] = style(real, images, site_labels, site_names, reference, window)
