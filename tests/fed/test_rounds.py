@@ -1,10 +1,10 @@
-"""Server-side aggregation details of the generator's ServerApp."""
+"""Aggregation details of one generator training round (plain and secure)."""
 
 from __future__ import annotations
 
 import torch
 
-from synthct.fed.server_app import take_owned_rows
+from synthct.fed.rounds import take_owned_rows
 
 
 def test_each_per_site_row_comes_from_its_own_site_and_shared_rows_keep_the_average():
@@ -30,7 +30,7 @@ def test_each_per_site_row_comes_from_its_own_site_and_shared_rows_keep_the_aver
 
 
 def test_the_privacy_record_names_what_its_epsilon_does_not_cover(smoke_config):
-    from synthct.fed.server_app import privacy_record
+    from synthct.fed.rounds import privacy_record
 
     doc = smoke_config.model_dump()
     doc["federated"]["privacy"] = {"enabled": True, "phases": ["diffusion"]}
@@ -46,8 +46,8 @@ def test_the_privacy_record_names_what_its_epsilon_does_not_cover(smoke_config):
 def test_per_site_rows_come_back_out_of_the_secure_mean():
     """Under SecAgg+ the server only has the weighted mean; site i alone moved row i, so the
     mean's row i is q_i / sum(q) of its update, and scaling by sum(q) / q_i recovers it."""
+    from synthct.fed.rounds import owned_rows_from_secure_mean
     from synthct.fed.secagg import SecAggSettings, SecureRound, site_weight_factor
-    from synthct.fed.server_app import owned_rows_from_secure_mean
 
     settings = SecAggSettings(clip_norm=1.0, max_weight=64, min_replies=2)
     cases = {0: 10, 1: 30}
