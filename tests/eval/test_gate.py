@@ -17,7 +17,6 @@ from synthct.eval.gate import (
     DEFAULT_RULES,
     GateError,
     drop_flagged,
-    load_rules,
     run_gate,
     verify_gate,
     write_gate,
@@ -142,18 +141,3 @@ def test_cli_exit_codes_hashes_and_tamper(tmp_path, fresh, demo_sites):
             verify_gate(out, cohort)
     finally:
         victim.write_bytes(saved)
-
-
-def test_rules_file_errors_name_the_key(tmp_path):
-    path = tmp_path / "r.yaml"
-    path.write_text("rules:\n  dcr: {threshold: high}\n")
-    with pytest.raises(GateError, match="rules.dcr.threshold"):
-        load_rules(path)
-    path.write_text("rules:\n  dcr: 0.6\n  coverage: {enabled: false}\n")
-    rules = load_rules(path)
-    assert rules["dcr"].threshold == 0.6 and not rules["coverage"].enabled
-    # a threshold that would pass or fail every cohort is refused, naming its range
-    for rule, value in (("dcr", 0.3), ("membership_inference", 0.3), ("precision", 0.5)):
-        path.write_text(f"rules:\n  {rule}: {value}\n")
-        with pytest.raises(GateError, match=rf"rules.{rule}.threshold = {value}: must lie in"):
-            load_rules(path)
