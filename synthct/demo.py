@@ -348,58 +348,18 @@ def _report(
     plugin: dict | None = None,
 ) -> Path:
     """The self-contained ``RUN/report.html`` (phantoms: real volumes are shown too)."""
-    import json
+    from synthct.pipeline.report import write_run_report
 
-    from synthct.checkpoint import generator_sha256
-    from synthct.data.dataset import load_cases
-    from synthct.data.preprocess import model_to_hu
-    from synthct.report import write_report
-
-    def by_class(cases, per_class: int) -> dict:
-        hu = model_to_hu(cases.images, config.data.hu_window)[:, 0].numpy()
-        out = {}
-        for c, name in enumerate(config.labels.classes):
-            idx = (cases.labels == c).nonzero().flatten()[:per_class].tolist()
-            if idx:
-                out[name] = hu[idx]
-        return out
-
-    def by_site(cases) -> dict:
-        hu = model_to_hu(cases.images, config.data.hu_window)[:, 0].numpy()
-        return {site: hu[cases.sites.index(site)] for site in dict.fromkeys(cases.sites)}
-
-    cohort_cases = load_cases(cohort, config, splits=("train",))
-    real_cases = load_cases(manifest, config, splits=("train",))
-    synthetic = by_class(cohort_cases, 3)
-    real = by_class(real_cases, 3)
-    rounds_path = run / "rounds.jsonl"
-    rounds = (
-        [json.loads(x) for x in rounds_path.read_text().splitlines()]
-        if rounds_path.is_file()
-        else []
-    )
-    provenance = {
-        "config": (run / "config.yaml").read_text(),
-        "generator_sha256": generator_sha256(run / "generator"),
-        "cohort_manifest_sha256": gate["cohort"]["manifest_sha256"],
-        "reference": gate["reference"],
-        "real": gate["real"],
-    }
-    from synthct.eval.calibration import load_calibration
-
-    return write_report(
-        run / "report.html",
-        title="synthct demo: federated synthetic CT on four phantom hospitals",
-        summary=summary,
-        synthetic=synthetic,
-        real=real,
-        rounds=rounds,
+    return write_run_report(
+        run,
+        config=config,
+        real_manifest=manifest,
+        cohort_manifest=cohort,
         gate=gate,
         downstream=downstream,
-        provenance=provenance,
+        summary=summary,
         plugin=plugin,
-        sites=(by_site(real_cases), by_site(cohort_cases)),
-        calibration=load_calibration(),
+        title="synthct demo: federated synthetic CT on four phantom hospitals",
     )
 
 
