@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from synthct.config import UtilityRule
+from synthct.config import SynthctConfig
 from synthct.eval.utility import utility_verdict
 
 DOWNSTREAM_FORMAT = 1  # results.json of the downstream arms (central, local, federated)
@@ -246,20 +246,19 @@ def compare_arms(
 def downstream_payload(
     arms: dict[str, list[tuple[int, Any]]],
     *,
-    classes: list[str],
-    rare: list[str],
-    seeds: list[int],
+    config: SynthctConfig,
     mode: str,
     cohort: str | None,
     gate: dict[str, Any] | None,
     test_cases: int,
-    utility_rule: UtilityRule | None = None,
     **extra: Any,
 ) -> dict[str, Any]:
-    """The downstream ``results.json``: what ran (mode, cohort and its gate, seeds), each arm
-    per seed and (two arms) the paired effect of the synthetic data with 95 % intervals and the
-    utility rule's verdict on holdout (``utility_rule``: the config's bands)."""
-    if utility_rule is not None and "real+synthetic" in arms:
+    """The downstream ``results.json``: what ran (mode, cohort and its gate, the config's
+    seeds), each arm per seed and (two arms) the paired effect of the synthetic data with 95 %
+    intervals and the utility rule's verdict on holdout (the config's bands)."""
+    classes, rare = list(config.labels.classes), list(config.labels.rare)
+    utility_rule = config.downstream.utility
+    if "real+synthetic" in arms:
         extra["utility"] = utility_verdict(
             [(seed, r.stopping) for seed, r in arms["real"]],
             [(seed, r.stopping) for seed, r in arms["real+synthetic"]],
@@ -275,7 +274,7 @@ def downstream_payload(
         "ungated": bool(gate and not gate["gated"]),
         "classes": classes,
         "rare": rare,
-        "seeds": seeds,
+        "seeds": list(config.downstream.seeds),
         "test_cases": test_cases,
         **compare_arms(arms, classes, rare),
         "format": DOWNSTREAM_FORMAT,

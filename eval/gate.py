@@ -56,6 +56,8 @@ __all__ = [
     "judge",
     "verify_gate",
     "drop_flagged",
+    "check_cohort_gate",
+    "gated_cohort",
 ]
 
 logger = logging.getLogger(__name__)
@@ -360,6 +362,20 @@ def drop_flagged(cohort_dir: str | Path, report: dict[str, Any], out_dir: str | 
     write_manifest(out_dir / "manifest.csv", kept)
     logger.info("kept %d of %d cases in %s", len(kept), len(kept) + len(flagged), out_dir)
     return out_dir / "manifest.csv"
+
+
+def gated_cohort(
+    cohort_dir: Path | None,
+    gate_json: Path | None,
+    force_ungated: bool,
+    trusted_keys: list[str | Path] | None = None,
+) -> tuple[dict[str, Any] | None, Path | None]:
+    """What downstream may train on: the gate's record (:func:`check_cohort_gate`) and the
+    cohort manifest it judged; ``(None, None)`` without a cohort."""
+    if cohort_dir is None:
+        return None, None
+    info = check_cohort_gate(cohort_dir, gate_json, force_ungated, trusted_keys)
+    return info, Path(info.get("manifest") or cohort_dir / "manifest.csv")
 
 
 def check_cohort_gate(

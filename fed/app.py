@@ -92,17 +92,16 @@ def _downstream(grid: Grid, config, rc, out: Path) -> None:
     cohort, checked against the gated one's digest. Writes ``out/results.json``."""
     from synthct.artifacts import write_json
     from synthct.eval.classification import downstream_payload
-    from synthct.eval.gate import check_cohort_gate
+    from synthct.eval.gate import gated_cohort
 
     cohort_dir = Path(str(rc.get("cohort", ""))) if str(rc.get("cohort", "")) else None
-    gate_info, cohort = None, None
-    if cohort_dir is not None:
-        gate = str(rc.get("gate", ""))
-        keys = [k for k in str(rc.get("trusted-keys", "")).split(",") if k]
-        gate_info = check_cohort_gate(
-            cohort_dir, Path(gate) if gate else None, bool(rc.get("force-ungated", False)), keys
-        )
-        cohort = Path(gate_info.get("manifest") or cohort_dir / "manifest.csv")
+    gate = str(rc.get("gate", ""))
+    gate_info, cohort = gated_cohort(
+        cohort_dir,
+        Path(gate) if gate else None,
+        bool(rc.get("force-ungated", False)),
+        [k for k in str(rc.get("trusted-keys", "")).split(",") if k],
+    )
     arms = {"real": None, **({"real+synthetic": cohort} if cohort is not None else {})}
     dp = downstream_app.downstream_dp(config)  # one account over every arm and seed
     results = {
@@ -120,14 +119,11 @@ def _downstream(grid: Grid, config, rc, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     payload = downstream_payload(
         results,
-        classes=list(config.labels.classes),
-        rare=list(config.labels.rare),
-        seeds=list(config.downstream.seeds),
+        config=config,
         mode="federated (deployment)",
         cohort=None if cohort_dir is None else str(cohort_dir),
         gate=gate_info,
         test_cases=len(results["real"][0][1].labels),
-        utility_rule=config.downstream.utility,
         **({"privacy": dp.record()} if dp else {}),
     )
     write_json(out / "results.json", payload, kind="synthct-downstream")

@@ -33,9 +33,9 @@ from synthct.classifier import (
 from synthct.config import SynthctConfig
 from synthct.data.dataset import CaseSet, load_cases
 from synthct.eval.classification import downstream_payload
-from synthct.eval.gate import check_cohort_gate
+from synthct.eval.gate import gated_cohort
 
-__all__ = ["check_cohort_gate", "run_downstream", "downstream_table"]
+__all__ = ["run_downstream", "downstream_table"]
 
 logger = logging.getLogger(__name__)
 
@@ -116,21 +116,16 @@ def run_downstream(
     central and local arms train (federated sites train on CPU in the simulation)."""
     out = Path(out)
     real_manifest = Path(real_manifest)
-    gate_info: dict[str, Any] | None = None
-    cohort_manifest = None
-    if cohort_dir is not None:
-        cohort_dir = Path(cohort_dir)
-        gate_info = check_cohort_gate(
-            cohort_dir, Path(gate_json) if gate_json else None, force_ungated, trusted_keys
-        )
-        cohort_manifest = Path(gate_info.get("manifest") or cohort_dir / "manifest.csv")
+    cohort_dir = None if cohort_dir is None else Path(cohort_dir)
+    gate_info, cohort_manifest = gated_cohort(
+        cohort_dir, Path(gate_json) if gate_json else None, force_ungated, trusted_keys
+    )
     test = load_cases(real_manifest, config, splits=("test",))
     if len(test) == 0:
         from synthct.data.manifest import ManifestError
 
         raise ManifestError(f"{real_manifest}: no test cases to evaluate on")
     out.mkdir(parents=True, exist_ok=True)  # only once the inputs are accepted
-    classes, rare = list(config.labels.classes), list(config.labels.rare)
     arms = ["real"] + (["real+synthetic"] if cohort_manifest is not None else [])
     results: dict[str, list[tuple[int, ArmResult]]] = {arm: [] for arm in arms}
     dp = None
@@ -161,15 +156,12 @@ def run_downstream(
                 progress(done, total, arm=arm, seed=seed)
     payload = downstream_payload(
         results,
-        classes=classes,
-        rare=rare,
-        seeds=list(config.downstream.seeds),
+        config=config,
         mode="local" if local else "federated" if federated else "central",
         real_manifest=str(real_manifest),
         cohort=None if cohort_dir is None else str(cohort_dir),
         gate=gate_info,
         test_cases=len(test),
-        utility_rule=config.downstream.utility,
         **({"privacy": dp.record()} if dp is not None else {}),
     )
     write_json(out / "results.json", payload, kind="synthct-downstream")
