@@ -13,14 +13,14 @@ common classes), so fidelity and diversity are per class, averaged over the clas
 holds.
 
 Exact for any number of sites (equal to one site holding everything): both KIDs and FDs with
-their baselines and intervals (:mod:`synthct.eval.fidelity`), HU sanity, each volume's near-
-copy score, conditioning, proportions, per-site fidelity and site style. Distances between two
-sites' real cases are never computed, so with several sites these use neighbours within a site
-(their detail says ``site-local``): PRDC ball radii, the near-copy threshold, real MS-SSIM, DCR
-(train subsampled per site) and the per-site fidelity baseline. Membership AUC uses all of
-``train`` with match scores binned at 0.001 in both modes; so does the near-copy baseline (bins
-wholly above the threshold: binning can only make that rule stricter). Per-site fidelity
-distances are in standardised feature units (their ratio is the metric).
+their baselines and intervals (:mod:`synthct.eval.fidelity`), HU sanity, each volume's
+near-copy score, conditioning, proportions, per-site fidelity and site style. Distances between
+two sites' real cases are never computed, so with several sites these use neighbours within a
+site (their detail says ``site-local``): PRDC ball radii, the near-copy threshold, real
+MS-SSIM, DCR (train subsampled per site) and the per-site fidelity baseline. Membership AUC
+uses all of ``train`` with match scores binned at 0.001 in both modes; so does the near-copy
+baseline (bins wholly above the threshold: binning can only make that rule stricter). Per-site
+fidelity distances are in standardised feature units (their ratio is the metric).
 """
 
 from __future__ import annotations
