@@ -49,8 +49,8 @@ from synthct.data.phantoms import write_phantom_sites
 from synthct.data.preprocess import hu_to_model, model_to_hu
 from synthct.eval.distribution import class_matched_kid
 from synthct.eval.features import radiomics_features
+from synthct.fed.payload import tensors_to_bytes
 from synthct.fed.simulation import train_federated
-from synthct.fed.task import tensors_to_bytes
 from synthct.plugins.adapter import export_plugin, train_site_adapters
 from synthct.plugins.fit import fit_fusion_weights, fit_mixture_weights, validation_draws
 from synthct.plugins.merge import MixtureDenoiser, fuse, with_site_decoders

@@ -19,16 +19,14 @@ from flwr.app import ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
 from synthct.config import SynthctConfig
+from synthct.fed.payload import tensors_from_bytes
 from synthct.fed.secagg import secure_train_mod
+from synthct.fed.site_state import OptimizerStateStore, load_site_cases, round_seed
 from synthct.fed.sites import prepare_site, release
 from synthct.fed.task import (
     LocalRun,
-    OptimizerStateStore,
     SiteError,
-    load_site_cases,
-    round_seed,
     site_latents,
-    tensors_from_bytes,
     train_autoencoder_round,
     train_decoder_round,
     train_diffusion_round,

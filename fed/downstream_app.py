@@ -48,8 +48,8 @@ from synthct.fed.dp import ClassifierDP
 from synthct.fed.errors import SiteError
 from synthct.fed.fedavg_run import fedavg_then_evaluate, holdout_count_metrics
 from synthct.fed.secagg import secure_train_mod
+from synthct.fed.site_state import OptimizerStateStore, ProcessCache, load_site_cases, round_seed
 from synthct.fed.sites import SiteSettings, prepare_site, release, task_config, wait_for_sites
-from synthct.fed.task import OptimizerStateStore, ProcessCache, load_site_cases, round_seed
 
 __all__ = [
     "app",

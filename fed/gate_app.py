@@ -48,8 +48,9 @@ from synthct.eval.site_statistics import (
     withhold_small_classes,
 )
 from synthct.fed.errors import FederatedError, SiteError
+from synthct.fed.payload import tensors_from_bytes, tensors_to_bytes
+from synthct.fed.site_state import ProcessCache
 from synthct.fed.sites import prepare_site, release, task_config, wait_for_sites
-from synthct.fed.task import ProcessCache, tensors_from_bytes, tensors_to_bytes
 from synthct.reference import ReferenceModel, ReferenceNet
 
 __all__ = ["app", "run_gate_federated"]

@@ -33,8 +33,8 @@ from flwr.serverapp import Grid
 from synthct.checkpoint import generator_sha256, load_generator
 from synthct.config import SynthctConfig
 from synthct.fed.errors import FederatedError, SiteError
+from synthct.fed.site_state import load_site_cases
 from synthct.fed.sites import prepare_site, release, task_config, wait_for_sites
-from synthct.fed.task import load_site_cases
 from synthct.pretrained import generator_folder
 
 __all__ = [

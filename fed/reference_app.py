@@ -33,8 +33,8 @@ from synthct.fed.dp import ClassifierDP
 from synthct.fed.errors import SiteError
 from synthct.fed.fedavg_run import fedavg_then_evaluate
 from synthct.fed.secagg import secure_train_mod
+from synthct.fed.site_state import load_site_cases, round_seed
 from synthct.fed.sites import prepare_site, release, task_config, wait_for_sites
-from synthct.fed.task import load_site_cases, round_seed
 from synthct.reference import ReferenceModel, ReferenceNet, fit_reference
 
 __all__ = ["app", "train_reference_federated", "round_lr"]

@@ -25,6 +25,7 @@ from flwr.supercore.privacy_accounting import GaussianPrivacyEvent
 
 from synthct.config import SynthctConfig
 from synthct.fed.dp import add_dp_noise, make_accountant
+from synthct.fed.payload import payload_digest
 from synthct.fed.secagg import (
     SecAggSettings,
     SecureRound,
@@ -34,7 +35,7 @@ from synthct.fed.secagg import (
     site_weight_factor,
 )
 from synthct.fed.sites import screen_updates
-from synthct.fed.task import PHASES, payload_digest
+from synthct.fed.task import PHASES
 
 __all__ = [
     "PER_SITE_ROWS",

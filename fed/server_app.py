@@ -38,6 +38,7 @@ from synthct.checkpoint import (
 )
 from synthct.config import SynthctConfig
 from synthct.fed.errors import FederatedError
+from synthct.fed.payload import tensors_to_bytes
 from synthct.fed.rounds import (
     make_strategy,
     plain_round,
@@ -47,7 +48,6 @@ from synthct.fed.rounds import (
     state_of,
 )
 from synthct.fed.sites import task_config, wait_for_sites
-from synthct.fed.task import tensors_to_bytes
 from synthct.models.latent_norm import LatentNorm, pooled_latent_norm
 from synthct.phases import Next, PhasePosition, run_phases
 from synthct.training import EMA, LatentDecoder

@@ -24,7 +24,7 @@ from flwr.serverapp import Grid
 
 from synthct.config import SynthctConfig
 from synthct.fed.errors import FederatedError, SiteError
-from synthct.fed.task import config_from_json, config_to_json, write_audit
+from synthct.fed.payload import config_from_json, config_to_json, write_audit
 
 __all__ = [
     "DEPLOYED_PULL_INTERVAL_S",

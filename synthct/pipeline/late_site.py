@@ -117,7 +117,7 @@ def late_site_plugin(
 ) -> dict[str, Any]:
     """The late site's plugin on the run's generator (``RUN/generator``): trained, exported to
     ``RUN/plugins/<site>``, accepted into ``RUN/plugins/registry``, and scored before/after."""
-    from synthct.fed.task import tensors_to_bytes
+    from synthct.fed.payload import tensors_to_bytes
 
     gen_dir = run / "generator"
     gen = load_generator(gen_dir)

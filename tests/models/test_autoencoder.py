@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from synthct.checkpoint import build_generator, load_generator, save_generator
-from synthct.fed.task import LocalRun, build_phase_model, load_site_cases, train_decoder_round
+from synthct.fed.site_state import load_site_cases
+from synthct.fed.task import LocalRun, build_phase_model, train_decoder_round
 from synthct.models.autoencoder import SiteStyledAutoencoderKL, build_autoencoder
 from synthct.models.conditioning import UnknownSiteError
 from synthct.sampling import decode_latents, reconstruct, sites_to_indices
