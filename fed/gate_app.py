@@ -200,6 +200,7 @@ def _judge(
     seed: int,
     bootstrap: int,
     site_root: Path | None,
+    roster: list[str] | None = None,
 ) -> dict[str, Any]:
     files, listed = hash_cohort(cohort_manifest)
     cohort = load_cases(cohort_manifest, config, splits=("train",))
@@ -214,7 +215,7 @@ def _judge(
     }
     base = ConfigRecord(
         {
-            **task_config(config, "gate", manifest=manifest, site_root=site_root),
+            **task_config(config, "gate", manifest=manifest, site_root=site_root, roster=roster),
             "reference-safetensors": weights,
             "reference-sha256": sha256_bytes(weights),
             "reference-meta": json.dumps(meta),

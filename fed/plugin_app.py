@@ -12,9 +12,11 @@ site's update in the clear, which a site may refuse.
 
 The server writes the plugin folder from the tensors, checks it as ``synthct plugin add`` does,
 and then judges what it does (:class:`PluginGate`): the base with the plugin fused in makes a
-cohort for that site, which the federated gate judges on the sites' own data; only a plugin
-whose cohort passes is added, with the decision and its numbers, and a refusal is recorded in
-the registry's history. Each contribution is its own run, so sites join whenever they are
+cohort for that site, which the federated gate judges on that site's own data; then, for every
+other connected site, the base and the fused generator each make a cohort for it, judged on its
+data, so a plugin that makes another site's cases worse is caught. Only a plugin whose cohort
+passes and that makes no other site worse is added, with the decision and its numbers; a
+refusal is recorded in the registry's history. Each contribution is its own run, so sites join whenever they are
 ready.
 """
 
@@ -53,13 +55,17 @@ OPT_IN_KEY = "contribute-plugins"
 class PluginGate:
     """How a contribution is judged before the registry takes it: the base generator with the
     plugin fused in makes ``cases_per_class`` cases of every class the site has seen, for that
-    site; the federated gate judges them on the connected sites' own data (only aggregates
-    leave) with ``rules``. A plugin whose cohort fails is refused and the refusal recorded."""
+    site; the federated gate judges them on that site's own data (only aggregates leave) with
+    ``rules``. With ``other_sites``, every other connected site then judges a cohort made for it
+    by the base and one by the fused generator: the plugin must not make any of them worse (a
+    rule the base passes there fails, or a value moves beyond the base's 95 % interval in the
+    failing direction). A refused plugin's refusal is recorded with its numbers."""
 
     reference: Any  # synthct.reference.ReferenceModel
     rules: dict[str, Any] = field(default_factory=dict)
     cases_per_class: int = 8
     bootstrap: int = 100
+    other_sites: bool = True
 
 
 def contribute(msg: Message, context: Context) -> Message:
@@ -205,6 +211,13 @@ def contribute_server(
             "that site; nothing is registered"
         )
     (reply,) = sent
+    others = {  # the other connected sites, which can judge what the plugin does to them
+        str(r.content["config"]["site"]): r.metadata.src_node_id
+        for r in replies
+        if not r.has_error()
+        and not int(r.content["config"]["contributed"])
+        and str(r.content["config"]["site"]) in config.site_names
+    }
     metrics = reply.content["metrics"]
     seen = {c: int(metrics.get(f"seen-{c}", 0)) for c in gen.config.labels.classes}
     chosen = {"rank": rank, "steps": steps, "targets": targets, "decoder_rank": decoder_rank}
@@ -237,7 +250,22 @@ def contribute_server(
                 seed,
                 manifest,
                 site_root,
+                config.site_names,
             )
+            if decision["accepted"] and gate.other_sites:
+                decision = _judge_other_sites(
+                    grid,
+                    config,
+                    others,
+                    gen,
+                    generator_dir,
+                    staged,
+                    gate,
+                    seed,
+                    manifest,
+                    site_root,
+                    decision,
+                )
         result = {
             "plugin": staged.name,
             "site": site,
@@ -278,11 +306,12 @@ def _judge_contribution(
     seed: int,
     manifest: Path | None,
     site_root: Path | None,
+    roster: list[str],
 ) -> dict[str, Any]:
     """The base with ``plugin`` fused in makes cases of every class its site has seen, for
     that site; the gate judges them on that site's own data (its ``node`` alone, ``config``
-    naming only it: the same in simulation and deployment). Returns the decision with its
-    numbers."""
+    naming only it: the same in simulation and deployment; ``roster``: the simulation's
+    sites). Returns the decision with its numbers."""
     import tempfile
 
     from synthct.cohort import PlannedCase, generate_cohort
@@ -314,6 +343,7 @@ def _judge_contribution(
             seed=seed,
             bootstrap=gate.bootstrap,
             site_root=site_root,
+            roster=roster,
         )
     accepted = report["verdict"] == "pass"
     failed = report["failed_rules"]
@@ -336,6 +366,98 @@ def _judge_contribution(
         "cohort": {"cases": len(plan), "classes": seen, "site": site},
         "judged_by": report["real"].get("sites", []),
     }
+
+
+def _worse_rules(base: dict[str, Any], plugin: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Rules on which the plugin's cohort is worse than the base's at one site: the base
+    passes and the plugin fails, or the plugin's value lies beyond the base's 95 % interval
+    in the rule's failing direction. Each with both values."""
+    base_rows = {r["rule"]: r for r in base["rules"]}
+    worse = {}
+    for row in plugin["rules"]:
+        before = base_rows.get(row["rule"])
+        if before is None or before["passed"] is None or row["passed"] is None:
+            continue  # disabled or not computable in either cohort
+        flipped = before["passed"] and not row["passed"]
+        ci = before.get("ci")
+        beyond = (
+            ci is not None
+            and row["value"] is not None
+            and (row["value"] > ci[1] if row["direction"] == "max" else row["value"] < ci[0])
+        )
+        if flipped or beyond:
+            worse[row["rule"]] = {
+                "base": before["value"],
+                "base_ci": ci,
+                "plugin": row["value"],
+                "plugin_passed": row["passed"],
+            }
+    return worse
+
+
+def _judge_other_sites(
+    grid: Grid,
+    config: SynthctConfig,
+    others: dict[str, int],
+    gen,  # noqa: ANN001 - synthct.checkpoint.Generator
+    generator_dir: Path,
+    plugin,  # noqa: ANN001 - synthct.plugins.registry.Plugin
+    gate: PluginGate,
+    seed: int,
+    manifest: Path | None,
+    site_root: Path | None,
+    decision: dict[str, Any],
+) -> dict[str, Any]:
+    """``decision`` (the plugin's own site passed) extended with what the plugin does to every
+    other connected site: a cohort for that site from the base and one from the fused
+    generator (same seed, every class), both judged on that site's data alone; refused when
+    it makes any of them worse (:func:`_worse_rules`)."""
+    import tempfile
+
+    from synthct.cohort import PlannedCase, generate_cohort
+    from synthct.fed.gate_app import gate_server
+    from synthct.plugins.merge import fuse
+
+    fused = fuse(gen, [plugin])
+    judged: dict[str, Any] = {}
+    for other, node in sorted(others.items()):
+        plan = [
+            PlannedCase(f"{other}-{c}-{i:04d}", c, other)
+            for c in gen.config.labels.classes
+            for i in range(gate.cases_per_class)
+        ]
+        with tempfile.TemporaryDirectory(prefix="synthct-plugin-others-") as tmp:
+            cohorts = [
+                generate_cohort(gen, generator_dir, plan, Path(tmp) / "base", seed=seed),
+                generate_cohort(
+                    fused, generator_dir, plan, Path(tmp) / "plugin", seed=seed,
+                    plugins=plugin.name,
+                ),
+            ]  # fmt: skip
+            base, with_plugin = gate_server(
+                grid,
+                _one_site(config, other),
+                cohorts,
+                nodes=[node],
+                manifest=manifest,
+                reference=gate.reference,
+                rules=gate.rules,
+                seed=seed,
+                bootstrap=gate.bootstrap,
+                site_root=site_root,
+                roster=config.site_names,
+            )
+        judged[other] = {
+            "base_verdict": base["verdict"],
+            "plugin_verdict": with_plugin["verdict"],
+            "worse": _worse_rules(base, with_plugin),
+        }
+    harmed = {s: sorted(j["worse"]) for s, j in judged.items() if j["worse"]}
+    decision = {**decision, "other_sites": judged}
+    if harmed:
+        listed = "; ".join(f"{s}: {', '.join(rules)}" for s, rules in harmed.items())
+        decision.update(accepted=False, why=f"it makes other sites' cohorts worse ({listed})")
+    return decision
 
 
 def _registry_takes(registry: Path, generator_dir: Path) -> str:
@@ -366,21 +488,22 @@ def contribute_plugin(
     decoder_rank: int = 0,
     gate: PluginGate | None = None,
 ) -> dict[str, Any]:
-    """``site``'s contribution in Flower's simulation: one SuperNode, the site itself, reads
-    its cases from ``manifest`` (the run's config keeps only that site)."""
+    """``site``'s contribution in Flower's simulation, every site reading its cases from
+    ``manifest``: all the config's sites when the gate judges what the plugin does to the
+    others, else one SuperNode, the site itself (the run's config keeps only that site)."""
     from synthct.fed.app import client
     from synthct.fed.simulation import simulate
 
     if site not in config.site_names:
         raise FederatedError(f"site {site!r} is not in the config's sites ({config.site_names})")
     _registry_takes(Path(registry), Path(generator_dir))
-    one = _one_site(config, site)
+    sites = config if gate is not None and gate.other_sites else _one_site(config, site)
     run = Path(run).resolve()
     run.mkdir(parents=True, exist_ok=True)
     return simulate(
         lambda grid: contribute_server(
             grid,
-            one,
+            sites,
             site=site,
             generator_dir=Path(generator_dir).resolve(),
             registry=Path(registry).resolve(),
@@ -392,7 +515,7 @@ def contribute_plugin(
             site_root=run / "sites",
         ),
         client,
-        num_sites=1,
+        num_sites=len(sites.site_names),
         run_dir=run,
         client_cpus=config.federated.client_cpus,
     )

@@ -98,9 +98,12 @@ def site_settings(context: Context, config: SynthctConfig, cfg: ConfigRecord) ->
         name = str(node["site"])
     elif "partition-id" in node:
         pid = int(node["partition-id"])
-        if not 0 <= pid < len(config.site_names):
-            raise SiteError(f"partition-id {pid} has no site (sites: {config.site_names})")
-        name = config.site_names[pid]
+        # the simulation's roster: its nodes are every site of the run, also when a message's
+        # config names fewer (a plugin judged on one site's data)
+        roster = str(cfg["sim-sites"]).split(",") if "sim-sites" in cfg else config.site_names
+        if not 0 <= pid < len(roster):
+            raise SiteError(f"partition-id {pid} has no site (sites: {roster})")
+        name = roster[pid]
     else:
         raise SiteError(
             "node config names no site: start the SuperNode with --node-config 'site=…'"
@@ -123,15 +126,22 @@ def site_settings(context: Context, config: SynthctConfig, cfg: ConfigRecord) ->
 
 
 def task_config(
-    config: SynthctConfig, task: str, *, manifest: Path | None, site_root: Path | None
+    config: SynthctConfig,
+    task: str,
+    *,
+    manifest: Path | None,
+    site_root: Path | None,
+    roster: list[str] | None = None,
 ) -> dict[str, Any]:
     """What every message of a federated task carries: the run's config and the task's name
     (``fed/app.py`` routes on it), plus, in Flower's simulation (``manifest`` given), where the
-    single-machine manifest and the sites' folders are; a deployed site takes both from its
+    single-machine manifest and the sites' folders are and which site each node is
+    (``roster``, default the config's sites); a deployed site takes all that from its
     SuperNode's node config instead."""
     out: dict[str, Any] = {"synthct-config": config_to_json(config), "task": task}
     if manifest is not None:
         out["sim-manifest"] = str(manifest)
+        out["sim-sites"] = ",".join(roster or config.site_names)
         out["sim-threads"] = config.federated.client_cpus
         if site_root is not None:
             out["sim-site-root"] = str(site_root)
