@@ -239,33 +239,13 @@ def contribute_server(
         staged = validate_plugin(staging, gen, generator_dir)
         decision: dict[str, Any] = {"gated": False, "accepted": True, "why": "not judged"}
         if gate is not None:
-            decision = _judge_contribution(
-                grid,
-                _one_site(config, site),
-                reply.metadata.src_node_id,
-                gen,
-                generator_dir,
-                staged,
-                gate,
-                seed,
-                manifest,
-                site_root,
+            judging = _Judging(
+                grid, gen, generator_dir, staged, gate, seed, manifest, site_root,
                 config.site_names,
-            )
+            )  # fmt: skip
+            decision = _judge_contribution(judging, site, reply.metadata.src_node_id, config)
             if decision["accepted"] and gate.other_sites:
-                decision = _judge_other_sites(
-                    grid,
-                    config,
-                    others,
-                    gen,
-                    generator_dir,
-                    staged,
-                    gate,
-                    seed,
-                    manifest,
-                    site_root,
-                    decision,
-                )
+                decision = _judge_other_sites(judging, others, config, decision)
         result = {
             "plugin": staged.name,
             "site": site,
@@ -295,56 +275,78 @@ def _one_site(config: SynthctConfig, site: str) -> SynthctConfig:
     )
 
 
+@dataclass
+class _Judging:
+    """What judging one contribution needs, for its own site and for the others: the base,
+    the staged plugin, the gate's settings, and where the sites are (simulation: ``manifest``,
+    ``site_root`` and the simulation's site ``roster``; None in a deployment)."""
+
+    grid: Grid
+    gen: Any  # synthct.checkpoint.Generator
+    generator_dir: Path
+    plugin: Any  # synthct.plugins.registry.Plugin
+    gate: PluginGate
+    seed: int
+    manifest: Path | None
+    site_root: Path | None
+    roster: list[str]
+
+    def cohort(self, fused: bool, plan: list, out: Path) -> Path:
+        """``plan`` made by the base or (``fused``) the base with the plugin fused in."""
+        from synthct.cohort import generate_cohort
+        from synthct.plugins.merge import fuse
+
+        if not fused:
+            return generate_cohort(self.gen, self.generator_dir, plan, out, seed=self.seed)
+        return generate_cohort(
+            fuse(self.gen, [self.plugin]), self.generator_dir, plan, out, seed=self.seed,
+            plugins=self.plugin.name,
+        )  # fmt: skip
+
+    def judge_at(self, config: SynthctConfig, site: str, node: int, cohorts: list[Path]) -> list:
+        """The gate's reports of ``cohorts`` on ``site``'s own data (its ``node`` alone)."""
+        from synthct.fed.gate_app import gate_server
+
+        return gate_server(
+            self.grid,
+            _one_site(config, site),
+            cohorts,
+            nodes=[node],
+            manifest=self.manifest,
+            reference=self.gate.reference,
+            rules=self.gate.rules,
+            seed=self.seed,
+            bootstrap=self.gate.bootstrap,
+            site_root=self.site_root,
+            roster=self.roster,
+        )
+
+
+def _plan(site: str, classes: list[str], per_class: int) -> list:
+    from synthct.cohort import PlannedCase
+
+    return [PlannedCase(f"{site}-{c}-{i:04d}", c, site) for c in classes for i in range(per_class)]
+
+
 def _judge_contribution(
-    grid: Grid,
-    config: SynthctConfig,
-    node: int,
-    gen,  # noqa: ANN001 - synthct.checkpoint.Generator
-    generator_dir: Path,
-    plugin,  # noqa: ANN001 - synthct.plugins.registry.Plugin
-    gate: PluginGate,
-    seed: int,
-    manifest: Path | None,
-    site_root: Path | None,
-    roster: list[str],
+    judging: _Judging, site: str, node: int, config: SynthctConfig
 ) -> dict[str, Any]:
-    """The base with ``plugin`` fused in makes cases of every class its site has seen, for
-    that site; the gate judges them on that site's own data (its ``node`` alone, ``config``
-    naming only it: the same in simulation and deployment; ``roster``: the simulation's
-    sites). Returns the decision with its numbers."""
+    """The base with the plugin fused in makes cases of every class its site has seen, for
+    that site; the gate judges them on that site's own data (its ``node`` alone, the config
+    naming only it: the same in simulation and deployment). Returns the decision with its
+    numbers."""
     import tempfile
 
-    from synthct.cohort import PlannedCase, generate_cohort
     from synthct.eval.metric_values import clean_number
-    from synthct.fed.gate_app import gate_server
-    from synthct.plugins.merge import fuse
 
-    site = plugin.meta["site"]
-    seen = [c for c in gen.config.labels.classes if plugin.cases(c) > 0]
+    gen, gate = judging.gen, judging.gate
+    seen = [c for c in gen.config.labels.classes if judging.plugin.cases(c) > 0]
     if not seen:
         return {"gated": True, "accepted": False, "why": "the site reports no cases of any class"}
-    plan = [
-        PlannedCase(f"{site}-{c}-{i:04d}", c, site)
-        for c in seen
-        for i in range(gate.cases_per_class)
-    ]
+    plan = _plan(site, seen, gate.cases_per_class)
     with tempfile.TemporaryDirectory(prefix="synthct-plugin-gate-") as tmp:
-        cohort = generate_cohort(
-            fuse(gen, [plugin]), generator_dir, plan, Path(tmp), seed=seed, plugins=plugin.name
-        )
-        (report,) = gate_server(
-            grid,
-            config,
-            [cohort],
-            nodes=[node],
-            manifest=manifest,
-            reference=gate.reference,
-            rules=gate.rules,
-            seed=seed,
-            bootstrap=gate.bootstrap,
-            site_root=site_root,
-            roster=roster,
-        )
+        cohort = judging.cohort(True, plan, Path(tmp))
+        (report,) = judging.judge_at(config, site, node, [cohort])
     accepted = report["verdict"] == "pass"
     failed = report["failed_rules"]
     return {
@@ -396,57 +398,21 @@ def _worse_rules(base: dict[str, Any], plugin: dict[str, Any]) -> dict[str, dict
 
 
 def _judge_other_sites(
-    grid: Grid,
-    config: SynthctConfig,
-    others: dict[str, int],
-    gen,  # noqa: ANN001 - synthct.checkpoint.Generator
-    generator_dir: Path,
-    plugin,  # noqa: ANN001 - synthct.plugins.registry.Plugin
-    gate: PluginGate,
-    seed: int,
-    manifest: Path | None,
-    site_root: Path | None,
-    decision: dict[str, Any],
+    judging: _Judging, others: dict[str, int], config: SynthctConfig, decision: dict[str, Any]
 ) -> dict[str, Any]:
     """``decision`` (the plugin's own site passed) extended with what the plugin does to every
-    other connected site: a cohort for that site from the base and one from the fused
-    generator (same seed, every class), both judged on that site's data alone; refused when
-    it makes any of them worse (:func:`_worse_rules`)."""
+    other connected site (``others``: site -> node): a cohort for that site from the base and
+    one from the fused generator (same seed, every class), both judged on that site's data
+    alone; refused when it makes any of them worse (:func:`_worse_rules`)."""
     import tempfile
 
-    from synthct.cohort import PlannedCase, generate_cohort
-    from synthct.fed.gate_app import gate_server
-    from synthct.plugins.merge import fuse
-
-    fused = fuse(gen, [plugin])
+    classes = list(judging.gen.config.labels.classes)
     judged: dict[str, Any] = {}
     for other, node in sorted(others.items()):
-        plan = [
-            PlannedCase(f"{other}-{c}-{i:04d}", c, other)
-            for c in gen.config.labels.classes
-            for i in range(gate.cases_per_class)
-        ]
+        plan = _plan(other, classes, judging.gate.cases_per_class)
         with tempfile.TemporaryDirectory(prefix="synthct-plugin-others-") as tmp:
-            cohorts = [
-                generate_cohort(gen, generator_dir, plan, Path(tmp) / "base", seed=seed),
-                generate_cohort(
-                    fused, generator_dir, plan, Path(tmp) / "plugin", seed=seed,
-                    plugins=plugin.name,
-                ),
-            ]  # fmt: skip
-            base, with_plugin = gate_server(
-                grid,
-                _one_site(config, other),
-                cohorts,
-                nodes=[node],
-                manifest=manifest,
-                reference=gate.reference,
-                rules=gate.rules,
-                seed=seed,
-                bootstrap=gate.bootstrap,
-                site_root=site_root,
-                roster=config.site_names,
-            )
+            cohorts = [judging.cohort(f, plan, Path(tmp) / f"fused{f:d}") for f in (False, True)]
+            base, with_plugin = judging.judge_at(config, other, node, cohorts)
         judged[other] = {
             "base_verdict": base["verdict"],
             "plugin_verdict": with_plugin["verdict"],
