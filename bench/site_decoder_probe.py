@@ -8,7 +8,9 @@ The shipped autoencoder's encoder is frozen (its latents, and any UNet trained o
 valid); its decoder is refined for STEPS decoder-only steps of the product's decoder phase
 (``synthct.training.decoder_step``: L1 + edge + lung-window detail, + the adversarial term)
 from the same start in each arm: ``plain`` (no site), ``site`` (``autoencoder.site_style``),
-``site+advW`` (site style and ``adversarial_weight`` W, MONAI PatchDiscriminator). A fresh real
+``site+advW`` (site style and ``adversarial_weight`` W, MONAI PatchDiscriminator), ``site+wide``
+(a fresh decoder twice as wide with two residual blocks per level, on the same frozen latents:
+is the decoder's capacity the ceiling? Not savable: the product's config has one width). A fresh real
 cohort (seed 4242, each case for its own site) is reconstructed by each arm, for its site, and
 gated, as in bench/autoencoder_ceiling.py. ``--save`` keeps each arm's refined generator (its
 shipped UNet unchanged) as ``OUT/ARM/generator`` for bench/cohort_gate.py.
@@ -43,9 +45,33 @@ from synthct.training import (
 )
 
 
+def widen_decoder(gen) -> None:
+    """Replace the generator's decoder (and its site style's feature bias) by a fresh one with
+    twice the channels and two residual blocks per level; the encoder is left as it is."""
+    from monai.networks.nets.autoencoderkl import Decoder
+
+    from synthct.models.autoencoder import SiteStyle
+
+    ae, cfg = gen.autoencoder, gen.config.autoencoder
+    channels = tuple(2 * c for c in cfg.channels)
+    ae.decoder = Decoder(
+        spatial_dims=3,
+        channels=channels,
+        in_channels=cfg.latent_channels,
+        out_channels=1,
+        num_res_blocks=(2,) * len(channels),
+        norm_num_groups=cfg.norm_num_groups,
+        norm_eps=1e-6,
+        attention_levels=(False,) * len(channels),
+        with_nonlocal_attn=False,
+        include_fc=False,
+    )
+    ae.site_style = SiteStyle(gen.config.site_names, cfg.spare_site_slots, channels[-1])
+
+
 def arm_config(config, arm: str):
     """The demo config with this arm's decoder settings."""
-    weight = float(arm.split("adv", 1)[1]) if "adv" in arm else 0.0
+    weight = float(arm.split("adv", 1)[1].split("+")[0]) if "adv" in arm else 0.0
     ae = config.autoencoder.model_copy(
         update={"site_style": arm != "plain", "adversarial_weight": weight}
     )
@@ -103,6 +129,8 @@ def main() -> None:
     ]
     for arm in args.arms:
         gen = adopt_generator(load_generator(phantom_dir() / "generator"), arm_config(config, arm))
+        if arm.endswith("+wide"):
+            widen_decoder(gen)
         info = refine(gen, train, args.steps, args.lr)
         with torch.no_grad():
             recon = model_to_hu(
@@ -110,7 +138,7 @@ def main() -> None:
                 config.data.hu_window,
             )
         d = out / arm
-        if args.save:
+        if args.save and not arm.endswith("+wide"):
             save_generator(gen, d / "generator", sampling_only=True, extra={"probe": info})
         for row, v in zip(rows, recon, strict=True):
             write_nifti(d / row.path, v[0].numpy(), config.data.spacing_mm)
