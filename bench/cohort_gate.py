@@ -11,6 +11,12 @@ rules against the demo phantoms' ``train``/``holdout`` and the shipped reference
 the style distance (class-adjusted HU/texture features, the ``site_style`` rule's) of the cases
 made for it to its own scans and to the nearest other site's, and the wall time of sampling and
 gating. Nothing is loosened: the rules are ``DEFAULT_RULES``.
+
+With ``--insert-noise soft_tissue`` (or ``whole``) each cohort is also gated with scanner noise
+added to every volume, drawn from its target site's noise power spectrum: the periodogram of
+that site's ``train`` scans minus their reconstructions by this generator's autoencoder (over
+uniform soft tissue, or the whole volume), as ``bench/autoencoder_ceiling.py`` measures it and
+the field's CT noise-insertion tools do. A probe of the remedy, not yet a product stage.
 """
 
 from __future__ import annotations
@@ -20,14 +26,50 @@ import os
 import time
 from pathlib import Path
 
+import torch
+from autoencoder_ceiling import insert_noise, nps_sums, reconstruct_hu, soft_tissue
 from phantom_world import phantom_manifest
 
 from synthct.artifacts import write_json
 from synthct.checkpoint import generator_sha256, load_generator
 from synthct.cohort import generate_cohort, plan_cohort, reference_counts
 from synthct.config import load_config, packaged_config_path
+from synthct.data.dataset import load_cases
+from synthct.data.manifest import read_manifest, write_manifest
+from synthct.data.preprocess import model_to_hu
+from synthct.data.volume_io import write_nifti
 from synthct.eval.gate import load_real, run_gate, write_gate
 from synthct.pretrained import load_phantom_reference, phantom_dir
+
+
+def site_spectra(gen, manifest: Path, config, kind: str) -> dict[str, torch.Tensor]:
+    """Per site, the mean periodogram of its ``train`` scans minus their reconstructions."""
+    window, out = config.data.hu_window, {}
+    for site in config.site_names:
+        train = load_cases(manifest, config, splits=("train",), sites=(site,))
+        x = model_to_hu(train.images, window)
+        r = reconstruct_hu(gen, train.images, train.sites, window)
+        mask = None if kind == "whole" else soft_tissue(x) & soft_tissue(r)
+        power, n = nps_sums(x - r, mask)
+        out[site] = power / n
+    return out
+
+
+def with_noise(cohort: Path, out: Path, spectra, config, seed: int) -> Path:
+    """The cohort with each volume's target-site noise added (HU, clamped to the window)."""
+    rows = read_manifest(cohort)
+    cases = load_cases(cohort, config, splits=("train",))
+    if [r.site for r in rows] != list(cases.sites):
+        raise ValueError(f"{cohort}: manifest rows and loaded cases differ in order")
+    hu = model_to_hu(cases.images, config.data.hu_window)
+    g = torch.Generator().manual_seed(seed)
+    for row, vol in zip(rows, hu, strict=True):
+        noisy = (vol[0] + insert_noise(spectra[row.site], vol.shape[1:], g)).clamp(
+            *config.data.hu_window
+        )
+        write_nifti(out / row.path, noisy.numpy(), config.data.spacing_mm)
+    write_manifest(out / "manifest.csv", rows)
+    return out / "manifest.csv"
 
 
 def main() -> None:
@@ -40,6 +82,7 @@ def main() -> None:
         type=Path,
         default=Path(f"bench/results/cohort_gate_{time.strftime('%Y-%m-%d')}.json"),
     )
+    parser.add_argument("--insert-noise", choices=["soft_tissue", "whole"], default=None)
     args = parser.parse_args()
     config = load_config(packaged_config_path("demo"))
     manifest = phantom_manifest(config, args.out)
@@ -51,10 +94,17 @@ def main() -> None:
     )
     runs = []
     sha = generator_sha256(args.generator)
+    spectra = None
+    if args.insert_noise:
+        with torch.no_grad():
+            spectra = site_spectra(gen, manifest, config, args.insert_noise)
     for seed in args.seeds:
         start = time.perf_counter()
         folder = args.out / f"cohort_{sha[:8]}_{seed}"  # one per generator: reruns resume
         cohort = generate_cohort(gen, args.generator, plan, folder, seed=seed)
+        if spectra is not None:
+            folder = Path(f"{folder}_noise_{args.insert_noise}")
+            cohort = with_noise(cohort, folder, spectra, config, seed)
         sampled = time.perf_counter()
         report = run_gate(cohort, real, config=config, reference=reference, seed=seed)
         write_gate(report, folder / "gate.json")
@@ -91,6 +141,7 @@ def main() -> None:
         "generator": str(args.generator),
         "generator_sha256": sha,
         "sampling": gen.config.sampling.model_dump(),
+        "inserted_noise": args.insert_noise,
         "cases": len(plan),
         "passed": sum(r["verdict"] == "pass" for r in runs),
         "seeds": runs,
