@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -39,6 +40,7 @@ from synthct.fed.task import PHASES
 
 __all__ = [
     "PER_SITE_ROWS",
+    "RoundRequest",
     "make_strategy",
     "plain_round",
     "secure_aggregated_round",
@@ -98,18 +100,27 @@ def _arrays_nbytes(arrays: ArrayRecord) -> int:
     return sum(len(a.data) for a in arrays.values())
 
 
-def plain_round(
-    grid: Grid,
-    config: SynthctConfig,
-    model: torch.nn.Module,
-    strategy: Strategy,
-    phase: str,
-    server_round: int,
-    cfg: ConfigRecord,
-    t0: float,
-) -> dict[str, Any]:
+@dataclass(frozen=True)
+class RoundRequest:
+    """One round to run: on ``grid`` with the connected ``nodes``, the phase's ``model`` (updated
+    in place) and ``strategy``, the message settings ``cfg``; ``t0``: when the round began."""
+
+    grid: Grid
+    config: SynthctConfig
+    model: torch.nn.Module
+    strategy: Strategy
+    phase: str
+    server_round: int
+    cfg: ConfigRecord
+    nodes: list[int]
+    t0: float
+
+
+def plain_round(request: RoundRequest) -> dict[str, Any]:
     """One round through Flower's ``strategy``: send ``model`` with ``cfg``, screen the
     replies, aggregate (when at least ``min_sites`` replied) into ``model`` in place."""
+    grid, config, model, strategy = request.grid, request.config, request.model, request.strategy
+    phase, server_round, cfg, t0 = request.phase, request.server_round, request.cfg, request.t0
     fed = config.federated
     arrays = ArrayRecord(state_of(model))
     messages = list(strategy.configure_train(server_round, arrays, cfg, grid))
@@ -187,19 +198,12 @@ def plain_round(
     )
 
 
-def secure_aggregated_round(
-    grid: Grid,
-    config: SynthctConfig,
-    model: torch.nn.Module,
-    strategy: Strategy,
-    phase: str,
-    server_round: int,
-    cfg: ConfigRecord,
-    nodes: list[int],
-    t0: float,
-) -> dict[str, Any]:
+def secure_aggregated_round(request: RoundRequest) -> dict[str, Any]:
     """One round under SecAgg+ on ``nodes``: the server gets only the weighted mean of the
     sites' clipped updates (``fed/secagg.py``); under DP it adds the noise to that mean."""
+    grid, config, model, nodes = request.grid, request.config, request.model, request.nodes
+    phase, server_round, cfg, t0 = request.phase, request.server_round, request.cfg, request.t0
+    strategy = request.strategy
     fed = config.federated
     if fed.strategy == "fedprox":
         cfg["proximal-mu"] = fed.proximal_mu

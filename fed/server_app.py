@@ -40,6 +40,7 @@ from synthct.config import SynthctConfig
 from synthct.fed.errors import FederatedError
 from synthct.fed.payload import tensors_to_bytes
 from synthct.fed.rounds import (
+    RoundRequest,
     make_strategy,
     plain_round,
     privacy_record,
@@ -320,11 +321,10 @@ class _Driver:
             cfg = self._with_frozen_autoencoder(cfg, gen)
         if phase == "diffusion":
             cfg["latent-norm"] = json.dumps(gen.latent_norm.to_json())
-        if fed.secagg.enabled:
-            return secure_aggregated_round(
-                self.grid, config, model, strategy, phase, server_round, cfg, nodes, t0
-            )
-        return plain_round(self.grid, config, model, strategy, phase, server_round, cfg, t0)
+        request = RoundRequest(
+            self.grid, config, model, strategy, phase, server_round, cfg, nodes, t0
+        )
+        return secure_aggregated_round(request) if fed.secagg.enabled else plain_round(request)
 
     def _commit(self, gen: Generator, record: dict[str, Any] | None = None) -> None:
         """Checkpoint, round log line, then state: the state file is the commit point (on
