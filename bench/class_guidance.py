@@ -17,7 +17,9 @@ within-class MS-SSIM excess (the ``mode_collapse`` rule) and the reference class
 Choices are made on world A's ``holdout`` (the demo's phantoms): per class the guidance whose
 samples come nearest to passing both fidelity rules (the larger of the encoder and the
 radiomics KID excess, each over the gate's allowance) among those that pass the gate's
-``mode_collapse`` rule (MS-SSIM excess <= 0.1).
+``mode_collapse`` rule (MS-SSIM excess <= 0.1) and its ``conditioning`` rule (recall at most
+0.3 below what the reference classifier scores on that class's real holdout cases); a rule no
+scale passes is dropped from the choice, and the choice says which held.
 The chosen per-class mix and every global scale are then scored whole (class-matched KID
 excess in both gate spaces) on world A and, to see whether the choice carries over rather than
 fits world A's few holdout cases (3 of consolidation), on world B: an independent draw of the
@@ -95,14 +97,22 @@ def gate_distance(row: dict) -> float:
     )
 
 
-def choose(per_class: dict[float, dict], world: str) -> tuple[float, bool]:
+def choose(per_class: dict[float, dict], world: str, real_recall: float) -> tuple[float, dict]:
     """The scale nearest to passing both fidelity rules among those that pass the
-    ``mode_collapse`` rule (all scales if none does); True when one did."""
+    ``conditioning`` rule (recall against ``real_recall``) and the ``mode_collapse`` rule; a
+    rule no scale passes is dropped (conditioning last). Returns the scale and which rules the
+    chosen one meets."""
+    recall_floor = real_recall + RULES["conditioning"].threshold
+    recognised = {g: r for g, r in per_class.items() if r["recall"] >= recall_floor}
+    pool = recognised or per_class
     allowed = RULES["mode_collapse"].threshold
-    diverse = {g: r for g, r in per_class.items() if r[world]["msssim_excess"] <= allowed}
-    pool = diverse or per_class
+    diverse = {g: r for g, r in pool.items() if r[world]["msssim_excess"] <= allowed}
+    pool = diverse or pool
     best = min(pool, key=lambda g: gate_distance(pool[g][world]))
-    return best, bool(diverse)
+    return best, {
+        "meets_conditioning": per_class[best]["recall"] >= recall_floor,
+        "meets_msssim_target": per_class[best][world]["msssim_excess"] <= allowed,
+    }
 
 
 def main() -> None:
@@ -152,10 +162,16 @@ def main() -> None:
             print(json.dumps({"guidance": g, "class": name, **row}), flush=True)
     sampling_wall = time.perf_counter() - start
 
+    real_recall = {  # the reference classifier on world A's real holdout cases, per class
+        name: float(
+            (worlds["A"].holdout_pred[worlds["A"].holdout_features.labels == c] == c).mean()
+        )
+        for c, name in enumerate(classes)
+    }
     chosen = {}
     for name in classes:
-        g, diverse = choose(per_class[name], "A")
-        chosen[name] = {"guidance": g, "meets_msssim_target": diverse}
+        g, meets = choose(per_class[name], "A", real_recall[name])
+        chosen[name] = {"guidance": g, "real_holdout_recall": round(real_recall[name], 3), **meets}
     mix = FeatureSet.concat([samples[(chosen[n]["guidance"], c)] for c, n in enumerate(classes)])
     rows = {
         f"global {g}": {
