@@ -68,6 +68,14 @@ def nps_sums(residual: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.T
     return (torch.fft.rfftn(r, dim=(2, 3, 4)).abs().pow(2) / count).sum(dim=(0, 1)), len(r)
 
 
+def residual_spectrum(x: torch.Tensor, r: torch.Tensor, kind: str) -> torch.Tensor:
+    """Mean periodogram of scans ``x`` minus their reconstructions ``r`` (HU), over the whole
+    volume or (``soft_tissue``) over uniform soft tissue in both."""
+    mask = None if kind == "whole" else soft_tissue(x) & soft_tissue(r)
+    power, n = nps_sums(x - r, mask)
+    return power / n
+
+
 def insert_noise(spectrum: torch.Tensor, shape, generator: torch.Generator) -> torch.Tensor:
     """Gaussian noise with the given mean periodogram (one X×Y×Z volume)."""
     white = torch.randn(shape, generator=generator, dtype=torch.float64)
@@ -145,9 +153,8 @@ def main() -> None:
         tr = load_cases(manifest, config, splits=("train",), sites=(site,))
         x = model_to_hu(tr.images, window)
         r = reconstruct_hu(gen, tr.images, tr.sites, window)
-        for kind, mask in (("whole", None), ("soft_tissue", soft_tissue(x) & soft_tissue(r))):
-            power, n = nps_sums(x - r, mask)
-            spectra[kind][site] = power / n
+        for kind in spectra:
+            spectra[kind][site] = residual_spectrum(x, r, kind)
         # samples made for the site, in its own train case mix (needs no real scan)
         syn = sample_volumes(gen, tr.labels, sites=[site] * len(tr), generator=g_sample)
         per_site[site] = {

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 import torch
-from autoencoder_ceiling import insert_noise, nps_sums, reconstruct_hu, soft_tissue
+from autoencoder_ceiling import insert_noise, reconstruct_hu, residual_spectrum
 from phantom_world import phantom_manifest
 
 from synthct.artifacts import write_json
@@ -48,10 +48,9 @@ def site_spectra(gen, manifest: Path, config, kind: str) -> dict[str, torch.Tens
     for site in config.site_names:
         train = load_cases(manifest, config, splits=("train",), sites=(site,))
         x = model_to_hu(train.images, window)
-        r = reconstruct_hu(gen, train.images, train.sites, window)
-        mask = None if kind == "whole" else soft_tissue(x) & soft_tissue(r)
-        power, n = nps_sums(x - r, mask)
-        out[site] = power / n
+        out[site] = residual_spectrum(
+            x, reconstruct_hu(gen, train.images, train.sites, window), kind
+        )
     return out
 
 

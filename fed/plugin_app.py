@@ -16,8 +16,8 @@ cohort for that site, which the federated gate judges on that site's own data; t
 other connected site, the base and the fused generator each make a cohort for it, judged on its
 data, so a plugin that makes another site's cases worse is caught. Only a plugin whose cohort
 passes and that makes no other site worse is added, with the decision and its numbers; a
-refusal is recorded in the registry's history. Each contribution is its own run, so sites join whenever they are
-ready.
+refusal is recorded in the registry's history. Each contribution is its own run, so sites join
+whenever they are ready.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import logging
 import shutil
 import uuid
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -291,17 +292,22 @@ class _Judging:
     site_root: Path | None
     roster: list[str]
 
+    @cached_property
+    def fused(self) -> Any:
+        """The base with the plugin fused in, built once for every site that judges it."""
+        from synthct.plugins.merge import fuse
+
+        return fuse(self.gen, [self.plugin])
+
     def cohort(self, fused: bool, plan: list, out: Path) -> Path:
         """``plan`` made by the base or (``fused``) the base with the plugin fused in."""
         from synthct.cohort import generate_cohort
-        from synthct.plugins.merge import fuse
 
         if not fused:
             return generate_cohort(self.gen, self.generator_dir, plan, out, seed=self.seed)
         return generate_cohort(
-            fuse(self.gen, [self.plugin]), self.generator_dir, plan, out, seed=self.seed,
-            plugins=self.plugin.name,
-        )  # fmt: skip
+            self.fused, self.generator_dir, plan, out, seed=self.seed, plugins=self.plugin.name
+        )
 
     def judge_at(self, config: SynthctConfig, site: str, node: int, cohorts: list[Path]) -> list:
         """The gate's reports of ``cohorts`` on ``site``'s own data (its ``node`` alone)."""
