@@ -39,6 +39,7 @@ from synthct.data.preprocess import model_to_hu  # noqa: E402
 from synthct.data.volume_io import write_nifti  # noqa: E402
 from synthct.eval import negatives  # noqa: E402
 from synthct.eval.gate import load_real, run_gate  # noqa: E402
+from synthct.models.scanner_noise import ScannerNoise, noise_power, soft_tissue  # noqa: E402
 from synthct.pretrained import phantom_dir, shipped_reference_for  # noqa: E402
 from synthct.reference import load_reference  # noqa: E402
 from synthct.sampling import reconstruct, sample_volumes  # noqa: E402
@@ -52,34 +53,22 @@ def reconstruct_hu(gen, images: torch.Tensor, sites: list[str], window) -> torch
     return model_to_hu(reconstruct(gen, images, sites=sites), window)
 
 
-def soft_tissue(x: torch.Tensor) -> torch.Tensor:
-    """Uniform soft tissue (-200..250 HU), eroded one voxel: where NPS is measured."""
-    m = ((x > -200) & (x < 250)).numpy()
-    st = ndimage.generate_binary_structure(3, 1)[None, None]
-    return torch.from_numpy(ndimage.binary_erosion(m, structure=st))
-
-
-def nps_sums(residual: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, int]:
-    """Summed periodograms of (masked, centred) residuals, normalised by the voxel count."""
-    r = residual.double()
-    m = torch.ones_like(r) if mask is None else mask.double()
-    count = m.sum(dim=(2, 3, 4), keepdim=True).clamp_min(1.0)
-    r = (r - (r * m).sum(dim=(2, 3, 4), keepdim=True) / count) * m
-    return (torch.fft.rfftn(r, dim=(2, 3, 4)).abs().pow(2) / count).sum(dim=(0, 1)), len(r)
-
-
 def residual_spectrum(x: torch.Tensor, r: torch.Tensor, kind: str) -> torch.Tensor:
-    """Mean periodogram of scans ``x`` minus their reconstructions ``r`` (HU), over the whole
-    volume or (``soft_tissue``) over uniform soft tissue in both."""
-    mask = None if kind == "whole" else soft_tissue(x) & soft_tissue(r)
-    power, n = nps_sums(x - r, mask)
-    return power / n
+    """Mean periodogram of scans ``x`` minus their reconstructions ``r`` (HU): over uniform
+    soft tissue in both (``soft_tissue``, the product's scanner noise measure) or over the
+    whole volume (``whole``: every residual, edges and all)."""
+    if kind == "whole":
+        d = (x - r).double()
+        d = d - d.mean(dim=(2, 3, 4), keepdim=True)
+        count = float(np.prod(d.shape[2:]))
+        return (torch.fft.rfftn(d, dim=(2, 3, 4)).abs().pow(2) / count).mean(dim=(0, 1)).float()
+    power = noise_power(x, r)
+    return (power.total / power.cases).float()
 
 
 def insert_noise(spectrum: torch.Tensor, shape, generator: torch.Generator) -> torch.Tensor:
     """Gaussian noise with the given mean periodogram (one X×Y×Z volume)."""
-    white = torch.randn(shape, generator=generator, dtype=torch.float64)
-    return torch.fft.irfftn(torch.fft.rfftn(white) * spectrum.sqrt(), s=shape).float()
+    return ScannerNoise({"site": spectrum}).draw(["site"], shape, generator)[0, 0]
 
 
 def radial_nps(x: torch.Tensor) -> np.ndarray:

@@ -16,7 +16,10 @@ With ``--insert-noise soft_tissue`` (or ``whole``) each cohort is also gated wit
 added to every volume, drawn from its target site's noise power spectrum: the periodogram of
 that site's ``train`` scans minus their reconstructions by this generator's autoencoder (over
 uniform soft tissue, or the whole volume), as ``bench/autoencoder_ceiling.py`` measures it and
-the field's CT noise-insertion tools do. A probe of the remedy, not yet a product stage.
+the field's CT noise-insertion tools do. A probe of the remedy, which is now a product stage
+(``synthct.models.scanner_noise``): with ``--compare-scanner-noise`` each seed's cohort is
+generated and gated twice, with the generator's own measured scanner noise off and on (the same
+latents: the noise is drawn after them).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import torch
 from autoencoder_ceiling import insert_noise, reconstruct_hu, residual_spectrum
 from phantom_world import phantom_manifest
 
-from synthct.artifacts import write_json
+from synthct.artifacts import read_json, write_json
 from synthct.checkpoint import generator_sha256, load_generator
 from synthct.cohort import generate_cohort, plan_cohort, reference_counts
 from synthct.config import load_config, packaged_config_path
@@ -82,6 +85,11 @@ def main() -> None:
         default=Path(f"bench/results/cohort_gate_{time.strftime('%Y-%m-%d')}.json"),
     )
     parser.add_argument("--insert-noise", choices=["soft_tissue", "whole"], default=None)
+    parser.add_argument(
+        "--compare-scanner-noise",
+        action="store_true",
+        help="gate every seed's cohort without and with the generator's own scanner noise",
+    )
     args = parser.parse_args()
     config = load_config(packaged_config_path("demo"))
     manifest = phantom_manifest(config, args.out)
@@ -97,10 +105,14 @@ def main() -> None:
     if args.insert_noise:
         with torch.no_grad():
             spectra = site_spectra(gen, manifest, config, args.insert_noise)
-    for seed in args.seeds:
+    # each seed's cohort with the generator's scanner noise off, then on: the same latents
+    variants: list[bool | None] = [False, True] if args.compare_scanner_noise else [None]
+    for seed, noise in [(s, v) for s in args.seeds for v in variants]:
         start = time.perf_counter()
         folder = args.out / f"cohort_{sha[:8]}_{seed}"  # one per generator: reruns resume
-        cohort = generate_cohort(gen, args.generator, plan, folder, seed=seed)
+        if noise is not None:
+            folder = Path(f"{folder}_scanner_noise_{'on' if noise else 'off'}")
+        cohort = generate_cohort(gen, args.generator, plan, folder, seed=seed, scanner_noise=noise)
         if spectra is not None:
             folder = Path(f"{folder}_noise_{args.insert_noise}")
             cohort = with_noise(cohort, folder, spectra, config, seed)
@@ -123,6 +135,7 @@ def main() -> None:
         runs.append(
             {
                 "seed": seed,
+                "scanner_noise": read_json(folder / "cohort.json")["scanner_noise"],
                 "site_style_distance": style,
                 "verdict": report["verdict"],
                 "failed_rules": report["failed_rules"],
@@ -131,7 +144,9 @@ def main() -> None:
                 "gate_s": round(time.perf_counter() - sampled, 1),
             }
         )
-        print(f"seed {seed}: {report['verdict']} {report['failed_rules']}", flush=True)
+        print(
+            f"seed {seed} noise {noise}: {report['verdict']} {report['failed_rules']}", flush=True
+        )
         for name, r in rules.items():
             print(f"  {name:<22} {r['value']!s:>10} limit {r['limit']!s:>8}  {r['passed']}")
     summary = {

@@ -27,6 +27,7 @@ from synthct.fed.task import (
     LocalRun,
     SiteError,
     site_latents,
+    site_noise,
     train_autoencoder_round,
     train_decoder_round,
     train_diffusion_round,
@@ -137,16 +138,26 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    """Per-channel latent moments under the frozen autoencoder, pooled by the server into the
-    UNet's latent normalisation."""
+    """Statistics of this site's ``train`` cases under the frozen autoencoder: per-channel
+    latent moments (phase ``scale``; the server pools them into the UNet's latent
+    normalisation), or its scanner noise spectrum (phase ``noise``; summed periodograms of
+    scans minus reconstructions over soft tissue, never a volume)."""
     config, cfg, site = prepare_site(msg, context)
+    phase = str(cfg["phase"])
+    tensors: dict[str, torch.Tensor] = {}
     try:
         cases = load_site_cases(config, site.manifest, site.name)
         ae_weights, ae_sha = _frozen_autoencoder(cfg)
-        moments = latent_moments(site_latents(config, ae_weights, ae_sha, cases))
+        if phase == "noise":
+            power = site_noise(config, ae_weights, cases, resolve_device(config.train.device))
+            tensors, stats = {"noise-power": power.total}, {}
+        elif phase == "scale":
+            stats = latent_moments(site_latents(config, ae_weights, ae_sha, cases))
+        else:
+            raise SiteError(f"site {site.name!r}: unknown query {phase!r}")
     except SiteError:
         raise
     except Exception as exc:
         raise SiteError(f"site {site.name!r}: {type(exc).__name__}: {exc}") from exc
-    metrics = {"num-examples": len(cases), "site-index": site.index, **moments}
-    return release(msg, site, phase="scale", server_round=0, tensors={}, metrics=metrics)
+    metrics = {"num-examples": len(cases), "site-index": site.index, **stats}
+    return release(msg, site, phase=phase, server_round=0, tensors=tensors, metrics=metrics)

@@ -50,6 +50,7 @@ from synthct.fed.rounds import (
 )
 from synthct.fed.sites import task_config, wait_for_sites
 from synthct.models.latent_norm import LatentNorm, pooled_latent_norm
+from synthct.models.scanner_noise import NoisePower, ScannerNoise
 from synthct.phases import Next, PhasePosition, run_phases
 from synthct.training import EMA, LatentDecoder
 
@@ -128,7 +129,7 @@ def _truncate_rounds_log(path: Path, state: _RunState) -> None:
         return
     import json
 
-    phases = ("autoencoder", "decoder", "scale", "diffusion", "done")
+    phases = ("autoencoder", "decoder", "scale", "noise", "diffusion", "done")
     order = {name: i for i, name in enumerate(phases)}
     kept = []
     for line in path.read_text(encoding="utf-8").splitlines():
@@ -239,13 +240,18 @@ class _Driver:
 
     def start(self, phase: str) -> None:
         """The phase's model, strategy (and its DP accountant) and the server EMA; before
-        diffusion, the sites' pooled latent normalisation once per autoencoder."""
+        diffusion, once per autoencoder, the sites' pooled latent normalisation and their
+        scanner noise spectra."""
         config, state, gen = self.config, self.state, self.gen
         if phase == "diffusion":
             if state.latent_norm is None:
                 gen.latent_norm = state.latent_norm = self._pool_latent_norm(gen)
                 self._commit(gen)
             gen.latent_norm = state.latent_norm
+            if gen.scanner_noise is None and not config.federated.privacy.enabled:
+                # no DP account covers a spectrum: under DP, samples go without scanner noise
+                gen.scanner_noise = self._collect_scanner_noise(gen)
+                self._commit(gen)
         self.model = {
             "autoencoder": gen.autoencoder,
             # shares the autoencoder's (and the discriminator's) modules
@@ -296,6 +302,8 @@ class _Driver:
     def end(self, phase: str) -> None:
         if phase == "autoencoder" and self.config.federated.ae_rounds > 0:
             self.state.latent_norm = None  # the autoencoder changed: pool a new normalisation
+        if self.total(phase) > 0 and phase in ("autoencoder", "decoder"):
+            self.gen.scanner_noise = None  # measured against another decoder: measure anew
         self._commit(self.gen)
 
     def _one_round(
@@ -345,12 +353,12 @@ class _Driver:
             return True
         return bool(job.budget_min and time.monotonic() - self.started > job.budget_min * 60)
 
-    def _pool_latent_norm(self, gen: Generator) -> LatentNorm:
-        """The UNet's latent normalisation (the config's kind) over all sites' latents, pooled
-        exactly from each site's per-channel count, sum and sum of squares."""
+    def _query_sites(self, gen: Generator, phase: str) -> list[Message]:
+        """Ask every site for statistics of its ``train`` cases under the frozen autoencoder;
+        the replies without error (at least ``min_sites``)."""
         config = self.config
         nodes = wait_for_sites(self.grid, config)
-        cfg = self._with_frozen_autoencoder(self._base_config("scale"), gen)
+        cfg = self._with_frozen_autoencoder(self._base_config(phase), gen)
         messages = [
             Message(
                 content=RecordDict({"config": cfg}),
@@ -366,9 +374,16 @@ class _Driver:
         if len(ok) < config.federated.min_sites:
             reasons = [r.error.reason for r in replies if r.has_error()]
             raise FederatedError(
-                f"latent normalisation: {len(ok)} site(s) replied, need {config.federated.min_sites}; "
+                f"{phase} query: {len(ok)} site(s) replied, need {config.federated.min_sites}; "
                 f"errors: {reasons}"
             )
+        return ok
+
+    def _pool_latent_norm(self, gen: Generator) -> LatentNorm:
+        """The UNet's latent normalisation (the config's kind) over all sites' latents, pooled
+        exactly from each site's per-channel count, sum and sum of squares."""
+        config = self.config
+        ok = self._query_sites(gen, "scale")
         moments, per_site = [], {}
         for r in ok:
             m = next(iter(r.content.metric_records.values()))
@@ -384,6 +399,45 @@ class _Driver:
         )
         logger.info("pooled %s latent normalisation from %d sites", norm.mode, len(ok))
         return norm
+
+    def _collect_scanner_noise(self, gen: Generator) -> ScannerNoise | None:
+        """Each site's scanner noise spectrum (``synthct.models.scanner_noise``). A reply of
+        the wrong shape, with negative or non-finite power, or without cases is set aside with
+        the reason; cases for that site then get the other sites' pooled noise."""
+        config = self.config
+        x, y, z = config.data.shape
+        expected = (x, y, z // 2 + 1)
+        power, rejected = {}, {}
+        for r in self._query_sites(gen, "noise"):
+            site = site_name(config, r)
+            try:
+                total = r.content["arrays"].to_torch_state_dict()["noise-power"].double()
+                cases = int(next(iter(r.content.metric_records.values()))["num-examples"])
+            except (KeyError, StopIteration, TypeError, ValueError) as exc:
+                rejected[site] = f"unreadable reply ({exc})"
+                continue
+            if tuple(total.shape) != expected:
+                rejected[site] = f"spectrum shape {tuple(total.shape)}, expected {expected}"
+            elif not torch.isfinite(total).all() or (total < 0).any():
+                rejected[site] = "negative or non-finite power"
+            elif cases < 1:
+                rejected[site] = "no cases"
+            else:
+                power[site] = NoisePower(total, cases)
+        for site, why in rejected.items():
+            logger.warning("scanner noise of site %s set aside: %s", site, why)
+        noise = ScannerNoise.from_power(power) if power else None
+        append_jsonl(
+            self.rounds_log,
+            {
+                "phase": "noise",
+                "round": 0,
+                "hf_std_hu": None if noise is None else noise.hf_std(),
+                "cases": {s: p.cases for s, p in power.items()},
+                "rejected": rejected,
+            },
+        )
+        return noise
 
 
 def run_federated(grid: Grid, job: FederatedJob) -> Generator:

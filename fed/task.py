@@ -16,15 +16,18 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from synthct.checkpoint import build_generator
 from synthct.config import SynthctConfig, TrainConfig
 from synthct.data.dataset import CaseSet
 from synthct.fed.errors import SiteError
 from synthct.fed.site_state import OptimizerStateStore, ProcessCache
 from synthct.models.autoencoder import build_autoencoder, build_discriminator
 from synthct.models.latent_norm import LatentNorm
+from synthct.models.scanner_noise import NoisePower
 from synthct.models.schedulers import training_scheduler
 from synthct.models.unet import build_unet, conditioning_for
 from synthct.phases import PHASES
+from synthct.sampling import site_noise_power
 from synthct.training import (
     BalancedSampler,
     LatentDecoder,
@@ -226,6 +229,20 @@ def site_latents(
         return encode_latents(ae.to(device), cases.images.to(device)).cpu()
 
     return _LATENT_CACHE.get(key, encode)
+
+
+def site_noise(
+    config: SynthctConfig,
+    autoencoder_weights: dict[str, torch.Tensor],
+    cases: CaseSet,
+    device: torch.device | str = "cpu",
+) -> NoisePower:
+    """This site's summed scanner-noise periodograms: its cases against their reconstructions
+    by the frozen autoencoder, in its own style (``synthct.models.scanner_noise``)."""
+    gen = build_generator(config)
+    _load_weights(gen.autoencoder, autoencoder_weights, "autoencoder")
+    power = site_noise_power(gen.to(device), cases.images.to(device), list(cases.sites))
+    return sum(power.values(), NoisePower(torch.zeros(()), 0))
 
 
 def train_diffusion_round(

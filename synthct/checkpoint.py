@@ -6,6 +6,7 @@
     autoencoder/config.json, model.safetensors
     unet/config.json, model.safetensors the EMA UNet: what sampling uses
     scheduler/scheduler_config.json     the training noise schedule (diffusers' own format)
+    noise/scanner_noise.safetensors     each site's scanner noise spectrum, when measured
     training/unet.safetensors, discriminator.safetensors
                                         resume state only (absent from a shipped generator)
 
@@ -36,6 +37,7 @@ from synthct.errors import SynthctError
 from synthct.models.autoencoder import build_autoencoder, build_discriminator
 from synthct.models.conditioning import Conditioning
 from synthct.models.latent_norm import LatentNorm
+from synthct.models.scanner_noise import ScannerNoise
 from synthct.models.schedulers import training_scheduler
 from synthct.models.unet import build_unet, conditioning_for
 
@@ -65,6 +67,7 @@ _WEIGHT_FILES = {
 }
 _FLAT_FILES = {name: f"{name}.safetensors" for name in _WEIGHT_FILES}  # layout 1
 INFERENCE_FILE = "inference.json"
+NOISE_FILE = "noise/scanner_noise.safetensors"
 SCHEDULER_DIR = "scheduler"
 
 
@@ -75,7 +78,8 @@ class CheckpointError(SynthctError, ValueError):
 @dataclass
 class Generator:
     """Autoencoder + diffusion UNet (+ its EMA, used for sampling) + latent scale factor
-    (+ the decoder phase's patch discriminator while an adversarial decoder trains)."""
+    (+ the decoder phase's patch discriminator while an adversarial decoder trains) (+ each
+    site's scanner noise, measured against this autoencoder's reconstructions)."""
 
     config: SynthctConfig
     autoencoder: nn.Module
@@ -83,6 +87,7 @@ class Generator:
     ema: nn.Module
     latent_norm: LatentNorm = field(default_factory=LatentNorm)
     discriminator: nn.Module | None = None
+    scanner_noise: ScannerNoise | None = None
     # site -> an autoencoder whose decoder carries that site's plugin adapter (its scanner's
     # style): cases made for the site decode with it (``synthct.plugins.merge``); never saved
     site_decoders: dict[str, nn.Module] = field(default_factory=dict)
@@ -222,6 +227,7 @@ def adopt_generator(
     if gen.discriminator is not None and new.discriminator is not None:
         new.discriminator.load_state_dict(gen.discriminator.state_dict())
     new.latent_norm = gen.latent_norm
+    new.scanner_noise = gen.scanner_noise  # measured against the same autoencoder
     new.ema.eval().requires_grad_(False)
     return new
 
@@ -355,6 +361,17 @@ def save_generator(
         if name not in names:
             (directory / _WEIGHT_FILES[name]).unlink(missing_ok=True)
         (directory / _FLAT_FILES[name]).unlink(missing_ok=True)
+    noise = None
+    if gen.scanner_noise is not None:
+        path = directory / NOISE_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        noise = {
+            **save_tensors(path, gen.scanner_noise.tensors()),
+            "file": NOISE_FILE,
+            "cases": gen.scanner_noise.cases,
+        }
+    else:
+        (directory / NOISE_FILE).unlink(missing_ok=True)
     configs = {}
     for name, content in _component_configs(gen).items():
         write_json(directory / name / "config.json", content, kind=f"generator-{name}")
@@ -374,6 +391,7 @@ def save_generator(
         "vocabulary_hash": gen.config.labels.vocabulary_hash,
         "latent_norm": gen.latent_norm.to_json(),
         "latent_shape": list(gen.config.latent_shape),
+        "scanner_noise": noise,
         "network_data_format": network_data_format(gen.config, sites=gen.renders_sites),
         "files": files,
         "configs": configs,
@@ -462,8 +480,23 @@ def load_generator(directory: str | Path, device: torch.device | str = "cpu") ->
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{meta_path}: unreadable latent normalisation ({exc})") from None
+    gen.scanner_noise = _load_scanner_noise(directory, meta.get("scanner_noise"), meta_path)
     gen.ema.eval().requires_grad_(False)
     return gen.to(device)
+
+
+def _load_scanner_noise(
+    directory: Path, record: dict[str, Any] | None, meta_path: Path
+) -> ScannerNoise | None:
+    """The recorded scanner noise spectra (hash-checked), or None when none were measured."""
+    if record is None:
+        return None
+    try:
+        path = _recorded_path(directory, record, meta_path)
+        tensors = load_tensors(path, sha256=record["sha256"], size=record["bytes"])
+        return ScannerNoise.from_tensors(tensors, record.get("cases", {}))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{meta_path}: unreadable scanner noise ({exc})") from None
 
 
 def generator_sha256(directory: str | Path) -> str:

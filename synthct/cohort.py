@@ -187,7 +187,12 @@ def _load_or_start(out: Path, settings: dict) -> list[ManifestRow]:
         write_json(meta_path, settings, kind="synthct-cohort")
         return []
     # what cohorts begun before a setting existed were made with: NIfTI, one guidance
-    previous = {"volume_format": "nifti", "class_guidance": {}, **read_json(meta_path)}
+    previous = {
+        "volume_format": "nifti",
+        "class_guidance": {},
+        "scanner_noise": False,
+        **read_json(meta_path),
+    }
     changed = [k for k in settings if previous.get(k) != settings[k]]
     if changed:
         raise CohortError(
@@ -213,17 +218,20 @@ def generate_cohort(
     denoiser: Callable[..., torch.Tensor] | None = None,
     plugins: str | None = None,
     volume_format: str = "nifti",
+    scanner_noise: bool | None = None,
 ) -> Path:
     """Sample every planned case not yet on disk; returns the cohort manifest path.
 
     ``denoiser`` replaces the EMA UNet (a plugin Mixture); ``plugins`` describes what was merged
     into the generator (recorded in the cohort's provenance). ``volume_format``: ``nifti`` (one
     ``.nii.gz`` per case) or ``dicom`` (one CT series folder per case, marked synthetic, naming
-    the generator and its sha256, without patient identifiers)."""
+    the generator and its sha256, without patient identifiers). ``scanner_noise``: add each
+    case's target-site scanner noise (default: the generator's inference setting)."""
     if volume_format not in VOLUME_FORMATS:
         raise CohortError(f"unknown volume format {volume_format!r}; known: {list(VOLUME_FORMATS)}")
     out = Path(out)
-    inference = inference_settings(gen, sampler, steps, guidance)
+    inference = inference_settings(gen, sampler, steps, guidance, scanner_noise)
+    scanner_noise = inference["scanner_noise"]
     sampler, steps, guidance = inference["sampler"], inference["steps"], inference["guidance"]
     class_guidance = inference["class_guidance"]
     case_guidance = class_scales(gen, guidance, class_guidance)
@@ -243,6 +251,7 @@ def generate_cohort(
         "steps": steps,
         "guidance": guidance,
         "class_guidance": class_guidance,
+        "scanner_noise": scanner_noise,
         "batch_size": batch_size,
         "vocabulary_hash": gen.config.labels.vocabulary_hash,
         "volume_format": volume_format,
@@ -269,6 +278,7 @@ def generate_cohort(
             device=device,
             denoiser=denoiser,
             sites=[c.site for c in batch],
+            scanner_noise=scanner_noise,
         )
         for case, volume in zip(batch, volumes, strict=True):
             path = _case_path(case, volume_format)
@@ -284,6 +294,7 @@ def generate_cohort(
                 "site_condition": (
                     ("null" if case.site == POOLED else case.site) if conditioned else "none"
                 ),
+                "scanner_noise": _noise_source(gen, case.site) if scanner_noise else "none",
             }
             rows.append(ManifestRow(path, case.label, case.site, "train", extra))
         # until every planned case is on disk the list is only the partial one: an interrupted
@@ -295,6 +306,12 @@ def generate_cohort(
     (out / PARTIAL_MANIFEST).unlink(missing_ok=True)
     logger.info("cohort %s: %d cases (%s)", out, len(rows), dict(Counter(r.label for r in rows)))
     return out / MANIFEST
+
+
+def _noise_source(gen: Generator, site: str) -> str:
+    """Whose scanner noise a case made for ``site`` carries: its own, or all sites' pooled."""
+    assert gen.scanner_noise is not None
+    return site if site in gen.scanner_noise.spectra else POOLED
 
 
 def _in_plan_order(rows: list[ManifestRow], plan: list[PlannedCase]) -> list[ManifestRow]:

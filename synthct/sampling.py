@@ -23,12 +23,14 @@ from torch import nn
 from synthct.checkpoint import Generator
 from synthct.data.preprocess import model_to_hu
 from synthct.models.conditioning import Conditioning
+from synthct.models.scanner_noise import NoisePower, noise_power
 from synthct.models.schedulers import sampling_scheduler, set_timesteps
 
 __all__ = [
     "sample_latents",
     "decode_latents",
     "reconstruct",
+    "site_noise_power",
     "sample_volumes",
     "class_scales",
     "inference_settings",
@@ -212,18 +214,48 @@ def reconstruct(
     return torch.cat(out)
 
 
+@torch.no_grad()
+def site_noise_power(
+    gen: Generator, images: torch.Tensor, sites: Sequence[str], *, batch_size: int = 16
+) -> dict[str, NoisePower]:
+    """Per site, the summed noise periodograms of its ``images`` (model space) against their
+    reconstructions for that site (``synthct.models.scanner_noise``): what a site measures and
+    sends so that samples made for it carry its scanner's noise."""
+    if len(sites) != len(images):
+        raise ValueError(f"{len(sites)} sites given for {len(images)} images")
+    window = gen.config.data.hu_window
+    out: dict[str, NoisePower] = {}
+    for i in range(0, len(images), batch_size):
+        part = list(sites[i : i + batch_size])
+        x = images[i : i + batch_size]
+        recon = model_to_hu(reconstruct(gen, x, sites=part, batch_size=batch_size), window)
+        scans = model_to_hu(x.float().cpu(), window)
+        for site in dict.fromkeys(part):
+            idx = [j for j, s in enumerate(part) if s == site]
+            power = noise_power(scans[idx], recon[idx])
+            out[site] = out[site] + power if site in out else power
+    return out
+
+
 def inference_settings(
-    gen: Generator, sampler: str | None, steps: int | None, guidance: float | None
+    gen: Generator,
+    sampler: str | None,
+    steps: int | None,
+    guidance: float | None,
+    scanner_noise: bool | None = None,
 ) -> dict[str, Any]:
     """Sampler, steps and guidance to sample with: the values given, else the generator's own
     inference settings (its saved ``sampling`` section). ``class_guidance``: the scales of
-    classes that do not use ``guidance`` (none when a guidance is given: it applies to all)."""
+    classes that do not use ``guidance`` (none when a guidance is given: it applies to all).
+    ``scanner_noise``: whether sites' scanner noise is added (only where it was measured)."""
     cfg = gen.config.sampling
     return {
         "sampler": sampler or cfg.sampler,
         "steps": steps or cfg.steps,
         "guidance": cfg.guidance if guidance is None else guidance,
         "class_guidance": dict(cfg.class_guidance) if guidance is None else {},
+        "scanner_noise": gen.scanner_noise is not None
+        and (cfg.scanner_noise if scanner_noise is None else scanner_noise),
     }
 
 
@@ -248,13 +280,16 @@ def sample_volumes(
     device: torch.device | str = "cpu",
     denoiser: Denoiser | None = None,
     sites: Sequence[str | None] | None = None,
+    scanner_noise: bool | None = None,
 ) -> torch.Tensor:
     """Sample HU volumes N×1×X×Y×Z (on ``config.data.spacing_mm``); ``None`` = config value
     (a ``guidance`` given without ``class_guidance`` applies to every class). ``sites``: the
     site each volume is for (None or ``pooled``: site-agnostic); a site-conditioned generator
-    renders that site's style."""
+    renders that site's style, and a generator with measured scanner noise adds that site's.
+    The noise is drawn after every latent, so the same seed gives the same anatomy with or
+    without it."""
     cfg = gen.config.sampling
-    settings = inference_settings(gen, sampler, steps, guidance)
+    settings = inference_settings(gen, sampler, steps, guidance, scanner_noise)
     sampler, steps = settings["sampler"], settings["steps"]
     if class_guidance is None:
         class_guidance = settings["class_guidance"]
@@ -291,4 +326,10 @@ def sample_volumes(
             sites=names[start : start + batch_size],
         )
         volumes.append(model_to_hu(x.float().cpu(), gen.config.data.hu_window))
-    return torch.cat(volumes)
+    out = torch.cat(volumes)
+    if settings["scanner_noise"]:
+        assert gen.scanner_noise is not None
+        seed = int(torch.randint(2**62, (1,), generator=generator))
+        noise = gen.scanner_noise.draw(names, out.shape[2:], torch.Generator().manual_seed(seed))
+        out = (out + noise).clamp(*gen.config.data.hu_window)
+    return out

@@ -192,6 +192,12 @@ class SamplingConfig(_Strict):
         description="site-conditioned UNets: guidance amplifies the site as well as the class "
         "(the unconditional branch drops both); off, the site stays on in both branches",
     )
+    scanner_noise: bool = Field(
+        default=True,
+        description="add each case's scanner noise, drawn from its target site's noise power "
+        "spectrum measured at training (synthct.models.scanner_noise), to what the decoder "
+        "renders; a generator without measured spectra samples without",
+    )
     batch_size: int = Field(default=8, ge=1)
     decode_patch: int | None = Field(
         default=None,

@@ -60,7 +60,7 @@ def federated_summary(run: str | Path) -> dict[str, Any]:
     """From ``RUN/rounds.jsonl``: the training rounds run and the last round's per-site loss
     and bytes sent (what the demo reports)."""
     lines = (Path(run) / "rounds.jsonl").read_text().splitlines()
-    trained = [r for r in map(json.loads, lines) if r["phase"] != "scale"]
+    trained = [r for r in map(json.loads, lines) if r["phase"] not in ("scale", "noise")]
     last = trained[-1] if trained else {"sites": []}
     return {
         "rounds": len(trained),

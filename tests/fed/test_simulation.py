@@ -77,6 +77,7 @@ def test_rounds_are_logged_with_sites_bytes_and_audit(fed_run, smoke_config, smo
         ("autoencoder", 2),
         ("decoder", 1),
         ("scale", 0),
+        ("noise", 0),
         ("diffusion", 1),
         ("diffusion", 2),
     ]
@@ -84,6 +85,10 @@ def test_rounds_are_logged_with_sites_bytes_and_audit(fed_run, smoke_config, smo
     for r in rounds:
         if r["phase"] == "scale":
             assert r["cases"] == dict(counts) and min(r["latent_norm"]["scale"]) > 0
+            continue
+        if r["phase"] == "noise":  # every site's spectrum, none set aside
+            assert r["cases"] == dict(counts) and r["rejected"] == {}
+            assert set(r["hf_std_hu"]) == set(counts) and min(r["hf_std_hu"].values()) > 0
             continue
         assert r["replies"] == r["sent"] == 3 and r["failures"] == [] and r["aggregated"]
         assert {s["site"]: s["cases"] for s in r["sites"]} == dict(counts)
