@@ -23,6 +23,7 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 from phantom_world import bench_command, phantom_manifest
 from scipy import ndimage
 
@@ -41,7 +42,7 @@ def scan_noise_std(manifest: Path, config, site: str) -> float:
     its one-voxel Gaussian smoothing (what ``bench/autoencoder_ceiling.py`` reports)."""
     cases = load_cases(manifest, config, splits=("train",), sites=(site,))
     hu = model_to_hu(cases.images, config.data.hu_window)
-    smooth = ndimage.gaussian_filter(hu.numpy(), (0, 0, 1, 1, 1))
+    smooth = torch.from_numpy(ndimage.gaussian_filter(hu.numpy(), (0, 0, 1, 1, 1)))
     return float((hu - smooth)[soft_tissue(hu)].std())
 
 

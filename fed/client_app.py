@@ -86,16 +86,24 @@ def train(msg: Message, context: Context) -> Message:
         cases = load_site_cases(config, site.manifest, site.name)
         weights = msg.content["arrays"].to_torch_state_dict()
         device = resolve_device(config.train.device)
+        only = str(cfg.get("train-only", "")) or None  # a calibration: these weights only
         run = LocalRun(
             steps=int(cfg["local-steps"]),
             seed=round_seed(config.seed, phase, server_round, site.name),
             proximal_mu=float(cfg.get("proximal-mu", 0.0)),
             device=device,
             optimizer_state=(
-                (OptimizerStateStore(site.audit_dir / "optimizer", phase), server_round)
+                (
+                    OptimizerStateStore(
+                        site.audit_dir / "optimizer", "site-rows" if only else phase
+                    ),
+                    server_round,
+                )
                 if config.federated.keep_optimizer_state
                 else None
             ),
+            only=None if only is None else (only,),
+            lr=float(cfg["lr"]) if "lr" in cfg else None,
         )
         if phase == "autoencoder":
             result = train_autoencoder_round(config, weights, cases, run)

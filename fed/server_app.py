@@ -52,6 +52,7 @@ from synthct.fed.sites import task_config, wait_for_sites
 from synthct.models.latent_norm import LatentNorm, pooled_latent_norm
 from synthct.models.scanner_noise import NoisePower, ScannerNoise
 from synthct.phases import Next, PhasePosition, run_phases
+from synthct.sampling import measures_scanner_noise
 from synthct.training import EMA, LatentDecoder
 
 __all__ = ["app", "FederatedJob", "FederatedError", "run_federated"]
@@ -235,8 +236,18 @@ class _Driver:
         return {
             "autoencoder": fed.ae_rounds,
             "decoder": fed.decoder_rounds,
-            "diffusion": fed.diffusion_rounds,
+            "diffusion": fed.diffusion_rounds + self._calibration_rounds(),
         }[phase]
+
+    def _calibration_rounds(self) -> int:
+        """Site-row calibration rounds after the diffusion rounds (site-conditioned UNets)."""
+        fed = self.config.federated
+        if self.gen is None or not self.gen.conditioning.site_conditioned:
+            return 0
+        return 0 if fed.dp_phase("diffusion") else fed.site_calibration_rounds  # DP mixes rows
+
+    def _calibrating(self, phase: str, index: int) -> bool:
+        return phase == "diffusion" and index > self.config.federated.diffusion_rounds
 
     def start(self, phase: str) -> None:
         """The phase's model, strategy (and its DP accountant) and the server EMA; before
@@ -248,8 +259,7 @@ class _Driver:
                 gen.latent_norm = state.latent_norm = self._pool_latent_norm(gen)
                 self._commit(gen)
             gen.latent_norm = state.latent_norm
-            if gen.scanner_noise is None and not config.federated.privacy.enabled:
-                # no DP account covers a spectrum: under DP, samples go without scanner noise
+            if gen.scanner_noise is None and measures_scanner_noise(gen, config):
                 gen.scanner_noise = self._collect_scanner_noise(gen)
                 self._commit(gen)
         self.model = {
@@ -275,6 +285,8 @@ class _Driver:
             self.job.stopped_early = True
             logger.info("stopping after %d round(s); resume to continue", self.executed)
             return None, Next.STOP
+        if self._calibrating(phase, index):
+            return self._calibration_round(index), Next.CONTINUE
         record = self._one_round(self.gen, self.model, self.strategy, phase, index)
         if record["aggregated"] and self.ema is not None:
             # one round = local_steps optimiser steps
@@ -306,6 +318,40 @@ class _Driver:
             self.gen.scanner_noise = None  # measured against another decoder: measure anew
         self._commit(self.gen)
 
+    def _calibration_round(self, index: int) -> dict[str, Any]:
+        """One round in which each site trains only its own site row against the EMA UNet
+        (which samples): the UNet starts as the EMA, the sites' own rows come back, and the
+        EMA takes them as they are (no averaging: every other weight is frozen)."""
+        gen, fed = self.gen, self.config.federated
+        table = "class_embedding.sites.weight"
+        gen.unet.load_state_dict(gen.ema.state_dict())
+        before = gen.ema.state_dict()[table].clone()
+        record = self._one_round(
+            gen,
+            gen.unet,
+            self.strategy,
+            "diffusion",
+            index,
+            extra={"train-only": table, "lr": fed.site_calibration_lr},
+        )
+        rows = before.clone()
+        if record["aggregated"]:
+            sent = gen.unet.state_dict()[table]
+            for s in record["sites"]:  # the rows their owners trained; all else as before
+                i = self.config.site_names.index(s["site"])
+                rows[i] = sent[i]
+        gen.unet.load_state_dict(gen.ema.state_dict())
+        with torch.no_grad():
+            gen.unet.get_parameter(table).copy_(rows)
+            gen.ema.get_parameter(table).copy_(rows)
+        record["calibration"] = {
+            "rows_moved": {
+                s: round(float((rows[i] - before[i]).norm()), 4)
+                for i, s in enumerate(self.config.site_names)
+            }
+        }
+        return record
+
     def _one_round(
         self,
         gen: Generator,
@@ -313,6 +359,7 @@ class _Driver:
         strategy: Strategy,
         phase: str,
         server_round: int,
+        extra: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         """The round's message settings (local steps, frozen encoder, latent normalisation),
         then one plain or secure aggregation round (``rounds.py``)."""
@@ -329,6 +376,8 @@ class _Driver:
             cfg = self._with_frozen_autoencoder(cfg, gen)
         if phase == "diffusion":
             cfg["latent-norm"] = json.dumps(gen.latent_norm.to_json())
+        for key, value in (extra or {}).items():
+            cfg[key] = value
         request = RoundRequest(
             self.grid, config, model, strategy, phase, server_round, cfg, nodes, t0
         )

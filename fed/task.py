@@ -108,6 +108,9 @@ class LocalRun:
     proximal_mu: float = 0.0
     device: torch.device | str = "cpu"
     optimizer_state: tuple[OptimizerStateStore, int] | None = None
+    # train only these parameters (no weight decay): a site calibrating its own row
+    only: tuple[str, ...] | None = None
+    lr: float | None = None  # instead of the phase's learning rate
 
 
 def _local_training(
@@ -126,7 +129,18 @@ def _local_training(
     model.to(run.device)
     generator = torch.Generator().manual_seed(run.seed)
     sampler = BalancedSampler(cases.labels, balanced=train.balanced, generator=generator)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    if run.only is None:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=run.lr or lr)
+    else:
+        named = dict(model.named_parameters())
+        missing = [n for n in run.only if n not in named]
+        if missing:
+            raise SiteError(f"{what}: no parameter {missing} to train")
+        for name, p in named.items():
+            p.requires_grad_(name in run.only)
+        optimizer = torch.optim.AdamW(
+            [named[n] for n in run.only], lr=run.lr or lr, weight_decay=0.0
+        )
     if run.optimizer_state is not None:
         store, server_round = run.optimizer_state
         store.load_into(optimizer, server_round)

@@ -21,6 +21,7 @@ from monai.inferers import sliding_window_inference
 from torch import nn
 
 from synthct.checkpoint import Generator
+from synthct.config import SynthctConfig
 from synthct.data.preprocess import model_to_hu
 from synthct.models.conditioning import Conditioning
 from synthct.models.scanner_noise import NoisePower, noise_power
@@ -31,6 +32,7 @@ __all__ = [
     "decode_latents",
     "reconstruct",
     "site_noise_power",
+    "measures_scanner_noise",
     "sample_volumes",
     "class_scales",
     "inference_settings",
@@ -212,6 +214,15 @@ def reconstruct(
         part = None if sites is None else list(sites[i : i + batch_size])
         out.append(_decode(gen, mu, sites=part).cpu())
     return torch.cat(out)
+
+
+def measures_scanner_noise(gen: Generator, config: SynthctConfig) -> bool:
+    """Whether training measures the sites' scanner noise for ``gen``: only when its decoder
+    renders each site's style (then a scan minus its reconstruction is the scanner's noise,
+    not also its kernel and HU offset: against the site-agnostic shipped decoder, the noise
+    put back made the demo cohorts' radiomics excess worse, 1.12 -> 1.49, docs/benchmarks.md),
+    and never under DP, whose account would not cover the spectra."""
+    return gen.site_style is not None and not config.federated.privacy.enabled
 
 
 @torch.no_grad()

@@ -34,7 +34,7 @@ from synthct.models.latent_norm import fit_latent_norm
 from synthct.models.scanner_noise import ScannerNoise
 from synthct.models.schedulers import training_scheduler
 from synthct.phases import Next, PhasePosition, run_phases
-from synthct.sampling import site_noise_power
+from synthct.sampling import measures_scanner_noise, site_noise_power
 from synthct.training import (
     EMA,
     BalancedSampler,
@@ -292,10 +292,10 @@ class _CentralDriver:
             self.gen.latent_norm = fit_latent_norm(
                 self._latents(), self.config.diffusion.latent_norm
             )
-            # the decoder is final: each site's scanner noise against its reconstructions
-            self.gen.scanner_noise = ScannerNoise.from_power(
-                site_noise_power(self.gen, self.train.images.to(self.device), self.train.sites)
-            )
+            if measures_scanner_noise(self.gen, self.config):  # the decoder is final
+                self.gen.scanner_noise = ScannerNoise.from_power(
+                    site_noise_power(self.gen, self.train.images.to(self.device), self.train.sites)
+                )
         if phase != "diffusion":  # the run's last save follows run_phases
             self.save()
 

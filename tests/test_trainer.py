@@ -63,6 +63,9 @@ def test_central_decoder_phase_learns_site_style_adversarially(tmp_path, smoke_c
     assert len(decoder_rows) == config.train.decoder_steps
     assert all("adversarial" in r and "discriminator" in r for r in decoder_rows)
     assert any(p.abs().sum() > 0 for p in gen.site_style.parameters())  # zero-initialised
+    # its decoder renders each site: each site's scanner noise is measured against it
+    assert gen.scanner_noise is not None
+    assert set(gen.scanner_noise.spectra) == set(config.site_names)
     assert (tmp_path / "run" / "generator" / "training" / "discriminator.safetensors").is_file()
     save_generator(gen, tmp_path / "shipped", sampling_only=True)
     assert not (tmp_path / "shipped" / "discriminator.safetensors").exists()

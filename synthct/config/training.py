@@ -147,6 +147,16 @@ class FederatedConfig(_Strict):
         "so latents and any trained UNet stay valid",
     )
     local_steps_decoder: int = Field(default=100, ge=0)
+    site_calibration_rounds: int = Field(
+        default=0,
+        ge=0,
+        description="site-conditioned UNets: rounds after the diffusion rounds in which each "
+        "site trains only its own site-embedding row, against the frozen EMA UNet that "
+        "samples. In FedAvg a site's local steps move the shared weights toward its own "
+        "scanner, so its row need not carry the style, and averaging then removes what the "
+        "shared weights had learnt (docs/benchmarks.md, 'Site rows calibrated')",
+    )
+    site_calibration_lr: float = Field(default=1e-3, gt=0)
     finetune_rounds: int = Field(
         default=2, ge=0, description="diffusion rounds when fine-tuning a pretrained generator"
     )

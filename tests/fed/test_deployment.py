@@ -249,7 +249,7 @@ def test_superlink_and_supernodes_with_tls_and_node_auth(tmp_path, smoke_sites):
         procs.stop()
 
     rounds = [json.loads(x) for x in (run_dir / "rounds.jsonl").read_text().splitlines()]
-    train_rounds = [r for r in rounds if r["phase"] not in ("scale", "noise")]
+    train_rounds = [r for r in rounds if r["phase"] != "scale"]
     assert [(r["phase"], r["round"]) for r in train_rounds] == [
         ("autoencoder", 1),
         ("decoder", 1),
@@ -267,14 +267,14 @@ def test_superlink_and_supernodes_with_tls_and_node_auth(tmp_path, smoke_sites):
     for site in SITES:  # each site's own audit log, in its own folder: every task's releases
         audit = (tmp_path / site / "audit" / "audit.jsonl").read_text().splitlines()
         phases = [json.loads(line)["phase"] for line in audit]
-        assert phases[:5] == ["autoencoder", "decoder", "scale", "noise", "diffusion"], phases
+        assert phases[:4] == ["autoencoder", "decoder", "scale", "diffusion"], phases
         n_ref = smoke.federated.reference_rounds
-        assert phases[5 : 8 + n_ref] == ["reference"] * n_ref + [
+        assert phases[4 : 7 + n_ref] == ["reference"] * n_ref + [
             "reference-holdout",
             "gate-summary",
             "gate-evidence",
         ], phases
-        downstream = phases[8 + n_ref :]  # two arms: rounds of weights and holdout counts
+        downstream = phases[7 + n_ref :]  # two arms: rounds of weights and holdout counts
         # only the contributor sent a plugin, and only it scored its cohort (the gate)
         plugin = ["plugin", "gate-summary", "gate-evidence"] if site == CONTRIBUTOR else []
         assert downstream[len(downstream) - len(plugin) :] == plugin

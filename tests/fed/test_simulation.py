@@ -77,7 +77,6 @@ def test_rounds_are_logged_with_sites_bytes_and_audit(fed_run, smoke_config, smo
         ("autoencoder", 2),
         ("decoder", 1),
         ("scale", 0),
-        ("noise", 0),
         ("diffusion", 1),
         ("diffusion", 2),
     ]
@@ -85,10 +84,6 @@ def test_rounds_are_logged_with_sites_bytes_and_audit(fed_run, smoke_config, smo
     for r in rounds:
         if r["phase"] == "scale":
             assert r["cases"] == dict(counts) and min(r["latent_norm"]["scale"]) > 0
-            continue
-        if r["phase"] == "noise":  # every site's spectrum, none set aside
-            assert r["cases"] == dict(counts) and r["rejected"] == {}
-            assert set(r["hf_std_hu"]) == set(counts) and min(r["hf_std_hu"].values()) > 0
             continue
         assert r["replies"] == r["sent"] == 3 and r["failures"] == [] and r["aggregated"]
         assert {s["site"]: s["cases"] for s in r["sites"]} == dict(counts)
@@ -222,6 +217,33 @@ def test_restart_unet_keeps_the_autoencoder_and_trains_a_fresh_site_conditioned_
     # adopted, the class rows would be the trained ones (moved by one short round)
     classes = tuned.unet.class_embedding.classes.weight
     assert not torch.allclose(classes, trained.unet.class_embedding.weight, atol=0.05)
+    _check_site_calibration(tuned, config, smoke_sites, tmp_path / "fresh")
+
+
+def _check_site_calibration(before, config, smoke_sites, run) -> None:
+    """The finished site-conditioned ``run`` given a calibration round: each site trains its
+    own row against the EMA UNet; every other weight (the null site's row included) stays as
+    it was and the EMA takes the rows as trained, so the UNet that samples is the one
+    calibrated."""
+    ema = {k: v.clone() for k, v in before.ema.state_dict().items()}
+    fed = config.federated.model_copy(update={"site_calibration_rounds": 1})
+    after = train_federated(
+        config.model_copy(update={"federated": fed}), smoke_sites, run, resume=True
+    )
+    table = "class_embedding.sites.weight"
+    for k, v in after.ema.state_dict().items():
+        assert torch.equal(v, after.unet.state_dict()[k]), k
+        if k != table:
+            assert torch.equal(v, ema[k]), k
+    sites = list(config.site_names)
+    rows, old = after.ema.state_dict()[table], ema[table]
+    for i in range(len(sites)):
+        assert not torch.allclose(rows[i], old[i]), sites[i]
+    assert torch.equal(rows[len(sites) :], old[len(sites) :])  # null site and spare slots
+    last = _rounds(run)[-1]
+    assert (last["phase"], last["round"]) == ("diffusion", 2)
+    assert set(last["calibration"]["rows_moved"]) == set(sites)
+    assert min(last["calibration"]["rows_moved"].values()) > 0
 
 
 def test_a_trained_generator_learns_site_style_adversarially(
@@ -263,6 +285,16 @@ def test_a_trained_generator_learns_site_style_adversarially(
     assert all(bias[r].abs().sum() > 0 for r in rows.tolist())  # every site's style moved
     assert saved.unet.class_embedding.sites.weight.abs().sum() > 0
     assert tuned.renders_sites
+    # its decoder renders each site: every site measured its scanner noise against it (a
+    # site-agnostic decoder's run measures none: test_rounds_are_logged_...)
+    counts = _train_counts(smoke_sites)
+    (noise,) = [r for r in _rounds(tune) if r["phase"] == "noise"]
+    assert noise["cases"] == dict(counts) and noise["rejected"] == {}
+    assert min(noise["hf_std_hu"].values()) > 0
+    assert saved.scanner_noise is not None and saved.scanner_noise.cases == dict(counts)
+    assert [r["phase"] for r in _rounds(tune)].index("noise") < [
+        r["phase"] for r in _rounds(tune)
+    ].index("diffusion")
 
 
 def test_resumed_run_equals_uninterrupted(tmp_path, fed_run, smoke_config, smoke_sites):
