@@ -52,6 +52,17 @@ def meets_targets(report: dict) -> dict[str, bool]:
     }
 
 
+def record_new_sha(before: str, what: str) -> str:
+    """After the shipped generator's record changed (not its weights): its new sha256 and
+    ``what`` changed, prepended to the sha line of ``TRAINING.md``; returns the new sha256."""
+    after = generator_sha256(SHIP_DIR / "generator")
+    note = f"`{after}` ({time.strftime('%Y-%m-%d')}: {what}; before: `{before[:8]}...`. "
+    training = SHIP_DIR / "TRAINING.md"
+    training.write_text(training.read_text().replace(f"`{before}` (", note, 1))
+    print(f"shipped: {before[:12]} -> {after[:12]}")
+    return after
+
+
 def _wall_min(rounds_file: Path) -> float:
     rounds = [json.loads(x) for x in rounds_file.read_text().splitlines()]
     return sum(r.get("wall_s") or 0.0 for r in rounds) / 60

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from phantom_world import phantom_world
-from pretrained_phantom import meets_targets
+from pretrained_phantom import meets_targets, record_new_sha
 
 from synthct.artifacts import read_json, write_json
 from synthct.checkpoint import generator_sha256, load_generator, save_generator
@@ -68,18 +68,12 @@ def main() -> int:
             return 0
         for name in ("inference.json", "config.json", "autoencoder/config.json"):
             shutil.copy2(staged / name, shipped / name)
-    root = phantom_dir()
-    write_json(root / "quality.json", report, kind="pretrained-quality")
-    after = generator_sha256(shipped)
-    training = root / "TRAINING.md"
-    note = (
-        f"`{after}` ({time.strftime('%Y-%m-%d')}: per-class guidance {json.dumps(chosen)} "
-        f"chosen on holdout (`{args.chosen}`), set by `{command}`; weights byte-identical; "
-        f"quality.json re-measured with it; before: `{before[:8]}...`. "
+    write_json(phantom_dir() / "quality.json", report, kind="pretrained-quality")
+    record_new_sha(
+        before,
+        f"per-class guidance {json.dumps(chosen)} chosen on holdout (`{args.chosen}`), set by "
+        f"`{command}`; weights byte-identical; quality.json re-measured with it",
     )
-    text = training.read_text()
-    training.write_text(text.replace(f"`{before}` (", note, 1))
-    print(f"shipped: {before[:12]} -> {after[:12]}")
     return 0
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 from phantom_world import bench_command, phantom_manifest
+from pretrained_phantom import record_new_sha
 from scipy import ndimage
 
 from synthct.artifacts import read_json, write_json
@@ -115,16 +116,11 @@ def main() -> int:
     (shipped / "noise").mkdir(exist_ok=True)
     for name in ("noise/scanner_noise.safetensors", "config.json"):
         shutil.copy2(staged / name, shipped / name)
-    after = generator_sha256(shipped)
-    training = phantom_dir() / "TRAINING.md"
-    note = (
-        f"`{after}` ({time.strftime('%Y-%m-%d')}: each site's scanner noise spectrum measured "
-        f"federatedly against its reconstructions and added to samples (`{args.results}`), "
-        f"set by `{command}`; weights byte-identical; before: `{before[:8]}...`. "
+    record_new_sha(
+        before,
+        "each site's scanner noise spectrum measured federatedly against its reconstructions "
+        f"and added to samples (`{args.results}`), set by `{command}`; weights byte-identical",
     )
-    text = training.read_text()
-    training.write_text(text.replace(f"`{before}` (", note, 1))
-    print(f"shipped: {before[:12]} -> {after[:12]}")
     return 0
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import ConfigRecord, Context, Message
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
@@ -45,12 +45,12 @@ from synthct.fed.rounds import (
     plain_round,
     privacy_record,
     secure_aggregated_round,
-    site_name,
     state_of,
 )
+from synthct.fed.site_queries import latent_norm_from, query_sites, scanner_noise_from
 from synthct.fed.sites import task_config, wait_for_sites
-from synthct.models.latent_norm import LatentNorm, pooled_latent_norm
-from synthct.models.scanner_noise import NoisePower, ScannerNoise
+from synthct.models.latent_norm import LatentNorm
+from synthct.models.scanner_noise import ScannerNoise
 from synthct.phases import Next, PhasePosition, run_phases
 from synthct.sampling import measures_scanner_noise
 from synthct.training import EMA, LatentDecoder
@@ -402,90 +402,24 @@ class _Driver:
             return True
         return bool(job.budget_min and time.monotonic() - self.started > job.budget_min * 60)
 
-    def _query_sites(self, gen: Generator, phase: str) -> list[Message]:
-        """Ask every site for statistics of its ``train`` cases under the frozen autoencoder;
-        the replies without error (at least ``min_sites``)."""
-        config = self.config
-        nodes = wait_for_sites(self.grid, config)
-        cfg = self._with_frozen_autoencoder(self._base_config(phase), gen)
-        messages = [
-            Message(
-                content=RecordDict({"config": cfg}),
-                message_type=MessageType.QUERY,
-                dst_node_id=node,
-            )
-            for node in nodes
-        ]
-        replies = list(
-            self.grid.send_and_receive(messages, timeout=config.federated.round_timeout_s)
+    def _query(self, gen: Generator, phase: str) -> list[Message]:
+        return query_sites(
+            self.grid, self.config, self._with_frozen_autoencoder(self._base_config(phase), gen)
         )
-        ok = [r for r in replies if not r.has_error()]
-        if len(ok) < config.federated.min_sites:
-            reasons = [r.error.reason for r in replies if r.has_error()]
-            raise FederatedError(
-                f"{phase} query: {len(ok)} site(s) replied, need {config.federated.min_sites}; "
-                f"errors: {reasons}"
-            )
-        return ok
 
     def _pool_latent_norm(self, gen: Generator) -> LatentNorm:
         """The UNet's latent normalisation (the config's kind) over all sites' latents, pooled
         exactly from each site's per-channel count, sum and sum of squares."""
-        config = self.config
-        ok = self._query_sites(gen, "scale")
-        moments, per_site = [], {}
-        for r in ok:
-            m = next(iter(r.content.metric_records.values()))
-            moments.append({k: [float(v) for v in m[k]] for k in ("count", "sum", "sumsq")})
-            per_site[site_name(config, r)] = int(m["num-examples"])
-        try:
-            norm = pooled_latent_norm(moments, config.diffusion.latent_norm)
-        except ValueError as exc:
-            raise FederatedError(str(exc)) from None
-        append_jsonl(
-            self.rounds_log,
-            {"phase": "scale", "round": 0, "latent_norm": norm.to_json(), "cases": per_site},
-        )
-        logger.info("pooled %s latent normalisation from %d sites", norm.mode, len(ok))
+        norm, record = latent_norm_from(self.config, self._query(gen, "scale"))
+        append_jsonl(self.rounds_log, record)
+        logger.info("pooled %s latent normalisation from %d sites", norm.mode, len(record["cases"]))
         return norm
 
     def _collect_scanner_noise(self, gen: Generator) -> ScannerNoise | None:
-        """Each site's scanner noise spectrum (``synthct.models.scanner_noise``). A reply of
-        the wrong shape, with negative or non-finite power, or without cases is set aside with
-        the reason; cases for that site then get the other sites' pooled noise."""
-        config = self.config
-        x, y, z = config.data.shape
-        expected = (x, y, z // 2 + 1)
-        power, rejected = {}, {}
-        for r in self._query_sites(gen, "noise"):
-            site = site_name(config, r)
-            try:
-                total = r.content["arrays"].to_torch_state_dict()["noise-power"].double()
-                cases = int(next(iter(r.content.metric_records.values()))["num-examples"])
-            except (KeyError, StopIteration, TypeError, ValueError) as exc:
-                rejected[site] = f"unreadable reply ({exc})"
-                continue
-            if tuple(total.shape) != expected:
-                rejected[site] = f"spectrum shape {tuple(total.shape)}, expected {expected}"
-            elif not torch.isfinite(total).all() or (total < 0).any():
-                rejected[site] = "negative or non-finite power"
-            elif cases < 1:
-                rejected[site] = "no cases"
-            else:
-                power[site] = NoisePower(total, cases)
-        for site, why in rejected.items():
-            logger.warning("scanner noise of site %s set aside: %s", site, why)
-        noise = ScannerNoise.from_power(power) if power else None
-        append_jsonl(
-            self.rounds_log,
-            {
-                "phase": "noise",
-                "round": 0,
-                "hf_std_hu": None if noise is None else noise.hf_std(),
-                "cases": {s: p.cases for s, p in power.items()},
-                "rejected": rejected,
-            },
-        )
+        """Each site's scanner noise spectrum; cases for a site whose reply was set aside get
+        the other sites' pooled noise."""
+        noise, record = scanner_noise_from(self.config, self._query(gen, "noise"))
+        append_jsonl(self.rounds_log, record)
         return noise
 
 
