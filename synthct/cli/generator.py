@@ -146,7 +146,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     taken = [n for n in [*names, f"{stem}.json"] if (out / n).exists()]
     if taken:  # another run's volumes are never overwritten or mixed with these
         raise UsageError(f"--out {out}: already holds {taken[0]} (use another --out or --seed)")
-    settings = inference_settings(gen, args.sampler, args.steps, args.guidance)
+    settings = inference_settings(gen, args.sampler, args.steps, args.guidance, args.scanner_noise)
     volumes = sample_volumes(
         gen,
         labels,
@@ -204,6 +204,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             denoiser=denoiser,
             plugins=note,
             volume_format=args.format,
+            scanner_noise=args.scanner_noise,
         )
     by_class = Counter(c.label for c in plan)
     print(f"cohort: {manifest} ({len(plan)} cases: {dict(by_class)})")

@@ -204,6 +204,14 @@ def sampling_options(p: argparse.ArgumentParser) -> None:
         help="classifier-free guidance scale for every class (default: the generator's own, "
         "per class where it has per-class scales)",
     )
+    p.add_argument(
+        "--no-scanner-noise",
+        dest="scanner_noise",
+        action="store_false",
+        default=None,
+        help="leave out the target sites' scanner noise (default: the generator's setting; "
+        "only generators that measured it add any)",
+    )
 
 
 def plugin_options(p: argparse.ArgumentParser) -> None:

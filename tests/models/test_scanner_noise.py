@@ -4,6 +4,7 @@ samples carry it on the same anatomy."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
 import pytest
@@ -129,3 +130,18 @@ def test_samples_carry_the_sites_noise_on_the_same_anatomy(noisy_generator):
     off = gen.config.sampling.model_copy(update={"scanner_noise": False})
     quiet = replace(gen, config=gen.config.model_copy(update={"sampling": off}))
     assert torch.equal(sample(quiet), plain)  # the generator's own setting turns it off
+
+
+def test_the_command_line_leaves_the_noise_out_when_asked(noisy_generator, tmp_path):
+    from synthct.cli import main
+    from synthct.data.volume_io import read_volume
+
+    _, path = noisy_generator  # not site-conditioned: its cases get the pooled noise
+    args = ["sample", "--generator", str(path), "--label", "normal", "--n", "1"]
+    assert main([*args, "--steps", "2", "--out", str(tmp_path / "on")]) == 0
+    assert main([*args, "--steps", "2", "--no-scanner-noise", "--out", str(tmp_path / "off")]) == 0
+    stem = "normal_pooled_seed0"
+    on, off = (json.loads((tmp_path / d / f"{stem}.json").read_text()) for d in ("on", "off"))
+    assert on["scanner_noise"] is True and off["scanner_noise"] is False
+    a, b = (read_volume(tmp_path / d / f"{stem}_0000.nii.gz").hu for d in ("on", "off"))
+    assert float((a - b).std()) > 10.0  # 30 HU noise, clamped at the window's edges
