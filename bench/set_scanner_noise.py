@@ -62,7 +62,13 @@ def main() -> int:
     before = generator_sha256(args.generator)
     own = generator_config(args.generator)
     fed = own.federated.model_copy(
-        update={"ae_rounds": 0, "decoder_rounds": 0, "diffusion_rounds": 0, "restart_unet": False}
+        update={
+            "ae_rounds": 0,
+            "decoder_rounds": 0,
+            "diffusion_rounds": 0,
+            "site_calibration_rounds": 0,
+            "restart_unet": False,
+        }
     )
     config = own.model_copy(update={"federated": fed})
     manifest = phantom_manifest(load_config(packaged_config_path("demo")), args.out)
@@ -85,8 +91,8 @@ def main() -> int:
             return 1
     load_generator(staged)  # every file hash-checked
     rounds = [json.loads(x) for x in (run / "rounds.jsonl").read_text().splitlines()]
-    queried = next(r for r in rounds if r["phase"] == "noise")
-    levels = gen.scanner_noise.hf_std()
+    queried = [r for r in rounds if r["phase"] == "noise"][-1]  # the committed one
+    levels = gen.scanner_noise.noise_std()
     payload = {
         "command": command,
         "generator": str(args.generator),

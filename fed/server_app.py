@@ -93,6 +93,8 @@ class _RunState(PhasePosition):
         self.privacy_spent: dict[str, Any] | None = None  # the last noised release's account
         # optimiser steps in the server EMA (its warm-up); None: a fine-tuned, trained EMA
         self.ema_steps: int | None = 0
+        # the diffusion rounds after which site rows were calibrated (None: not calibrated)
+        self.calibrated_after: int | None = None
 
     @property
     def exists(self) -> bool:
@@ -108,6 +110,7 @@ class _RunState(PhasePosition):
         self.accountant = data.get("accountant")
         self.privacy_spent = data.get("privacy_spent")
         self.ema_steps = data.get("ema_steps")  # absent: a run from before the warm-up
+        self.calibrated_after = data.get("calibrated_after")
 
     def save(self) -> None:
         write_json(
@@ -119,8 +122,23 @@ class _RunState(PhasePosition):
                 "accountant": self.accountant,
                 "privacy_spent": self.privacy_spent,
                 "ema_steps": self.ema_steps,
+                "calibrated_after": self.calibrated_after,
             },
             kind="federated-state",
+        )
+
+
+def check_resumable(run_dir: Path, config: SynthctConfig) -> None:
+    """Refuse to resume a run whose site rows were calibrated after another number of diffusion
+    rounds than ``config`` asks for: its UNet is the calibrated EMA, so more diffusion rounds
+    would continue from it and the earlier calibration rounds would count as diffusion."""
+    path = run_dir / "fed_state.json"
+    calibrated = read_json(path).get("calibrated_after") if path.is_file() else None
+    if calibrated is not None and calibrated != config.federated.diffusion_rounds:
+        raise FederatedError(
+            f"{run_dir}: its site rows were calibrated after diffusion round {calibrated} and "
+            f"the config asks for {config.federated.diffusion_rounds} diffusion rounds; start a "
+            "new run from its generator instead"
         )
 
 
@@ -190,6 +208,7 @@ class _Driver:
             state.load()
             gen = load_generator(self.run_dir / "generator")
             _truncate_rounds_log(self.rounds_log, state)
+            check_resumable(self.run_dir, config)
             logger.info("resuming federated run at %s round %d", state.phase, state.unit)
         else:
             if state.exists:
@@ -206,6 +225,7 @@ class _Driver:
                     )
                 except CheckpointError as exc:
                     raise FederatedError(str(exc)) from None
+                gen.scanner_noise = None  # measured on other sites' data, or another decoder
                 state.ema_steps = None  # continue its trained EMA: no warm-up
                 if config.federated.restart_unet:  # its autoencoder only: a UNet from scratch
                     state.ema_steps = 0
@@ -324,6 +344,7 @@ class _Driver:
         EMA takes them as they are (no averaging: every other weight is frozen)."""
         gen, fed = self.gen, self.config.federated
         table = "class_embedding.sites.weight"
+        self.state.calibrated_after = fed.diffusion_rounds
         gen.unet.load_state_dict(gen.ema.state_dict())
         before = gen.ema.state_dict()[table].clone()
         record = self._one_round(

@@ -166,9 +166,11 @@ def train_federated(
 ) -> Generator:
     """Federated generator training over the config's sites in Flower's simulation."""
     from synthct.fed.app import client as client_app
-    from synthct.fed.server_app import FederatedJob, run_federated
+    from synthct.fed.server_app import FederatedJob, check_resumable, run_federated
 
     run_dir = Path(run).resolve()
+    if resume:
+        check_resumable(run_dir, config)  # before the simulation starts
     run_dir.mkdir(parents=True, exist_ok=True)
     job = FederatedJob(
         config=config,

@@ -71,19 +71,30 @@ def latent_norm_from(
 
 
 def screen_noise_power(
-    expected: tuple[int, ...], sent: dict[str, tuple[torch.Tensor, int]]
+    expected: tuple[int, ...],
+    sent: dict[str, tuple[torch.Tensor, int]],
+    max_std_hu: float,
 ) -> tuple[dict[str, NoisePower], dict[str, str]]:
-    """The sites' (summed spectrum, cases) fit to keep, and the reason for each set aside."""
+    """The sites' (summed spectrum, cases) fit to keep, and the reason for each set aside: a
+    spectrum of another shape or type, with negative or non-finite power, without cases, or
+    whose noise would exceed ``max_std_hu`` (the HU window's width: no scanner's noise does,
+    and one site's outsized spectrum would dominate the pooled one every unseen site gets)."""
     power, rejected = {}, {}
     for site, (total, cases) in sent.items():
         if tuple(total.shape) != expected:
             rejected[site] = f"spectrum shape {tuple(total.shape)}, expected {expected}"
+        elif not total.is_floating_point():
+            rejected[site] = f"spectrum of type {total.dtype}, expected real floating point"
         elif not torch.isfinite(total).all() or (total < 0).any():
             rejected[site] = "negative or non-finite power"
         elif cases < 1:
             rejected[site] = "no cases"
         else:
-            power[site] = NoisePower(total.double(), cases)
+            noise = ScannerNoise({site: (total.double() / cases).float()}).noise_std()[site]
+            if noise > max_std_hu:
+                rejected[site] = f"noise of {noise:.3g} HU std, above {max_std_hu:g}"
+            else:
+                power[site] = NoisePower(total.double(), cases)
     return power, rejected
 
 
@@ -95,12 +106,17 @@ def scanner_noise_from(
     sent, unreadable = {}, {}
     for r in replies:
         site = site_name(config, r)
+        if site in sent or site in unreadable:
+            unreadable[site] = "more than one reply for this site"
+            sent.pop(site, None)
+            continue
         try:
             total = r.content["arrays"].to_torch_state_dict()["noise-power"]
             sent[site] = (total, int(_metrics(r)["num-examples"]))
         except (KeyError, StopIteration, TypeError, ValueError) as exc:
             unreadable[site] = f"unreadable reply ({exc})"
-    power, rejected = screen_noise_power((x, y, z // 2 + 1), sent)
+    low, high = config.data.hu_window
+    power, rejected = screen_noise_power((x, y, z // 2 + 1), sent, max_std_hu=high - low)
     rejected.update(unreadable)
     for site, why in rejected.items():
         logger.warning("scanner noise of site %s set aside: %s", site, why)
@@ -108,7 +124,7 @@ def scanner_noise_from(
     record = {
         "phase": "noise",
         "round": 0,
-        "hf_std_hu": None if noise is None else noise.hf_std(),
+        "noise_std_hu": None if noise is None else noise.noise_std(),
         "cases": {s: p.cases for s, p in power.items()},
         "rejected": rejected,
     }

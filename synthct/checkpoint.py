@@ -480,23 +480,33 @@ def load_generator(directory: str | Path, device: torch.device | str = "cpu") ->
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{meta_path}: unreadable latent normalisation ({exc})") from None
-    gen.scanner_noise = _load_scanner_noise(directory, meta.get("scanner_noise"), meta_path)
+    gen.scanner_noise = _load_scanner_noise(directory, meta.get("scanner_noise"), meta_path, config)
     gen.ema.eval().requires_grad_(False)
     return gen.to(device)
 
 
 def _load_scanner_noise(
-    directory: Path, record: dict[str, Any] | None, meta_path: Path
+    directory: Path, record: dict[str, Any] | None, meta_path: Path, config: SynthctConfig
 ) -> ScannerNoise | None:
     """The recorded scanner noise spectra (hash-checked), or None when none were measured."""
     if record is None:
         return None
     try:
         path = _recorded_path(directory, record, meta_path)
-        tensors = load_tensors(path, sha256=record["sha256"], size=record["bytes"])
-        return ScannerNoise.from_tensors(tensors, record.get("cases", {}))
-    except (KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"{meta_path}: unreadable scanner noise ({exc})") from None
+        sha256, size, cases = record["sha256"], record["bytes"], record.get("cases", {})
+    except (KeyError, TypeError) as exc:
+        raise CheckpointError(f"{meta_path}: unreadable scanner noise record ({exc})") from None
+    tensors = load_tensors(path, sha256=sha256, size=size)
+    try:
+        noise = ScannerNoise.from_tensors(tensors, cases)
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
+    x, y, z = config.data.shape
+    if noise.shape != (x, y, z // 2 + 1):
+        raise CheckpointError(
+            f"{path}: spectra of shape {noise.shape} do not fit volumes of {config.data.shape}"
+        )
+    return noise
 
 
 def generator_sha256(directory: str | Path) -> str:

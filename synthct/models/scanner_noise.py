@@ -63,10 +63,12 @@ def noise_power(scans_hu: torch.Tensor, reconstructions_hu: torch.Tensor) -> Noi
         )
     mask = (soft_tissue(scans_hu) & soft_tissue(reconstructions_hu)).double()
     r = (scans_hu - reconstructions_hu).double().cpu()
-    count = mask.sum(dim=(2, 3, 4), keepdim=True).clamp_min(1.0)
+    voxels = mask.sum(dim=(2, 3, 4), keepdim=True)
+    count = voxels.clamp_min(1.0)
     r = (r - (r * mask).sum(dim=(2, 3, 4), keepdim=True) / count) * mask
     power = torch.fft.rfftn(r, dim=(2, 3, 4)).abs().pow(2) / count
-    return NoisePower(power.sum(dim=(0, 1)), len(r))
+    measured = int((voxels.flatten() > 0).sum())  # a case without soft tissue adds nothing
+    return NoisePower(power.sum(dim=(0, 1)), measured)
 
 
 @dataclass
@@ -83,8 +85,11 @@ class ScannerNoise:
         if len(shapes) != 1 or len(next(iter(shapes))) != 3:
             raise ValueError(f"scanner noise spectra of different or non-3D shapes: {shapes}")
         for site, s in self.spectra.items():
-            if not torch.isfinite(s).all() or (s < 0).any():
+            if not s.is_floating_point() or not torch.isfinite(s).all() or (s < 0).any():
                 raise ValueError(f"scanner noise of site {site!r}: negative or non-finite power")
+        for site, n in self.cases.items():
+            if site not in self.spectra or not isinstance(n, int) or n < 1:
+                raise ValueError(f"scanner noise: {n!r} cases for site {site!r}")
 
     @classmethod
     def from_power(cls, power: Mapping[str, NoisePower]) -> ScannerNoise:
@@ -101,7 +106,7 @@ class ScannerNoise:
 
     def pooled(self) -> torch.Tensor:
         """The case-weighted mean spectrum of all sites: for site-agnostic cases."""
-        weights = {s: float(self.cases.get(s, 1)) for s in self.spectra}
+        weights = {s: float(self.cases.get(s, 1)) for s in self.spectra}  # unrecorded: 1
         total = sum(weights.values())
         return sum(self.spectra[s].double() * (w / total) for s, w in weights.items()).float()
 
@@ -127,8 +132,9 @@ class ScannerNoise:
             out.append(torch.fft.irfftn(torch.fft.rfftn(white) * amplitude, s=volume).float())
         return torch.stack(out)[:, None]
 
-    def hf_std(self) -> dict[str, float]:
-        """Per site, the noise standard deviation (HU) its spectrum implies: a readable summary."""
+    def noise_std(self) -> dict[str, float]:
+        """Per site, the noise standard deviation (HU) its spectrum implies (Parseval; the
+        volume's last axis is even, as every configured shape is): a readable summary."""
         n = float(np.prod([*self.shape[:2], (self.shape[2] - 1) * 2]))
         out = {}
         for site, s in self.spectra.items():
@@ -142,10 +148,15 @@ class ScannerNoise:
         return {f"spectrum.{site}": s.contiguous() for site, s in self.spectra.items()}
 
     @classmethod
-    def from_tensors(cls, tensors: Mapping[str, torch.Tensor], cases: Mapping[str, int]):
+    def from_tensors(
+        cls, tensors: Mapping[str, torch.Tensor], cases: Mapping[str, int]
+    ) -> ScannerNoise:
+        """The spectra of a saved file and the case counts recorded beside it."""
         prefix = "spectrum."
-        spectra = {k[len(prefix) :]: v.float() for k, v in tensors.items() if k.startswith(prefix)}
         unknown = [k for k in tensors if not k.startswith(prefix)]
         if unknown:
-            raise ValueError(f"unexpected tensors {unknown} in a scanner noise file")
-        return cls(spectra, {s: int(cases.get(s, 1)) for s in spectra})
+            raise ValueError(f"unexpected tensors {unknown}")
+        if not isinstance(cases, Mapping):
+            raise ValueError(f"case counts {cases!r} are not a site -> count table")
+        spectra = {k[len(prefix) :]: v for k, v in tensors.items()}
+        return cls(spectra, dict(cases))

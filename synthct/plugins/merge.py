@@ -87,6 +87,7 @@ def fuse(gen: Generator, plugins: list[Plugin], weights: list[float] | None = No
         unet=copy.deepcopy(gen.ema),
         ema=copy.deepcopy(gen.ema),
         latent_norm=gen.latent_norm,
+        scanner_noise=gen.scanner_noise,
     )
     fused.unet.load_state_dict(state)
     fused.ema.load_state_dict(state)

@@ -22,7 +22,10 @@ def test_malformed_or_hostile_spectra_are_set_aside_with_the_reason():
             "c": (nan, 12),
             "d": (-good, 12),
             "e": (good, 0),
+            "f": (torch.rand(SHAPE, dtype=torch.complex64), 12),
+            "g": (good * 1e12, 12),  # finite, but noise no scanner makes
         },
+        max_std_hu=2048.0,
     )
     assert list(kept) == ["a"] and kept["a"].cases == 12
     assert torch.equal(kept["a"].total, good)
@@ -31,4 +34,7 @@ def test_malformed_or_hostile_spectra_are_set_aside_with_the_reason():
         "c": "negative or non-finite power",
         "d": "negative or non-finite power",
         "e": "no cases",
+        "f": "spectrum of type torch.complex64, expected real floating point",
+        "g": rejected["g"],
     }
+    assert rejected["g"].endswith("HU std, above 2048")

@@ -44,7 +44,7 @@ def test_drawn_noise_has_the_measured_level_and_grain():
     assert drawn.shape == (6, 1, *SHAPE)
     # the eroded soft-tissue mask cuts the volume's border: level within 15 %
     assert float(drawn.std()) == pytest.approx(float(noise.std()), rel=0.15)
-    assert model.hf_std()["a"] == pytest.approx(float(noise.std()), rel=0.15)
+    assert model.noise_std()["a"] == pytest.approx(float(noise.std()), rel=0.15)
     assert _lag1(drawn) == pytest.approx(_lag1(noise), abs=0.08)
     sharp, _ = _measured(std=20.0, sigma=0.3)
     assert _lag1(sharp.draw(["a"] * 6, SHAPE, torch.Generator().manual_seed(1))) < 0.5 * _lag1(
@@ -90,7 +90,8 @@ def noisy_generator(tmp_path, smoke_config):
     gen = build_generator(smoke_config, seed=0)
     x, y, z = smoke_config.data.shape
     spectrum = torch.full((x, y, z // 2 + 1), 30.0**2)  # white noise, 30 HU
-    gen.scanner_noise = ScannerNoise({smoke_config.site_names[0]: spectrum}, {"x": 1})
+    site = smoke_config.site_names[0]
+    gen.scanner_noise = ScannerNoise({site: spectrum}, {site: 7})
     save_generator(gen, tmp_path / "generator")
     return gen, tmp_path / "generator"
 
@@ -145,3 +146,13 @@ def test_the_command_line_leaves_the_noise_out_when_asked(noisy_generator, tmp_p
     assert on["scanner_noise"] is True and off["scanner_noise"] is False
     a, b = (read_volume(tmp_path / d / f"{stem}_0000.nii.gz").hu for d in ("on", "off"))
     assert float((a - b).std()) > 10.0  # 30 HU noise, clamped at the window's edges
+
+
+def test_spectra_that_do_not_fit_the_volumes_are_refused_naming_the_file(tmp_path, smoke_config):
+    gen = build_generator(smoke_config, seed=0)
+    gen.scanner_noise = ScannerNoise({"site_a": torch.ones(4, 4, 3)})
+    save_generator(gen, tmp_path / "generator")
+    with pytest.raises(
+        CheckpointError, match=r"scanner_noise.safetensors: spectra of shape \(4, 4, 3\)"
+    ):
+        load_generator(tmp_path / "generator")
