@@ -46,9 +46,7 @@ def main() -> None:
     state = args.run / "fed_state.json"
     if not before.is_dir():
         first = config.model_copy(
-            update={
-                "federated": config.federated.model_copy(update={"site_calibration_rounds": 0})
-            }
+            update={"federated": config.federated.model_copy(update={"site_calibration_rounds": 0})}
         )
         train_federated(
             first,
