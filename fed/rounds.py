@@ -40,6 +40,7 @@ from synthct.fed.task import PHASES
 
 __all__ = [
     "PER_SITE_ROWS",
+    "UNET_SITE_ROWS",
     "RoundRequest",
     "make_strategy",
     "plain_round",
@@ -261,10 +262,11 @@ def secure_aggregated_round(request: RoundRequest) -> dict[str, Any]:
 
 # Tables with one row per site (decoder style, UNet site embeddings): only the site that owns
 # row i ever moves it; the others send it back unchanged.
+UNET_SITE_ROWS = "class_embedding.sites.weight"  # the UNet's site embeddings
 PER_SITE_ROWS = (
     "site_style.feature_bias.weight",
     "site_style.output_affine.weight",
-    "class_embedding.sites.weight",
+    UNET_SITE_ROWS,
 )
 
 

@@ -40,6 +40,7 @@ from synthct.config import SynthctConfig
 from synthct.fed.errors import FederatedError
 from synthct.fed.payload import tensors_to_bytes
 from synthct.fed.rounds import (
+    UNET_SITE_ROWS,
     RoundRequest,
     make_strategy,
     plain_round,
@@ -343,7 +344,7 @@ class _Driver:
         (which samples): the UNet starts as the EMA, the sites' own rows come back, and the
         EMA takes them as they are (no averaging: every other weight is frozen)."""
         gen, fed = self.gen, self.config.federated
-        table = "class_embedding.sites.weight"
+        table = UNET_SITE_ROWS
         self.state.calibrated_after = fed.diffusion_rounds
         gen.unet.load_state_dict(gen.ema.state_dict())
         before = gen.ema.state_dict()[table].clone()
@@ -361,7 +362,7 @@ class _Driver:
             for s in record["sites"]:  # the rows their owners trained; all else as before
                 i = self.config.site_names.index(s["site"])
                 rows[i] = sent[i]
-        gen.unet.load_state_dict(gen.ema.state_dict())
+        gen.unet.load_state_dict(gen.ema.state_dict())  # undo FedAvg's rounding of frozen weights
         with torch.no_grad():
             gen.unet.get_parameter(table).copy_(rows)
             gen.ema.get_parameter(table).copy_(rows)
