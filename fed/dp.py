@@ -24,7 +24,7 @@ from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 
 from synthct.config import SynthctConfig
 
-__all__ = ["make_accountant", "add_dp_noise", "ClassifierDP"]
+__all__ = ["make_accountant", "add_dp_noise", "noise_and_account", "ClassifierDP"]
 
 
 def make_accountant(config: SynthctConfig, population: int | None = None) -> RdpAccountant:
@@ -47,6 +47,28 @@ def add_dp_noise(
     std = compute_stdv(noise_multiplier, clip, sampled)
     for value in mean.values():
         value += torch.randn_like(value) * std
+
+
+def noise_and_account(
+    mean: dict[str, torch.Tensor],
+    accountant: RdpAccountant,
+    noise_multiplier: float,
+    clip: float,
+    replies: int,
+    population: int,
+) -> None:
+    """Noise the equal-weight mean of ``replies`` clipped updates (in place) and compose the
+    release into ``accountant``. The std is sized by the sites whose updates the mean holds,
+    not those asked: after a dropout the mean of fewer updates moves more per site
+    (sensitivity C / replies), and every noised release is accounted, whoever replied."""
+    if replies < 1:
+        raise ValueError("no update to release")
+    add_dp_noise(mean, noise_multiplier, clip, replies)
+    accountant.compose(
+        GaussianPrivacyEvent(
+            noise_multiplier=noise_multiplier, sample_size=replies, population_size=population
+        )
+    )
 
 
 class ClassifierDP:
@@ -87,13 +109,13 @@ class ClassifierDP:
     def noise_mean(self, mean: dict[str, torch.Tensor], sites: int) -> None:
         """Noise the equal-weight mean of ``sites`` clipped updates (in place; under SecAgg+
         the server sees only that mean) and account for the release."""
-        add_dp_noise(mean, self.noise_multiplier, self.clipping_norm, sites)
-        self.accountant.compose(
-            GaussianPrivacyEvent(
-                noise_multiplier=self.noise_multiplier,
-                sample_size=sites,
-                population_size=self.population,
-            )
+        noise_and_account(
+            mean,
+            self.accountant,
+            self.noise_multiplier,
+            self.clipping_norm,
+            sites,
+            self.population,
         )
         self.releases += 1
 

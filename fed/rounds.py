@@ -22,10 +22,9 @@ from flwr.serverapp.strategy import (
     FedProx,
     Strategy,
 )
-from flwr.supercore.privacy_accounting import GaussianPrivacyEvent
 
 from synthct.config import SynthctConfig
-from synthct.fed.dp import add_dp_noise, make_accountant
+from synthct.fed.dp import make_accountant, noise_and_account
 from synthct.fed.payload import payload_digest
 from synthct.fed.secagg import (
     SecAggSettings,
@@ -217,16 +216,15 @@ def secure_aggregated_round(request: RoundRequest) -> dict[str, Any]:
     if result.aggregated:
         mean = result.mean_update
         if dp:
-            add_dp_noise(mean, fed.privacy.noise_multiplier, settings.clip_norm, len(nodes))
-            accountant = getattr(strategy, "accountant", None)
-            if accountant is not None and len(result.sites) == len(nodes):
-                accountant.compose(
-                    GaussianPrivacyEvent(
-                        noise_multiplier=fed.privacy.noise_multiplier,
-                        sample_size=len(nodes),
-                        population_size=len(config.site_names),
-                    )
-                )
+            # sized by the updates the mean holds (a dropout leaves fewer), always accounted
+            noise_and_account(
+                mean,
+                strategy.accountant,  # DP phases run under Flower's DP wrapper, which has one
+                fed.privacy.noise_multiplier,
+                settings.clip_norm,
+                len(result.sites),
+                len(config.site_names),
+            )
         else:
             owned_rows_from_secure_mean(mean, result, settings)
         model.load_state_dict(apply_mean_update(global_state, mean), strict=True)

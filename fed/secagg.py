@@ -185,7 +185,8 @@ def _update_for_secagg(call_next: ClientAppCallable) -> ClientAppCallable:
         if not all(np.isfinite(u).all() for u in update):
             raise SiteError("the local update holds NaN or Inf values; refused to send it")
         norm = get_norm(update)
-        clip_inputs_inplace(update, clip)
+        if norm > 0:  # Flower's clip divides by the norm; a zero update needs no clipping
+            clip_inputs_inplace(update, clip)
         metrics = _plain_metrics(reply.content)
         cases = 1 if unit else int(metrics["num-examples"])
         _check_weight(context, cases)

@@ -10,6 +10,7 @@ sites send so the tests can look for an update in it.
 from __future__ import annotations
 
 import itertools
+import math
 import uuid
 from typing import Any
 
@@ -31,6 +32,7 @@ from flwr.proto.message_pb2 import Message as ProtoMessage
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
+from synthct.fed.rounds import RoundRequest, make_strategy, secure_aggregated_round
 from synthct.fed.secagg import (
     REQUIRE_NODE_KEY,
     SecAggSettings,
@@ -101,7 +103,7 @@ class WireGrid(Grid):
 
 
 def _site_app(
-    update: dict[str, torch.Tensor], cases: int, fail_on_train: bool = False
+    update: dict[str, torch.Tensor], cases: int, fail_on_train: bool = False, index: int = 0
 ) -> ClientApp:
     app = ClientApp()
 
@@ -114,7 +116,9 @@ def _site_app(
         content = RecordDict(
             {
                 "arrays": ArrayRecord(local),
-                "metrics": MetricRecord({"num-examples": cases, "loss": 0.25, "steps": 3}),
+                "metrics": MetricRecord(
+                    {"num-examples": cases, "loss": 0.25, "steps": 3, "site-index": index}
+                ),
                 "audit": ConfigRecord({"chain": "f" * 64}),
             }
         )
@@ -152,7 +156,7 @@ def _world(updates, cases, node_config=None, failing=()):  # noqa: ANN001, ANN20
             state=RecordDict(),
             run_config={},
         )
-        apps[node] = (_site_app(update, n, fail_on_train=i in failing), context)
+        apps[node] = (_site_app(update, n, fail_on_train=i in failing, index=i), context)
     return WireGrid(apps)
 
 
@@ -302,3 +306,30 @@ def test_a_site_that_requires_secagg_refuses_a_plain_round_and_one_over_max_weig
     result = secure_round(grid, grid.get_node_ids(), GLOBAL, ConfigRecord({}), 1, SETTINGS)
     assert not result.aggregated
     assert any("max_weight" in f for f in result.failures)
+
+
+def test_under_dp_a_round_with_a_dropout_is_noised_for_the_replies_and_accounted(smoke_config):
+    """The generator's secure round under DP: the noise on the mean of the two sites that
+    replied is z * C / 2 (not / 3, the sites asked), and the release is accounted."""
+    fed = smoke_config.federated
+    privacy = fed.privacy.model_copy(
+        update={"enabled": True, "noise_multiplier": 2.0, "clipping_norm": 0.5}
+    )
+    secagg = fed.secagg.model_copy(update={"enabled": True, "min_replies": 2})
+    fed = fed.model_copy(update={"privacy": privacy, "secagg": secagg, "min_sites": 2})
+    config = smoke_config.model_copy(update={"federated": fed})
+    assert len(config.site_names) >= 3 and config.federated.dp_phase("diffusion")
+
+    model = torch.nn.Module()
+    model.register_parameter("w", torch.nn.Parameter(torch.zeros(200_000)))
+    zeros = [{"w": torch.zeros(200_000)} for _ in range(3)]
+    grid = _world(zeros, [10, 20, 30], failing={0})
+    strategy = make_strategy(config, "diffusion", 3)
+    request = RoundRequest(
+        grid, config, model, strategy, "diffusion", 1, ConfigRecord({}), grid.get_node_ids(), 0.0
+    )
+    record = secure_aggregated_round(request)
+    assert record["aggregated"] and record["replies"] == 2 and record["sent"] == 3
+    std = float(model.w.detach().std())
+    assert std == pytest.approx(2.0 * 0.5 / 2, rel=0.03)  # z * C / replies
+    assert math.isfinite(strategy.accountant.get_privacy_spent().epsilon)
