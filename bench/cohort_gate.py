@@ -74,6 +74,30 @@ def with_noise(cohort: Path, out: Path, spectra, config, seed: int) -> Path:
     return out / "manifest.csv"
 
 
+def gate_summary(report: dict) -> dict:
+    """A gate report's verdict, every rule's value / limit / verdict, and per target site the
+    style distance of the cases made for it to its own scans and to the nearest other site's."""
+    rules = {
+        r["rule"]: {"value": r["value"], "limit": r["threshold"], "passed": r["passed"]}
+        for r in report["rules"]
+    }
+    per_site = report["metrics"]["site_style_match"].get("detail", {}).get("per_site", {})
+    style = {
+        site: {
+            "own": d["distance"][site],
+            "nearest_other": min(v for s, v in d["distance"].items() if s != site),
+            "nearest": d["nearest"],
+        }
+        for site, d in per_site.items()
+    }
+    return {
+        "site_style_distance": style,
+        "verdict": report["verdict"],
+        "failed_rules": report["failed_rules"],
+        "rules": rules,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--generator", type=Path, default=phantom_dir() / "generator")
@@ -119,27 +143,12 @@ def main() -> None:
         sampled = time.perf_counter()
         report = run_gate(cohort, real, config=config, reference=reference, seed=seed)
         write_gate(report, folder / "gate.json")
-        rules = {
-            r["rule"]: {"value": r["value"], "limit": r["threshold"], "passed": r["passed"]}
-            for r in report["rules"]
-        }
-        per_site = report["metrics"]["site_style_match"].get("detail", {}).get("per_site", {})
-        style = {
-            site: {
-                "own": d["distance"][site],
-                "nearest_other": min(v for s, v in d["distance"].items() if s != site),
-                "nearest": d["nearest"],
-            }
-            for site, d in per_site.items()
-        }
+        summary = gate_summary(report)
         runs.append(
             {
                 "seed": seed,
                 "scanner_noise": read_json(folder / "cohort.json")["scanner_noise"],
-                "site_style_distance": style,
-                "verdict": report["verdict"],
-                "failed_rules": report["failed_rules"],
-                "rules": rules,
+                **summary,
                 "sample_s": round(sampled - start, 1),
                 "gate_s": round(time.perf_counter() - sampled, 1),
             }
@@ -147,7 +156,7 @@ def main() -> None:
         print(
             f"seed {seed} noise {noise}: {report['verdict']} {report['failed_rules']}", flush=True
         )
-        for name, r in rules.items():
+        for name, r in summary["rules"].items():
             print(f"  {name:<22} {r['value']!s:>10} limit {r['limit']!s:>8}  {r['passed']}")
     summary = {
         "date": time.strftime("%Y-%m-%d"),

@@ -151,6 +151,32 @@ def federation_html(rounds: list[dict[str, Any]]) -> str:
     return "".join(f"<p class='note'>{html.escape(n)}</p>" for n in notes)
 
 
+def privacy_html(account: dict[str, Any]) -> str:
+    """The run's privacy account per site (``synthct.privacy.run_account``), line by line."""
+    from synthct.privacy import describe_account
+
+    items = "".join(f"<li>{html.escape(line)}</li>" for line in describe_account(account))
+    return f"<h3>Privacy account per site</h3><ul>{items}</ul>"
+
+
+def _verdict_provenance_html(gate: dict[str, Any]) -> str:
+    """Who signed the verdict, and every rule it was judged under that is not the default."""
+    signature = gate.get("signature")
+    lines = [
+        f"Signed (Ed25519, key sha256 {signature['key_sha256'][:16]}...): "
+        "downstream refuses the verdict if it or a file it names was changed."
+        if signature
+        else "Not signed: downstream can only check the files' hashes, not who judged them."
+    ]
+    for name, change in (gate.get("rules_changed") or {}).items():
+        lines.append(
+            f"Rule {name} changed from the default: threshold {change['default_threshold']:.4g} "
+            f"-> {change['threshold']:.4g}, enabled {change['default_enabled']} -> "
+            f"{change['enabled']}."
+        )
+    return "".join(f"<p class='note'>{html.escape(line)}</p>" for line in lines)
+
+
 def _gate_html(gate: dict[str, Any]) -> str:
     verdict = gate["verdict"]
     rows = []
@@ -175,7 +201,8 @@ def _gate_html(gate: dict[str, Any]) -> str:
     return (
         f'<p class="verdict">Verdict: <span class="{verdict}">{verdict.upper()}</span> '
         f"({gate['cohort']['cases']} cases)</p>"
-        "<table><tr><th>rule</th><th>value</th><th>threshold</th><th>CI</th><th>result</th>"
+        + _verdict_provenance_html(gate)
+        + "<table><tr><th>rule</th><th>value</th><th>threshold</th><th>CI</th><th>result</th>"
         f"<th>why this rule</th></tr>{''.join(rows)}</table>"
         + (f"<p>Flagged volumes:</p><ul>{flags}</ul>" if flags else "")
     )
@@ -318,13 +345,14 @@ def write_report(
     plugin: dict[str, Any] | None = None,
     sites: tuple[dict[str, np.ndarray], dict[str, np.ndarray]] | None = None,
     calibration: dict[str, Any] | None = None,
+    privacy: dict[str, Any] | None = None,
 ) -> Path:
     """Write the report. ``synthetic``/``real``: class -> N×X×Y×Z HU volumes (a few each);
     ``real`` is None when real images must not be shown; ``plugin``: the demo's site-plugin
     stage (sizes, conditional accuracy base vs fused, ``samples`` of the rare class);
     ``sites``: (real, synthetic) site -> one X×Y×Z HU volume each, for the style pairs;
     ``calibration``: the gate's calibration evidence (``synthct.eval.calibration``), drawn
-    beside the gate table."""
+    beside the gate table; ``privacy``: the run's account per site (``synthct.privacy``)."""
     images: list[str] = []
     parts = [f"<h1>{html.escape(title)}</h1><p class='note'>{time.strftime('%Y-%m-%d %H:%M')}</p>"]
     parts.append(_headline_html(gate, downstream))
@@ -361,6 +389,8 @@ def write_report(
     add(hu_histograms(real or {}, synthetic), "HU histograms")
     parts.append("<h2>Federated training</h2>")
     parts.append(federation_html(rounds))
+    if privacy is not None:
+        parts.append(privacy_html(privacy))
     add(training_curves(rounds), "training curves")
     if gate is not None:
         parts.append("<h2>Gate: every rule</h2>" + _gate_html(gate))

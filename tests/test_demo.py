@@ -58,6 +58,9 @@ def test_demo_stages_on_smoke(tmp_path, render_check):
     # the report: per class synthetic and real montages, per-site style pairs, HU histograms,
     # curves, the gate against harm (rule values, dose-response), downstream bars, the late
     # site's own scans beside the base generator's and the plugin-fused montage
+    page = (run / "report.html").read_text()
+    assert "Signed (Ed25519" in page and "Privacy account per site" in page
+    assert "generator: trained without differential privacy" in page  # the smoke run has none
     seen = render_check(run / "report.html", tmp_path)
     n_syn = len({r.label for r in rows})
     assert seen["expected"] == len(seen["images"]) == n_syn + 4 + 1 + 3 + 2 + 3

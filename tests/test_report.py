@@ -147,3 +147,31 @@ def test_the_report_says_what_protected_the_sites():
     secure[0]["dp"]["clipping_norm"] = 0.5
     text = federation_html(secure)
     assert "SecAgg+" in text and "epsilon 3.21 at delta 0.001" in text and "2 noised" in text
+
+
+def test_the_report_shows_who_signed_the_verdict_the_changed_rules_and_the_privacy_account():
+    from synthct.privacy import run_account
+    from synthct.report import _verdict_provenance_html, privacy_html
+
+    unsigned = _verdict_provenance_html({"rules_changed": {}})
+    assert "Not signed" in unsigned
+    signed = {
+        "signature": {"key_sha256": "ab" * 32},
+        "rules_changed": {
+            "mode_collapse": {
+                "threshold": 0.2,
+                "enabled": True,
+                "default_threshold": 0.1,
+                "default_enabled": True,
+            }
+        },
+    }
+    text = _verdict_provenance_html(signed)
+    assert "Signed (Ed25519, key sha256 abababab" in text
+    assert "Rule mode_collapse changed from the default: threshold 0.1 -&gt; 0.2" in text
+    account = run_account(
+        {"generator": {"epsilon": 3.0, "delta": 1e-3, "releases": 8}, "downstream": None}
+    )
+    shown = privacy_html(account)
+    assert "generator: epsilon 3 at delta 0.001 per site (8 noised releases)" in shown
+    assert "the run: no privacy bound per site (downstream released without noise)" in shown

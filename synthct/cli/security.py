@@ -60,6 +60,19 @@ def _log_site(log: Path) -> str:
     return log.parent.name
 
 
+def cmd_privacy(args: argparse.Namespace) -> int:
+    """Each artifact's privacy account and the run's, their sequential composition."""
+    from synthct.privacy import artifact_privacy, describe_account, run_account
+
+    records = {}
+    for path in args.artifacts:
+        artifact, record = artifact_privacy(path)
+        records[f"{artifact} ({path})"] = record
+    for line in describe_account(run_account(records)):
+        print(line)
+    return EXIT_OK
+
+
 def cmd_fed_app(args: argparse.Namespace) -> int:
     from synthct.fed.deployment import write_flower_app
 
@@ -88,7 +101,8 @@ def cmd_fed_keys(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    """Add this module's commands to ``synthct``: keys, audit verify, fed app|certs|keys."""
+    """Add this module's commands to ``synthct``: keys, privacy, audit verify,
+    fed app|certs|keys."""
     p = command(
         sub,
         "keys",
@@ -98,6 +112,18 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("dir", help="folder for NAME.key (private, 0600) and NAME.pub")
     p.add_argument("--name", default="gate", help="key file name")
     p.set_defaults(func=cmd_keys)
+
+    p = command(
+        sub,
+        "privacy",
+        "what a run's artifacts cost each site in differential privacy: each one's (epsilon, "
+        "delta) and the run's (their sum)",
+        "synthct privacy runs/gen/generator runs/ref runs/downstream",
+    )
+    p.add_argument(
+        "artifacts", nargs="+", help="generator, reference or downstream folders of one run"
+    )
+    p.set_defaults(func=cmd_privacy)
 
     audit_sub = group(sub, "audit", "site audit logs")
     q = command(
@@ -119,7 +145,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         fed,
         "app",
         "write the code-free Flower app directory for `flwr run` (one app for the generator, "
-        "reference and gate tasks: --run-config \"task='gate' cohort=... reference=...\")",
+        "reference, gate, downstream and plugin tasks: --run-config \"task='gate' "
+        'cohort=... reference=...")',
         "synthct fed app flower_app --config demo --out runs/federated",
     )
     q.add_argument("dir", help="folder for the Flower app")

@@ -19,6 +19,7 @@ from synthct.config import SynthctConfig
 from synthct.data.dataset import CaseSet, load_cases
 from synthct.data.preprocess import model_to_hu
 from synthct.eval.calibration import load_calibration
+from synthct.privacy import artifact_privacy, run_account
 from synthct.report import write_report
 
 __all__ = ["write_run_report"]
@@ -72,6 +73,10 @@ def write_run_report(
         "reference": gate["reference"],
         "real": gate["real"],
     }
+    records = {"generator": artifact_privacy(run / "generator")[1]}
+    if (run / "reference" / "reference.json").is_file():
+        records["reference"] = artifact_privacy(run / "reference")[1]
+    records["downstream"] = downstream.get("privacy")
     return write_report(
         run / "report.html",
         title=title,
@@ -85,4 +90,5 @@ def write_run_report(
         plugin=plugin,
         sites=(_hu_by_site(real_cases, config), _hu_by_site(cohort_cases, config)),
         calibration=load_calibration(),
+        privacy=run_account(records),
     )
