@@ -288,13 +288,14 @@ def not_evaluated_note(report: dict[str, Any]) -> str | None:
 
 def write_gate(
     report: dict[str, Any], out: str | Path, *, sign_with: str | Path | None = None
-) -> None:
+) -> dict[str, Any]:
     """Write ``gate.json``; with ``sign_with`` (an Ed25519 private key) signed, so downstream
-    can refuse an edited verdict."""
+    can refuse an edited verdict. Returns the document as written (header, signature)."""
     document = {**artifact_header("synthct-gate"), **report}
     if sign_with is not None:
         document = sign_document(document, sign_with)
     atomic_write_text(out, json.dumps(document, indent=2, default=str) + "\n")
+    return document
 
 
 def verify_gate(

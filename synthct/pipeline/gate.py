@@ -66,5 +66,4 @@ def judge_cohort(
             seed=seed,
             bootstrap=bootstrap,
         )
-    write_gate(report, out, sign_with=sign_with)
-    return report
+    return write_gate(report, out, sign_with=sign_with)  # as written: signed when a key is given
