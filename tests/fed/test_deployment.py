@@ -30,6 +30,7 @@ from synthct.data.manifest import write_site_manifest
 from synthct.eval.negatives import fresh_real_cohort
 from synthct.fed.deployment import write_flower_app, write_supernode_keys, write_tls_certificates
 from synthct.reference import load_reference
+from synthct.signing import make_signing_key, verify_document
 
 pytestmark = pytest.mark.slow
 
@@ -147,6 +148,7 @@ def test_superlink_and_supernodes_with_tls_and_node_auth(tmp_path, smoke_sites):
     smoke = load_config(config_path)
     counts = dict.fromkeys(smoke.labels.classes, 2)
     cohort = fresh_real_cohort(smoke, counts, tmp_path / "cohort", seed=5, sites=SITES)
+    gate_key, gate_pub = make_signing_key(tmp_path / "keys", "gate")
 
     procs = _Processes(tmp_path / "logs")
     try:
@@ -226,7 +228,7 @@ def test_superlink_and_supernodes_with_tls_and_node_auth(tmp_path, smoke_sites):
             lambda: (gate_dir / "gate.json").is_file(),
             "federated gate",
             f"task='gate' cohort='{cohort}' reference='{reference_dir}' out='{gate_dir}' "
-            "bootstrap=20",
+            f"bootstrap=20 sign-key='{gate_key}'",
         )
         # and the downstream classifiers, real-only and with the cohort each site holds a copy
         # of (the gate's verdict may be a fail on these few smoke cases: forced, and said so)
@@ -234,7 +236,7 @@ def test_superlink_and_supernodes_with_tls_and_node_auth(tmp_path, smoke_sites):
             lambda: (down_dir / "results.json").is_file(),
             "federated downstream",
             f"task='downstream' cohort='{cohort.parent}' gate='{gate_dir / 'gate.json'}' "
-            f"force-ungated=true out='{down_dir}'",
+            f"force-ungated=true trusted-keys='{gate_pub}' out='{down_dir}'",
         )
         # a site contributes a plugin on the trained generator, through the same SuperNodes
         registry = tmp_path / "registry"
@@ -264,6 +266,8 @@ def test_superlink_and_supernodes_with_tls_and_node_auth(tmp_path, smoke_sites):
     gate = json.loads((gate_dir / "gate.json").read_text())
     assert gate["real"]["mode"] == "federated" and gate["real"]["sites"] == list(SITES)
     assert gate["verdict"] in ("pass", "fail") and gate["metrics"]
+    # the deployed gate signed its verdict with the key it was given
+    assert verify_document(gate, [gate_pub], what="deployed gate")
     for site in SITES:  # each site's own audit log, in its own folder: every task's releases
         audit = (tmp_path / site / "audit" / "audit.jsonl").read_text().splitlines()
         phases = [json.loads(line)["phase"] for line in audit]
@@ -284,6 +288,10 @@ def test_superlink_and_supernodes_with_tls_and_node_auth(tmp_path, smoke_sites):
     results = json.loads((down_dir / "results.json").read_text())
     assert results["mode"] == "federated (deployment)"
     assert results["ungated"] == (gate["verdict"] != "pass")
+    if gate["verdict"] == "pass":  # downstream checked the signature against the trusted key
+        assert results["gate"]["signed_by"].endswith("gate.pub")
+    else:  # refused for the verdict, not for the signature
+        assert "signature" not in results["gate"]["refusal"]
     for arm in ("real", "real+synthetic"):
         (run,) = results["arms"][arm]["runs"]
         assert set(run["per_site"]) == set(SITES)
