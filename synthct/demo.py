@@ -229,23 +229,21 @@ def run_demo(args: argparse.Namespace, device: torch.device | str = "cpu") -> in
 
 def _cohort(manifest: Path, run: Path, seed: int, device: torch.device | str = "cpu") -> Path:
     """Per site, the classes it lacks (the rare class above all), from the run's generator."""
-    from synthct.checkpoint import load_generator
-    from synthct.cohort import generate_cohort, plan_cohort, reference_counts
+    from synthct.pipeline.cohort import make_cohort
 
-    gen = load_generator(run / "generator")
-    plan = plan_cohort(
-        reference_counts(manifest, gen.config), list(gen.config.labels.classes), per_site=True
-    )
-    with progress_bar("cohort", total=len(plan)) as update:
-        return generate_cohort(
-            gen,
+    with progress_bar("cohort") as update:
+        cohort = make_cohort(
             run / "generator",
-            plan,
+            manifest,
             run / "cohort",
+            per_site=True,
             seed=seed,
             progress=update,
             device=device,
         )
+    if cohort.manifest is None:  # every demo site lacks the rare class: never empty
+        raise RuntimeError(f"{manifest}: the sites lack nothing; the demo has no cohort to make")
+    return cohort.manifest
 
 
 def _gate(

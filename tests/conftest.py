@@ -124,3 +124,13 @@ def tiny(demo_config):
     )
     fed = demo_config.federated.model_copy(update={"round_timeout_s": 300})
     return demo_config.model_copy(update={"downstream": down, "federated": fed})
+
+
+@pytest.fixture(scope="session")
+def smoke_generator(tmp_path_factory, smoke_config) -> Path:
+    """An untrained smoke-config generator folder: real files, quick to make."""
+    from synthct.checkpoint import build_generator, save_generator
+
+    path = tmp_path_factory.mktemp("gen") / "generator"
+    save_generator(build_generator(smoke_config, seed=0), path)
+    return path

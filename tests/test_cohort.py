@@ -7,7 +7,6 @@ from collections import Counter
 import pytest
 import torch
 
-from synthct.checkpoint import build_generator, save_generator
 from synthct.cli import main
 from synthct.cohort import (
     POOLED,
@@ -51,13 +50,6 @@ def test_reference_counts_map_site_labels(smoke_config, smoke_sites):
     counts = reference_counts(smoke_sites, smoke_config)
     assert "mass" not in counts["site_b"] and counts["site_b"]["nodule"] > 0
     assert counts["site_b"]["consolidation"] == 0
-
-
-@pytest.fixture(scope="module")
-def smoke_generator(tmp_path_factory, smoke_config):
-    path = tmp_path_factory.mktemp("gen") / "generator"
-    save_generator(build_generator(smoke_config, seed=0), path)
-    return path
 
 
 def test_generation_writes_manifest_and_resumes_without_duplicates(

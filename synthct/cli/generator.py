@@ -174,7 +174,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from synthct.checkpoint import load_generator
-    from synthct.cohort import generate_cohort, parse_counts, plan_cohort, reference_counts
+    from synthct.cohort import parse_counts
+    from synthct.pipeline.cohort import make_cohort
     from synthct.progress import progress_bar
 
     device = chosen_device(args)
@@ -183,17 +184,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     gen, denoiser, note = _with_plugins(gen, gen_dir, args)
     classes = list(gen.config.labels.classes)
     target = parse_counts(args.counts, classes) if args.counts else "balanced"
-    counts = reference_counts(args.data, gen.config)
-    plan = plan_cohort(counts, classes, target=target, per_site=args.per_site)
-    if not plan:
-        print("synthct: nothing to generate: the data is already balanced", file=sys.stderr)
-        return EXIT_OK
-    with progress_bar("generate", len(plan)) as update:
-        manifest = generate_cohort(
-            gen,
+    with progress_bar("generate") as update:
+        cohort = make_cohort(
             gen_dir,
-            plan,
+            args.data,
             args.out,
+            gen=gen,
+            target=target,
+            per_site=args.per_site,
             seed=args.seed,
             sampler=args.sampler,
             steps=args.steps,
@@ -206,8 +204,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
             volume_format=args.format,
             scanner_noise=args.scanner_noise,
         )
-    by_class = Counter(c.label for c in plan)
-    print(f"cohort: {manifest} ({len(plan)} cases: {dict(by_class)})")
+    if cohort.manifest is None:
+        print("synthct: nothing to generate: the data is already balanced", file=sys.stderr)
+        return EXIT_OK
+    by_class = Counter(c.label for c in cohort.plan)
+    print(f"cohort: {cohort.manifest} ({len(cohort.plan)} cases: {dict(by_class)})")
     return EXIT_OK
 
 
