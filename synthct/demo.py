@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import shutil
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -404,42 +403,19 @@ def _load_all(manifest: Path, config: SynthctConfig) -> Counter:
 def _reference(manifest: Path, config: SynthctConfig, run: Path) -> dict:
     """The shipped reference models when the phantoms are the ones they were trained on;
     otherwise trained federatedly (FedAvg through Flower), as sites that cannot pool would."""
-    from synthct.pretrained import shipped_reference_for
-    from synthct.reference import load_reference
+    from synthct.pipeline.reference import reference_for_sites
 
-    target = run / "reference"
-    shipped = shipped_reference_for(manifest)
-    if shipped is not None and not (target / "reference.json").is_file():
-        shutil.copytree(shipped, target, dirs_exist_ok=True)  # trained on these very phantoms
-        logger.info("reference models: the shipped ones (trained on this manifest)")
-    if not (target / "reference.json").is_file():
-        from synthct.pipeline.reference import build_reference
-
-        logger.info(
-            "reference models: FedAvg, %d rounds x %d local epochs",
-            config.federated.reference_rounds,
-            config.federated.local_epochs_reference,
-        )
-        build_reference(config, manifest, target, federated=True, seed=config.seed)
-    return load_reference(target, vocabulary_hash=config.labels.vocabulary_hash).info
-
-
-def _pretrained_matches(config: SynthctConfig) -> Path | None:
-    """The shipped generator's folder if its networks fit ``config``, else None."""
-    from synthct.checkpoint import generator_config
-    from synthct.pretrained import phantom_dir
-
-    path = phantom_dir() / "generator"
-    if not (path / "config.json").is_file():
-        return None
-    shipped = generator_config(path)
-    return path if config.network_mismatch(shipped) is None else None
+    return reference_for_sites(config, manifest, run / "reference", seed=config.seed).info
 
 
 def _generator(manifest: Path, config: SynthctConfig, run: Path, from_scratch: bool) -> dict:
-    from synthct.pipeline.generator import federated_summary, train_generator
+    from synthct.pipeline.generator import (
+        federated_summary,
+        matching_pretrained,
+        train_generator,
+    )
 
-    initial = None if from_scratch else _pretrained_matches(config)
+    initial = None if from_scratch else matching_pretrained(config)
     if initial is not None:
         config = config.model_copy(update={"federated": config.federated.finetune_schedule()})
     fed = config.federated

@@ -92,6 +92,6 @@ def test_the_demo_fine_tunes_the_shipped_generator():
     """demo.yaml's networks are the shipped generator's, so the demo fine-tunes it instead of
     silently training from scratch (a config change must come with a re-shipped generator)."""
     from synthct.config import load_config
-    from synthct.demo import _pretrained_matches
+    from synthct.pipeline.generator import matching_pretrained
 
-    assert _pretrained_matches(load_config("demo")) is not None
+    assert matching_pretrained(load_config("demo")) is not None

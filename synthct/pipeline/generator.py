@@ -16,7 +16,19 @@ from synthct.checkpoint import Generator
 from synthct.config import SynthctConfig
 from synthct.errors import UsageError
 
-__all__ = ["train_generator", "federated_summary"]
+__all__ = ["train_generator", "federated_summary", "matching_pretrained"]
+
+
+def matching_pretrained(config: SynthctConfig) -> Path | None:
+    """The shipped phantom generator's folder if its networks fit ``config`` (so a run can
+    fine-tune it instead of starting from scratch), else None."""
+    from synthct.checkpoint import generator_config
+    from synthct.pretrained import phantom_dir
+
+    path = phantom_dir() / "generator"
+    if not (path / "config.json").is_file():
+        return None
+    return path if config.network_mismatch(generator_config(path)) is None else None
 
 
 def train_generator(

@@ -8,6 +8,7 @@ site trains on its own rows through Flower (FedAvg) and only weights leave it. T
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,7 +17,9 @@ import torch
 from synthct.config import SynthctConfig
 from synthct.reference import ReferenceModel, save_reference
 
-__all__ = ["build_reference"]
+__all__ = ["build_reference", "reference_for_sites"]
+
+logger = logging.getLogger(__name__)
 
 
 def build_reference(
@@ -51,3 +54,29 @@ def build_reference(
         )
     save_reference(model, out)
     return model
+
+
+def reference_for_sites(
+    config: SynthctConfig, manifest: str | Path, out: str | Path, *, seed: int = 0
+) -> ReferenceModel:
+    """The reference model in ``out`` for ``manifest``'s sites: kept if already there, the
+    shipped one when these are the very phantoms it was trained on, otherwise trained
+    federatedly (FedAvg through Flower), as sites that cannot pool their data would."""
+    import shutil
+
+    from synthct.pretrained import shipped_reference_for
+    from synthct.reference import load_reference
+
+    manifest, out = Path(manifest), Path(out)
+    shipped = shipped_reference_for(manifest)
+    if shipped is not None and not (out / "reference.json").is_file():
+        shutil.copytree(shipped, out, dirs_exist_ok=True)
+        logger.info("reference models: the shipped ones (trained on this manifest)")
+    if not (out / "reference.json").is_file():
+        logger.info(
+            "reference models: FedAvg, %d rounds x %d local epochs",
+            config.federated.reference_rounds,
+            config.federated.local_epochs_reference,
+        )
+        return build_reference(config, manifest, out, federated=True, seed=seed)
+    return load_reference(out, vocabulary_hash=config.labels.vocabulary_hash)

@@ -33,3 +33,24 @@ def test_the_cli_trains_the_central_reference_through_the_stage(tmp_path, smoke_
     assert main([*args, "--out", str(out)]) == 0
     assert (out / "reference.safetensors").is_file()
     assert "reference (central)" in capsys.readouterr().out
+
+
+def test_the_shipped_reference_serves_the_phantoms_it_was_trained_on(
+    tmp_path, demo_config, demo_sites
+):
+    from synthct.pipeline.reference import reference_for_sites
+    from synthct.pretrained import phantom_dir, shipped_reference_for
+
+    assert shipped_reference_for(demo_sites) == phantom_dir() / "reference"
+    out = tmp_path / "reference"
+    model = reference_for_sites(demo_config, demo_sites, out)
+    shipped = load_reference(
+        phantom_dir() / "reference", vocabulary_hash=demo_config.labels.vocabulary_hash
+    )
+    assert (out / "reference.json").read_bytes() == (
+        phantom_dir() / "reference" / "reference.json"
+    ).read_bytes()
+    assert model.info == shipped.info
+    (out / "marker").write_text("kept")  # a second call keeps what is there
+    reference_for_sites(demo_config, demo_sites, out)
+    assert (out / "marker").is_file()
