@@ -102,7 +102,7 @@ def train(msg: Message, context: Context) -> Message:
                 if config.federated.keep_optimizer_state
                 else None
             ),
-            only=None if only is None else (only,),
+            only=None if only is None else tuple(only.split(",")),
             lr=float(cfg["lr"]) if "lr" in cfg else None,
         )
         if phase == "autoencoder":

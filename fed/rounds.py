@@ -36,10 +36,13 @@ from synthct.fed.secagg import (
 )
 from synthct.fed.sites import screen_updates
 from synthct.fed.task import PHASES
+from synthct.models.site_norm import SITE_NORM_SUFFIXES
 
 __all__ = [
     "PER_SITE_ROWS",
     "UNET_SITE_ROWS",
+    "is_per_site_table",
+    "unet_site_tables",
     "RoundRequest",
     "make_strategy",
     "plain_round",
@@ -258,14 +261,24 @@ def secure_aggregated_round(request: RoundRequest) -> dict[str, Any]:
     )
 
 
-# Tables with one row per site (decoder style, UNet site embeddings): only the site that owns
-# row i ever moves it; the others send it back unchanged.
+# Tables with one row per site (decoder style, UNet site embeddings, the UNet's per-site norms):
+# only the site that owns row i ever moves it; the others send it back unchanged.
 UNET_SITE_ROWS = "class_embedding.sites.weight"  # the UNet's site embeddings
 PER_SITE_ROWS = (
     "site_style.feature_bias.weight",
     "site_style.output_affine.weight",
     UNET_SITE_ROWS,
 )
+
+
+def is_per_site_table(key: str) -> bool:
+    """Whether state-dict entry ``key`` has one row per site slot, owned by its site."""
+    return key in PER_SITE_ROWS or key.endswith(SITE_NORM_SUFFIXES)
+
+
+def unet_site_tables(state: dict[str, torch.Tensor]) -> list[str]:
+    """The UNet's per-site tables in ``state``: its site embeddings and per-site norms."""
+    return [k for k in state if k == UNET_SITE_ROWS or k.endswith(SITE_NORM_SUFFIXES)]
 
 
 def take_owned_rows(
@@ -276,9 +289,10 @@ def take_owned_rows(
     FedAvg would average site i's row with the unchanged copies the other sites return,
     shrinking every site's style update by the number of sites (the 2026-12-03 run's rows
     barely moved); rows no site owns (the null site, spare slots) keep the average."""
+    tables = [k for k in state if is_per_site_table(k)]
     for index, theirs in replies:
-        for key in PER_SITE_ROWS:
-            if key in state and key in theirs and index < len(state[key]):
+        for key in tables:
+            if key in theirs and index < len(state[key]):
                 state[key][index] = theirs[key][index]
 
 
@@ -333,9 +347,7 @@ def owned_rows_from_secure_mean(
         for s in result.sites
     }
     total = sum(weights.values())
-    for key in PER_SITE_ROWS:
-        if key not in mean:
-            continue
+    for key in [k for k in mean if is_per_site_table(k)]:
         for index, q in weights.items():
             if index < len(mean[key]) and q > 0:
                 mean[key][index] *= total / q

@@ -40,13 +40,13 @@ from synthct.config import SynthctConfig
 from synthct.fed.errors import FederatedError
 from synthct.fed.payload import tensors_to_bytes
 from synthct.fed.rounds import (
-    UNET_SITE_ROWS,
     RoundRequest,
     make_strategy,
     plain_round,
     privacy_record,
     secure_aggregated_round,
     state_of,
+    unet_site_tables,
 )
 from synthct.fed.site_queries import latent_norm_from, query_sites, scanner_noise_from
 from synthct.fed.sites import task_config, wait_for_sites
@@ -340,38 +340,42 @@ class _Driver:
         self._commit(self.gen)
 
     def _calibration_round(self, index: int) -> dict[str, Any]:
-        """One round in which each site trains only its own site row against the EMA UNet
-        (which samples): the UNet starts as the EMA, the sites' own rows come back, and the
-        EMA takes them as they are (no averaging: every other weight is frozen)."""
+        """One round in which each site trains only its own rows of the UNet's per-site tables
+        (site embedding, and per-site norms if it has them) against the EMA UNet (which
+        samples): the UNet starts as the EMA, the sites' own rows come back, and the EMA takes
+        them as they are (no averaging: every other weight is frozen)."""
         gen, fed = self.gen, self.config.federated
-        table = UNET_SITE_ROWS
+        tables = unet_site_tables(gen.ema.state_dict())
         self.state.calibrated_after = fed.diffusion_rounds
         gen.unet.load_state_dict(gen.ema.state_dict())
-        before = gen.ema.state_dict()[table].clone()
+        before = {t: gen.ema.state_dict()[t].clone() for t in tables}
         record = self._one_round(
             gen,
             gen.unet,
             self.strategy,
             "diffusion",
             index,
-            extra={"train-only": table, "lr": fed.site_calibration_lr},
+            extra={"train-only": ",".join(tables), "lr": fed.site_calibration_lr},
         )
-        rows = before.clone()
+        rows = {t: v.clone() for t, v in before.items()}
         if record["aggregated"]:
-            sent = gen.unet.state_dict()[table]
+            sent = gen.unet.state_dict()
             for s in record["sites"]:  # the rows their owners trained; all else as before
                 i = self.config.site_names.index(s["site"])
-                rows[i] = sent[i]
+                for t in tables:
+                    rows[t][i] = sent[t][i]
         gen.unet.load_state_dict(gen.ema.state_dict())  # undo FedAvg's rounding of frozen weights
         with torch.no_grad():
-            gen.unet.get_parameter(table).copy_(rows)
-            gen.ema.get_parameter(table).copy_(rows)
-        record["calibration"] = {
-            "rows_moved": {
-                s: round(float((rows[i] - before[i]).norm()), 4)
-                for i, s in enumerate(self.config.site_names)
-            }
+            for t in tables:
+                gen.unet.get_parameter(t).copy_(rows[t])
+                gen.ema.get_parameter(t).copy_(rows[t])
+        moved = {
+            s: round(
+                float(torch.sqrt(sum(((rows[t][i] - before[t][i]) ** 2).sum() for t in tables))), 4
+            )
+            for i, s in enumerate(self.config.site_names)
         }
+        record["calibration"] = {"rows_moved": moved, "tables": len(tables)}
         return record
 
     def _one_round(

@@ -116,11 +116,19 @@ class UNetConfig(_Strict):
     spare_site_slots: int = Field(
         default=1, ge=0, description="site embeddings reserved for sites that join later"
     )
+    site_norms: bool = Field(
+        default=False,
+        description="with site_conditioning: every GroupNorm's scale and shift per site "
+        "(FedBN's local normalisation for a scanner's feature shift; federated rounds let only "
+        "a site move its own rows)",
+    )
 
     @model_validator(mode="after")
     def _levels_match(self) -> UNetConfig:
         if len(self.attention_levels) != len(self.channels):
             raise ValueError("attention_levels must have one entry per channels level")
+        if self.site_norms and not self.site_conditioning:
+            raise ValueError("site_norms needs site_conditioning (the site comes with the class)")
         return self
 
 

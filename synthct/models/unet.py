@@ -3,7 +3,8 @@
 Class indices ``0..n-1`` are the vocabulary, index ``n`` is the *null* class used for
 classifier-free guidance, and ``spare_class_slots`` more embeddings are reserved so a class can
 be added later without changing tensor shapes. With ``site_conditioning`` the class table is
-replaced by a summed class + site table (:mod:`synthct.models.conditioning`).
+replaced by a summed class + site table (:mod:`synthct.models.conditioning`), and with
+``site_norms`` every GroupNorm gets a scale and shift per site (:mod:`synthct.models.site_norm`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from monai.networks.nets import DiffusionModelUNet
 
 from synthct.config import SynthctConfig, UNetConfig
 from synthct.models.conditioning import Conditioning, FactorizedEmbedding
+from synthct.models.site_norm import add_site_norms
 
 __all__ = ["build_unet", "num_class_embeds", "num_site_embeds", "conditioning_for"]
 
@@ -57,4 +59,6 @@ def build_unet(
         unet.class_embedding = FactorizedEmbedding(
             num_class_embeds(num_classes, cfg), num_site_embeds(num_sites, cfg), dim
         )
+        if cfg.site_norms:
+            add_site_norms(unet, num_site_embeds(num_sites, cfg))
     return unet

@@ -2,28 +2,30 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from synthct.fed.rounds import take_owned_rows
 
 
-def test_each_per_site_row_comes_from_its_own_site_and_shared_rows_keep_the_average():
+@pytest.mark.parametrize(
+    "table",
+    ["site_style.feature_bias.weight", "down_blocks.0.resnets.0.norm1.site_bias"],
+)
+def test_each_per_site_row_comes_from_its_own_site_and_shared_rows_keep_the_average(table):
     start = torch.zeros(4, 3)  # rows: site_a, site_b, null, spare
     sent = []
     for i in range(2):  # each site moved its own row by 1 and the null row by 0.5
         t = start.clone()
         t[i] += 1.0
         t[2] += 0.5
-        sent.append(
-            (i, {"site_style.feature_bias.weight": t, "decoder.w": torch.full((2,), i * 1.0)})
-        )
+        sent.append((i, {table: t, "decoder.w": torch.full((2,), i * 1.0)}))
     averaged = {
-        "site_style.feature_bias.weight": sum(s["site_style.feature_bias.weight"] for _, s in sent)
-        / 2,
+        table: sum(s[table] for _, s in sent) / 2,
         "decoder.w": torch.tensor([0.5, 0.5]),
     }
     take_owned_rows(averaged, sent)
-    rows = averaged["site_style.feature_bias.weight"]
+    rows = averaged[table]
     assert torch.equal(rows[0], torch.ones(3)) and torch.equal(rows[1], torch.ones(3))
     assert torch.equal(rows[2], torch.full((3,), 0.5)) and torch.equal(rows[3], torch.zeros(3))
     assert torch.equal(averaged["decoder.w"], torch.tensor([0.5, 0.5]))  # shared weights: FedAvg
