@@ -39,6 +39,7 @@ from synthct.models.conditioning import Conditioning
 from synthct.models.latent_norm import LatentNorm
 from synthct.models.scanner_noise import ScannerNoise
 from synthct.models.schedulers import training_scheduler
+from synthct.models.site_norm import plain_to_site_norms
 from synthct.models.unet import build_unet, conditioning_for
 
 __all__ = [
@@ -153,6 +154,7 @@ def _site_flags(config: SynthctConfig, like: SynthctConfig) -> SynthctConfig:
         update={
             "site_conditioning": like.unet.site_conditioning,
             "spare_site_slots": like.unet.spare_site_slots,
+            "site_norms": like.unet.site_norms,
         }
     )
     return config.model_copy(update={"autoencoder": ae, "unet": unet})
@@ -191,6 +193,7 @@ def adopt_generator(
         for name, had, has in (
             ("autoencoder.site_style", old.autoencoder.site_style, config.autoencoder.site_style),
             ("unet.site_conditioning", old.unet.site_conditioning, config.unet.site_conditioning),
+            ("unet.site_norms", old.unet.site_norms, config.unet.site_norms),
         )
         if had and not has
     ]
@@ -200,9 +203,11 @@ def adopt_generator(
         )
     added_style = config.autoencoder.site_style and not old.autoencoder.site_style
     added_sites = config.unet.site_conditioning and not old.unet.site_conditioning
-    compared = _site_flags(config, old) if (added_style or added_sites) else config
+    added_norms = config.unet.site_norms and not old.unet.site_norms
+    adds = added_style or added_sites or added_norms
+    compared = _site_flags(config, old) if adds else config
     mismatch = compared.network_mismatch(old)
-    if mismatch is None and (added_style or added_sites):
+    if mismatch is None and adds:
         mismatch = config.network_mismatch(_site_flags(old, config))  # e.g. the site vocabulary
     if mismatch:
         raise CheckpointError(
@@ -217,6 +222,8 @@ def adopt_generator(
         state = getattr(gen, name).state_dict()
         if added_sites:
             state = _class_only_to_factorized(state)
+        if added_norms:  # each GroupNorm's affine becomes every row of its site tables
+            state = plain_to_site_norms(state, getattr(new, name))
         missing, unexpected = getattr(new, name).load_state_dict(state, strict=False)
         if unexpected or missing not in ([], ["class_embedding.sites.weight"]):
             raise CheckpointError(f"{what}: {name} tensors do not fit ({missing}, {unexpected})")

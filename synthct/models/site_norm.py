@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["SiteGroupNorm", "add_site_norms", "SITE_NORM_SUFFIXES"]
+__all__ = ["SiteGroupNorm", "add_site_norms", "plain_to_site_norms", "SITE_NORM_SUFFIXES"]
 
 # the state-dict names of the per-site tables end so (one row per site slot)
 SITE_NORM_SUFFIXES = (".site_weight", ".site_bias")
@@ -79,3 +79,17 @@ def add_site_norms(unet: nn.Module, site_slots: int) -> nn.Module:
                 setattr(child, attr, SiteGroupNorm(sub, site_slots))
     unet.register_forward_pre_hook(_set_sites(site_slots), with_kwargs=True)
     return unet
+
+
+def plain_to_site_norms(
+    state: dict[str, torch.Tensor], unet: nn.Module
+) -> dict[str, torch.Tensor]:
+    """A UNet's weights without per-site norms for ``unet``, which has them: each GroupNorm's
+    affine becomes every row of its site tables, so the result predicts exactly as before."""
+    out = dict(state)
+    for name, module in unet.named_modules():
+        if isinstance(module, SiteGroupNorm):
+            slots = module.site_weight.shape[0]
+            out[f"{name}.site_weight"] = out.pop(f"{name}.weight").repeat(slots, 1)
+            out[f"{name}.site_bias"] = out.pop(f"{name}.bias").repeat(slots, 1)
+    return out

@@ -85,3 +85,26 @@ def test_a_generator_with_site_norms_saves_and_loads(tmp_path, smoke_config):
     for key, value in gen.ema.state_dict().items():
         torch.testing.assert_close(loaded.ema.state_dict()[key], value)
     assert any(k.endswith("site_weight") for k in loaded.unet.state_dict())
+
+
+def test_a_site_conditioned_generator_adopted_with_site_norms_samples_as_before():
+    from synthct.checkpoint import CheckpointError, adopt_generator, build_generator
+
+    sets = ["unet.site_conditioning=true"]
+    before = build_generator(load_config(packaged_config_path("smoke"), sets), seed=0)
+    with torch.no_grad():  # a trained-looking output layer (MONAI starts it at zero)
+        for name, p in before.ema.named_parameters():
+            if name.startswith("out."):
+                p.normal_(0.0, 0.05)
+    config = load_config(packaged_config_path("smoke"), [*sets, "unet.site_norms=true"])
+    adopted = adopt_generator(before, config)
+    slots = next(m for m in adopted.ema.modules() if isinstance(m, SiteGroupNorm)).site_weight
+    _, t, labels = _inputs(slots.shape[0])
+    z = torch.randn(3, *config.latent_shape, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(
+            adopted.ema(z, t, class_labels=labels), before.ema(z, t, class_labels=labels)
+        )
+    back = config.model_copy(update={"unet": config.unet.model_copy(update={"site_norms": False})})
+    with pytest.raises(CheckpointError, match="site_norms"):
+        adopt_generator(adopted, back)
