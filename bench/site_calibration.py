@@ -2,7 +2,7 @@
 calibrated? (issue 26)
 
     python bench/site_calibration.py --run runs/site_calibration
-        [--config bench/site_calibration.yaml]
+        [--config bench/site_calibration.yaml] [--set KEY=VALUE ...]
         [--initial synthct/pretrained/phantom/generator] [--log FILE]
 
 Trains in Flower's simulation on the demo sites, resumably (rerun the same command): the
@@ -15,6 +15,12 @@ the frozen EMA UNet (``RUN/generator`` afterwards). Gate both with ``bench/cohor
 Why: the central recipe put each site's cases nearest its own scans; the same recipe trained
 federatedly lost two sites' style. In FedAvg a site's local steps move the shared weights toward
 its own scanner, so its row need not learn the style, and averaging then removes it.
+
+``--set`` overrides the config (as ``synthct --set``). To calibrate an already trained UNet
+with more per-site capacity, start from it with no diffusion rounds and per-site norms (each
+site then trains its own row of every GroupNorm's scale and shift too):
+``--initial RUN/before_calibration --set federated.diffusion_rounds=0
+federated.restart_unet=false unet.site_norms=true``.
 """
 
 from __future__ import annotations
@@ -38,8 +44,9 @@ def main() -> None:
     p.add_argument("--run", type=Path, default=Path("runs/site_calibration"))
     p.add_argument("--config", type=Path, default=Path("bench/site_calibration.yaml"))
     p.add_argument("--initial", type=Path, default=phantom_dir() / "generator")
+    p.add_argument("--set", nargs="*", default=[], help="config overrides KEY.PATH=VALUE")
     args = p.parse_args()
-    config = load_config(args.config)
+    config = load_config(args.config, args.set)
     calibration = config.federated.site_calibration_rounds
     manifest = phantom_manifest(config, args.run)
     before = args.run / "before_calibration"

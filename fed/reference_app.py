@@ -29,6 +29,7 @@ from flwr.serverapp import Grid
 
 from synthct.config import SynthctConfig
 from synthct.data.dataset import load_cases
+from synthct.data.manifest import read_manifest
 from synthct.fed.dp import ClassifierDP
 from synthct.fed.errors import SiteError
 from synthct.fed.fedavg_run import fedavg_then_evaluate
@@ -106,9 +107,22 @@ def train(msg: Message, context: Context) -> Message:
     )
 
 
+def small_classes(manifest: Path, config: SynthctConfig, site: str) -> torch.Tensor:
+    """K flags: the classes ``site`` holds between 1 and ``federated.min_class_cases`` - 1
+    cases of (``train`` + ``holdout``, as the federated gate counts them)."""
+    counts = torch.zeros(config.labels.num_classes, dtype=torch.int64)
+    index = {name: i for i, name in enumerate(config.labels.classes)}
+    for row in read_manifest(manifest):
+        if row.site == site and row.split in ("train", "holdout"):
+            counts[index[config.resolve_label(row.site, row.label)]] += 1
+    return (counts > 0) & (counts < config.federated.min_class_cases)
+
+
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    """Confusion counts (true × predicted) of the final model on this site's holdout."""
+    """Confusion counts (true × predicted) of the final model on this site's holdout; the rows
+    of a class the site holds too few cases of stay zero (they would describe a handful of
+    patients), and the reply flags them."""
     config, cfg, site = prepare_site(msg, context)
     k = config.labels.num_classes
     try:
@@ -120,15 +134,17 @@ def evaluate(msg: Message, context: Context) -> Message:
             pred = model.predict(holdout.images).argmax(1)
             for t, p in zip(holdout.labels.tolist(), pred.tolist(), strict=True):
                 confusion[t, p] += 1
+        withheld = small_classes(site.manifest, config, site.name)
+        confusion[withheld] = 0
     except Exception as exc:
         raise SiteError(f"site {site.name!r}: {type(exc).__name__}: {exc}") from exc
-    metrics = {"num-examples": len(holdout), "site-index": site.index}
+    metrics = {"num-examples": int(confusion.sum()), "site-index": site.index}
     return release(
         msg,
         site,
         phase="reference-holdout",
         server_round=int(cfg.get("server-round", 0)),
-        tensors={"confusion": confusion},
+        tensors={"confusion": confusion, "withheld": withheld.to(torch.int64)},
         metrics=metrics,
     )
 
@@ -184,8 +200,17 @@ def reference_server(
     net = _model_from(result.arrays, config.labels.num_classes).eval().requires_grad_(False)
     k = config.labels.num_classes
     confusion = np.zeros((k, k), dtype=np.int64)
+    not_evaluated: dict[str, list[str]] = {}
     for content in replies:
-        confusion += content["arrays"].to_torch_state_dict()["confusion"].numpy()
+        sent = content["arrays"].to_torch_state_dict()
+        confusion += sent["confusion"].numpy()
+        site = config.site_names[int(content["metrics"]["site-index"])]
+        held = [config.labels.classes[c] for c in sent["withheld"].nonzero().flatten().tolist()]
+        if held:
+            not_evaluated[site] = held
+    holdout = holdout_from_confusion(confusion, list(config.labels.classes))
+    # classes a site held fewer than federated.min_class_cases of: it sent no counts on them
+    holdout["not_evaluated"] = not_evaluated
     losses = {r: float(m["loss"]) for r, m in result.train_metrics_clientapp.items() if "loss" in m}
     info = {
         "trained": "federated",
@@ -196,7 +221,7 @@ def reference_server(
         "seed": seed,
         "loss_per_round": losses,
         "wall_s": round(time.perf_counter() - start, 1),
-        "holdout": holdout_from_confusion(confusion, list(config.labels.classes)),
+        "holdout": holdout,
     }
     if dp is not None:
         info["privacy"] = dp.record()

@@ -133,8 +133,9 @@ class FederatedConfig(_Strict):
     min_class_cases: int = Field(
         default=5,
         ge=1,
-        description="federated gate: a site sends no statistics on a class it holds fewer "
-        "cases of (train + holdout); the gate reports the class as not evaluated there",
+        description="federated gate and reference: a site sends no statistics (nor holdout "
+        "confusion counts) on a class it holds fewer cases of (train + holdout); the class "
+        "is reported as not evaluated there",
     )
     ae_rounds: int = Field(default=20, ge=0)
     diffusion_rounds: int = Field(default=30, ge=0)

@@ -8,11 +8,12 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from synthct.cli import main
-from synthct.config import packaged_config_path
+from synthct.config import load_config, packaged_config_path
 from synthct.data.dataset import load_cases
-from synthct.fed.reference_app import holdout_from_confusion, round_lr
+from synthct.fed.reference_app import holdout_from_confusion, round_lr, small_classes
 from synthct.reference import evaluate_classifier, load_reference
 
 pytestmark = pytest.mark.slow
@@ -37,17 +38,36 @@ def test_cli_trains_a_federated_reference_the_gate_can_use(smoke_sites, smoke_co
     config_path = str(packaged_config_path("smoke"))
     out = tmp_path / "reference"
     args = ["reference", "--data", str(smoke_sites), "--config", config_path]
-    assert main([*args, "--out", str(out), "--federated"]) == 0
+    small = "federated.min_class_cases=3"  # the smoke sites hold 2-4 cases per class
+    assert main([*args, "--set", small, "--out", str(out), "--federated"]) == 0
+    smoke_config = load_config(config_path, [small])
     model = load_reference(out, vocabulary_hash=smoke_config.labels.vocabulary_hash)
     info = model.info
     assert info["trained"] == "federated" and info["rounds"] == 3
     assert len(info["loss_per_round"]) == 3
-    # the confusion counts the sites sent add up to the pooled holdout, and the saved model's
-    # own predictions on that holdout reproduce them
+    # the confusion counts the sites sent add up to the pooled holdout of the classes each
+    # site holds enough cases of (the smoke sites hold 3-5 per class; a class under
+    # federated.min_class_cases is sent as zeros and named), and the saved model's own
+    # predictions on those cases reproduce them
     holdout = load_cases(smoke_sites, smoke_config, splits=("holdout",))
-    assert info["holdout"]["cases"] == len(holdout)
+    withheld = {
+        site: small_classes(smoke_sites, smoke_config, site) for site in smoke_config.site_names
+    }
+    kept = [
+        i
+        for i, (site, label) in enumerate(zip(holdout.sites, holdout.labels.tolist(), strict=True))
+        if not withheld[site][label]
+    ]
+    assert 0 < len(kept) < len(holdout) and info["holdout"]["cases"] == len(kept)
+    classes = smoke_config.labels.classes
+    assert info["holdout"]["not_evaluated"] == {
+        site: [classes[c] for c in flags.nonzero().flatten().tolist()]
+        for site, flags in withheld.items()
+        if flags.any()
+    }
+    kept_cases = holdout.subset(torch.tensor(kept))
     again = evaluate_classifier(
-        model.predict(holdout.images), holdout.labels, smoke_config.labels.num_classes
+        model.predict(kept_cases.images), kept_cases.labels, smoke_config.labels.num_classes
     )
     assert info["holdout"]["accuracy"] == pytest.approx(again["accuracy"])
     # each site logged its weights every round and one confusion matrix, nothing else
