@@ -130,5 +130,6 @@ class ClassifierDP:
             "releases": self.releases,
             "noise_multiplier": self.noise_multiplier,
             "clipping_norm": self.clipping_norm,
+            "bounds_every_update": True,  # every round of the task is noised
             "not_covered": self.not_covered,
         }

@@ -36,6 +36,7 @@ from synthct.fed.secagg import (
 )
 from synthct.fed.sites import screen_updates
 from synthct.fed.task import PHASES
+from synthct.models.conditioning import PER_SITE_ROWS, UNET_SITE_ROWS, is_per_site_table
 from synthct.models.site_norm import SITE_NORM_SUFFIXES
 
 __all__ = [
@@ -261,21 +262,6 @@ def secure_aggregated_round(request: RoundRequest) -> dict[str, Any]:
     )
 
 
-# Tables with one row per site (decoder style, UNet site embeddings, the UNet's per-site norms):
-# only the site that owns row i ever moves it; the others send it back unchanged.
-UNET_SITE_ROWS = "class_embedding.sites.weight"  # the UNet's site embeddings
-PER_SITE_ROWS = (
-    "site_style.feature_bias.weight",
-    "site_style.output_affine.weight",
-    UNET_SITE_ROWS,
-)
-
-
-def is_per_site_table(key: str) -> bool:
-    """Whether state-dict entry ``key`` has one row per site slot, owned by its site."""
-    return key in PER_SITE_ROWS or key.endswith(SITE_NORM_SUFFIXES)
-
-
 def unet_site_tables(state: dict[str, torch.Tensor]) -> list[str]:
     """The UNet's per-site tables in ``state``: its site embeddings and per-site norms."""
     return [k for k in state if k == UNET_SITE_ROWS or k.endswith(SITE_NORM_SUFFIXES)]
@@ -315,22 +301,32 @@ def _round_record(
     }
 
 
-def privacy_record(config: SynthctConfig, spent: dict[str, Any] | None) -> dict[str, Any]:
+def privacy_record(
+    config: SynthctConfig, spent: dict[str, Any] | None, *, initial: str | None = None
+) -> dict[str, Any]:
     """The generator's privacy account: one (epsilon, delta) per site for every noised
-    release of the run, and what it does not cover."""
+    release of the run, and what it does not cover (phases trained without noise, and the
+    ``initial`` generator the run continued, whose training no account covers)."""
     dp = config.federated.privacy
+    unnoised = [f"{p} updates" for p in PHASES if p not in dp.phases]
+    earlier = [f"the generator it continued ({initial}), trained outside this account"]
     return {
-        "mechanism": "central DP, Gaussian, server-side fixed clipping (Flower), RDP accountant",
+        "mechanism": "central DP, Gaussian, fixed clipping (Flower), RDP accountant",
         "epsilon": None if spent is None else spent["epsilon"],  # None: nothing released yet
         "delta": dp.target_delta,
         "releases": 0 if spent is None else spent["releases"],
         "noise_multiplier": dp.noise_multiplier,
         "clipping_norm": dp.clipping_norm,
         "phases": list(dp.phases),
+        # whether the epsilon bounds every model update the sites' data shaped
+        "bounds_every_update": not unnoised and initial is None,
         "not_covered": [
-            *[f"{p} updates" for p in PHASES if p not in dp.phases],
+            *unnoised,
+            *(earlier if initial is not None else []),
             "latent moments (per-channel mean and variance of each site's latents, pooled "
             "once for the latent normalisation)",
+            "each site's per-round training loss and case count (under SecAgg+ also its "
+            "update norm before clipping)",
         ],
     }
 
@@ -341,7 +337,7 @@ def owned_rows_from_secure_mean(
     """``take_owned_rows`` for a secure mean (in place): only site i moves row i, so the
     mean's row i is ``q_i / sum(q)`` times site i's row update (``q``: the protocol's integer
     weight from the plain-text case count); scaling it back gives that site's own row update.
-    (Weight decay on the other sites moves the row slightly too; that share stays in.)"""
+    (Per-site rows get no weight decay, so no other site moves row i.)"""
     weights = {
         int(s["site-index"]): site_weight_factor(int(s["num-examples"]), settings)
         for s in result.sites

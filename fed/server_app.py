@@ -416,7 +416,10 @@ class _Driver:
             "trained": {"federated": True, "phase": self.state.phase, "round": self.state.unit}
         }
         if self.config.federated.privacy.enabled:
-            extra["privacy"] = privacy_record(self.config, self.state.privacy_spent)
+            initial = None if self.job.initial is None else str(self.job.initial)
+            extra["privacy"] = privacy_record(
+                self.config, self.state.privacy_spent, initial=initial
+            )
         save_generator(gen, self.run_dir / "generator", extra=extra)
         if record is not None:
             append_jsonl(self.rounds_log, record)

@@ -126,6 +126,16 @@ class OptimizerStateStore:
             index, name = key.split(".", 1)
             state.setdefault(int(index), {})[name] = value
         saved = optimizer.state_dict()
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        misfit = [
+            i
+            for i, entry in state.items()
+            if i >= len(params)
+            or any(v.dim() and v.shape != params[i].shape for v in entry.values())
+        ]
+        if misfit:  # saved for another parameter order or model: moments would land wrongly
+            logger.warning("optimizer state %s does not fit its parameters; starting fresh", path)
+            return None
         try:
             optimizer.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
         except (ValueError, KeyError, RuntimeError) as exc:

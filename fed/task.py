@@ -22,6 +22,7 @@ from synthct.data.dataset import CaseSet
 from synthct.fed.errors import SiteError
 from synthct.fed.site_state import OptimizerStateStore, ProcessCache
 from synthct.models.autoencoder import build_autoencoder, build_discriminator
+from synthct.models.conditioning import is_per_site_table
 from synthct.models.latent_norm import LatentNorm
 from synthct.models.scanner_noise import NoisePower
 from synthct.models.schedulers import training_scheduler
@@ -130,7 +131,14 @@ def _local_training(
     generator = torch.Generator().manual_seed(run.seed)
     sampler = BalancedSampler(cases.labels, balanced=train.balanced, generator=generator)
     if run.only is None:
-        optimizer = torch.optim.AdamW(model.parameters(), lr=run.lr or lr)
+        # per-site rows without weight decay: a site that does not own row i must not move it
+        # (SecAgg recovers each site's row from the mean, other sites' decay included)
+        named = list(model.named_parameters())
+        groups = [
+            {"params": [p for n, p in named if not is_per_site_table(n)]},
+            {"params": [p for n, p in named if is_per_site_table(n)], "weight_decay": 0.0},
+        ]
+        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=run.lr or lr)
     else:
         named = dict(model.named_parameters())
         missing = [n for n in run.only if n not in named]

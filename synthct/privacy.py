@@ -50,8 +50,11 @@ def run_account(records: dict[str, dict[str, Any] | None]) -> dict[str, Any]:
     """The run's account per site from each artifact's record (name -> record or None)."""
     parts: dict[str, dict[str, Any] | None] = {}
     not_covered: list[str] = []
+    partial: list[str] = []
     for name, record in records.items():
         released = record is not None and record.get("epsilon") is not None
+        if released and not record.get("bounds_every_update", False):
+            partial.append(name)  # some updates it released were not noised
         parts[name] = (
             {
                 "epsilon": float(record["epsilon"]),
@@ -64,9 +67,10 @@ def run_account(records: dict[str, dict[str, Any] | None]) -> dict[str, Any]:
         if released:
             not_covered += [f"{name}: {item}" for item in record.get("not_covered", [])]
     without = [name for name, part in parts.items() if part is None]
-    bounded = bool(parts) and not without
+    bounded = bool(parts) and not without and not partial
     return {
         "composition": "sequential: the artifacts' epsilons and deltas add (an upper bound)",
+        "partial": partial,
         "epsilon": sum(p["epsilon"] for p in parts.values() if p) if bounded else None,
         "delta": sum(p["delta"] for p in parts.values() if p) if bounded else None,
         "parts": parts,
@@ -80,18 +84,17 @@ def describe_account(account: dict[str, Any]) -> list[str]:
     lines = []
     for name, part in account["parts"].items():
         if part is None:
-            lines.append(f"{name}: trained without differential privacy (no epsilon)")
+            lines.append(f"{name}: no noised release (no epsilon)")
         else:
+            only = " over its noised updates only" if name in account["partial"] else ""
             lines.append(
-                f"{name}: epsilon {part['epsilon']:.3g} at delta {part['delta']:g} per site "
-                f"({part['releases']} noised releases)"
+                f"{name}: epsilon {part['epsilon']:.3g} at delta {part['delta']:g} per site"
+                f"{only} ({part['releases']} noised releases)"
             )
     if account["epsilon"] is None:
-        lines.append(
-            "the run: no privacy bound per site ("
-            + ", ".join(account["without_dp"])
-            + " released without noise)"
-        )
+        why = [f"{n} released without noise" for n in account["without_dp"]]
+        why += [f"{n} released some updates without noise" for n in account["partial"]]
+        lines.append("the run: no privacy bound per site (" + "; ".join(why) + ")")
     else:
         lines.append(
             f"the run: epsilon {account['epsilon']:.3g} at delta {account['delta']:g} per site "

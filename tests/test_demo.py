@@ -60,7 +60,7 @@ def test_demo_stages_on_smoke(tmp_path, render_check):
     # site's own scans beside the base generator's and the plugin-fused montage
     page = (run / "report.html").read_text()
     assert "Signed (Ed25519" in page and "Privacy account per site" in page
-    assert "generator: trained without differential privacy" in page  # the smoke run has none
+    assert "generator: no noised release (no epsilon)" in page  # the smoke run has no DP
     seen = render_check(run / "report.html", tmp_path)
     n_syn = len({r.label for r in rows})
     assert seen["expected"] == len(seen["images"]) == n_syn + 4 + 1 + 3 + 2 + 3

@@ -13,8 +13,16 @@ from synthct.errors import SynthctError
 from synthct.privacy import artifact_privacy, describe_account, run_account
 
 
-def _record(epsilon: float, delta: float = 1e-3, not_covered: tuple[str, ...] = ()) -> dict:
-    return {"epsilon": epsilon, "delta": delta, "releases": 4, "not_covered": list(not_covered)}
+def _record(
+    epsilon: float, delta: float = 1e-3, not_covered: tuple[str, ...] = (), every: bool = True
+) -> dict:
+    return {
+        "epsilon": epsilon,
+        "delta": delta,
+        "releases": 4,
+        "bounds_every_update": every,
+        "not_covered": list(not_covered),
+    }
 
 
 def _artifacts(tmp_path, generator: dict | None, reference: dict | None, downstream: dict | None):
@@ -50,10 +58,21 @@ def test_an_artifact_without_dp_leaves_the_run_without_a_bound(tmp_path):
     account = run_account(records)
     assert account["epsilon"] is None and account["without_dp"] == ["reference", "downstream"]
     lines = describe_account(account)
-    assert "reference: trained without differential privacy (no epsilon)" in lines
-    assert lines[-1].startswith("the run: no privacy bound per site (reference, downstream")
+    assert "reference: no noised release (no epsilon)" in lines
+    assert lines[-1].startswith(
+        "the run: no privacy bound per site (reference released without noise; downstream"
+    )
     # DP switched on but nothing released yet is no bound either
     assert run_account({"generator": {**_record(1.0), "epsilon": None}})["epsilon"] is None
+
+
+def test_a_generator_whose_autoencoder_was_not_noised_bounds_nothing_for_the_run():
+    partial = _record(2.0, not_covered=("autoencoder updates",), every=False)
+    account = run_account({"generator": partial, "reference": _record(1.0)})
+    assert account["epsilon"] is None and account["partial"] == ["generator"]
+    lines = describe_account(account)
+    assert lines[0].startswith("generator: epsilon 2 at delta 0.001 per site over its noised")
+    assert "generator released some updates without noise" in lines[2]
 
 
 def test_a_file_that_is_no_artifact_or_no_json_is_named(tmp_path):

@@ -170,7 +170,15 @@ def test_the_report_shows_who_signed_the_verdict_the_changed_rules_and_the_priva
     assert "Signed (Ed25519, key sha256 abababab" in text
     assert "Rule mode_collapse changed from the default: threshold 0.1 -&gt; 0.2" in text
     account = run_account(
-        {"generator": {"epsilon": 3.0, "delta": 1e-3, "releases": 8}, "downstream": None}
+        {
+            "generator": {
+                "epsilon": 3.0,
+                "delta": 1e-3,
+                "releases": 8,
+                "bounds_every_update": True,
+            },
+            "downstream": None,
+        }
     )
     shown = privacy_html(account)
     assert "generator: epsilon 3 at delta 0.001 per site (8 noised releases)" in shown

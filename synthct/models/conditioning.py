@@ -20,7 +20,34 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["FactorizedEmbedding", "Conditioning", "UnknownSiteError"]
+from synthct.models.site_norm import SITE_NORM_SUFFIXES
+
+__all__ = [
+    "FactorizedEmbedding",
+    "Conditioning",
+    "UnknownSiteError",
+    "UNET_SITE_ROWS",
+    "PER_SITE_ROWS",
+    "is_per_site_table",
+]
+
+# Tables with one row per site slot (the decoder's style, the UNet's site embeddings, and with
+# ``unet.site_norms`` every GroupNorm's scale and shift): in federated rounds only the site
+# that owns row i moves it, and no weight decay pulls a row toward zero.
+UNET_SITE_ROWS = "class_embedding.sites.weight"
+PER_SITE_ROWS = (
+    "site_style.feature_bias.weight",
+    "site_style.output_affine.weight",
+    UNET_SITE_ROWS,
+)
+
+
+def is_per_site_table(key: str) -> bool:
+    """Whether parameter / state-dict entry ``key`` (possibly under a wrapper's prefix) has one
+    row per site slot."""
+    return key.endswith(SITE_NORM_SUFFIXES) or any(
+        key == table or key.endswith("." + table) for table in PER_SITE_ROWS
+    )
 
 
 class UnknownSiteError(KeyError):

@@ -9,7 +9,8 @@ table of affine rows, one per site slot (sites, the null site, spares), and each
 normalised with its site's row; the site comes from the UNet's own ``class_labels`` index
 (``class * site_slots + site``), so samplers, training and plugins call the UNet as before.
 Rows start as the plain GroupNorm's affine, so a converted UNet predicts exactly as it did.
-Federated rounds let only the site that owns row i move it (``fed.rounds.is_per_site_table``).
+Federated rounds let only the site that owns row i move it
+(``synthct.models.conditioning.is_per_site_table``).
 """
 
 from __future__ import annotations
@@ -81,9 +82,7 @@ def add_site_norms(unet: nn.Module, site_slots: int) -> nn.Module:
     return unet
 
 
-def plain_to_site_norms(
-    state: dict[str, torch.Tensor], unet: nn.Module
-) -> dict[str, torch.Tensor]:
+def plain_to_site_norms(state: dict[str, torch.Tensor], unet: nn.Module) -> dict[str, torch.Tensor]:
     """A UNet's weights without per-site norms for ``unet``, which has them: each GroupNorm's
     affine becomes every row of its site tables, so the result predicts exactly as before."""
     out = dict(state)

@@ -43,6 +43,16 @@ def test_the_privacy_record_names_what_its_epsilon_does_not_cover(smoke_config):
         record["epsilon"] == 2.5 and record["releases"] == 4 and record["phases"] == ["diffusion"]
     )
     assert record["not_covered"][:2] == ["autoencoder updates", "decoder updates"]
+    assert record["bounds_every_update"] is False  # the autoencoder's updates left in the clear
+    doc["federated"]["privacy"]["phases"] = ["autoencoder", "decoder", "diffusion"]
+    every = type(smoke_config).model_validate(doc)
+    assert privacy_record(every, {"epsilon": 2.5, "releases": 4})["bounds_every_update"]
+    continued = privacy_record(every, {"epsilon": 2.5, "releases": 4}, initial="g0")
+    assert not continued["bounds_every_update"]
+    assert (
+        "the generator it continued (g0), trained outside this account"
+        in (continued["not_covered"])
+    )
 
 
 def test_per_site_rows_come_back_out_of_the_secure_mean():

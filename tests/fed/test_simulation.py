@@ -23,6 +23,7 @@ from synthct.data.dataset import load_cases
 from synthct.fed.errors import FederatedError
 from synthct.fed.simulation import train_federated
 from synthct.fed.sites import PromptGrid
+from synthct.models.conditioning import is_per_site_table
 from synthct.models.latent_norm import fit_latent_norm
 from synthct.training import ema_decay_at, encode_latents
 
@@ -204,7 +205,9 @@ def test_restart_unet_keeps_the_autoencoder_and_trains_a_fresh_site_conditioned_
             "federated": smoke_config.federated.finetune_schedule().model_copy(
                 update={"diffusion_rounds": 1, "restart_unet": True}
             ),
-            "unet": smoke_config.unet.model_copy(update={"site_conditioning": True}),
+            "unet": smoke_config.unet.model_copy(
+                update={"site_conditioning": True, "site_norms": True}
+            ),
         }
     )
     tuned = train_federated(config, smoke_sites, tmp_path / "fresh", initial=run / "generator")
@@ -222,24 +225,28 @@ def test_restart_unet_keeps_the_autoencoder_and_trains_a_fresh_site_conditioned_
 
 def _check_site_calibration(before, config, smoke_sites, run) -> None:
     """The finished site-conditioned ``run`` given a calibration round: each site trains its
-    own row against the EMA UNet; every other weight (the null site's row included) stays as
-    it was and the EMA takes the rows as trained, so the UNet that samples is the one
-    calibrated."""
+    own rows of every per-site table (its site embedding and, with ``unet.site_norms``, every
+    GroupNorm's scale and shift) against the EMA UNet; every other weight (the null site's
+    rows included) stays as it was and the EMA takes the rows as trained, so the UNet that
+    samples is the one calibrated."""
     ema = {k: v.clone() for k, v in before.ema.state_dict().items()}
     fed = config.federated.model_copy(update={"site_calibration_rounds": 1})
     after = train_federated(
         config.model_copy(update={"federated": fed}), smoke_sites, run, resume=True
     )
-    table = "class_embedding.sites.weight"
+    tables = [k for k in ema if is_per_site_table(k)]
+    assert "class_embedding.sites.weight" in tables
+    assert len(tables) > 1 + config.unet.site_norms * 10  # the norms' tables too
+    sites = list(config.site_names)
     for k, v in after.ema.state_dict().items():
         assert torch.equal(v, after.unet.state_dict()[k]), k
-        if k != table:
+        if k not in tables:
             assert torch.equal(v, ema[k]), k
-    sites = list(config.site_names)
-    rows, old = after.ema.state_dict()[table], ema[table]
-    for i in range(len(sites)):
-        assert not torch.allclose(rows[i], old[i]), sites[i]
-    assert torch.equal(rows[len(sites) :], old[len(sites) :])  # null site and spare slots
+            continue
+        rows, old = v, ema[k]
+        for i in range(len(sites)):
+            assert not torch.allclose(rows[i], old[i]), (k, sites[i])
+        assert torch.equal(rows[len(sites) :], old[len(sites) :]), k  # null site and spares
     more = fed.model_copy(update={"diffusion_rounds": fed.diffusion_rounds + 1})
     with pytest.raises(FederatedError, match="calibrated after diffusion round 1"):
         train_federated(
@@ -249,6 +256,7 @@ def _check_site_calibration(before, config, smoke_sites, run) -> None:
     assert (last["phase"], last["round"]) == ("diffusion", 2)
     assert set(last["calibration"]["rows_moved"]) == set(sites)
     assert min(last["calibration"]["rows_moved"].values()) > 0
+    assert last["calibration"]["tables"] == len(tables)
 
 
 def test_a_trained_generator_learns_site_style_adversarially(

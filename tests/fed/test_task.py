@@ -79,3 +79,18 @@ def test_site_optimizer_state_carries_over_rounds(tmp_path, smoke_config, smoke_
     probe = torch.optim.AdamW(build_phase_model(smoke_config, "autoencoder").parameters())
     assert store.load_into(probe, 4) is None and not probe.state_dict()["state"]
     assert store.load_into(probe, 3) == 2 and probe.state_dict()["state"]
+
+
+def test_optimizer_state_for_another_parameter_order_starts_fresh(tmp_path):
+    """Moments saved for another parameter order (or model) would land on the wrong tensors:
+    the site starts fresh instead."""
+    a, b = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2, 2))
+    store = OptimizerStateStore(tmp_path / "opt", "diffusion")
+    first = torch.optim.AdamW([a, b])
+    a.grad, b.grad = torch.ones(3), torch.ones(2, 2)
+    first.step()
+    store.save(first, 1)
+    same = torch.optim.AdamW([a, b])
+    assert store.load_into(same, 2) == 1 and same.state_dict()["state"]
+    swapped = torch.optim.AdamW([{"params": [b]}, {"params": [a], "weight_decay": 0.0}])
+    assert store.load_into(swapped, 2) is None and not swapped.state_dict()["state"]
