@@ -17,7 +17,12 @@ autoencoder would cost more).
 Scored per arm on the demo phantoms' ``holdout`` with the shipped reference classifier:
 conditional accuracy (16 samples per class, seed 0) and the gate's rules on the demo's per-site
 cohort (seed 0, default rules). Each arm trains resumably in ``OUT/<arm>`` (rerun the command to
-go on) and the result file is rewritten after every arm.
+go on; an arm folder trained under other settings is refused) and the result file is rewritten
+after every arm.
+
+The no-DP arm is plain FedAvg: case-weighted and unclipped, where the DP arms average clipped
+updates with equal weights; the smallest noise multiplier's arm shows what clipping and equal
+weights cost before the noise does.
 """
 
 from __future__ import annotations
@@ -85,10 +90,17 @@ def main() -> None:
     for noise in [None, *args.noise]:
         name = "no_dp" if noise is None else f"dp_z{noise:g}"
         run = args.out / name
-        config = load_config(demo, arm_overrides(args, noise))
+        overrides = arm_overrides(args, noise)
+        config = load_config(demo, overrides)
+        recorded = run / "arm.json"
+        if recorded.is_file() and read_json(recorded)["overrides"] != overrides:
+            raise SystemExit(f"{run}: trained under other settings ({recorded}); use another --out")
+        run.mkdir(parents=True, exist_ok=True)
+        write_json(recorded, {"overrides": overrides}, kind="bench-dp-utility-arm")
         start = time.perf_counter()
         state = run / "fed_state.json"
-        if not (state.is_file() and read_json(state)["phase"] == "done"):
+        resumed = state.is_file()
+        if not (resumed and read_json(state)["phase"] == "done"):
             train_federated(
                 config,
                 manifest,
@@ -119,7 +131,7 @@ def main() -> None:
                 "conditional_accuracy_per_class": quality["conditional_accuracy_per_class"],
                 "pairwise_msssim_per_class": quality["pairwise_msssim_per_class"],
                 **gate_summary(report),
-                "train_s": round(trained - start, 1),
+                "train_s": None if resumed else round(trained - start, 1),  # None: resumed
                 "score_s": round(time.perf_counter() - trained, 1),
             }
         )
