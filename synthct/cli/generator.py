@@ -4,7 +4,6 @@ training to a cohort (with site plugins applied on the way)."""
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections import Counter
 from pathlib import Path
@@ -81,34 +80,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _with_plugins(gen, gen_dir: Path, args: argparse.Namespace):
-    """(generator, denoiser or None, provenance note) after applying a plugin registry, with
-    merge weights from case counts or fitted on ``--fit-weights``' train cases."""
-    if not args.plugins:
-        if args.fit_weights:
-            from synthct.plugins.adapter import PluginError
+    """(generator, denoiser or None, provenance note) after applying ``--plugins``."""
+    from synthct.pipeline.plugin import apply_plugins
 
-            raise PluginError("--fit-weights needs --plugins")
-        return gen, None, None
-    from synthct.plugins.merge import MixtureDenoiser, fuse, with_site_decoders
-    from synthct.plugins.registry import load_plugins
-
-    plugins = load_plugins(args.plugins, gen, gen_dir)
-    weights = None
-    fitted = ""
-    if args.fit_weights:
-        from synthct.data.dataset import load_cases
-        from synthct.plugins.fit import fit_fusion_weights, fit_mixture_weights, validation_draws
-
-        draws = validation_draws(gen, load_cases(args.fit_weights, gen.config))
-        fit = (fit_fusion_weights if args.merge == "fusion" else fit_mixture_weights)(
-            gen, plugins, draws
-        )
-        weights = fit.weights
-        fitted = f";fitted={json.dumps(fit.summary())}"
-    note = f"{args.merge}({','.join(p.name for p in plugins)}){fitted}"
-    if args.merge == "fusion":
-        return fuse(gen, plugins, None if weights is None else weights.tolist()), None, note
-    return with_site_decoders(gen, plugins), MixtureDenoiser(gen, plugins, weights), note
+    if args.fit_weights and not args.plugins:
+        raise UsageError("--fit-weights needs --plugins")
+    return apply_plugins(gen, gen_dir, args.plugins, merge=args.merge, fit_weights=args.fit_weights)
 
 
 def cmd_sample(args: argparse.Namespace) -> int:

@@ -4,10 +4,8 @@ registry that serves it."""
 from __future__ import annotations
 
 import argparse
-import sys
 
 from synthct.cli.options import (
-    EXIT_BAD_INPUT,
     EXIT_GATE_FAILED,
     EXIT_OK,
     chosen_device,
@@ -27,77 +25,25 @@ from synthct.cli.options import (
 
 
 def cmd_plugin_train(args: argparse.Namespace) -> int:
-    from synthct.checkpoint import load_generator
-    from synthct.data.dataset import load_cases
-    from synthct.plugins.adapter import export_plugin, train_site_adapters
+    from synthct.pipeline.plugin import train_plugin
     from synthct.progress import progress_bar
 
-    device = chosen_device(args)
-    gen_dir = generator_dir(args.generator)
-    gen = load_generator(gen_dir)
-    chosen = (
-        ("rank", args.rank),
-        ("steps", args.steps),
-        ("targets", args.targets),
-        ("decoder_rank", args.decoder_rank),
-        ("decoder_steps", args.decoder_steps),
-    )
-    cfg = gen.config.plugins.model_copy(update={k: v for k, v in chosen if v is not None})
-    cases = load_cases(args.data, gen.config, splits=("train",), sites=(args.site,))
-    if len(cases) == 0:
-        print(f"synthct: error: {args.data}: no train cases of site {args.site!r}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    initial, targets, rebased_from, decoder_initial = None, None, None, None
-    if args.rebase_from:  # a stale plugin re-fitted on this base: its settings, its start
-        from pathlib import Path
-
-        from synthct.config import PluginConfig
-        from synthct.plugins.adapter import DECODER_PREFIX, read_plugin_weights
-
-        meta, initial = read_plugin_weights(args.rebase_from)
-        decoder_initial = {
-            k.removeprefix(DECODER_PREFIX): initial.pop(k)
-            for k in list(initial)
-            if k.startswith(DECODER_PREFIX)
-        } or None
-        if meta["site"] != args.site:
-            print(
-                f"synthct: error: {args.rebase_from} is site {meta['site']!r}'s plugin, "
-                f"not {args.site!r}'s",
-                file=sys.stderr,
-            )
-            return EXIT_BAD_INPUT
-        cfg = cfg.model_copy(
-            update=PluginConfig(
-                rank=meta["rank"], alpha=meta["alpha"], targets=meta["targets"]
-            ).model_dump(include={"rank", "alpha", "targets"})
-        )
-        targets = meta["target_modules"]
-        rebased_from = Path(args.rebase_from).name
-        if decoder_initial:
-            cfg = cfg.model_copy(update={"decoder_rank": meta["decoder"]["rank"]})
-    unet, decoder = train_site_adapters(
-        gen,
-        cases,
-        cfg,
-        seed=args.seed,
-        device=device,
-        progress=progress_bar,
-        initial=initial,
-        decoder_initial=decoder_initial,
-        targets=targets,
-    )
-    out = export_plugin(
-        unet,
+    out = train_plugin(
+        generator_dir(args.generator),
+        args.data,
+        args.site,
         args.out,
-        decoder=decoder,
-        gen=gen,
-        generator_dir=gen_dir,
-        site=args.site,
-        cases=cases,
-        cfg=cfg,
-        targets=targets,
-        rebased_from=rebased_from,
+        settings={
+            "rank": args.rank,
+            "steps": args.steps,
+            "targets": args.targets,
+            "decoder_rank": args.decoder_rank,
+            "decoder_steps": args.decoder_steps,
+        },
+        rebase_from=args.rebase_from,
+        seed=args.seed,
+        device=chosen_device(args),
+        progress=progress_bar,
     )
     size = (out / "plugin.safetensors").stat().st_size
     print(f"plugin: {out} ({size / 1024:.0f} KiB)")
