@@ -30,7 +30,6 @@ from flwr.clientapp import ClientApp
 from flwr.common.serde import message_from_proto, message_to_proto
 from flwr.proto.message_pb2 import Message as ProtoMessage
 from flwr.serverapp import Grid
-from flwr.supercore.task_identity import TaskIdentity
 
 from synthct.fed.rounds import RoundRequest, make_strategy, secure_aggregated_round
 from synthct.fed.secagg import (
@@ -41,17 +40,10 @@ from synthct.fed.secagg import (
     site_weight_factor,
 )
 
-SERVER = 1
+SERVER = 1  # the node id the server_identity fixture gives the ServerApp
 
 
-@pytest.fixture(autouse=True)
-def _server_identity():
-    """What Flower's ServerApp runtime sets in its process before the app runs (messages
-    take their run and source node from it)."""
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 7, SERVER
-    yield
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+pytestmark = pytest.mark.usefixtures("server_identity")
 
 
 class WireGrid(Grid):
