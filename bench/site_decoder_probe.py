@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 from phantom_world import phantom_manifest
 
-from synthct.checkpoint import adopt_generator, load_generator, save_generator
+from synthct.adoption import adopt_generator
+from synthct.checkpoint import load_generator, save_generator
 from synthct.config import load_config, packaged_config_path
 from synthct.data.dataset import load_cases
 from synthct.data.manifest import read_manifest, write_manifest

@@ -27,11 +27,11 @@ from flwr.app import ConfigRecord, Context, Message
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
+from synthct.adoption import adopt_generator
 from synthct.artifacts import append_jsonl, read_json, sha256_bytes, write_json
 from synthct.checkpoint import (
     CheckpointError,
     Generator,
-    adopt_generator,
     build_generator,
     load_generator,
     save_generator,

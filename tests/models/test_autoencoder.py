@@ -76,7 +76,8 @@ def test_decoder_round_learns_the_style_of_the_sites_it_sees(styled_config, smok
 
 
 def test_a_plain_generator_is_adopted_with_site_awareness_unchanged(tmp_path, smoke_config):
-    from synthct.checkpoint import CheckpointError, adopt_generator
+    from synthct.adoption import adopt_generator
+    from synthct.checkpoint import CheckpointError
     from synthct.sampling import sample_volumes
 
     plain = build_generator(smoke_config, seed=0)

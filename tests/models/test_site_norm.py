@@ -88,7 +88,8 @@ def test_a_generator_with_site_norms_saves_and_loads(tmp_path, smoke_config):
 
 
 def test_a_site_conditioned_generator_adopted_with_site_norms_samples_as_before():
-    from synthct.checkpoint import CheckpointError, adopt_generator, build_generator
+    from synthct.adoption import adopt_generator
+    from synthct.checkpoint import CheckpointError, build_generator
 
     sets = ["unet.site_conditioning=true"]
     before = build_generator(load_config(packaged_config_path("smoke"), sets), seed=0)
