@@ -58,6 +58,12 @@ class SiteData:
     holdout_pred: np.ndarray
 
 
+def small_class_flags(counts: np.ndarray, min_cases: int) -> np.ndarray:
+    """K flags: the classes held at all but by fewer than ``min_cases`` cases (``counts``:
+    ``train`` + ``holdout`` per class at one site), which the site sends nothing about."""
+    return (counts > 0) & (counts < min_cases)
+
+
 def withhold_small_classes(
     site: SiteData, num_classes: int, min_cases: int
 ) -> tuple[SiteData, np.ndarray]:
@@ -68,7 +74,7 @@ def withhold_small_classes(
     counts = np.bincount(site.train.labels, minlength=num_classes) + np.bincount(
         site.holdout.labels, minlength=num_classes
     )
-    withheld = (counts > 0) & (counts < min_cases)
+    withheld = small_class_flags(counts, min_cases)
     if not withheld.any():
         return site, withheld.astype(np.int64)
     keep_train = np.flatnonzero(~withheld[site.train.labels])

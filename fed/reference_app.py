@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -27,9 +28,10 @@ from flwr.app import (
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
 
+from synthct.cohort import reference_counts
 from synthct.config import SynthctConfig
 from synthct.data.dataset import load_cases
-from synthct.data.manifest import read_manifest
+from synthct.eval.site_statistics import small_class_flags
 from synthct.fed.dp import ClassifierDP
 from synthct.fed.errors import SiteError
 from synthct.fed.fedavg_run import fedavg_then_evaluate
@@ -109,13 +111,10 @@ def train(msg: Message, context: Context) -> Message:
 
 def small_classes(manifest: Path, config: SynthctConfig, site: str) -> torch.Tensor:
     """K flags: the classes ``site`` holds between 1 and ``federated.min_class_cases`` - 1
-    cases of (``train`` + ``holdout``, as the federated gate counts them)."""
-    counts = torch.zeros(config.labels.num_classes, dtype=torch.int64)
-    index = {name: i for i, name in enumerate(config.labels.classes)}
-    for row in read_manifest(manifest):
-        if row.site == site and row.split in ("train", "holdout"):
-            counts[index[config.resolve_label(row.site, row.label)]] += 1
-    return (counts > 0) & (counts < config.federated.min_class_cases)
+    cases of (``train`` + ``holdout``, the federated gate's rule)."""
+    held = reference_counts(manifest, config, splits=("train", "holdout")).get(site, Counter())
+    counts = np.array([held[name] for name in config.labels.classes])
+    return torch.from_numpy(small_class_flags(counts, config.federated.min_class_cases))
 
 
 @app.evaluate()

@@ -37,13 +37,11 @@ from synthct.fed.secagg import (
 from synthct.fed.sites import screen_updates
 from synthct.fed.task import PHASES
 from synthct.models.conditioning import PER_SITE_ROWS, UNET_SITE_ROWS, is_per_site_table
-from synthct.models.site_norm import SITE_NORM_SUFFIXES
 
 __all__ = [
     "PER_SITE_ROWS",
     "UNET_SITE_ROWS",
     "is_per_site_table",
-    "unet_site_tables",
     "RoundRequest",
     "make_strategy",
     "plain_round",
@@ -260,11 +258,6 @@ def secure_aggregated_round(request: RoundRequest) -> dict[str, Any]:
         aggregated=result.aggregated,
         bytes_down=result.bytes_down,
     )
-
-
-def unet_site_tables(state: dict[str, torch.Tensor]) -> list[str]:
-    """The UNet's per-site tables in ``state``: its site embeddings and per-site norms."""
-    return [k for k in state if k == UNET_SITE_ROWS or k.endswith(SITE_NORM_SUFFIXES)]
 
 
 def take_owned_rows(

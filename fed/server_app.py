@@ -46,10 +46,10 @@ from synthct.fed.rounds import (
     privacy_record,
     secure_aggregated_round,
     state_of,
-    unet_site_tables,
 )
 from synthct.fed.site_queries import latent_norm_from, query_sites, scanner_noise_from
 from synthct.fed.sites import task_config, wait_for_sites
+from synthct.models.conditioning import is_per_site_table
 from synthct.models.latent_norm import LatentNorm
 from synthct.models.scanner_noise import ScannerNoise
 from synthct.phases import Next, PhasePosition, run_phases
@@ -345,10 +345,11 @@ class _Driver:
         samples): the UNet starts as the EMA, the sites' own rows come back, and the EMA takes
         them as they are (no averaging: every other weight is frozen)."""
         gen, fed = self.gen, self.config.federated
-        tables = unet_site_tables(gen.ema.state_dict())
+        ema = gen.ema.state_dict()  # untouched by the round: the sites train gen.unet
+        tables = [k for k in ema if is_per_site_table(k)]
         self.state.calibrated_after = fed.diffusion_rounds
-        gen.unet.load_state_dict(gen.ema.state_dict())
-        before = {t: gen.ema.state_dict()[t].clone() for t in tables}
+        gen.unet.load_state_dict(ema)
+        before = {t: ema[t].clone() for t in tables}
         record = self._one_round(
             gen,
             gen.unet,
@@ -364,7 +365,7 @@ class _Driver:
                 i = self.config.site_names.index(s["site"])
                 for t in tables:
                     rows[t][i] = sent[t][i]
-        gen.unet.load_state_dict(gen.ema.state_dict())  # undo FedAvg's rounding of frozen weights
+        gen.unet.load_state_dict(ema)  # undo FedAvg's rounding of frozen weights
         with torch.no_grad():
             for t in tables:
                 gen.unet.get_parameter(t).copy_(rows[t])

@@ -75,11 +75,14 @@ class PlannedCase:
     site: str
 
 
-def reference_counts(manifest: str | Path, config: SynthctConfig) -> dict[str, Counter]:
-    """``train`` cases per site and vocabulary class (site labels mapped), from the manifest."""
+def reference_counts(
+    manifest: str | Path, config: SynthctConfig, *, splits: tuple[str, ...] = ("train",)
+) -> dict[str, Counter]:
+    """Cases of ``splits`` per site and vocabulary class (site labels mapped), from the
+    manifest."""
     counts: dict[str, Counter] = {}
     for row in read_manifest(manifest):
-        if row.split != "train":
+        if row.split not in splits:
             continue
         try:
             label = config.resolve_label(row.site, row.label)
@@ -87,7 +90,7 @@ def reference_counts(manifest: str | Path, config: SynthctConfig) -> dict[str, C
             raise ManifestError(f"{manifest}: {exc.args[0]}") from None
         counts.setdefault(row.site, Counter())[label] += 1
     if not counts:
-        raise ManifestError(f"{manifest}: no train rows to plan a cohort from")
+        raise ManifestError(f"{manifest}: no {' or '.join(splits)} rows to count")
     return counts
 
 
