@@ -18,12 +18,16 @@ one so that Mixture has something to route. Compared on ``site_e``'s holdout:
 - ``*_decoder``: the same merges with ``site_e``'s plugin carrying a decoder adapter too
   (``--decoder-rank``, ``--decoder-steps``: its scanner style, where the decoder renders it),
   sampled as cases made for ``site_e`` (so its adapted decoder renders them);
-- ``retrain``: the demo's federated fine-tuning (Flower simulation, all five sites, the
-  config's ``finetune_rounds`` diffusion rounds) — what synchronous rounds would do instead.
+- ``retrain``: federated fine-tuning instead (Flower simulation, all five sites): as many
+  decoder rounds as the decoder adapter's steps take (``--decoder-steps`` over the config's
+  local decoder steps), then the config's ``finetune_rounds`` diffusion rounds — what
+  synchronous rounds would do instead. The base is class-only with a site-agnostic decoder, so
+  its cases are sampled site-agnostic: the retrained decoder renders the five sites' mix.
 
-``--seed`` sets the plugins' training and the sampling seed (run it for several seeds; the
-retraining arm is skipped with ``--budget-min 0``); ``--results`` also writes the result file
-there.
+``--seed`` sets the plugins' training, the retraining and the sampling seed (run it for
+several seeds; each seed keeps its plugins and retraining under ``OUT/seed_<seed>``, so one
+``--out`` serves every seed; the phantoms are the same for all). The retraining arm is skipped
+with ``--budget-min 0``; ``--results`` also writes the result file there.
 
 Reported per arm: bytes a site sends (plugin file vs a full UNet update), conditional accuracy
 (shipped reference classifier), class-matched KID of HU/texture (radiomics) features against
@@ -36,12 +40,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from phantom_world import bench_command
 
+from synthct.artifacts import write_json
 from synthct.checkpoint import load_generator
 from synthct.config import config_from_dict, load_config, packaged_config_path
 from synthct.data.dataset import load_cases
@@ -103,6 +110,7 @@ def main() -> None:
     torch.set_num_threads(2)
     start = time.perf_counter()
     out = Path(args.out)
+    runs = out / f"seed_{args.seed}"  # what the seed trains; the phantoms are shared
     base_config = load_config(packaged_config_path("demo"))
     document = base_config.model_dump(mode="json")
     document["data"]["sites"].append(LATE_SITE)
@@ -138,14 +146,14 @@ def main() -> None:
         return train_s
 
     # --- plugins (site_e: the late site; site_b: a second contributor without the rare class)
-    registry = out / "registry"
+    registry = runs / "registry"
     plugin_s: dict[str, float] = {}
     if not registry.is_dir():
         for site in ("site_e", "site_b"):
             cases = load_cases(manifest, config, splits=("train",), sites=(site,))
             cfg = gen.config.plugins.model_copy(update={"steps": args.steps} if args.steps else {})
-            plugin_s[site] = train_and_export(site, cases, cfg, out / "plugins" / site)
-            add_plugin(registry, out / "plugins" / site, gen, gen_dir)
+            plugin_s[site] = train_and_export(site, cases, cfg, runs / "plugins" / site)
+            add_plugin(registry, runs / "plugins" / site, gen, gen_dir)
     plugins = load_plugins(registry, gen, gen_dir)
     plugin_bytes = {p.meta["site"]: int(p.meta["weights_bytes"]) for p in plugins}
     unet_bytes = len(tensors_to_bytes({k: v for k, v in gen.ema.state_dict().items()}))
@@ -228,7 +236,7 @@ def main() -> None:
     print("fits", json.dumps({"validation_cases": len(validation), **fits}), flush=True)
 
     # --- site_e's plugin with a decoder adapter: its scanner style, on the decoder
-    registry_decoder = out / "registry_decoder"
+    registry_decoder = runs / "registry_decoder"
     if not registry_decoder.is_dir():
         cases = load_cases(manifest, config, splits=("train",), sites=("site_e",))
         cfg = gen.config.plugins.model_copy(
@@ -236,10 +244,10 @@ def main() -> None:
             | ({"steps": args.steps} if args.steps else {})
         )
         plugin_s["site_e_decoder"] = train_and_export(
-            "site_e", cases, cfg, out / "plugins" / "site_e_decoder"
+            "site_e", cases, cfg, runs / "plugins" / "site_e_decoder"
         )
-        add_plugin(registry_decoder, out / "plugins" / "site_e_decoder", gen, gen_dir)
-        add_plugin(registry_decoder, out / "plugins" / "site_b", gen, gen_dir)
+        add_plugin(registry_decoder, runs / "plugins" / "site_e_decoder", gen, gen_dir)
+        add_plugin(registry_decoder, runs / "plugins" / "site_b", gen, gen_dir)
     with_decoder = load_plugins(registry_decoder, gen, gen_dir)
     e_decoder = [p for p in with_decoder if p.meta["site"] == "site_e"]
     plugin_bytes["site_e_decoder"] = int(e_decoder[0].meta["weights_bytes"])
@@ -275,11 +283,11 @@ def main() -> None:
                     update={"rank": rank, "alpha": float(rank), "targets": targets}
                     | ({"steps": args.steps} if args.steps else {})
                 )
-                plugin_dir = out / "sweep" / name
+                plugin_dir = runs / "sweep" / name
                 train_s = None  # cached from an earlier run
                 if not (plugin_dir / "plugin.json").is_file():
                     train_s = train_and_export("site_e", cases_e, cfg, plugin_dir)
-                sweep_registry = out / "sweep" / f"registry_{name}"
+                sweep_registry = runs / "sweep" / f"registry_{name}"
                 if not sweep_registry.is_dir():
                     add_plugin(sweep_registry, plugin_dir, gen, gen_dir)
                 plugin = load_plugins(sweep_registry, gen, gen_dir)
@@ -291,13 +299,20 @@ def main() -> None:
                     extra={"share_of_unet": round(size / unet_bytes, 4), "train_s": train_s},
                 )
                 sweep[name] = arms.pop(name)
+    decoder_bytes = len(
+        tensors_to_bytes({k: v for k, v in gen.autoencoder.decoder.state_dict().items()})
+    )
     elapsed_min = (time.perf_counter() - start) / 60
     if elapsed_min < args.budget_min:
-        fed = config.federated.finetune_schedule()
-        run = out / "retrain"
+        # the decoder sees as many local steps per site as the plugin's decoder adapter
+        decoder_rounds = math.ceil(args.decoder_steps / config.federated.local_steps_decoder)
+        fed = config.federated.finetune_schedule().model_copy(
+            update={"decoder_rounds": decoder_rounds}
+        )
+        run = runs / "retrain"
         t0 = time.perf_counter()
         retrained = train_federated(
-            config.model_copy(update={"federated": fed}),
+            config.model_copy(update={"federated": fed, "seed": args.seed}),
             manifest,
             run,
             resume=(run / "fed_state.json").is_file(),
@@ -306,23 +321,22 @@ def main() -> None:
         score(
             "retrain",
             retrained,
-            sent_bytes=unet_bytes * fed.diffusion_rounds,
-            extra={"train_s": round(time.perf_counter() - t0, 1), "rounds": fed.diffusion_rounds},
+            sent_bytes=unet_bytes * fed.diffusion_rounds + decoder_bytes * decoder_rounds,
+            extra={
+                "train_s": round(time.perf_counter() - t0, 1),
+                "rounds": fed.diffusion_rounds,
+                "decoder_rounds": decoder_rounds,
+            },
         )
     else:
         print(f"retraining skipped: {elapsed_min:.1f} min used of --budget-min {args.budget_min}")
-    decoder_bytes = len(
-        tensors_to_bytes({k: v for k, v in gen.autoencoder.decoder.state_dict().items()})
-    )
     result = {
         "date": time.strftime("%Y-%m-%d"),
         "device": "cpu",
         "threads": torch.get_num_threads(),
         "seed": args.seed,
-        "command": "python bench/plugins.py "
-        + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v not in (None, False)
-        ),
+        "command": bench_command("plugins.py", args),
+        "late_site": LATE_SITE,
         "unet_update_bytes": unet_bytes,
         "generator_update_bytes": unet_bytes + decoder_bytes,
         "plugin_bytes": plugin_bytes,
@@ -333,9 +347,9 @@ def main() -> None:
         "fitted_weights": {"validation_cases": len(validation), "draws": len(draws), **fits},
         "wall_s": round(time.perf_counter() - start, 1),
     }
-    (out / "plugins.json").write_text(json.dumps(result, indent=2))
+    write_json(runs / "plugins.json", result, kind="bench-plugins")
     if args.results:
-        Path(args.results).write_text(json.dumps(result, indent=2))
+        write_json(args.results, result, kind="bench-plugins")
     print(json.dumps(result, indent=2))
 
 
