@@ -52,11 +52,23 @@ def cmd_plugin_train(args: argparse.Namespace) -> int:
 
 def cmd_plugin_add(args: argparse.Namespace) -> int:
     from synthct.checkpoint import load_generator
-    from synthct.plugins.registry import add_plugin
+    from synthct.plugins.registry import PluginError, add_plugin
 
+    if not args.ungated:
+        raise PluginError(
+            f"{args.plugin} would enter {args.registry} without the gate's "
+            "judgement. Send it through `synthct plugin contribute` (the gate judges it on its "
+            "site's data), or pass --ungated to vouch for it yourself (recorded in the registry)"
+        )
     gen_dir = generator_dir(args.generator)
-    plugin = add_plugin(args.registry, args.plugin, load_generator(gen_dir), gen_dir)
-    print(f"registered {plugin.name} in {args.registry}")
+    plugin = add_plugin(
+        args.registry,
+        args.plugin,
+        load_generator(gen_dir),
+        gen_dir,
+        acceptance={"gated": False, "accepted": True, "why": "added by hand with --ungated"},
+    )
+    print(f"registered {plugin.name} in {args.registry} (ungated: nobody judged it)")
     return EXIT_OK
 
 
@@ -66,6 +78,7 @@ def cmd_plugin_list(args: argparse.Namespace) -> int:
     for row in list_plugins(args.registry):
         seen = ", ".join(f"{k}:{v}" for k, v in row["classes_seen"].items() if v)
         status = row["status"] + (f" -> {row['replaced_by']}" if "replaced_by" in row else "")
+        status += ", gated" if row["gated"] else ", ungated"
         print(
             f"{row['name']}  [{status}]  site={row['site']} rank={row['rank']} {row['targets']} "
             f"{row['weights_bytes'] / 1024:.0f} KiB  classes {seen}  ({row['created']}, "
@@ -176,13 +189,19 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     q = command(
         plug,
         "add",
-        "validate a plugin (hashes, base generator, shapes) and add it to a registry folder",
-        "synthct plugin add plugins/registry plugins/site_e --generator pretrained",
+        "validate a plugin (hashes, base generator, shapes) and add it to a registry folder "
+        "without the gate (--ungated; `plugin contribute` gates it)",
+        "synthct plugin add plugins/registry plugins/site_e --generator pretrained --ungated",
         required=("generator",),
     )
     q.add_argument("registry", help="registry folder (made if missing)")
     q.add_argument("plugin", help="plugin folder made by `synthct plugin train`")
     generator_option(q, "the base generator the registry serves")
+    q.add_argument(
+        "--ungated",
+        action="store_true",
+        help="required: add it without the gate's judgement (recorded as ungated)",
+    )
     q.set_defaults(func=cmd_plugin_add)
     q = command(
         plug, "list", "list the plugins in a registry", "synthct plugin list plugins/registry"

@@ -363,6 +363,7 @@ def list_plugins(registry: str | Path) -> list[dict[str, Any]]:
                     for k in ("site", "rank", "targets", "classes_seen", "weights_bytes", "created")
                 },
                 "status": entry.get("status", "unregistered"),
+                "gated": bool(entry.get("acceptance", {}).get("gated")),
                 "by": entry.get("by"),
                 "version": entry.get("version"),
                 **({"replaced_by": entry["replaced_by"]} if "replaced_by" in entry else {}),
@@ -394,11 +395,16 @@ def load_plugins(registry: str | Path, gen: Generator, generator_dir: str | Path
             registry,
             ", ".join(f"{n} ({s})" for n, s in sorted(left_out.items())),
         )
-    plugins = [
-        validate_plugin(registry / name, gen, generator_dir)
-        for name, entry in index["plugins"].items()
-        if entry["status"] == "active"
-    ]
+    active = {n: e for n, e in index["plugins"].items() if e["status"] == "active"}
+    ungated = sorted(n for n, e in active.items() if not e.get("acceptance", {}).get("gated"))
+    if ungated:
+        logger.warning(
+            "registry %s: %s never judged by the gate (added by hand or with --accept none); "
+            "the cohorts made with them are still gated before any use",
+            registry,
+            ", ".join(ungated),
+        )
+    plugins = [validate_plugin(registry / name, gen, generator_dir) for name in active]
     if not plugins:
         why = f" ({len(left_out)} stale or retired)" if left_out else ""
         raise PluginError(f"{registry}: no active plugins registered{why}")

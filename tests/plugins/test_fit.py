@@ -115,7 +115,8 @@ def test_cli_fits_weights_on_a_manifest(tmp_path, base, smoke_sites, capsys):
             str(smoke_sites),
         ]
         assert main([*args, "--out", str(plugin), "--steps", "2"]) == 0
-        assert main(["plugin", "add", str(registry), str(plugin), "--generator", str(base)]) == 0
+        add = ["plugin", "add", str(registry), str(plugin), "--generator", str(base)]
+        assert main([*add, "--ungated"]) == 0
     sample = ["sample", "--generator", str(base), "--label", "nodule", "--n", "1", "--steps", "2"]
     for merge in ("fusion", "mixture"):
         out = tmp_path / merge

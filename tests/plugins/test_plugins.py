@@ -15,7 +15,14 @@ from synthct.checkpoint import build_generator, load_generator, save_generator
 from synthct.cli import main
 from synthct.plugins.adapter import PluginError, adapter_state, attach_adapter
 from synthct.plugins.merge import MixtureDenoiser, fuse, plugin_deltas
-from synthct.plugins.registry import Plugin, add_plugin, list_plugins, load_plugins, validate_plugin
+from synthct.plugins.registry import (
+    Plugin,
+    add_plugin,
+    list_plugins,
+    load_plugins,
+    read_index,
+    validate_plugin,
+)
 
 
 @pytest.fixture(scope="module")
@@ -165,12 +172,19 @@ def test_mixture_routes_each_class_to_its_plugin(base, smoke_config, random_plug
     assert not torch.allclose(out[3:4], base_out, atol=1e-3)
 
 
-def test_cli_sample_with_plugins(tmp_path, trained_plugin, base):
+def test_cli_sample_with_plugins(tmp_path, trained_plugin, base, capsys, caplog):
     registry = tmp_path / "reg"
-    assert (
-        main(["plugin", "add", str(registry), str(trained_plugin), "--generator", str(base)]) == 0
-    )
+    add = ["plugin", "add", str(registry), str(trained_plugin), "--generator", str(base)]
+    assert main(add) == 2  # by hand, a plugin enters only when someone vouches for it
+    assert "without the gate's judgement" in capsys.readouterr().err
+    assert not registry.exists()
+    assert main([*add, "--ungated"]) == 0
+    entry = next(iter(read_index(registry)["plugins"].values()))
+    assert entry["acceptance"] == {
+        "gated": False, "accepted": True, "why": "added by hand with --ungated"
+    }  # fmt: skip
     assert main(["plugin", "list", str(registry)]) == 0
+    assert "active, ungated" in capsys.readouterr().out
     for merge in ("fusion", "mixture"):
         out = tmp_path / merge
         args = [
@@ -186,6 +200,7 @@ def test_cli_sample_with_plugins(tmp_path, trained_plugin, base):
         ]
         assert main([*args, "--out", str(out), "--plugins", str(registry), "--merge", merge]) == 0
         assert len(list(out.glob("*.nii.gz"))) == 2
+    assert "never judged by the gate" in caplog.text  # merged, but named as unjudged
     assert (
         main(["plugin", "add", str(registry), str(tmp_path / "nothing"), "--generator", str(base)])
         == 2
