@@ -207,10 +207,7 @@ def fit_mixture_weights(
             ]
         )
 
-    preds = []
-    for name in mixture.names:
-        mixture.use_adapter(name)
-        preds.append(predict(mixture.adapted))
+    preds = [predict(expert) for expert in mixture.experts]
     base_pred = predict(mixture.base)
     # candidates: the P plugins, then the base UNet (it gets what a row leaves)
     stacked = torch.stack([p.flatten(1) for p in [*preds, base_pred]])  # (P+1) x N x D

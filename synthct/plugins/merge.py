@@ -10,7 +10,9 @@ step with per-class weights ``pi_i(c)`` proportional to the cases of class ``c``
 site has seen, so a rare class is led by the sites that have it; a class no plugin has seen
 falls back to the base UNet (in general the base gets the share ``1 - sum_i pi_i(c)``, which
 fitted weights may keep). The classifier-free guidance null branch of a sample uses the
-weights of the class that sample asks for, so guidance compares like with like.
+weights of the class that sample asks for, so guidance compares like with like. Each plugin
+is merged into its own copy of the UNet once, so a Mixture step costs one base UNet call per
+plugin (and the base) that a row mixes, with no LoRA layers to run.
 
 Decoder adapters (a plugin's scanner style) are never averaged, in either mode: a case made for
 a site decodes with that site's adapted decoder (:func:`site_decoders`), any other case with the
@@ -22,15 +24,12 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
-import warnings
 
 import torch
-from peft.tuners.tuners_utils import BaseTunerLayer
 
 from synthct.checkpoint import Generator
 from synthct.plugins.adapter import (
     PluginError,
-    attach_adapter,
     attach_decoder_adapter,
     load_adapter_state,
 )
@@ -39,6 +38,7 @@ from synthct.plugins.registry import Plugin
 __all__ = [
     "plugin_deltas",
     "fuse",
+    "merged_unet",
     "MixtureDenoiser",
     "mixture_weights",
     "site_decoders",
@@ -68,6 +68,19 @@ def case_weights(plugins: list[Plugin]) -> list[float]:
     return [p.cases() / total for p in plugins]
 
 
+def merged_unet(gen: Generator, plugins: list[Plugin], weights: list[float]) -> torch.nn.Module:
+    """A copy of the EMA UNet carrying ``sum_i w_i * delta_i`` in its weights (summed in
+    float64): a plain UNet, as fast as the base."""
+    base = {k: v.detach().clone() for k, v in gen.ema.state_dict().items()}
+    merged = {k: v.double() for k, v in base.items()}
+    for plugin, w in zip(plugins, weights, strict=True):
+        for name, delta in plugin_deltas(plugin, base).items():
+            merged[name] = merged[name] + w * delta
+    unet = copy.deepcopy(gen.ema)
+    unet.load_state_dict({k: merged[k].to(base[k].dtype) for k in base})
+    return unet
+
+
 def fuse(gen: Generator, plugins: list[Plugin], weights: list[float] | None = None) -> Generator:
     """A new generator whose (EMA and raw) UNet carries ``sum_i w_i * delta_i``."""
     if not plugins:
@@ -75,22 +88,15 @@ def fuse(gen: Generator, plugins: list[Plugin], weights: list[float] | None = No
     weights = case_weights(plugins) if weights is None else list(weights)
     if len(weights) != len(plugins):
         raise PluginError(f"{len(plugins)} plugins but {len(weights)} weights")
-    base = {k: v.detach().clone() for k, v in gen.ema.state_dict().items()}
-    merged = {k: v.double() for k, v in base.items()}
-    for plugin, w in zip(plugins, weights, strict=True):
-        for name, delta in plugin_deltas(plugin, base).items():
-            merged[name] = merged[name] + w * delta
-    state = {k: merged[k].to(base[k].dtype) for k in base}
+    unet = merged_unet(gen, plugins, weights)
     fused = Generator(
         config=gen.config,
         autoencoder=gen.autoencoder,
-        unet=copy.deepcopy(gen.ema),
-        ema=copy.deepcopy(gen.ema),
+        unet=copy.deepcopy(unet),
+        ema=unet,
         latent_norm=gen.latent_norm,
         scanner_noise=gen.scanner_noise,
     )
-    fused.unet.load_state_dict(state)
-    fused.ema.load_state_dict(state)
     fused.site_decoders = site_decoders(gen, plugins)
     logger.info("fused %d plugins with weights %s", len(plugins), [round(w, 3) for w in weights])
     return fused
@@ -146,28 +152,13 @@ class MixtureDenoiser:
         if not plugins:
             raise PluginError("a mixture needs at least one plugin")
         self.base = gen.ema.eval()
-        self.adapted = copy.deepcopy(gen.ema)
-        self.names = []
-        for i, plugin in enumerate(plugins):
-            name = f"p{i}"
-            with warnings.catch_warnings():  # several adapters on one UNet is the design here
-                warnings.filterwarnings("ignore", "Already found a `peft_config`")
-                attach_adapter(
-                    self.adapted, plugin.config, name, targets=plugin.meta["target_modules"]
-                )
-            load_adapter_state(self.adapted, plugin.state, name)
-            self.names.append(name)
-        self.adapted.eval()
+        # each plugin merged into its own copy of the UNet (W0 + s B A): a plugin's prediction
+        # then costs what the base UNet's does, with no LoRA layers to run at every step
+        self.experts = [merged_unet(gen, [p], [1.0]).eval() for p in plugins]
         self.weights = (
             mixture_weights(plugins, gen.config.labels.classes) if weights is None else weights
         )
         self.calls = 0
-
-    def use_adapter(self, name: str) -> None:
-        """Make adapter ``name`` the active one in the adapted UNet."""
-        for module in self.adapted.modules():
-            if isinstance(module, BaseTunerLayer):
-                module.set_adapter(name)
 
     @torch.no_grad()
     def __call__(
@@ -181,12 +172,11 @@ class MixtureDenoiser:
             pred = self.base(z[rows], t[rows], class_labels=labels[rows])
             out[rows] = rest[rows].view(-1, *([1] * (z.dim() - 1))) * pred
             self.calls += 1
-        for i, name in enumerate(self.names):
+        for i, expert in enumerate(self.experts):
             rows = (w[:, i] > 0).nonzero().flatten()
             if len(rows) == 0:
                 continue
-            self.use_adapter(name)
-            pred = self.adapted(z[rows], t[rows], class_labels=labels[rows])
+            pred = expert(z[rows], t[rows], class_labels=labels[rows])
             out[rows] += w[rows, i].view(-1, *([1] * (z.dim() - 1))) * pred
             self.calls += 1
         return out
