@@ -114,6 +114,7 @@ def main() -> None:
     base_config = load_config(packaged_config_path("demo"))
     document = base_config.model_dump(mode="json")
     document["data"]["sites"].append(LATE_SITE)
+    document["plugins"]["late_site"] = None  # site_e is one of this world's sites here
     config = config_from_dict(document, source="demo.yaml + site_e")
     manifest = out / "data" / "manifest.csv"
     if not manifest.is_file():

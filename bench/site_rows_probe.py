@@ -16,7 +16,7 @@ classifier", Li et al. 2023):
   other sites' rows, and minus the null row's (negative: the row helps);
 - **error**: the mean error under the own row (how well the UNet denoises at all).
 
-Per generator, on the demo phantoms' ``train`` (what the UNet learnt) and ``holdout`` splits
+The UNet probed is the one that samples (the EMA UNet). Per generator, on the demo phantoms' ``train`` (what the UNet learnt) and ``holdout`` splits
 (never ``test``). Each case is averaged over ``--draws`` noise draws and timesteps, the same
 for every row and every generator.
 """
@@ -50,14 +50,13 @@ def row_errors(gen, cases: CaseSet, draws: int, seed: int = 0) -> torch.Tensor:
     n, rows = len(z0), len(cond.sites) + 1
     generator = torch.Generator().manual_seed(seed)
     errors = torch.zeros(n, rows)
-    gen.unet.eval()
     for _ in range(draws):
         noise = torch.randn(z0.shape, generator=generator)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (n,), generator=generator)
         z_t = scheduler.add_noise(z0, noise, t)
         target = denoising_target(scheduler, gen.config.diffusion, z0, noise, t)
         for r in range(rows):
-            pred = gen.unet(z_t, t, class_labels=cond.encode(labels, torch.full_like(labels, r)))
+            pred = gen.ema(z_t, t, class_labels=cond.encode(labels, torch.full_like(labels, r)))
             errors[:, r] += (pred.float() - target).pow(2).flatten(1).mean(1)
     return errors / draws
 
