@@ -9,7 +9,8 @@ At 6000 UNet steps, guidance 6 brought ground glass close to real while consolid
 nodule drifted away, and guidance 3 did the reverse
 (bench/results/unet_training_length_2026-12-03.json): one scale for all classes is a
 compromise. Here, for every guidance on the grid and every class, ``per-class`` volumes of that
-class are sampled (site-agnostic) and scored against real cases of that class as the gate does:
+class are sampled (site-agnostic; for a site-conditioned generator, made for its sites in
+turn, as the demo's per-site cohort is) and scored against real cases of that class as the gate does:
 the class's KID in the reference encoder's features and on the HU / texture features, each
 minus what the real ``train`` cases of that class score (the gate's baseline), the
 within-class MS-SSIM excess (the ``mode_collapse`` rule) and the reference classifier's recall.
@@ -205,7 +206,11 @@ def main() -> None:
 
 
 def sample_class(gen, labels: torch.Tensor, guidance: float, args) -> torch.Tensor:
-    """``labels``' volumes at ``guidance`` (the generator's other sampling settings)."""
+    """``labels``' volumes at ``guidance`` (the generator's other sampling settings); for a
+    site-conditioned generator each volume is made for one of its sites in turn, as the demo's
+    per-site cohort is."""
+    known = gen.conditioning.sites
+    sites = None if known is None else [known[i % len(known)] for i in range(len(labels))]
     return sample_volumes(
         gen,
         labels,
@@ -213,6 +218,7 @@ def sample_class(gen, labels: torch.Tensor, guidance: float, args) -> torch.Tens
         batch_size=args.batch_size,
         generator=torch.Generator().manual_seed(args.seed),
         device=args.device,
+        sites=sites,
     )
 
 
