@@ -18,6 +18,8 @@ one so that Mixture has something to route. Compared on ``site_e``'s holdout:
 - ``*_decoder``: the same merges with ``site_e``'s plugin carrying a decoder adapter too
   (``--decoder-rank``, ``--decoder-steps``: its scanner style, where the decoder renders it),
   sampled as cases made for ``site_e`` (so its adapted decoder renders them);
+  ``decoder_only_site_e``: the base UNet with only that plugin's decoder adapter (the style
+  without the UNet adapter's change of anatomy);
 - ``retrain``: federated fine-tuning instead (Flower simulation, all five sites): as many
   decoder rounds as the decoder adapter's steps take (``--decoder-steps`` over the config's
   local decoder steps), then the config's ``finetune_rounds`` diffusion rounds — what
@@ -254,6 +256,12 @@ def main() -> None:
     plugin_bytes["site_e_decoder"] = int(e_decoder[0].meta["weights_bytes"])
     for_e = ["site_e"] * len(labels)
     score("base_for_site_e", gen, sent_bytes=0, sites=for_e)
+    score(  # the style alone: the base UNet, site_e's decoder adapter (its UNet adapter unused)
+        "decoder_only_site_e",
+        with_site_decoders(gen, e_decoder),
+        sent_bytes=plugin_bytes["site_e_decoder"],
+        sites=for_e,
+    )
     score(
         "fusion_site_e_only_decoder",
         fuse(gen, e_decoder),
