@@ -1,6 +1,6 @@
 """A hospital that joins late: a LoRA plugin vs federated retraining, on its own holdout.
 
-    python bench/plugins.py [--budget-min 30] [--steps 300] [--per-class 8] [--out runs/bench_plugins]
+    python bench/plugins.py [--budget-min 60] [--steps 300] [--per-class 8] [--out runs/bench_plugins]
 
 The base is the shipped pretrained phantom generator (trained federatedly on the demo's four
 sites). A fifth site, ``site_e``, never seen by it, has its own scanner style (noisier, +30 HU,
@@ -34,7 +34,7 @@ with ``--budget-min 0``; ``--results`` also writes the result file there.
 Reported per arm: bytes a site sends (plugin file vs a full UNet update), conditional accuracy
 (shipped reference classifier), class-matched KID of HU/texture (radiomics) features against
 ``site_e``'s holdout and against the other sites' holdout, and sampling wall time (Mixture
-runs the adapted UNet once per plugin that covers a row). Results: ``OUT/plugins.json``.
+runs the adapted UNet once per plugin that covers a row). Results: ``OUT/seed_<seed>/plugins.json``.
 """
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ def kid_against(
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="runs/bench_plugins")
-    parser.add_argument("--budget-min", type=float, default=30.0, help="skip retraining past it")
+    parser.add_argument("--budget-min", type=float, default=60.0, help="skip retraining past it")
     parser.add_argument("--steps", type=int, default=None, help="plugin steps (default: config)")
     parser.add_argument("--per-class", type=int, default=8)
     parser.add_argument(

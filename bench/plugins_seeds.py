@@ -45,6 +45,10 @@ def main() -> None:
     p.add_argument("--plugin", default="fusion_site_e_only_decoder", help="the plugin arm")
     args = p.parse_args()
     runs = [read_json(f) for f in args.results]
+    for f, r in zip(args.results, runs, strict=True):
+        missing = [a for a in ("base", args.plugin, "retrain") if a not in r["arms"]]
+        if missing:
+            p.error(f"{f}: no {', '.join(missing)} arm (was retraining skipped by --budget-min?)")
     seeds = [r["seed"] for r in runs]
     if len(set(seeds)) != len(seeds):
         p.error(f"the result files repeat a seed: {seeds}")

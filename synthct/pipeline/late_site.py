@@ -138,7 +138,14 @@ def late_site_plugin(
     )
     registry = run / "plugins" / "registry"
     shutil.rmtree(registry, ignore_errors=True)  # the demo's own registry, rebuilt on a rerun
-    add_plugin(registry, plugin_dir, gen, gen_dir)
+    why = "the demo's late-site stage: compared with the base on the site's holdout, not gated"
+    add_plugin(
+        registry,
+        plugin_dir,
+        gen,
+        gen_dir,
+        acceptance={"gated": False, "accepted": True, "why": why},
+    )
     plugins = load_plugins(registry, gen, gen_dir)
     labels_cfg = gen.config.labels
     rare = _rare_class(config)

@@ -75,7 +75,7 @@ def merged_unet(gen: Generator, plugins: list[Plugin], weights: list[float]) -> 
     merged = {k: v.double() for k, v in base.items()}
     for plugin, w in zip(plugins, weights, strict=True):
         for name, delta in plugin_deltas(plugin, base).items():
-            merged[name] = merged[name] + w * delta
+            merged[name] = merged[name] + w * delta.to(merged[name].device)
     unet = copy.deepcopy(gen.ema)
     unet.load_state_dict({k: merged[k].to(base[k].dtype) for k in base})
     return unet

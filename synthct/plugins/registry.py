@@ -396,13 +396,21 @@ def load_plugins(registry: str | Path, gen: Generator, generator_dir: str | Path
             ", ".join(f"{n} ({s})" for n, s in sorted(left_out.items())),
         )
     active = {n: e for n, e in index["plugins"].items() if e["status"] == "active"}
-    ungated = sorted(n for n, e in active.items() if not e.get("acceptance", {}).get("gated"))
-    if ungated:
-        logger.warning(
-            "registry %s: %s never judged by the gate (added by hand or with --accept none); "
-            "the cohorts made with them are still gated before any use",
+    ungated = {n: e.get("acceptance") for n, e in active.items()}
+    ungated = {n: a for n, a in ungated.items() if not (a or {}).get("gated")}
+    if ungated:  # a recorded reason means someone vouched for it; none: provenance unknown
+        level = (
+            logging.INFO if all(a and a.get("why") for a in ungated.values()) else logging.WARNING
+        )
+        logger.log(
+            level,
+            "registry %s: not judged by the gate: %s; the cohorts made with them are still "
+            "gated before any use",
             registry,
-            ", ".join(ungated),
+            "; ".join(
+                f"{n} ({(a or {}).get('why') or 'no acceptance recorded'})"
+                for n, a in sorted(ungated.items())
+            ),
         )
     plugins = [validate_plugin(registry / name, gen, generator_dir) for name in active]
     if not plugins:
