@@ -130,3 +130,26 @@ def test_a_failed_index_write_leaves_no_unlisted_folder(tmp_path, site_c_plugin,
     monkeypatch.undo()
     (loaded,) = [add_plugin(registry, site_c_plugin, gen, base)]  # and a retry succeeds
     assert load_plugins(registry, gen, base)[0].name == loaded.name
+
+
+def test_a_plugin_without_a_gate_decision_is_named_when_merged(
+    tmp_path, site_c_plugin, base, caplog
+):
+    gen = load_generator(base)
+    registry = tmp_path / "reg"
+    plugin = add_plugin(registry, site_c_plugin, gen, base)  # no acceptance recorded at all
+    with caplog.at_level(logging.INFO, logger="synthct.plugins.registry"):
+        load_plugins(registry, gen, base)
+    (record,) = [r for r in caplog.records if "not judged by the gate" in r.getMessage()]
+    assert record.levelno == logging.WARNING  # provenance unknown: a warning
+    assert f"{plugin.name} (no acceptance recorded)" in record.getMessage()
+    (row,) = list_plugins(registry)
+    assert row["gated"] is False
+    # a gated one merges without a word about it
+    gated = tmp_path / "gated"
+    add_plugin(gated, site_c_plugin, gen, base, acceptance={"gated": True, "accepted": True})
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="synthct.plugins.registry"):
+        load_plugins(gated, gen, base)
+    assert "not judged by the gate" not in caplog.text
+    assert list_plugins(gated)[0]["gated"] is True
