@@ -345,6 +345,11 @@ def move_base(registry: str | Path, generator_dir: str | Path) -> list[str]:
     return stale
 
 
+def _gated(entry: dict[str, Any]) -> bool:
+    """Whether a registry entry came in through the gate (its recorded acceptance says so)."""
+    return bool(entry.get("acceptance", {}).get("gated"))
+
+
 def list_plugins(registry: str | Path) -> list[dict[str, Any]]:
     """Metadata and registry status of the plugins, oldest first."""
     registry = Path(registry)
@@ -363,7 +368,7 @@ def list_plugins(registry: str | Path) -> list[dict[str, Any]]:
                     for k in ("site", "rank", "targets", "classes_seen", "weights_bytes", "created")
                 },
                 "status": entry.get("status", "unregistered"),
-                "gated": bool(entry.get("acceptance", {}).get("gated")),
+                "gated": _gated(entry),
                 "by": entry.get("by"),
                 "version": entry.get("version"),
                 **({"replaced_by": entry["replaced_by"]} if "replaced_by" in entry else {}),
@@ -396,21 +401,14 @@ def load_plugins(registry: str | Path, gen: Generator, generator_dir: str | Path
             ", ".join(f"{n} ({s})" for n, s in sorted(left_out.items())),
         )
     active = {n: e for n, e in index["plugins"].items() if e["status"] == "active"}
-    ungated = {n: e.get("acceptance") for n, e in active.items()}
-    ungated = {n: a for n, a in ungated.items() if not (a or {}).get("gated")}
-    if ungated:  # a recorded reason means someone vouched for it; none: provenance unknown
-        level = (
-            logging.INFO if all(a and a.get("why") for a in ungated.values()) else logging.WARNING
-        )
+    why = {n: e.get("acceptance", {}).get("why") for n, e in active.items() if not _gated(e)}
+    if why:  # a recorded reason means someone vouched for it; none: provenance unknown
         logger.log(
-            level,
+            logging.INFO if all(why.values()) else logging.WARNING,
             "registry %s: not judged by the gate: %s; the cohorts made with them are still "
             "gated before any use",
             registry,
-            "; ".join(
-                f"{n} ({(a or {}).get('why') or 'no acceptance recorded'})"
-                for n, a in sorted(ungated.items())
-            ),
+            "; ".join(f"{n} ({w or 'no acceptance recorded'})" for n, w in sorted(why.items())),
         )
     plugins = [validate_plugin(registry / name, gen, generator_dir) for name in active]
     if not plugins:
