@@ -19,23 +19,15 @@ says little on its own.
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 from pathlib import Path
 
 from phantom_world import bench_command
 
 from synthct.artifacts import read_json, write_json
+from synthct.eval.classification import mean_sd
 
 METRICS = ("kid_radiomics_site_e", "kid_radiomics_other_sites", "conditional_accuracy")
-
-
-def mean_sd(values: list[float]) -> dict[str, float | int]:
-    return {
-        "mean": round(statistics.fmean(values), 3),
-        "sd": round(statistics.stdev(values), 3) if len(values) > 1 else 0.0,
-        "n": len(values),
-    }
 
 
 def main() -> None:

@@ -25,6 +25,7 @@ __all__ = [
     "per_site_metrics",
     "paired_effect",
     "summarise_runs",
+    "mean_sd",
     "compare_arms",
     "downstream_payload",
 ]
@@ -176,7 +177,8 @@ def paired_effect(
     }
 
 
-def _mean_sd(values: list[float]) -> dict[str, float]:
+def mean_sd(values: list[float]) -> dict[str, float]:
+    """Mean and sample SD over seeds of the finite values (None and NaN left out)."""
     arr = np.asarray([v for v in values if v is not None and np.isfinite(v)], dtype=float)
     if not len(arr):
         return {"mean": float("nan"), "sd": float("nan")}
@@ -186,16 +188,16 @@ def _mean_sd(values: list[float]) -> dict[str, float]:
 def summarise_runs(runs: list[dict[str, Any]], rare: list[str]) -> dict[str, Any]:
     """Mean ± sd over seeds of the headline numbers."""
     out = {
-        "balanced_accuracy": _mean_sd([r["overall"]["balanced_accuracy"] for r in runs]),
-        "macro_auc": _mean_sd([r["overall"]["macro_auc"] for r in runs]),
-        "worst_site_balanced_accuracy": _mean_sd([r["worst_site_balanced_accuracy"] for r in runs]),
-        "best_worst_gap": _mean_sd([r["best_worst_gap"] for r in runs]),
+        "balanced_accuracy": mean_sd([r["overall"]["balanced_accuracy"] for r in runs]),
+        "macro_auc": mean_sd([r["overall"]["macro_auc"] for r in runs]),
+        "worst_site_balanced_accuracy": mean_sd([r["worst_site_balanced_accuracy"] for r in runs]),
+        "best_worst_gap": mean_sd([r["best_worst_gap"] for r in runs]),
     }
     for name in rare:
-        out[f"recall_{name}"] = _mean_sd([r["overall"]["per_class_recall"].get(name) for r in runs])
+        out[f"recall_{name}"] = mean_sd([r["overall"]["per_class_recall"].get(name) for r in runs])
     sites = sorted(runs[0]["per_site"]) if runs else []
     out["per_site_balanced_accuracy"] = {
-        s: _mean_sd([r["per_site"][s]["balanced_accuracy"] for r in runs]) for s in sites
+        s: mean_sd([r["per_site"][s]["balanced_accuracy"] for r in runs]) for s in sites
     }
     return out
 
